@@ -1,0 +1,139 @@
+//! One error type for every way a peer's bytes can be refused.
+//!
+//! Each variant is a reason a caller acts on differently (drop and count, ask the peer to
+//! re-sync its clock, close the session, keep the last good config), and each maps to one wire
+//! [`ErrorCode`] so both ends name a rejection the same way.
+
+use crate::codes::ErrorCode;
+
+/// Why a message, key, identifier or config snapshot was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// The input is larger than the limit for its channel; nothing of it was parsed.
+    #[error("{what} is {size} bytes, over the limit of {max} bytes")]
+    TooLarge {
+        what: &'static str,
+        size: usize,
+        max: usize,
+    },
+    /// The input is not the JSON shape the spec requires.
+    #[error("malformed {what} at line {line} column {column}: {reason}")]
+    Malformed {
+        what: &'static str,
+        line: usize,
+        column: usize,
+        reason: String,
+    },
+    /// A field failed a syntactic rule (identifier text, base64, lengths).
+    #[error("invalid {field}: {reason}")]
+    InvalidField { field: &'static str, reason: String },
+    /// The envelope format version is not one this implementation speaks.
+    #[error("unsupported envelope version {0}")]
+    UnsupportedVersion(u32),
+    /// The signature does not verify (strictly) over the exact signed bytes.
+    #[error("signature does not verify for signer {signer}")]
+    BadSignature { signer: String },
+    /// The public key is a small-order ("weak") point and could sign for many messages.
+    #[error("public key is weak (small order) and is refused")]
+    WeakKey,
+    /// The signer is not a key this verifier trusts for this message.
+    #[error("signer {signer} is not trusted here")]
+    UnknownSigner { signer: String },
+    /// The signer's key has been revoked by the network.
+    #[error("signer {signer} is revoked")]
+    Revoked { signer: String },
+    /// The message was signed for another purpose (channel or kind) than the one it arrived on.
+    #[error("message signed for purpose {found:?}, expected {expected:?}")]
+    WrongPurpose { expected: String, found: String },
+    /// The body names a different network than this one.
+    #[error("message addressed to network {found:?}, this is {expected:?}")]
+    WrongAudience { expected: String, found: String },
+    /// The body names a different node than the signer or the session.
+    #[error("message names node {found:?}, but comes from {expected:?}")]
+    WrongNode { expected: String, found: String },
+    /// The message was seen before (nonce or sequence number reused).
+    #[error("replayed message: {0}")]
+    Replayed(String),
+    /// The HTTP timestamp is outside the accepted skew window around server time.
+    #[error("timestamp {ts_ms} is outside ±{skew_ms} ms of server time {now_ms}")]
+    StaleTimestamp {
+        ts_ms: u64,
+        now_ms: u64,
+        skew_ms: u64,
+    },
+    /// The config snapshot's `expires_at` has passed.
+    #[error("config version {version} expired at {expires_at_ms} (now {now_ms})")]
+    Expired {
+        version: u64,
+        expires_at_ms: u64,
+        now_ms: u64,
+    },
+    /// The config snapshot was issued in the future beyond the tolerated skew.
+    #[error("config version {version} is issued at {issued_at_ms}, in the future (now {now_ms})")]
+    NotYetValid {
+        version: u64,
+        issued_at_ms: u64,
+        now_ms: u64,
+    },
+    /// The config snapshot's version is lower than the one in force.
+    #[error("config rollback refused: offered version {offered}, current {current}")]
+    Rollback { current: u64, offered: u64 },
+    /// Same version as the one in force but different bytes: the network equivocated.
+    #[error("config version {version} offered with digest {offered}, but {current} is in force")]
+    Equivocation {
+        version: u64,
+        current: String,
+        offered: String,
+    },
+    /// The next version does not chain to the digest in force (`prev_digest` mismatch).
+    #[error("config version {version} chains to {prev:?}, but {current} is in force")]
+    ChainMismatch {
+        version: u64,
+        current: String,
+        prev: Option<String>,
+    },
+    /// No common protocol version between node and network.
+    #[error("no common protocol version (offered {offered:?}, supported {supported:?})")]
+    NoCommonVersion {
+        offered: Vec<u32>,
+        supported: Vec<u32>,
+    },
+}
+
+impl ProtocolError {
+    /// The wire error code for this rejection (spec §9).
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::TooLarge { .. } => ErrorCode::TooLarge,
+            Self::Malformed { .. } | Self::InvalidField { .. } => ErrorCode::Malformed,
+            Self::UnsupportedVersion(_) | Self::NoCommonVersion { .. } => {
+                ErrorCode::UnsupportedVersion
+            }
+            Self::BadSignature { .. } => ErrorCode::BadSignature,
+            Self::WeakKey => ErrorCode::WeakKey,
+            Self::UnknownSigner { .. } => ErrorCode::UnknownSigner,
+            Self::Revoked { .. } => ErrorCode::Revoked,
+            Self::WrongPurpose { .. } => ErrorCode::WrongPurpose,
+            Self::WrongAudience { .. } => ErrorCode::WrongAudience,
+            Self::WrongNode { .. } => ErrorCode::WrongNode,
+            Self::Replayed(_) => ErrorCode::Replayed,
+            Self::StaleTimestamp { .. } => ErrorCode::StaleTimestamp,
+            Self::Expired { .. } | Self::NotYetValid { .. } => ErrorCode::ConfigExpired,
+            Self::Rollback { .. } => ErrorCode::ConfigRollback,
+            Self::Equivocation { .. } | Self::ChainMismatch { .. } => ErrorCode::ConfigEquivocation,
+        }
+    }
+
+    /// Builds a [`ProtocolError::Malformed`] from a serde_json error, keeping its position.
+    pub fn malformed(what: &'static str, err: &serde_json::Error) -> Self {
+        Self::Malformed {
+            what,
+            line: err.line(),
+            column: err.column(),
+            reason: err.to_string(),
+        }
+    }
+}
+
+/// Shorthand used across the crate.
+pub type Result<T, E = ProtocolError> = std::result::Result<T, E>;
