@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::{self, NetworkKeypair, NodeKeypair};
 use crate::error::{ProtocolError, Result};
-use crate::purpose::Purpose;
+use crate::ids::{NetworkKeyId, NodeId};
+use crate::purpose::{Purpose, SignedBy};
 
 /// Envelope format version this crate writes and accepts.
 pub const ENVELOPE_VERSION: u32 = 1;
@@ -167,8 +168,19 @@ impl RawEnvelope {
         Ok(())
     }
 
-    /// Strictly verifies the signature over the exact body bytes with `key`.
+    /// Strictly verifies the signature over the exact body bytes with `key`, and that the
+    /// envelope's `signer` names that very key (so a logged or forwarded envelope never shows
+    /// a signer other than the one that signed).
     pub fn verify(&self, key: &VerifyingKey) -> Result<()> {
+        let named = match self.purpose.signed_by() {
+            SignedBy::Node => NodeId::from_key(key).as_str() == self.signer,
+            SignedBy::Network => NetworkKeyId::from_key(key).as_str() == self.signer,
+        };
+        if !named {
+            return Err(ProtocolError::UnknownSigner {
+                signer: truncate(&self.signer),
+            });
+        }
         crypto::verify(
             key,
             self.purpose.as_str(),

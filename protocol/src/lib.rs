@@ -28,6 +28,9 @@ pub mod replay;
 pub mod session;
 pub mod status;
 
+#[cfg(test)]
+mod proptests;
+
 pub use codes::ErrorCode;
 pub use config::{ConfigDigest, ConfigSnapshot, ConfigTrust, ConfigVerdict, SignedConfig};
 pub use crypto::{NetworkKeypair, NodeKeypair};
