@@ -1,6 +1,8 @@
 //! Acceptance properties of the protocol crate across channels: purpose separation, replay
 //! refusal on HTTP and WebSocket, audience and session binding.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
 use resultity_protocol::clock::{Clock, ManualClock};
 use resultity_protocol::envelope::{self, RawEnvelope};
 use resultity_protocol::messages::http::{self, PingRequest, RequestHeader};

@@ -1,5 +1,7 @@
 //! Checks the implementation against the committed test vectors (docs/protocol.md §12).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
 use std::collections::HashMap;
 
 use ed25519_dalek::VerifyingKey;
