@@ -1,0 +1,746 @@
+//! A simulated inference runtime for tests, the devnet and benchmarks.
+//!
+//! It speaks the two runtime APIs the sidecar drives — vLLM's OpenAI-compatible server
+//! (`/health`, `/v1/models`, `/v1/completions`, `/v1/chat/completions`, `/metrics`) and Triton's
+//! KServe v2 protocol (`/v2/health/ready`, `/v2/models/{m}/ready`, `/v2/models/{m}/infer`,
+//! `/v2/repository/index`, load/unload) — on one listener, with:
+//! * a latency model: prefill time plus per-token decode time, with continuous batching of up to
+//!   `max_batch` sequences whose per-token time grows mildly with the batch, so throughput grows
+//!   with concurrency the way vLLM's does;
+//! * deterministic outputs derived from model and prompt ([`generate`]), so results are checkable;
+//! * fault injection: error rate, hangs, down, per-model failures, crash after N requests —
+//!   settable at start or live through `POST /sim/faults`;
+//! * `GET /sim/stats` with the peak concurrency seen, so tests can assert parallelism.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Mutex, Notify, Semaphore, watch};
+
+/// Faults the simulator injects. Every field can be changed live through `POST /sim/faults`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Faults {
+    /// Per mille of inference requests answered with HTTP 500.
+    pub error_rate_permille: u32,
+    /// Inference requests never answer (until `hang` is cleared or the server stops).
+    pub hang: bool,
+    /// Health endpoints and inference answer 503, as a runtime that is restarting.
+    pub down: bool,
+    /// Models whose inference always fails with HTTP 500 (a broken model).
+    pub failing_models: Vec<String>,
+    /// Stop serving after this many inference requests (simulated crash).
+    pub crash_after: Option<u64>,
+}
+
+/// Latency and capacity model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SimConfig {
+    /// Models served (vLLM `/v1/models`, Triton repository).
+    pub models: Vec<String>,
+    /// Fixed time before the first token of each request.
+    pub prefill_ms: u64,
+    /// Decode time per output token at batch size 1, in microseconds.
+    pub decode_us_per_token: u64,
+    /// Sequences decoded concurrently; more requests wait (vLLM's `num_requests_waiting`).
+    pub max_batch: usize,
+    /// Per-token slowdown at a full batch, in percent (memory-bandwidth contention).
+    pub batch_slowdown_pct: u64,
+    /// Output tokens when the request names no `max_tokens`.
+    pub default_max_tokens: u32,
+    /// Seed of the fault RNG, so error patterns repeat run to run.
+    pub seed: u64,
+    pub faults: Faults,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            models: vec!["sim-model".into()],
+            prefill_ms: 20,
+            decode_us_per_token: 2_000,
+            max_batch: 64,
+            batch_slowdown_pct: 30,
+            default_max_tokens: 16,
+            seed: 1,
+            faults: Faults::default(),
+        }
+    }
+}
+
+/// Counters exposed at `GET /sim/stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimStats {
+    pub requests: u64,
+    pub completed: u64,
+    pub errors: u64,
+    pub running: u64,
+    pub waiting: u64,
+    /// Highest number of inference requests in progress at once.
+    pub max_running: u64,
+    pub generation_tokens_total: u64,
+    pub prompt_tokens_total: u64,
+}
+
+/// Errors starting the simulator.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("invalid simulator config: {0}")]
+    Config(String),
+}
+
+struct Shared {
+    cfg: SimConfig,
+    faults: Mutex<Faults>,
+    /// Loaded models (Triton load/unload changes it).
+    loaded: Mutex<Vec<String>>,
+    slots: Semaphore,
+    unhang: Notify,
+    rng: AtomicU64,
+    requests: AtomicU64,
+    completed: AtomicU64,
+    errors: AtomicU64,
+    running: AtomicU64,
+    waiting: AtomicU64,
+    max_running: AtomicU64,
+    gen_tokens: AtomicU64,
+    prompt_tokens: AtomicU64,
+    crash: watch::Sender<bool>,
+}
+
+impl Shared {
+    fn stats(&self) -> SimStats {
+        SimStats {
+            requests: self.requests.load(Ordering::Relaxed),
+            completed: self.completed.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            running: self.running.load(Ordering::Relaxed),
+            waiting: self.waiting.load(Ordering::Relaxed),
+            max_running: self.max_running.load(Ordering::Relaxed),
+            generation_tokens_total: self.gen_tokens.load(Ordering::Relaxed),
+            prompt_tokens_total: self.prompt_tokens.load(Ordering::Relaxed),
+        }
+    }
+
+    /// xorshift64*: a seeded, lock-free stream for fault decisions.
+    fn next_random(&self) -> u64 {
+        let mut x = self.rng.load(Ordering::Relaxed);
+        loop {
+            let mut y = x;
+            y ^= y >> 12;
+            y ^= y << 25;
+            y ^= y >> 27;
+            match self
+                .rng
+                .compare_exchange_weak(x, y, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return y.wrapping_mul(0x2545_f491_4f6c_dd1d),
+                Err(cur) => x = cur,
+            }
+        }
+    }
+}
+
+/// A running simulator.
+#[derive(Debug)]
+pub struct SimHandle {
+    addr: SocketAddr,
+    shared: Arc<SharedDebug>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Wrapper so `SimHandle` can derive Debug without exposing internals.
+struct SharedDebug(Arc<Shared>);
+impl std::fmt::Debug for SharedDebug {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeSim").finish_non_exhaustive()
+    }
+}
+
+impl SimHandle {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    /// Base URL, e.g. `http://127.0.0.1:41234`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    pub fn stats(&self) -> SimStats {
+        self.shared.0.stats()
+    }
+    /// Replaces the fault settings (hung requests are released when `hang` turns off).
+    pub async fn set_faults(&self, faults: Faults) {
+        set_faults(&self.shared.0, faults).await;
+    }
+    /// True once the server stopped (crash fault or [`SimHandle::shutdown`]).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+    /// Resolves when the server stops by itself (the crash fault).
+    pub async fn stopped(&mut self) {
+        let _ = (&mut self.task).await;
+    }
+    /// Stops serving and waits for the server task.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.shared.0.unhang.notify_waiters();
+        let _ = self.task.await;
+    }
+}
+
+async fn set_faults(shared: &Shared, faults: Faults) {
+    let unhang = !faults.hang;
+    *shared.faults.lock().await = faults;
+    if unhang {
+        shared.unhang.notify_waiters();
+    }
+}
+
+/// Starts a simulator on `addr` (use port 0 for an ephemeral port).
+pub async fn start(cfg: SimConfig, addr: SocketAddr) -> Result<SimHandle, SimError> {
+    if cfg.max_batch == 0 {
+        return Err(SimError::Config("max_batch must be at least 1".into()));
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| SimError::Bind { addr, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| SimError::Bind { addr, source })?;
+    let (crash_tx, mut crash_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        faults: Mutex::new(cfg.faults.clone()),
+        loaded: Mutex::new(cfg.models.clone()),
+        slots: Semaphore::new(cfg.max_batch),
+        unhang: Notify::new(),
+        rng: AtomicU64::new(cfg.seed.max(1)),
+        requests: AtomicU64::new(0),
+        completed: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        running: AtomicU64::new(0),
+        waiting: AtomicU64::new(0),
+        max_running: AtomicU64::new(0),
+        gen_tokens: AtomicU64::new(0),
+        prompt_tokens: AtomicU64::new(0),
+        crash: crash_tx,
+        cfg,
+    });
+    let app = router(shared.clone());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let crash_shared = shared.clone();
+    let task = tokio::spawn(async move {
+        // Both a stop and a crash close the listener (new connections are refused) and every
+        // keep-alive connection; a crash also fails whatever is in flight or hung.
+        let shutdown = async move {
+            tokio::select! {
+                _ = stop_rx => {}
+                _ = crash_rx.wait_for(|c| *c) => {
+                    tracing::warn!("runtime simulator crashed (fault injection)");
+                    crash_shared.unhang.notify_waiters();
+                }
+            }
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::warn!(error = %e, "runtime simulator stopped with an error");
+        }
+    });
+    Ok(SimHandle {
+        addr,
+        shared: Arc::new(SharedDebug(shared)),
+        stop: Some(stop_tx),
+        task,
+    })
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        // vLLM (OpenAI-compatible)
+        .route("/health", get(health))
+        .route("/v1/models", get(list_models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/metrics", get(metrics))
+        // Triton (KServe v2)
+        .route("/v2/health/ready", get(health))
+        .route("/v2/health/live", get(live))
+        .route("/v2/models/{model}/ready", get(triton_model_ready))
+        .route("/v2/models/{model}/infer", post(triton_infer))
+        .route("/v2/repository/index", post(triton_index))
+        .route("/v2/repository/models/{model}/load", post(triton_load))
+        .route("/v2/repository/models/{model}/unload", post(triton_unload))
+        // simulator control
+        .route("/sim/stats", get(stats))
+        .route("/sim/faults", post(update_faults).get(get_faults))
+        .with_state(shared)
+}
+
+/// Deterministic output for `prompt` on `model`: the text and its token count (at most
+/// `max_tokens`, at least 1). Clients use it to check results.
+pub fn generate(model: &str, prompt: &str, max_tokens: u32) -> (String, u32) {
+    const WORDS: [&str; 16] = [
+        "alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa",
+        "lambda", "mu", "nu", "xi", "omicron", "pi",
+    ];
+    let mut h = Sha256::new();
+    h.update(model.as_bytes());
+    h.update([0]);
+    h.update(prompt.as_bytes());
+    let d = h.finalize();
+    let n = (4 + u32::from(d[0] % 12)).min(max_tokens.max(1));
+    let text = (0..n as usize)
+        .map(|i| WORDS[usize::from(d[(i + 1) % 32] % 16)])
+        .collect::<Vec<_>>()
+        .join(" ");
+    (format!(" {text}"), n)
+}
+
+fn openai_error(status: StatusCode, kind: &str, message: String) -> Response {
+    (
+        status,
+        axum::Json(json!({"error": {"message": message, "type": kind, "code": status.as_u16()}})),
+    )
+        .into_response()
+}
+
+fn unix_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn health(State(s): State<Arc<Shared>>) -> StatusCode {
+    if s.faults.lock().await.down {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    }
+}
+
+async fn live() -> StatusCode {
+    StatusCode::OK
+}
+
+async fn list_models(State(s): State<Arc<Shared>>) -> Response {
+    let loaded = s.loaded.lock().await.clone();
+    let data: Vec<Value> = loaded
+        .iter()
+        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "resultity-sim", "max_model_len": 4096}))
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// Why an inference request did not run.
+enum Refusal {
+    Down,
+    UnknownModel(String),
+    Injected,
+    Crashed,
+}
+
+impl Refusal {
+    fn into_response(self, openai: bool) -> Response {
+        let (status, kind, msg) = match self {
+            Self::Down => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                "runtime is down".to_string(),
+            ),
+            Self::UnknownModel(m) => (
+                StatusCode::NOT_FOUND,
+                "NotFoundError",
+                format!("The model `{m}` does not exist."),
+            ),
+            Self::Injected => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalServerError",
+                "injected failure".to_string(),
+            ),
+            Self::Crashed => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                "runtime crashed".to_string(),
+            ),
+        };
+        if openai {
+            openai_error(status, kind, msg)
+        } else {
+            (status, axum::Json(json!({"error": msg}))).into_response()
+        }
+    }
+}
+
+/// Admission, batching and latency for one inference request. Returns when the simulated
+/// decode is done.
+async fn run_inference(
+    s: &Arc<Shared>,
+    model: &str,
+    prompt_tokens: u32,
+    output_tokens: u32,
+) -> Result<(), Refusal> {
+    let n = s.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    if *s.crash.borrow() {
+        return Err(Refusal::Crashed);
+    }
+    let faults = s.faults.lock().await.clone();
+    if let Some(limit) = faults.crash_after
+        && n > limit
+    {
+        let _ = s.crash.send(true);
+        return Err(Refusal::Crashed);
+    }
+    if faults.down {
+        s.errors.fetch_add(1, Ordering::Relaxed);
+        return Err(Refusal::Down);
+    }
+    if !s.loaded.lock().await.iter().any(|m| m == model) {
+        s.errors.fetch_add(1, Ordering::Relaxed);
+        return Err(Refusal::UnknownModel(model.to_owned()));
+    }
+    let injected = faults.failing_models.iter().any(|m| m == model)
+        || (faults.error_rate_permille > 0
+            && s.next_random() % 1000 < u64::from(faults.error_rate_permille));
+    if injected {
+        s.errors.fetch_add(1, Ordering::Relaxed);
+        return Err(Refusal::Injected);
+    }
+    if faults.hang {
+        // Wait until the fault is cleared; the client's timeout is what ends this normally.
+        s.unhang.notified().await;
+        if *s.crash.borrow() {
+            return Err(Refusal::Crashed);
+        }
+    }
+    s.waiting.fetch_add(1, Ordering::Relaxed);
+    let permit = s.slots.acquire().await;
+    s.waiting.fetch_sub(1, Ordering::Relaxed);
+    let Ok(_permit) = permit else {
+        return Err(Refusal::Crashed);
+    };
+    let running = s.running.fetch_add(1, Ordering::Relaxed) + 1;
+    s.max_running.fetch_max(running, Ordering::Relaxed);
+    let _guard = RunningGuard(s.clone());
+    let cfg = &s.cfg;
+    // Per-token time grows linearly with batch occupancy up to batch_slowdown_pct at full.
+    let per_token_us = cfg.decode_us_per_token
+        + cfg.decode_us_per_token * cfg.batch_slowdown_pct * running / (100 * cfg.max_batch as u64);
+    let total = Duration::from_millis(cfg.prefill_ms)
+        + Duration::from_micros(per_token_us * u64::from(output_tokens));
+    if !total.is_zero() {
+        tokio::time::sleep(total).await;
+    }
+    s.gen_tokens
+        .fetch_add(u64::from(output_tokens), Ordering::Relaxed);
+    s.prompt_tokens
+        .fetch_add(u64::from(prompt_tokens), Ordering::Relaxed);
+    s.completed.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+struct RunningGuard(Arc<Shared>);
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn count_tokens(text: &str) -> u32 {
+    u32::try_from(text.split_whitespace().count()).unwrap_or(u32::MAX)
+}
+
+fn max_tokens(req: &Value, default: u32) -> u32 {
+    req.get("max_tokens")
+        .or_else(|| req.get("max_completion_tokens"))
+        .and_then(Value::as_u64)
+        .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+        .unwrap_or(default)
+}
+
+fn parse_json(body: &[u8]) -> Result<Value, Box<Response>> {
+    serde_json::from_slice::<Value>(body).map_err(|e| {
+        Box::new(openai_error(
+            StatusCode::BAD_REQUEST,
+            "BadRequestError",
+            format!("invalid JSON body: {e}"),
+        ))
+    })
+}
+
+fn model_of(req: &Value) -> Result<String, Box<Response>> {
+    req.get("model")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            Box::new(openai_error(
+                StatusCode::BAD_REQUEST,
+                "BadRequestError",
+                "`model` is required".into(),
+            ))
+        })
+}
+
+async fn completions(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
+    let req = match parse_json(&body) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let model = match model_of(&req) {
+        Ok(m) => m,
+        Err(r) => return *r,
+    };
+    let prompt = match req.get("prompt") {
+        Some(Value::String(p)) => p.clone(),
+        Some(Value::Array(ps)) => ps
+            .iter()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => {
+            return openai_error(
+                StatusCode::BAD_REQUEST,
+                "BadRequestError",
+                "`prompt` must be a string or an array of strings".into(),
+            );
+        }
+    };
+    let (text, n) = generate(&model, &prompt, max_tokens(&req, s.cfg.default_max_tokens));
+    let prompt_tokens = count_tokens(&prompt);
+    if let Err(r) = run_inference(&s, &model, prompt_tokens, n).await {
+        return r.into_response(true);
+    }
+    axum::Json(json!({
+        "id": format!("cmpl-{}", s.requests.load(Ordering::Relaxed)),
+        "object": "text_completion",
+        "created": unix_s(),
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n},
+    }))
+    .into_response()
+}
+
+/// The prompt a chat request stands for: its messages' roles and contents, in order.
+pub fn chat_prompt(req: &Value) -> Option<String> {
+    let msgs = req.get("messages")?.as_array()?;
+    let mut out = String::new();
+    for m in msgs {
+        let role = m.get("role")?.as_str()?;
+        let content = match m.get("content")? {
+            Value::String(s) => s.clone(),
+            // Content parts: keep the text ones.
+            Value::Array(parts) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join(" "),
+            _ => return None,
+        };
+        out.push_str(role);
+        out.push_str(": ");
+        out.push_str(&content);
+        out.push('\n');
+    }
+    Some(out)
+}
+
+async fn chat_completions(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
+    let req = match parse_json(&body) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let model = match model_of(&req) {
+        Ok(m) => m,
+        Err(r) => return *r,
+    };
+    let Some(prompt) = chat_prompt(&req) else {
+        return openai_error(
+            StatusCode::BAD_REQUEST,
+            "BadRequestError",
+            "`messages` must be an array of {role, content}".into(),
+        );
+    };
+    let (text, n) = generate(&model, &prompt, max_tokens(&req, s.cfg.default_max_tokens));
+    let prompt_tokens = count_tokens(&prompt);
+    if let Err(r) = run_inference(&s, &model, prompt_tokens, n).await {
+        return r.into_response(true);
+    }
+    axum::Json(json!({
+        "id": format!("chatcmpl-{}", s.requests.load(Ordering::Relaxed)),
+        "object": "chat.completion",
+        "created": unix_s(),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text.trim_start()}, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n},
+    }))
+    .into_response()
+}
+
+/// vLLM-style Prometheus metrics (names as vLLM ≥ 0.6 exports them).
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    let st = s.stats();
+    let cache = st.running as f64 / s.cfg.max_batch as f64;
+    let mut out = String::new();
+    for m in s.loaded.lock().await.iter() {
+        let l = format!("{{model_name=\"{m}\"}}");
+        out.push_str(&format!(
+            "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{l} {}\n\
+             # TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{l} {}\n\
+             # TYPE vllm:gpu_cache_usage_perc gauge\nvllm:gpu_cache_usage_perc{l} {cache}\n\
+             # TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{l} {cache}\n\
+             # TYPE vllm:generation_tokens_total counter\nvllm:generation_tokens_total{l} {}\n\
+             # TYPE vllm:prompt_tokens_total counter\nvllm:prompt_tokens_total{l} {}\n",
+            st.running, st.waiting, st.generation_tokens_total, st.prompt_tokens_total
+        ));
+    }
+    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}
+
+async fn triton_model_ready(State(s): State<Arc<Shared>>, Path(model): Path<String>) -> StatusCode {
+    if s.faults.lock().await.down {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    if s.loaded.lock().await.contains(&model) {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_REQUEST
+    }
+}
+
+async fn triton_infer(
+    State(s): State<Arc<Shared>>,
+    Path(model): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let bad =
+        |msg: String| (StatusCode::BAD_REQUEST, axum::Json(json!({"error": msg}))).into_response();
+    let req: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return bad(format!("failed to parse the request JSON buffer: {e}")),
+    };
+    let Some(inputs) = req.get("inputs").and_then(Value::as_array) else {
+        return bad("request must contain `inputs`".into());
+    };
+    let mut outputs = Vec::with_capacity(inputs.len());
+    let mut prompt_tokens = 0u32;
+    let mut output_tokens = 0u32;
+    for (i, input) in inputs.iter().enumerate() {
+        let (Some(shape), Some(datatype), Some(data)) = (
+            input.get("shape"),
+            input.get("datatype").and_then(Value::as_str),
+            input.get("data").and_then(Value::as_array),
+        ) else {
+            return bad(format!("input {i} needs `shape`, `datatype` and `data`"));
+        };
+        let out: Vec<Value> = data
+            .iter()
+            .map(|x| match x {
+                Value::String(t) => {
+                    prompt_tokens = prompt_tokens.saturating_add(count_tokens(t));
+                    let (g, n) = generate(&model, t, s.cfg.default_max_tokens);
+                    output_tokens = output_tokens.saturating_add(n);
+                    Value::String(g.trim_start().to_owned())
+                }
+                Value::Number(n) => {
+                    output_tokens = output_tokens.saturating_add(1);
+                    n.as_f64().map(|f| json!(f * 2.0)).unwrap_or(Value::Null)
+                }
+                other => other.clone(),
+            })
+            .collect();
+        outputs.push(json!({"name": format!("OUTPUT{i}"), "datatype": datatype, "shape": shape, "data": out}));
+    }
+    if let Err(r) = run_inference(&s, &model, prompt_tokens, output_tokens.max(1)).await {
+        return r.into_response(false);
+    }
+    let mut resp = json!({"model_name": model, "model_version": "1", "outputs": outputs});
+    if let Some(id) = req.get("id") {
+        resp["id"] = id.clone();
+    }
+    axum::Json(resp).into_response()
+}
+
+async fn triton_index(State(s): State<Arc<Shared>>) -> Response {
+    let loaded = s.loaded.lock().await.clone();
+    let mut all = s.cfg.models.clone();
+    for m in &loaded {
+        if !all.contains(m) {
+            all.push(m.clone());
+        }
+    }
+    let entries: Vec<Value> = all
+        .iter()
+        .map(|m| {
+            if loaded.contains(m) {
+                json!({"name": m, "version": "1", "state": "READY"})
+            } else {
+                json!({"name": m, "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"})
+            }
+        })
+        .collect();
+    axum::Json(Value::Array(entries)).into_response()
+}
+
+async fn triton_load(State(s): State<Arc<Shared>>, Path(model): Path<String>) -> Response {
+    if !s.cfg.models.contains(&model) {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(
+                json!({"error": format!("failed to load '{model}', no version is available")}),
+            ),
+        )
+            .into_response();
+    }
+    let mut loaded = s.loaded.lock().await;
+    if !loaded.contains(&model) {
+        loaded.push(model);
+    }
+    StatusCode::OK.into_response()
+}
+
+async fn triton_unload(State(s): State<Arc<Shared>>, Path(model): Path<String>) -> StatusCode {
+    s.loaded.lock().await.retain(|m| m != &model);
+    StatusCode::OK
+}
+
+async fn stats(State(s): State<Arc<Shared>>) -> axum::Json<SimStats> {
+    axum::Json(s.stats())
+}
+
+async fn get_faults(State(s): State<Arc<Shared>>) -> axum::Json<Faults> {
+    axum::Json(s.faults.lock().await.clone())
+}
+
+async fn update_faults(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
+    match serde_json::from_slice::<Faults>(&body) {
+        Ok(f) => {
+            set_faults(&s, f.clone()).await;
+            axum::Json(f).into_response()
+        }
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": format!("invalid faults: {e}")})),
+        )
+            .into_response(),
+    }
+}

@@ -1,0 +1,478 @@
+//! The simulator against real HTTP clients on loopback.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use std::time::Duration;
+
+use resultity_runtime_sim::{Faults, SimConfig, SimHandle, generate, start};
+use serde_json::{Value, json};
+
+async fn sim(cfg: SimConfig) -> SimHandle {
+    start(cfg, "127.0.0.1:0".parse().unwrap()).await.unwrap()
+}
+
+fn fast() -> SimConfig {
+    SimConfig {
+        prefill_ms: 0,
+        decode_us_per_token: 0,
+        ..SimConfig::default()
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// Polls `cond` every 5 ms for up to 5 s.
+async fn wait_for(mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached in 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn completions_are_deterministic_and_counted() {
+    let s = sim(fast()).await;
+    let c = client();
+    let body = json!({"model": "sim-model", "prompt": "two plus two", "max_tokens": 8});
+    let r: Value = c
+        .post(format!("{}/v1/completions", s.url()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (text, n) = generate("sim-model", "two plus two", 8);
+    assert_eq!(r["choices"][0]["text"], text);
+    assert_eq!(r["usage"]["completion_tokens"], n);
+    assert_eq!(r["usage"]["prompt_tokens"], 3);
+    let again: Value = c
+        .post(format!("{}/v1/completions", s.url()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["choices"], r["choices"]);
+    assert_eq!(s.stats().completed, 2);
+    assert_eq!(s.stats().generation_tokens_total, 2 * u64::from(n));
+}
+
+#[tokio::test]
+async fn chat_completions_and_models() {
+    let s = sim(fast()).await;
+    let c = client();
+    let body = json!({"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]});
+    let r: Value = c
+        .post(format!("{}/v1/chat/completions", s.url()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (text, _) = generate("sim-model", "user: hi\n", 16);
+    assert_eq!(r["choices"][0]["message"]["content"], text.trim_start());
+    assert_eq!(r["object"], "chat.completion");
+    let m: Value = c
+        .get(format!("{}/v1/models", s.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(m["data"][0]["id"], "sim-model");
+}
+
+#[tokio::test]
+async fn bad_requests_get_openai_errors() {
+    let s = sim(fast()).await;
+    let c = client();
+    let r = c
+        .post(format!("{}/v1/completions", s.url()))
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = c
+        .post(format!("{}/v1/completions", s.url()))
+        .json(&json!({"model": "other", "prompt": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let e: Value = r.json().await.unwrap();
+    assert!(e["error"]["message"].as_str().unwrap().contains("other"));
+    let r = c
+        .post(format!("{}/v1/chat/completions", s.url()))
+        .json(&json!({"model": "sim-model"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test]
+async fn batches_concurrent_requests_up_to_max_batch() {
+    // 16 requests, batch of 4: decoding happens 4 at a time, never more.
+    let s = sim(SimConfig {
+        prefill_ms: 30,
+        decode_us_per_token: 0,
+        max_batch: 4,
+        ..SimConfig::default()
+    })
+    .await;
+    let c = client();
+    let url = format!("{}/v1/completions", s.url());
+    let reqs = (0..16).map(|i| {
+        let c = c.clone();
+        let url = url.clone();
+        async move {
+            c.post(url)
+                .json(&json!({"model": "sim-model", "prompt": format!("p{i}")}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    let statuses = futures_join(reqs).await;
+    assert!(statuses.iter().all(|s| s.is_success()));
+    let st = s.stats();
+    assert_eq!(st.max_running, 4);
+    assert_eq!(st.completed, 16);
+    assert_eq!(st.running, 0);
+}
+
+async fn futures_join<F: std::future::Future + Send + 'static>(
+    fs: impl Iterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = fs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn down_and_failing_models_and_error_rate() {
+    let s = sim(fast()).await;
+    let c = client();
+    s.set_faults(Faults {
+        down: true,
+        ..Faults::default()
+    })
+    .await;
+    assert_eq!(
+        c.get(format!("{}/health", s.url()))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    assert_eq!(
+        c.get(format!("{}/v2/health/ready", s.url()))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    s.set_faults(Faults {
+        failing_models: vec!["sim-model".into()],
+        ..Faults::default()
+    })
+    .await;
+    assert_eq!(
+        c.get(format!("{}/health", s.url()))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let r = c
+        .post(format!("{}/v1/completions", s.url()))
+        .json(&json!({"model": "sim-model", "prompt": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    // Half the requests fail, reproducibly for a seed.
+    s.set_faults(Faults {
+        error_rate_permille: 500,
+        ..Faults::default()
+    })
+    .await;
+    let mut failed = 0;
+    for _ in 0..200 {
+        let r = c
+            .post(format!("{}/v1/completions", s.url()))
+            .json(&json!({"model": "sim-model", "prompt": "x"}))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 500 {
+            failed += 1;
+        }
+    }
+    assert!(
+        (60..140).contains(&failed),
+        "{failed} of 200 failed at 50 %"
+    );
+}
+
+#[tokio::test]
+async fn hang_holds_requests_until_cleared() {
+    let s = sim(fast()).await;
+    s.set_faults(Faults {
+        hang: true,
+        ..Faults::default()
+    })
+    .await;
+    let url = format!("{}/v1/completions", s.url());
+    let req = tokio::spawn(async move {
+        client()
+            .post(url)
+            .json(&json!({"model": "sim-model", "prompt": "x"}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    wait_for(|| s.stats().requests == 1).await;
+    assert!(!req.is_finished());
+    assert_eq!(s.stats().completed, 0);
+    s.set_faults(Faults::default()).await;
+    assert!(req.await.unwrap().is_success());
+    assert_eq!(s.stats().completed, 1);
+}
+
+#[tokio::test]
+async fn crash_after_n_requests_stops_the_server() {
+    let mut s = sim(SimConfig {
+        faults: Faults {
+            crash_after: Some(2),
+            ..Faults::default()
+        },
+        ..fast()
+    })
+    .await;
+    let c = client();
+    let url = format!("{}/v1/completions", s.url());
+    for _ in 0..2 {
+        assert!(
+            c.post(&url)
+                .json(&json!({"model": "sim-model", "prompt": "x"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .is_success()
+        );
+    }
+    let third = c
+        .post(&url)
+        .json(&json!({"model": "sim-model", "prompt": "x"}))
+        .send()
+        .await;
+    assert!(third.is_err() || !third.unwrap().status().is_success());
+    tokio::time::timeout(Duration::from_secs(5), s.stopped())
+        .await
+        .unwrap();
+    assert!(c.get(format!("{}/health", s.url())).send().await.is_err());
+}
+
+#[tokio::test]
+async fn triton_kserve_v2() {
+    let s = sim(SimConfig {
+        models: vec!["resnet".into(), "llm".into()],
+        ..fast()
+    })
+    .await;
+    let c = client();
+    let u = s.url();
+    assert_eq!(
+        c.get(format!("{u}/v2/health/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(format!("{u}/v2/models/resnet/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(format!("{u}/v2/models/nope/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    let req = json!({"id": "42", "inputs": [
+        {"name": "INPUT0", "shape": [2], "datatype": "FP32", "data": [1.5, 2.0]},
+        {"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["hello"]}]});
+    let r: Value = c
+        .post(format!("{u}/v2/models/llm/infer"))
+        .json(&req)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["id"], "42");
+    assert_eq!(r["outputs"][0]["data"], json!([3.0, 4.0]));
+    assert_eq!(
+        r["outputs"][1]["data"][0],
+        generate("llm", "hello", 16).0.trim_start()
+    );
+    let bad = c
+        .post(format!("{u}/v2/models/llm/infer"))
+        .json(&json!({"inputs": [{"name": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    // Unload makes the model unready and unknown to inference; load brings it back.
+    assert_eq!(
+        c.post(format!("{u}/v2/repository/models/resnet/unload"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(format!("{u}/v2/models/resnet/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    let idx: Value = c
+        .post(format!("{u}/v2/repository/index"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let resnet = idx
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "resnet")
+        .unwrap();
+    assert_eq!(resnet["state"], "UNAVAILABLE");
+    assert_eq!(
+        c.post(format!("{u}/v2/repository/models/resnet/load"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(format!("{u}/v2/models/resnet/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.post(format!("{u}/v2/repository/models/unknown/load"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+}
+
+#[tokio::test]
+async fn vllm_metrics_and_live_fault_api() {
+    let s = sim(fast()).await;
+    let c = client();
+    let text = c
+        .get(format!("{}/metrics", s.url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:gpu_cache_usage_perc",
+        "vllm:generation_tokens_total",
+    ] {
+        assert!(
+            text.contains(&format!("{name}{{model_name=\"sim-model\"}}")),
+            "{name} missing:\n{text}"
+        );
+    }
+    let r = c
+        .post(format!("{}/sim/faults", s.url()))
+        .json(&json!({"down": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        c.get(format!("{}/health", s.url()))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    assert_eq!(
+        c.post(format!("{}/sim/faults", s.url()))
+            .body("[")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    let st: Value = c
+        .get(format!("{}/sim/stats", s.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(st["requests"], 0);
+}
