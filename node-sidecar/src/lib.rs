@@ -1,0 +1,10 @@
+//! `resultity-sidecar`: the node agent that runs beside every GPU runtime in a fleet.
+//!
+//! Modules follow the data flow: [`runtime`] drives the co-located vLLM or Triton server,
+//! [`gpu`] reads NVML, [`outbox`] keeps signed results durable until the network confirms them,
+//! [`config_store`] persists the network's signed configuration atomically.
+
+pub mod config_store;
+pub mod gpu;
+pub mod outbox;
+pub mod runtime;

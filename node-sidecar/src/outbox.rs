@@ -1,0 +1,272 @@
+//! Durable outbox: every result is on disk before it is sent and stays there until the network
+//! confirms it, so a crash or a lost connection never loses a result (protocol §7.5).
+//!
+//! One file per result, named by a monotonically increasing sequence number so resends keep
+//! completion order. Writes are atomic (temporary file, fsync, rename, fsync of the directory);
+//! a crash leaves either the whole entry or nothing, and stray temporary files are removed on
+//! open. The entry holds the result's fields; each (re)send signs them in the envelope of the
+//! session it goes out on.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use resultity_protocol::JobId;
+use resultity_protocol::messages::ws::JobResult;
+
+/// Largest outbox entry accepted when reading back (a result is bounded by the frame size).
+const MAX_ENTRY_BYTES: u64 = 2 * 1024 * 1024;
+
+/// Failures of the outbox's disk operations.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("outbox I/O on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("outbox entry {path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OutboxError + '_ {
+    move |source| OutboxError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The durable result store.
+#[derive(Debug)]
+pub struct Outbox {
+    dir: PathBuf,
+    next_seq: u64,
+    entries: BTreeMap<u64, JobResult>,
+}
+
+impl Outbox {
+    /// Opens (creating, mode 0700) the outbox directory and loads pending entries.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, OutboxError> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        restrict_dir(&dir)?;
+        let mut entries = BTreeMap::new();
+        for item in fs::read_dir(&dir).map_err(io(&dir))? {
+            let item = item.map_err(io(&dir))?;
+            let path = item.path();
+            let name = item.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".tmp") {
+                // A write that never completed: it was never sent either.
+                fs::remove_file(&path).map_err(io(&path))?;
+                continue;
+            }
+            let Some(seq) = name
+                .strip_suffix(".result")
+                .and_then(|s| s.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let len = item.metadata().map_err(io(&path))?.len();
+            if len > MAX_ENTRY_BYTES {
+                return Err(OutboxError::Corrupt {
+                    path,
+                    reason: format!("{len} bytes exceeds {MAX_ENTRY_BYTES}"),
+                });
+            }
+            let bytes = fs::read(&path).map_err(io(&path))?;
+            let result: JobResult =
+                serde_json::from_slice(&bytes).map_err(|e| OutboxError::Corrupt {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            entries.insert(seq, result);
+        }
+        let next_seq = entries.keys().next_back().map_or(1, |s| s + 1);
+        Ok(Self {
+            dir,
+            next_seq,
+            entries,
+        })
+    }
+
+    fn path(&self, seq: u64) -> PathBuf {
+        self.dir.join(format!("{seq:020}.result"))
+    }
+
+    /// Writes `result` durably. Returns once it is on disk. A result for the same job and
+    /// epoch already in the outbox is not written twice.
+    pub fn put(&mut self, result: &JobResult) -> Result<(), OutboxError> {
+        if self.contains(&result.job_id, result.lease_epoch) {
+            return Ok(());
+        }
+        let seq = self.next_seq;
+        let path = self.path(seq);
+        let tmp = self.dir.join(format!("{seq:020}.tmp"));
+        let bytes = serde_json::to_vec(result).map_err(|e| OutboxError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        {
+            let mut f = create_private(&tmp)?;
+            f.write_all(&bytes).map_err(io(&tmp))?;
+            f.sync_all().map_err(io(&tmp))?;
+        }
+        fs::rename(&tmp, &path).map_err(io(&path))?;
+        sync_dir(&self.dir)?;
+        self.next_seq += 1;
+        self.entries.insert(seq, result.clone());
+        Ok(())
+    }
+
+    /// Deletes the entry the network confirmed. Returns whether one was there (confirmations
+    /// are idempotent: a repeated one is fine).
+    pub fn confirm(&mut self, job_id: &JobId, lease_epoch: u64) -> Result<bool, OutboxError> {
+        let Some(seq) = self
+            .entries
+            .iter()
+            .find(|(_, r)| &r.job_id == job_id && r.lease_epoch == lease_epoch)
+            .map(|(s, _)| *s)
+        else {
+            return Ok(false);
+        };
+        let path = self.path(seq);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&path)(e)),
+        }
+        sync_dir(&self.dir)?;
+        self.entries.remove(&seq);
+        Ok(true)
+    }
+
+    pub fn contains(&self, job_id: &JobId, lease_epoch: u64) -> bool {
+        self.entries
+            .values()
+            .any(|r| &r.job_id == job_id && r.lease_epoch == lease_epoch)
+    }
+
+    pub fn get(&self, job_id: &JobId, lease_epoch: u64) -> Option<&JobResult> {
+        self.entries
+            .values()
+            .find(|r| &r.job_id == job_id && r.lease_epoch == lease_epoch)
+    }
+
+    /// Pending results in completion order.
+    pub fn pending(&self) -> impl Iterator<Item = &JobResult> {
+        self.entries.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Creates a file only the owner can read (results may carry user data).
+fn create_private(path: &Path) -> Result<File, OutboxError> {
+    let mut opts = OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts.open(path).map_err(io(path))
+}
+
+fn restrict_dir(dir: &Path) -> Result<(), OutboxError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+    }
+    Ok(())
+}
+
+/// Makes a rename or unlink durable: the directory entry itself must reach the disk.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), OutboxError> {
+    #[cfg(unix)]
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use resultity_protocol::messages::{ModelRef, Usage};
+
+    fn result(job: &str, epoch: u64) -> JobResult {
+        let output = format!("out-{job}");
+        JobResult {
+            job_id: JobId::parse(job).unwrap(),
+            lease_epoch: epoch,
+            config_digest: None,
+            model: ModelRef {
+                id: "m".into(),
+                revision: "r".into(),
+            },
+            output_digest: JobResult::digest_output(&output),
+            output,
+            usage: Usage::default(),
+            runtime_ms: 1,
+            completed_at_ms: 2,
+        }
+    }
+
+    #[test]
+    fn survives_reopen_in_order_and_confirm_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ob = Outbox::open(dir.path()).unwrap();
+        for i in 0..5 {
+            ob.put(&result(&format!("j{i}"), 1)).unwrap();
+        }
+        ob.put(&result("j0", 1)).unwrap(); // duplicate: not written twice
+        assert_eq!(ob.len(), 5);
+        assert!(ob.confirm(&JobId::parse("j2").unwrap(), 1).unwrap());
+        assert!(!ob.confirm(&JobId::parse("j2").unwrap(), 1).unwrap());
+        assert!(
+            !ob.confirm(&JobId::parse("j3").unwrap(), 9).unwrap(),
+            "other epoch"
+        );
+        drop(ob);
+        // A torn write from a crash is discarded on open.
+        fs::write(dir.path().join("00000000000000000099.tmp"), b"{partial").unwrap();
+        let mut ob = Outbox::open(dir.path()).unwrap();
+        let ids: Vec<_> = ob.pending().map(|r| r.job_id.as_str().to_owned()).collect();
+        assert_eq!(ids, ["j0", "j1", "j3", "j4"]);
+        assert!(!dir.path().join("00000000000000000099.tmp").exists());
+        ob.put(&result("j5", 1)).unwrap();
+        assert_eq!(ob.pending().last().unwrap().job_id.as_str(), "j5");
+    }
+
+    #[test]
+    fn corrupt_entry_is_reported_not_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("00000000000000000001.result"), b"not json").unwrap();
+        assert!(matches!(
+            Outbox::open(dir.path()),
+            Err(OutboxError::Corrupt { .. })
+        ));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("outbox");
+        let mut ob = Outbox::open(&sub).unwrap();
+        ob.put(&result("j", 1)).unwrap();
+        let mode = fs::metadata(&sub).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        let f = fs::read_dir(&sub).unwrap().next().unwrap().unwrap().path();
+        assert_eq!(fs::metadata(f).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+}

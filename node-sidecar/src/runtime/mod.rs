@@ -1,0 +1,270 @@
+//! Runtime adapters behind one trait: vLLM's OpenAI-compatible server and Triton's KServe v2.
+//!
+//! Error mapping is the contract the job session relies on: a runtime 4xx means the request is
+//! bad ([`RuntimeError::Rejected`], reported as `runtime_rejected`, not retried elsewhere); a 5xx,
+//! timeout or connection failure is retriable ([`RuntimeError::Failed`] /
+//! [`RuntimeError::Unavailable`]), and `Unavailable` also makes the node not ready.
+
+use std::future::Future;
+use std::time::Duration;
+
+use resultity_protocol::messages::{JobKind, RuntimeKind, RuntimeReport, Usage};
+use serde_json::Value;
+
+mod metrics;
+mod triton;
+mod vllm;
+
+pub use metrics::VllmMetrics;
+pub use triton::TritonRuntime;
+pub use vllm::VllmRuntime;
+
+/// Largest runtime response body read; beyond it the job fails with `output_too_large`.
+pub const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
+
+/// Why a runtime call did not produce an answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuntimeError {
+    /// The runtime refused the request (HTTP 4xx): another node would refuse it too.
+    #[error("runtime rejected the request (HTTP {status}): {reason}")]
+    Rejected { status: u16, reason: String },
+    /// The runtime failed (HTTP 5xx or a malformed answer): retriable elsewhere.
+    #[error("runtime failed: {0}")]
+    Failed(String),
+    /// The call exceeded its timeout.
+    #[error("runtime call timed out after {0:?}")]
+    Timeout(Duration),
+    /// The runtime could not be reached (down, restarting).
+    #[error("runtime unreachable: {0}")]
+    Unavailable(String),
+    /// The answer exceeded the size limit.
+    #[error("runtime answer of {size} bytes exceeds {max}")]
+    TooLarge { size: usize, max: usize },
+    /// This runtime kind does not serve this job kind.
+    #[error("{runtime} does not serve {kind:?} jobs")]
+    Unsupported {
+        runtime: &'static str,
+        kind: JobKind,
+    },
+}
+
+impl RuntimeError {
+    /// Whether another attempt (here or elsewhere) may succeed.
+    pub fn retriable(&self) -> bool {
+        matches!(
+            self,
+            Self::Failed(_) | Self::Timeout(_) | Self::Unavailable(_)
+        )
+    }
+}
+
+/// A runtime's answer to one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeOutput {
+    /// Response body, verbatim (it is what the signed result carries).
+    pub body: String,
+    pub usage: Usage,
+}
+
+/// One inference runtime the sidecar drives.
+pub trait Runtime: Send + Sync {
+    fn kind(&self) -> RuntimeKind;
+    /// Liveness of the server itself (`/health`, `/v2/health/ready`).
+    fn health(&self) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Whether `model` is loaded and servable now.
+    fn model_ready(&self, model: &str) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
+    /// Asks the runtime to load `model` (Triton); vLLM serves a fixed model set, so there this
+    /// only checks it is served.
+    fn load_model(&self, model: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Asks the runtime to unload `model` (Triton); no-op for vLLM.
+    fn unload_model(&self, model: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// A minimal inference proving `model` works end to end.
+    fn test_inference(&self, model: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Runs one job's request.
+    fn infer(
+        &self,
+        kind: JobKind,
+        model: &str,
+        request: &Value,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<RuntimeOutput, RuntimeError>> + Send;
+    /// Health and load for heartbeats and `/status`.
+    fn report(&self) -> impl Future<Output = RuntimeReport> + Send;
+}
+
+/// The configured runtime: one type the agent holds, whichever kind it is.
+#[derive(Debug, Clone)]
+pub enum AnyRuntime {
+    Vllm(VllmRuntime),
+    Triton(TritonRuntime),
+}
+
+impl AnyRuntime {
+    /// A client for `kind` at `base_url` with `timeout` for control calls.
+    pub fn new(kind: RuntimeKind, base_url: &str, timeout: Duration) -> Result<Self, RuntimeError> {
+        let http = http_client(timeout)?;
+        let base = base_url.trim_end_matches('/').to_owned();
+        Ok(match kind {
+            RuntimeKind::Vllm => Self::Vllm(VllmRuntime::new(http, base)),
+            RuntimeKind::Triton => Self::Triton(TritonRuntime::new(http, base)),
+        })
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $r:ident => $e:expr) => {
+        match $self {
+            AnyRuntime::Vllm($r) => $e,
+            AnyRuntime::Triton($r) => $e,
+        }
+    };
+}
+
+impl Runtime for AnyRuntime {
+    fn kind(&self) -> RuntimeKind {
+        delegate!(self, r => r.kind())
+    }
+    async fn health(&self) -> Result<(), RuntimeError> {
+        delegate!(self, r => r.health().await)
+    }
+    async fn model_ready(&self, model: &str) -> Result<bool, RuntimeError> {
+        delegate!(self, r => r.model_ready(model).await)
+    }
+    async fn load_model(&self, model: &str) -> Result<(), RuntimeError> {
+        delegate!(self, r => r.load_model(model).await)
+    }
+    async fn unload_model(&self, model: &str) -> Result<(), RuntimeError> {
+        delegate!(self, r => r.unload_model(model).await)
+    }
+    async fn test_inference(&self, model: &str) -> Result<(), RuntimeError> {
+        delegate!(self, r => r.test_inference(model).await)
+    }
+    async fn infer(
+        &self,
+        kind: JobKind,
+        model: &str,
+        request: &Value,
+        timeout: Duration,
+    ) -> Result<RuntimeOutput, RuntimeError> {
+        delegate!(self, r => r.infer(kind, model, request, timeout).await)
+    }
+    async fn report(&self) -> RuntimeReport {
+        delegate!(self, r => r.report().await)
+    }
+}
+
+/// HTTP client for a co-located runtime: bounded connect time, no proxy (the runtime is on
+/// localhost; a cluster-wide HTTP proxy must not intercept it), and a generous idle pool so
+/// batched concurrent jobs reuse connections.
+fn http_client(timeout: Duration) -> Result<reqwest::Client, RuntimeError> {
+    reqwest::Client::builder()
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .timeout(timeout)
+        .no_proxy()
+        .pool_max_idle_per_host(256)
+        .build()
+        .map_err(|e| RuntimeError::Unavailable(format!("cannot build HTTP client: {e}")))
+}
+
+/// Maps a transport error to the runtime error contract.
+fn transport_error(e: reqwest::Error, timeout: Duration) -> RuntimeError {
+    if e.is_timeout() {
+        RuntimeError::Timeout(timeout)
+    } else if e.is_connect() {
+        RuntimeError::Unavailable(e.to_string())
+    } else {
+        RuntimeError::Failed(e.to_string())
+    }
+}
+
+/// Sends a request and reads the body bounded; maps statuses per the module contract.
+async fn send(
+    req: reqwest::RequestBuilder,
+    timeout: Duration,
+) -> Result<(u16, String), RuntimeError> {
+    let mut resp = req
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| transport_error(e, timeout))?;
+    let status = resp.status().as_u16();
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| transport_error(e, timeout))?
+    {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(RuntimeError::TooLarge {
+                size: body.len() + chunk.len(),
+                max: MAX_RESPONSE_BYTES,
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8(body)
+        .map_err(|_| RuntimeError::Failed("runtime answered with non-UTF-8 bytes".into()))?;
+    match status {
+        200..=299 => Ok((status, text)),
+        400..=499 => Err(RuntimeError::Rejected {
+            status,
+            reason: error_reason(&text),
+        }),
+        _ => Err(RuntimeError::Failed(format!(
+            "HTTP {status}: {}",
+            error_reason(&text)
+        ))),
+    }
+}
+
+/// The human reason in an OpenAI (`{"error":{"message":…}}`) or Triton (`{"error":"…"}`) error
+/// body, bounded so a hostile runtime cannot fill logs.
+fn error_reason(body: &str) -> String {
+    let parsed: Option<Value> = serde_json::from_str(body).ok();
+    let msg = parsed
+        .as_ref()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .or_else(|| v.get("error"))
+                .or_else(|| v.get("message"))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| body.to_owned());
+    let mut end = msg.len().min(512);
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    msg[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_reasons() {
+        assert_eq!(error_reason(r#"{"error":{"message":"bad"}}"#), "bad");
+        assert_eq!(
+            error_reason(r#"{"error":"triton says no"}"#),
+            "triton says no"
+        );
+        assert_eq!(error_reason("plain"), "plain");
+        assert!(error_reason(&"é".repeat(1000)).len() <= 512);
+    }
+
+    #[test]
+    fn retriable_classes() {
+        assert!(
+            !RuntimeError::Rejected {
+                status: 400,
+                reason: String::new()
+            }
+            .retriable()
+        );
+        assert!(RuntimeError::Failed(String::new()).retriable());
+        assert!(RuntimeError::Timeout(Duration::from_secs(1)).retriable());
+        assert!(RuntimeError::Unavailable(String::new()).retriable());
+        assert!(!RuntimeError::TooLarge { size: 2, max: 1 }.retriable());
+    }
+}

@@ -1,0 +1,194 @@
+//! Both runtime adapters against the runtime simulator on loopback.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use std::time::Duration;
+
+use resultity_protocol::messages::{JobKind, RuntimeKind};
+use resultity_runtime_sim::{Faults, SimConfig, SimHandle, generate, start};
+use resultity_sidecar::runtime::{AnyRuntime, Runtime, RuntimeError};
+use serde_json::{Value, json};
+
+async fn sim(cfg: SimConfig) -> SimHandle {
+    start(cfg, "127.0.0.1:0".parse().unwrap()).await.unwrap()
+}
+
+fn fast(models: &[&str]) -> SimConfig {
+    SimConfig {
+        models: models.iter().map(|m| m.to_string()).collect(),
+        prefill_ms: 0,
+        decode_us_per_token: 0,
+        ..SimConfig::default()
+    }
+}
+
+const T: Duration = Duration::from_secs(5);
+
+#[tokio::test]
+async fn vllm_adapter_runs_jobs_and_reports_load() {
+    let s = sim(fast(&["m1"])).await;
+    let rt = AnyRuntime::new(RuntimeKind::Vllm, &s.url(), T).unwrap();
+    rt.health().await.unwrap();
+    assert!(rt.model_ready("m1").await.unwrap());
+    assert!(!rt.model_ready("m2").await.unwrap());
+    rt.load_model("m1").await.unwrap();
+    assert!(matches!(
+        rt.load_model("m2").await,
+        Err(RuntimeError::Rejected { status: 404, .. })
+    ));
+    rt.test_inference("m1").await.unwrap();
+
+    // The job's model wins over whatever the request body says, and streaming is turned off.
+    let req = json!({"model": "something-else", "prompt": "hello there", "max_tokens": 5, "stream": true});
+    let out = rt.infer(JobKind::Completion, "m1", &req, T).await.unwrap();
+    let v: Value = serde_json::from_str(&out.body).unwrap();
+    assert_eq!(v["choices"][0]["text"], generate("m1", "hello there", 5).0);
+    assert_eq!(
+        out.usage.completion_tokens,
+        u64::from(generate("m1", "hello there", 5).1)
+    );
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}]});
+    let out = rt
+        .infer(JobKind::ChatCompletion, "m1", &chat, T)
+        .await
+        .unwrap();
+    assert!(out.body.contains("chat.completion"));
+    assert!(matches!(
+        rt.infer(JobKind::Infer, "m1", &chat, T).await,
+        Err(RuntimeError::Unsupported { .. })
+    ));
+
+    let report = rt.report().await;
+    assert!(report.ready);
+    assert_eq!(report.running, Some(0));
+    assert!(report.generation_tokens_total.unwrap() > 0);
+}
+
+#[tokio::test]
+async fn runtime_errors_map_to_the_contract() {
+    let s = sim(fast(&["m1"])).await;
+    let rt = AnyRuntime::new(RuntimeKind::Vllm, &s.url(), T).unwrap();
+    // 4xx: rejected, not retriable.
+    let err = rt
+        .infer(JobKind::Completion, "m1", &json!({"prompt": 7}), T)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RuntimeError::Rejected { status: 400, .. }),
+        "{err:?}"
+    );
+    assert!(!err.retriable());
+    // 5xx: failed, retriable.
+    s.set_faults(Faults {
+        failing_models: vec!["m1".into()],
+        ..Faults::default()
+    })
+    .await;
+    let err = rt
+        .infer(JobKind::Completion, "m1", &json!({"prompt": "x"}), T)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RuntimeError::Failed(_)), "{err:?}");
+    assert!(err.retriable());
+    assert!(rt.test_inference("m1").await.is_err());
+    // Hang: the call times out.
+    s.set_faults(Faults {
+        hang: true,
+        ..Faults::default()
+    })
+    .await;
+    let err = rt
+        .infer(
+            JobKind::Completion,
+            "m1",
+            &json!({"prompt": "x"}),
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RuntimeError::Timeout(_)), "{err:?}");
+    // Down: health fails, report says not ready with a reason.
+    s.set_faults(Faults {
+        down: true,
+        ..Faults::default()
+    })
+    .await;
+    assert!(rt.health().await.is_err());
+    let report = rt.report().await;
+    assert!(!report.ready);
+    assert!(report.reason.is_some());
+    // Gone entirely: unavailable.
+    let url = s.url();
+    s.shutdown().await;
+    let gone = AnyRuntime::new(RuntimeKind::Vllm, &url, T).unwrap();
+    let err = gone.health().await.unwrap_err();
+    assert!(matches!(err, RuntimeError::Unavailable(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn triton_adapter_loads_checks_and_infers() {
+    let s = sim(fast(&["llm", "resnet"])).await;
+    let rt = AnyRuntime::new(RuntimeKind::Triton, &s.url(), T).unwrap();
+    rt.health().await.unwrap();
+    assert!(rt.model_ready("llm").await.unwrap());
+    rt.unload_model("resnet").await.unwrap();
+    assert!(!rt.model_ready("resnet").await.unwrap());
+    assert!(rt.test_inference("resnet").await.is_err());
+    rt.load_model("resnet").await.unwrap();
+    rt.test_inference("resnet").await.unwrap();
+    assert!(matches!(
+        rt.load_model("nope").await,
+        Err(RuntimeError::Rejected { .. })
+    ));
+    assert!(matches!(
+        rt.model_ready("../x").await,
+        Err(RuntimeError::Rejected { .. })
+    ));
+
+    let req =
+        json!({"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]});
+    let out = rt.infer(JobKind::Infer, "llm", &req, T).await.unwrap();
+    let v: Value = serde_json::from_str(&out.body).unwrap();
+    assert_eq!(
+        v["outputs"][0]["data"][0],
+        generate("llm", "hi", 16).0.trim_start()
+    );
+    assert!(matches!(
+        rt.infer(JobKind::ChatCompletion, "llm", &req, T).await,
+        Err(RuntimeError::Unsupported { .. })
+    ));
+    assert!(rt.report().await.ready);
+}
+
+#[tokio::test]
+async fn adapter_is_not_the_bottleneck_of_a_batching_runtime() {
+    // 32 concurrent jobs through one adapter reach the runtime concurrently.
+    let s = sim(SimConfig {
+        prefill_ms: 50,
+        decode_us_per_token: 0,
+        max_batch: 64,
+        ..fast(&["m1"])
+    })
+    .await;
+    let rt = AnyRuntime::new(RuntimeKind::Vllm, &s.url(), T).unwrap();
+    let jobs = (0..32).map(|i| {
+        let rt = rt.clone();
+        tokio::spawn(async move {
+            rt.infer(
+                JobKind::Completion,
+                "m1",
+                &json!({"prompt": format!("p{i}")}),
+                T,
+            )
+            .await
+        })
+    });
+    for j in jobs.collect::<Vec<_>>() {
+        j.await.unwrap().unwrap();
+    }
+    assert!(
+        s.stats().max_running >= 16,
+        "peak concurrency {}",
+        s.stats().max_running
+    );
+}
