@@ -4,7 +4,10 @@
 //! [`gpu`] reads NVML, [`outbox`] keeps signed results durable until the network confirms them,
 //! [`config_store`] persists the network's signed configuration atomically.
 
+pub mod backoff;
 pub mod config_store;
 pub mod gpu;
+pub mod identity;
+pub mod models;
 pub mod outbox;
 pub mod runtime;

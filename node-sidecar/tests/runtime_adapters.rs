@@ -192,3 +192,61 @@ async fn adapter_is_not_the_bottleneck_of_a_batching_runtime() {
         s.stats().max_running
     );
 }
+
+#[tokio::test]
+async fn models_become_active_only_after_a_test_inference() {
+    use resultity_protocol::messages::{ModelRef, ModelState};
+    use resultity_sidecar::models::{Models, Refused};
+    let s = sim(fast(&["good", "broken"])).await;
+    s.set_faults(Faults {
+        failing_models: vec!["broken".into()],
+        ..Faults::default()
+    })
+    .await;
+    let rt = AnyRuntime::new(RuntimeKind::Vllm, &s.url(), T).unwrap();
+    let m = |id: &str| ModelRef {
+        id: id.into(),
+        revision: "r".into(),
+    };
+    let mut models = Models::default();
+    let refused = vec![Refused {
+        model: "huge".into(),
+        reason: "needs more GPU memory".into(),
+    }];
+    models
+        .reconcile(&[m("good"), m("broken")], &refused, &rt)
+        .await;
+    assert!(models.is_active(&m("good")));
+    assert!(!models.is_active(&m("broken")));
+    let st = models.statuses();
+    let broken = st.iter().find(|s| s.model.id == "broken").unwrap();
+    assert_eq!(broken.state, ModelState::Failed);
+    assert!(
+        broken
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("test inference failed")
+    );
+    let huge = st.iter().find(|s| s.model.id == "huge").unwrap();
+    assert_eq!(huge.state, ModelState::Inactive);
+    assert!(models.inactive_reason(&m("broken")).contains("failed"));
+    // Still failing on the next pass: stays failed, gets no jobs.
+    models.reconcile(&[m("good"), m("broken")], &[], &rt).await;
+    assert!(!models.is_active(&m("broken")));
+    // Dropped from the wanted set: inactive.
+    models.reconcile(&[m("broken")], &[], &rt).await;
+    assert_eq!(
+        models
+            .statuses()
+            .iter()
+            .find(|s| s.model.id == "good")
+            .unwrap()
+            .state,
+        ModelState::Inactive
+    );
+    // Fixed runtime: the model activates.
+    s.set_faults(Faults::default()).await;
+    models.reconcile(&[m("broken")], &[], &rt).await;
+    assert!(models.is_active(&m("broken")));
+}

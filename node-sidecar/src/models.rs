@@ -1,0 +1,266 @@
+//! Model states on this node: pending → active / failed, and inactive when no longer wanted.
+//! A model becomes `active` only after a test inference through the runtime succeeded, so the
+//! network never routes a job to a model that cannot answer.
+
+use std::collections::BTreeMap;
+
+use resultity_protocol::config::NetworkConfig;
+use resultity_protocol::messages::{ModelRef, ModelState, ModelStatus, RuntimeKind};
+
+use crate::runtime::Runtime;
+
+/// Why a requested model is not served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub model: String,
+    pub reason: String,
+}
+
+/// The models this node should serve: those it was asked to serve (all approved ones if the
+/// list is empty) that the network approves for this runtime, whose GPU memory need is met, and
+/// whose subcloud restriction (if any) intersects the node's subclouds. Pure: decided from the
+/// config alone, so every node decides the same.
+pub fn desired_models(
+    requested: &[String],
+    config: &NetworkConfig,
+    runtime: RuntimeKind,
+    gpu_memory_mib: u64,
+    enforce_gpu_memory: bool,
+    subclouds: &[String],
+) -> (Vec<ModelRef>, Vec<Refused>) {
+    let mut want = Vec::new();
+    let mut refused = Vec::new();
+    let candidates: Vec<&str> = if requested.is_empty() {
+        config.models.iter().map(|m| m.model.id.as_str()).collect()
+    } else {
+        requested.iter().map(String::as_str).collect()
+    };
+    for id in candidates {
+        let Some(approved) = config.models.iter().find(|m| m.model.id == id) else {
+            refused.push(Refused {
+                model: id.into(),
+                reason: "not approved by the network config".into(),
+            });
+            continue;
+        };
+        let reason = if !approved.runtimes.contains(&runtime) {
+            Some(format!("not approved for the {} runtime", runtime.as_str()))
+        } else if enforce_gpu_memory && gpu_memory_mib < approved.min_gpu_memory_mib {
+            Some(format!(
+                "needs {} MiB of GPU memory, node has {gpu_memory_mib} MiB",
+                approved.min_gpu_memory_mib
+            ))
+        } else if !approved.subclouds.is_empty()
+            && !approved.subclouds.iter().any(|s| subclouds.contains(s))
+        {
+            Some(format!("restricted to subclouds {:?}", approved.subclouds))
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => refused.push(Refused {
+                model: id.into(),
+                reason,
+            }),
+            None => want.push(approved.model.clone()),
+        }
+    }
+    (want, refused)
+}
+
+/// Tracks each model's state and drives the runtime toward the desired set.
+#[derive(Debug, Default, Clone)]
+pub struct Models {
+    states: BTreeMap<ModelRef, ModelStatus>,
+}
+
+impl Models {
+    /// Current states, for heartbeats and `/status`.
+    pub fn statuses(&self) -> Vec<ModelStatus> {
+        self.states.values().cloned().collect()
+    }
+
+    /// Whether jobs for `model` may run.
+    pub fn is_active(&self, model: &ModelRef) -> bool {
+        self.states
+            .get(model)
+            .is_some_and(|s| s.state == ModelState::Active)
+    }
+
+    /// Why `model` cannot take jobs (for `job.fail` reasons).
+    pub fn inactive_reason(&self, model: &ModelRef) -> String {
+        match self.states.get(model) {
+            None => format!(
+                "model {}@{} is not served by this node",
+                model.id, model.revision
+            ),
+            Some(s) => format!(
+                "model {}@{} is {:?}{}",
+                model.id,
+                model.revision,
+                s.state,
+                s.reason
+                    .as_ref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            )
+            .to_lowercase(),
+        }
+    }
+
+    /// Activates wanted models (load + test inference), deactivates unwanted ones, and marks
+    /// refused ones inactive with their reason. Failed models are retried on each call.
+    pub async fn reconcile<R: Runtime>(
+        &mut self,
+        want: &[ModelRef],
+        refused: &[Refused],
+        runtime: &R,
+    ) {
+        for model in want {
+            if self.is_active(model) {
+                continue;
+            }
+            self.set(model, ModelState::Pending, None);
+            let outcome = match runtime.load_model(&model.id).await {
+                Ok(()) => runtime.test_inference(&model.id).await,
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(()) => self.set(model, ModelState::Active, None),
+                Err(e) => self.set(
+                    model,
+                    ModelState::Failed,
+                    Some(format!("test inference failed: {e}")),
+                ),
+            }
+        }
+        let unwanted: Vec<ModelRef> = self
+            .states
+            .keys()
+            .filter(|m| !want.contains(m))
+            .cloned()
+            .collect();
+        for model in unwanted {
+            let was_active = self.is_active(&model);
+            if was_active && let Err(e) = runtime.unload_model(&model.id).await {
+                tracing::warn!(model = %model.id, error = %e, "unloading a deactivated model failed");
+            }
+            let reason = refused
+                .iter()
+                .find(|r| r.model == model.id)
+                .map(|r| r.reason.clone())
+                .unwrap_or_else(|| "no longer wanted".into());
+            self.set(&model, ModelState::Inactive, Some(reason));
+        }
+        for r in refused {
+            if !self.states.keys().any(|m| m.id == r.model) {
+                let model = ModelRef {
+                    id: r.model.clone(),
+                    revision: String::new(),
+                };
+                self.set(&model, ModelState::Inactive, Some(r.reason.clone()));
+            }
+        }
+    }
+
+    /// Marks every active model failed (the runtime went down): no jobs until it is back.
+    pub fn mark_runtime_down(&mut self, reason: &str) {
+        for s in self.states.values_mut() {
+            if s.state == ModelState::Active {
+                s.state = ModelState::Pending;
+                s.reason = Some(reason.to_owned());
+            }
+        }
+    }
+
+    fn set(&mut self, model: &ModelRef, state: ModelState, reason: Option<String>) {
+        self.states.insert(
+            model.clone(),
+            ModelStatus {
+                model: model.clone(),
+                state,
+                reason,
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use resultity_protocol::config::{ApprovedModel, RuntimeImages};
+    use resultity_protocol::messages::{Environment, Timing};
+
+    fn config() -> NetworkConfig {
+        let m = |id: &str, rt: Vec<RuntimeKind>, mem: u64, sub: Vec<&str>| ApprovedModel {
+            model: ModelRef {
+                id: id.into(),
+                revision: "r1".into(),
+            },
+            runtimes: rt,
+            min_gpu_memory_mib: mem,
+            subclouds: sub.into_iter().map(String::from).collect(),
+        };
+        NetworkConfig {
+            environment: Environment::Testnet,
+            models: vec![
+                m("small", vec![RuntimeKind::Vllm], 8_000, vec![]),
+                m("big", vec![RuntimeKind::Vllm], 80_000, vec![]),
+                m("triton-only", vec![RuntimeKind::Triton], 0, vec![]),
+                m("eu-only", vec![RuntimeKind::Vllm], 0, vec!["eu"]),
+            ],
+            runtime_images: RuntimeImages::default(),
+            sidecar_image: None,
+            timing: Timing::default(),
+            subclouds: vec![],
+            network_keys: vec![],
+            revoked_node_keys: vec![],
+        }
+    }
+
+    #[test]
+    fn desired_set_follows_approval_runtime_memory_and_subcloud() {
+        let (want, refused) = desired_models(&[], &config(), RuntimeKind::Vllm, 24_000, true, &[]);
+        assert_eq!(
+            want.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+            ["small"]
+        );
+        let reasons: Vec<_> = refused
+            .iter()
+            .map(|r| (r.model.as_str(), r.reason.as_str()))
+            .collect();
+        assert!(
+            reasons
+                .iter()
+                .any(|(m, r)| *m == "big" && r.contains("80000 MiB"))
+        );
+        assert!(
+            reasons
+                .iter()
+                .any(|(m, r)| *m == "triton-only" && r.contains("vllm"))
+        );
+        assert!(
+            reasons
+                .iter()
+                .any(|(m, r)| *m == "eu-only" && r.contains("eu"))
+        );
+        let (want, _) = desired_models(
+            &["eu-only".into(), "ghost".into()],
+            &config(),
+            RuntimeKind::Vllm,
+            0,
+            false,
+            &["eu".into()],
+        );
+        assert_eq!(want.len(), 1);
+        let (_, refused) = desired_models(
+            &["ghost".into()],
+            &config(),
+            RuntimeKind::Vllm,
+            0,
+            false,
+            &[],
+        );
+        assert_eq!(refused[0].reason, "not approved by the network config");
+    }
+}
