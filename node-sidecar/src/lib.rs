@@ -4,6 +4,7 @@
 //! [`gpu`] reads NVML, [`outbox`] keeps signed results durable until the network confirms them,
 //! [`config_store`] persists the network's signed configuration atomically.
 
+pub mod agent;
 pub mod api;
 pub mod backoff;
 pub mod config_store;

@@ -1,0 +1,662 @@
+//! The agent: identity, registration, config sync, heartbeats, the job session and drain, tied
+//! together around one shared state that the local API reports.
+//!
+//! Lifecycle: load identity, config state and outbox → serve the local API → register (with the
+//! network's challenge) → sync config and activate models → heartbeat loop + WebSocket session
+//! loop (reconnecting with full-jitter backoff) → on drain: tell the network, finish or hand
+//! back in-flight jobs within the grace period, flush the outbox, report drained, exit.
+
+mod net;
+mod session;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use resultity_protocol::clock::{Clock, SystemClock};
+use resultity_protocol::config::{ConfigTrust, SignedConfig};
+use resultity_protocol::messages::http::{
+    Capabilities, DeregisterRequest, DeregisterResponse, HeartbeatRequest, HeartbeatResponse,
+    NodeReport, RegisterRequest, RegisterResponse, paths,
+};
+use resultity_protocol::messages::ws::{JobResult, NodeMessage};
+use resultity_protocol::messages::{
+    ConfigPointer, NodePhase, Participation, RuntimeKind, RuntimeReport, Software, Timing,
+};
+use resultity_protocol::session::NetworkKeys;
+use resultity_protocol::status::{
+    ConnectionState, ConnectionStatus, JobCounters, NodeStatus, STATUS_FORMAT,
+};
+use resultity_protocol::{ErrorCode, JobId, NetworkId, NetworkKeyId, NodeKeypair, limits};
+use tokio::sync::{Notify, mpsc};
+
+use crate::api::{self, ApiState};
+use crate::backoff::Backoff;
+use crate::config_store::{ConfigStore, ConfigStoreError, OfferError};
+use crate::gpu::GpuProbe;
+use crate::identity::{self, IdentityError};
+use crate::models::{Models, desired_models};
+use crate::outbox::{Outbox, OutboxError};
+use crate::runtime::{AnyRuntime, Runtime, RuntimeError};
+
+pub use net::{NetClient, NetError};
+
+/// Everything the sidecar is configured with (the binary maps flags and env onto this).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Base URL of the network's IO service.
+    pub io_url: String,
+    pub network_id: NetworkId,
+    /// Pinned network public keys: the root of trust for configs and network messages.
+    pub network_keys: Vec<NetworkKeyId>,
+    pub key_file: PathBuf,
+    /// Holds the outbox and the applied config.
+    pub data_dir: PathBuf,
+    pub runtime_kind: RuntimeKind,
+    pub runtime_url: String,
+    /// Runtime image running now (the operator passes it), to spot image changes in configs.
+    pub runtime_image: Option<String>,
+    pub max_concurrency: u32,
+    pub participation: Participation,
+    pub subclouds: Vec<String>,
+    /// Models to serve; empty = every model the network approves for this node.
+    pub models: Vec<String>,
+    /// Local API listen address.
+    pub listen: SocketAddr,
+    /// Bearer token for `/status` and `/drain` (empty disables them).
+    pub admin_token: String,
+    pub drain_grace: Duration,
+    /// Probe GPUs with NVML (off on test rigs).
+    pub gpu_probe: bool,
+    /// Refuse models whose GPU memory requirement the node's GPUs do not meet.
+    pub enforce_gpu_memory: bool,
+}
+
+/// Failures that stop the agent from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Config(#[from] ConfigStoreError),
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("invalid settings: {0}")]
+    Settings(String),
+    #[error("cannot serve the local API on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// How the agent ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Drained: nothing in flight, outbox empty, network told.
+    Drained,
+    /// Drain grace ran out with results still unconfirmed (they stay in the outbox).
+    DrainIncomplete,
+    /// Stopped by the caller without draining.
+    Stopped,
+}
+
+/// The running agent's shared state.
+#[derive(Debug)]
+pub struct Agent {
+    settings: Settings,
+    key: NodeKeypair,
+    net: NetClient,
+    runtime: AnyRuntime,
+    pub api: Arc<ApiState>,
+    config: tokio::sync::Mutex<ConfigStore>,
+    outbox: Arc<Mutex<Outbox>>,
+    models: tokio::sync::RwLock<Models>,
+    gpu: GpuProbe,
+    clock: Arc<dyn Clock>,
+    timing: Mutex<Timing>,
+    in_flight: AtomicU32,
+    draining: AtomicBool,
+    registered: AtomicBool,
+    config_changed: Notify,
+    /// Running jobs by (job, epoch), so cancels can abort them and duplicates are spotted.
+    jobs: Mutex<HashMap<(JobId, u64), tokio::task::AbortHandle>>,
+    /// The current session's outgoing queue, if a session is up.
+    sender: Mutex<Option<mpsc::Sender<NodeMessage>>>,
+    /// Failures not yet delivered (a session was down); resent on the next session.
+    pending_fails: Mutex<Vec<NodeMessage>>,
+    /// Wakes the drain loop when a job ends or a result is confirmed.
+    progress: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves consistent data (single assignments).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Agent {
+    /// Loads identity, config state and outbox; does no network I/O.
+    pub fn new(settings: Settings) -> Result<Arc<Self>, AgentError> {
+        Self::with_clock(settings, Arc::new(SystemClock))
+    }
+
+    pub fn with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Result<Arc<Self>, AgentError> {
+        if settings.max_concurrency == 0 {
+            return Err(AgentError::Settings(
+                "max concurrency must be at least 1".into(),
+            ));
+        }
+        if settings.network_keys.is_empty() {
+            return Err(AgentError::Settings(
+                "at least one pinned network key is required".into(),
+            ));
+        }
+        let key = identity::load_or_create(&settings.key_file)?;
+        let pinned =
+            ConfigTrust::pinned(settings.network_id.clone(), settings.network_keys.clone());
+        let store = ConfigStore::open(&settings.data_dir.join("config"), pinned)?;
+        let keys = NetworkKeys::new(&store.trust().keys)
+            .map_err(|e| AgentError::Settings(format!("network keys: {e}")))?;
+        let outbox = Outbox::open(settings.data_dir.join("outbox"))?;
+        let timing = store
+            .snapshot()
+            .map(|s| s.payload.timing.clone())
+            .unwrap_or_default();
+        let net = NetClient::new(
+            &settings.io_url,
+            settings.network_id.clone(),
+            key.clone(),
+            keys,
+            Duration::from_millis(timing.http_timeout_ms),
+        )?;
+        let runtime = AnyRuntime::new(
+            settings.runtime_kind,
+            &settings.runtime_url,
+            Duration::from_secs(5),
+        )?;
+        let gpu = if settings.gpu_probe {
+            GpuProbe::init()
+        } else {
+            GpuProbe::disabled("GPU probe disabled by configuration")
+        };
+        let status = NodeStatus {
+            format: STATUS_FORMAT,
+            node_id: key.id().clone(),
+            network_id: settings.network_id.clone(),
+            phase: NodePhase::Starting,
+            registered: false,
+            connection: ConnectionStatus::default(),
+            applied_config: store.current().map(|c| c.pointer()),
+            network_config: None,
+            config_error: None,
+            desired_runtime_image: None,
+            models: vec![],
+            gpu: gpu.report(),
+            runtime: RuntimeReport {
+                kind: settings.runtime_kind,
+                ready: false,
+                reason: Some("not probed yet".into()),
+                running: None,
+                waiting: None,
+                kv_cache_usage_permille: None,
+                generation_tokens_total: None,
+            },
+            jobs: JobCounters {
+                outbox: u32::try_from(outbox.len()).unwrap_or(u32::MAX),
+                ..JobCounters::default()
+            },
+            last_heartbeat_ms: None,
+            verdict: None,
+            draining: false,
+            drained: false,
+            software: software(&settings),
+        };
+        let api = ApiState::new(status, settings.admin_token.clone());
+        Ok(Arc::new(Self {
+            key,
+            net,
+            runtime,
+            api,
+            config: tokio::sync::Mutex::new(store),
+            outbox: Arc::new(Mutex::new(outbox)),
+            models: tokio::sync::RwLock::new(Models::default()),
+            gpu,
+            clock,
+            timing: Mutex::new(timing),
+            in_flight: AtomicU32::new(0),
+            draining: AtomicBool::new(false),
+            registered: AtomicBool::new(false),
+            config_changed: Notify::new(),
+            jobs: Mutex::new(HashMap::new()),
+            sender: Mutex::new(None),
+            pending_fails: Mutex::new(Vec::new()),
+            progress: Notify::new(),
+            settings,
+        }))
+    }
+
+    pub fn node_id(&self) -> &resultity_protocol::NodeId {
+        self.key.id()
+    }
+
+    fn timing(&self) -> Timing {
+        lock(&self.timing).clone()
+    }
+
+    fn set_timing(&self, t: &Timing) {
+        *lock(&self.timing) = t.clone();
+        self.net
+            .set_timeout(Duration::from_millis(t.http_timeout_ms));
+    }
+
+    fn applied_pointer(&self) -> Option<ConfigPointer> {
+        self.api.status().applied_config
+    }
+
+    /// Free slots the node advertises.
+    fn credits(&self) -> u32 {
+        if self.draining.load(Ordering::SeqCst) || !self.api.status().runtime.ready {
+            return 0;
+        }
+        self.settings
+            .max_concurrency
+            .saturating_sub(self.in_flight.load(Ordering::SeqCst))
+    }
+
+    fn outbox_len(&self) -> u32 {
+        u32::try_from(lock(&self.outbox).len()).unwrap_or(u32::MAX)
+    }
+
+    fn set_phase(&self) {
+        let draining = self.draining.load(Ordering::SeqCst);
+        self.api.update(|s| {
+            s.draining = draining;
+            s.phase = if s.drained {
+                NodePhase::Drained
+            } else if draining {
+                NodePhase::Draining
+            } else if !s.registered {
+                NodePhase::Registering
+            } else if s.applied_config.is_none() {
+                NodePhase::Syncing
+            } else if !s.runtime.ready || !s.gpu.healthy() {
+                NodePhase::Degraded
+            } else {
+                NodePhase::Ready
+            };
+        });
+    }
+
+    /// Registers with the network (challenge → signed registration). Updates timing.
+    pub async fn register(&self) -> Result<RegisterResponse, NetError> {
+        let challenge = self.net.challenge().await?;
+        let models = self.models.read().await.statuses();
+        let req = RegisterRequest {
+            hdr: self.net.header(self.clock.as_ref())?,
+            challenge: challenge.challenge,
+            protocol_versions: limits::PROTOCOL_VERSIONS.to_vec(),
+            software: software(&self.settings),
+            capabilities: Capabilities {
+                runtime: self.settings.runtime_kind,
+                max_concurrency: self.settings.max_concurrency,
+                participation: self.settings.participation,
+                subclouds: self.settings.subclouds.clone(),
+                gpu: self.gpu.report(),
+                models_installed: models.into_iter().map(|m| m.model).collect(),
+            },
+        };
+        let ans: RegisterResponse = self.net.signed(paths::REGISTER, &req).await?;
+        self.set_timing(&ans.timing);
+        self.registered.store(true, Ordering::SeqCst);
+        self.api.update(|s| {
+            s.registered = true;
+            s.network_config = ans.config.clone();
+        });
+        self.set_phase();
+        tracing::info!(node_id = %self.key.id(), protocol = ans.protocol_version, "registered with the network");
+        Ok(ans)
+    }
+
+    /// Fetches, verifies and applies the network's config if it is newer; then brings the
+    /// models in line. A refused config leaves the last good one in force.
+    pub async fn sync_config(&self) -> Result<(), NetError> {
+        let signed: SignedConfig = self.net.fetch_config().await?;
+        let now = self.clock.now_ms();
+        let mut store = self.config.lock().await;
+        match store.offer(&signed, now) {
+            Ok(Some(applied)) => {
+                let pointer = applied.pointer();
+                let timing = applied.snapshot.payload.timing.clone();
+                let image = applied
+                    .snapshot
+                    .payload
+                    .runtime_images
+                    .for_kind(self.settings.runtime_kind)
+                    .map(str::to_owned);
+                let keys = store.trust().keys.clone();
+                drop(store);
+                match NetworkKeys::new(&keys) {
+                    Ok(k) => self.net.set_keys(k),
+                    Err(e) => {
+                        tracing::error!(error = %e, "applied config names an unusable network key")
+                    }
+                }
+                self.set_timing(&timing);
+                let desired_image =
+                    image.filter(|i| Some(i) != self.settings.runtime_image.as_ref());
+                self.api.update(|s| {
+                    s.applied_config = Some(pointer.clone());
+                    s.config_error = None;
+                    s.desired_runtime_image = desired_image;
+                });
+                self.api
+                    .metrics
+                    .config_version
+                    .set(i64::try_from(pointer.version).unwrap_or(i64::MAX));
+                tracing::info!(version = pointer.version, digest = %pointer.digest, "applied network config");
+            }
+            Ok(None) => drop(store),
+            Err(e) => {
+                drop(store);
+                let reason = match &e {
+                    OfferError::Refused(p) => format!("refused config {}: {p}", signed.digest()),
+                    OfferError::Store(s) => {
+                        format!("could not persist config {}: {s}", signed.digest())
+                    }
+                };
+                tracing::warn!(%reason, "config not applied; the last good config stays in force");
+                self.api.update(|s| s.config_error = Some(reason));
+            }
+        }
+        self.reconcile_models().await;
+        self.set_phase();
+        Ok(())
+    }
+
+    /// Activates the models the applied config allows, deactivates the rest.
+    async fn reconcile_models(&self) {
+        let Some(payload) = self
+            .config
+            .lock()
+            .await
+            .snapshot()
+            .map(|s| s.payload.clone())
+        else {
+            return;
+        };
+        let gpu = self.api.status().gpu;
+        let (want, refused) = desired_models(
+            &self.settings.models,
+            &payload,
+            self.settings.runtime_kind,
+            gpu.memory_total_mib(),
+            self.settings.enforce_gpu_memory,
+            &self.settings.subclouds,
+        );
+        let mut models = self.models.write().await;
+        models.reconcile(&want, &refused, &self.runtime).await;
+        let statuses = models.statuses();
+        drop(models);
+        self.api.update(|s| s.models = statuses);
+    }
+
+    /// Reads runtime and GPU health; a runtime that went down parks the models, one that came
+    /// back gets them re-activated.
+    async fn probe(&self) -> RuntimeReport {
+        let report = self.runtime.report().await;
+        let was_ready = self.api.status().runtime.ready;
+        let gpu = self.gpu.report();
+        self.api.metrics.runtime_ready.set(i64::from(report.ready));
+        self.api.update(|s| {
+            s.runtime = report.clone();
+            s.gpu = gpu;
+        });
+        if was_ready && !report.ready {
+            let reason = report
+                .reason
+                .clone()
+                .unwrap_or_else(|| "runtime not ready".into());
+            self.models.write().await.mark_runtime_down(&reason);
+            let statuses = self.models.read().await.statuses();
+            self.api.update(|s| s.models = statuses);
+        } else if !was_ready && report.ready {
+            self.reconcile_models().await;
+        }
+        self.set_phase();
+        report
+    }
+
+    fn node_report(&self, runtime: RuntimeReport) -> NodeReport {
+        let st = self.api.status();
+        NodeReport {
+            phase: st.phase,
+            config: st.applied_config,
+            draining: self.draining.load(Ordering::SeqCst),
+            max_concurrency: self.settings.max_concurrency,
+            in_flight: self.in_flight.load(Ordering::SeqCst),
+            credits: self.credits(),
+            outbox_len: self.outbox_len(),
+            participation: self.settings.participation,
+            subclouds: self.settings.subclouds.clone(),
+            models: st.models,
+            gpu: st.gpu,
+            runtime,
+            software: st.software,
+        }
+    }
+
+    /// One heartbeat: probe, report, take the verdict and the network's config pointer.
+    pub async fn heartbeat(&self) -> Result<HeartbeatResponse, NetError> {
+        let runtime = self.probe().await;
+        let req = HeartbeatRequest {
+            hdr: self.net.header(self.clock.as_ref())?,
+            report: self.node_report(runtime),
+        };
+        let ans: HeartbeatResponse = match self.net.signed(paths::HEARTBEAT, &req).await {
+            Ok(a) => a,
+            Err(e) => {
+                if e.code() == Some(ErrorCode::NotRegistered) {
+                    self.registered.store(false, Ordering::SeqCst);
+                    self.api.update(|s| s.registered = false);
+                    self.set_phase();
+                }
+                return Err(e);
+            }
+        };
+        self.set_timing(&ans.timing);
+        let stale = match (&ans.config, self.applied_pointer()) {
+            (Some(net), Some(applied)) => net.digest != applied.digest,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        self.api.update(|s| {
+            s.last_heartbeat_ms = Some(ans.server_time_ms);
+            s.verdict = Some(ans.verdict.clone());
+            s.network_config = ans.config.clone();
+        });
+        if stale {
+            self.config_changed.notify_one();
+        }
+        Ok(ans)
+    }
+
+    /// Leaves the network (operator deletion with `deregister`).
+    pub async fn deregister(&self, reason: &str) -> Result<(), NetError> {
+        let req = DeregisterRequest {
+            hdr: self.net.header(self.clock.as_ref())?,
+            reason: reason.to_owned(),
+        };
+        let _: DeregisterResponse = self.net.signed(paths::DEREGISTER, &req).await?;
+        Ok(())
+    }
+
+    /// Sends `msg` on the current session, or keeps failures for the next one. Results need
+    /// no keeping: they are in the outbox.
+    fn send(&self, msg: NodeMessage) {
+        let tx = lock(&self.sender).clone();
+        let delivered = tx.is_some_and(|tx| tx.try_send(msg.clone()).is_ok());
+        if !delivered && matches!(msg, NodeMessage::JobFail { .. }) {
+            lock(&self.pending_fails).push(msg);
+        }
+    }
+
+    /// Writes a result durably (off the async threads: fsync blocks).
+    async fn persist_result(&self, result: JobResult) -> Result<(), OutboxError> {
+        let outbox = self.outbox.clone();
+        let r = tokio::task::spawn_blocking(move || lock(&outbox).put(&result))
+            .await
+            .unwrap_or_else(|e| {
+                Err(OutboxError::Io {
+                    path: PathBuf::from("outbox"),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            });
+        let len = self.outbox_len();
+        self.api.update(|s| s.jobs.outbox = len);
+        self.api.metrics.outbox.set(i64::from(len));
+        r
+    }
+
+    /// Starts draining: no new jobs, network told by the session.
+    pub fn start_drain(&self) {
+        if !self.draining.swap(true, Ordering::SeqCst) {
+            tracing::info!("draining: no new jobs; finishing in-flight work");
+            self.api.drain.send_replace(true);
+            self.set_phase();
+            self.progress.notify_one();
+        }
+    }
+
+    fn drained(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) == 0 && lock(&self.outbox).is_empty()
+    }
+
+    /// Runs the agent until it drains or `stop` resolves.
+    pub async fn run(
+        self: Arc<Self>,
+        stop: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<Exit, AgentError> {
+        let listener = tokio::net::TcpListener::bind(self.settings.listen)
+            .await
+            .map_err(|source| AgentError::Listen {
+                addr: self.settings.listen,
+                source,
+            })?;
+        let app = api::router(self.api.clone());
+        let api_task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "local API stopped");
+            }
+        });
+        let mut drain_rx = self.api.drain.subscribe();
+        let agent = self.clone();
+        let drain_watch = tokio::spawn(async move {
+            while drain_rx.changed().await.is_ok() {
+                if *drain_rx.borrow() {
+                    agent.start_drain();
+                    break;
+                }
+            }
+        });
+        let work = {
+            let agent = self.clone();
+            async move { agent.main_loop().await }
+        };
+        let exit = tokio::select! {
+            e = work => e,
+            _ = stop => Exit::Stopped,
+        };
+        drain_watch.abort();
+        api_task.abort();
+        Ok(exit)
+    }
+
+    async fn main_loop(self: Arc<Self>) -> Exit {
+        let t = self.timing();
+        let mut backoff = Backoff::random(t.backoff_base_ms, t.backoff_cap_ms);
+        // Register (retrying) — unless drained meanwhile.
+        while !self.registered.load(Ordering::SeqCst) {
+            if self.draining.load(Ordering::SeqCst) && self.drained() {
+                return self.finish_drain().await;
+            }
+            match self.register().await {
+                Ok(_) => backoff.reset(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "registration failed; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+        if let Err(e) = self.sync_config().await {
+            tracing::warn!(error = %e, "initial config sync failed; will retry");
+        }
+        let hb = tokio::spawn(self.clone().heartbeat_loop());
+        let cfg = tokio::spawn(self.clone().config_loop());
+        let exit = self.clone().session_loop().await;
+        hb.abort();
+        cfg.abort();
+        exit
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>) {
+        loop {
+            if !self.registered.load(Ordering::SeqCst)
+                && let Err(e) = self.register().await
+            {
+                tracing::warn!(error = %e, "re-registration failed");
+            }
+            if let Err(e) = self.heartbeat().await {
+                tracing::warn!(error = %e, "heartbeat failed");
+            }
+            let interval = self.timing().heartbeat_interval_ms.max(100);
+            tokio::time::sleep(Duration::from_millis(interval)).await;
+        }
+    }
+
+    async fn config_loop(self: Arc<Self>) {
+        loop {
+            self.config_changed.notified().await;
+            if let Err(e) = self.sync_config().await {
+                tracing::warn!(error = %e, "config sync failed");
+            }
+        }
+    }
+
+    async fn finish_drain(&self) -> Exit {
+        self.api.update(|s| s.drained = true);
+        self.set_phase();
+        tracing::info!("drained");
+        Exit::Drained
+    }
+}
+
+fn software(s: &Settings) -> Software {
+    Software {
+        sidecar_version: env!("CARGO_PKG_VERSION").to_owned(),
+        runtime_version: None,
+        runtime_image: s.runtime_image.clone(),
+    }
+}
+
+/// Updates connection state in the status document.
+fn set_connection(api: &ApiState, state: ConnectionState, now_ms: u64, error: Option<String>) {
+    api.update(|s| {
+        if s.connection.state != state {
+            s.connection.since_ms = Some(now_ms);
+        }
+        s.connection.state = state;
+        if error.is_some() {
+            s.connection.last_error = error;
+        }
+    });
+    api.metrics
+        .connected
+        .set(i64::from(state == ConnectionState::Connected));
+}

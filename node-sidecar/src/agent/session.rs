@@ -1,0 +1,603 @@
+//! The WebSocket job session (protocol §7): handshake, credits, concurrent jobs, durable
+//! results, resume after reconnect, keepalive and drain.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use resultity_protocol::codes::close;
+use resultity_protocol::envelope;
+use resultity_protocol::messages::FailCode;
+use resultity_protocol::messages::http::paths;
+use resultity_protocol::messages::ws::{
+    Auth, Hello, JobAssignment, JobResult, NetworkMessage, NodeMessage, Welcome,
+};
+use resultity_protocol::session::{NodeSession, check_addressing};
+use resultity_protocol::status::ConnectionState;
+use resultity_protocol::{Purpose, limits};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+
+use super::{Agent, Exit, lock, set_connection};
+use crate::backoff::Backoff;
+use crate::runtime::{Runtime, RuntimeError};
+
+/// How one session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    /// Drained and told the network.
+    Drained,
+    /// Connection lost or refused; reconnect after backoff.
+    Lost(String),
+    /// The network closed with a code that needs re-registration first.
+    Unauthorized(String),
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn ws_url(base: &str) -> String {
+    let rest = base
+        .strip_prefix("https://")
+        .map(|r| format!("wss://{r}"))
+        .or_else(|| base.strip_prefix("http://").map(|r| format!("ws://{r}")))
+        .unwrap_or_else(|| base.to_owned());
+    format!("{rest}{}", paths::SESSION)
+}
+
+/// Decrements in-flight and wakes drain when a job task ends, however it ends (abort included).
+struct InFlight(Arc<Agent>, (resultity_protocol::JobId, u64));
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        lock(&self.0.jobs).remove(&self.1);
+        let n = self.0.in_flight.load(Ordering::SeqCst);
+        self.0.api.update(|s| s.jobs.in_flight = n);
+        self.0.api.metrics.in_flight.set(i64::from(n));
+        self.0.progress.notify_one();
+        let credits = self.0.credits();
+        self.0.send(NodeMessage::Credits {
+            credits,
+            in_flight: n,
+        });
+    }
+}
+
+impl Agent {
+    pub(super) async fn session_loop(self: Arc<Self>) -> Exit {
+        let t = self.timing();
+        let mut backoff = Backoff::random(t.backoff_base_ms, t.backoff_cap_ms);
+        let mut drain_deadline: Option<tokio::time::Instant> = None;
+        loop {
+            if self.draining.load(Ordering::SeqCst) {
+                let deadline = *drain_deadline
+                    .get_or_insert_with(|| tokio::time::Instant::now() + self.settings.drain_grace);
+                if tokio::time::Instant::now() >= deadline {
+                    return self.abandon_drain().await;
+                }
+            }
+            set_connection(
+                &self.api,
+                ConnectionState::Connecting,
+                self.clock.now_ms(),
+                None,
+            );
+            let started = Instant::now();
+            let end = self.clone().run_session(drain_deadline).await;
+            *lock(&self.sender) = None;
+            match end {
+                SessionEnd::Drained => return self.finish_drain().await,
+                SessionEnd::Lost(reason) | SessionEnd::Unauthorized(reason) => {
+                    tracing::warn!(%reason, "network session ended");
+                    self.api.metrics.reconnects.inc();
+                    self.api.update(|s| s.connection.reconnects += 1);
+                    set_connection(
+                        &self.api,
+                        ConnectionState::Backoff,
+                        self.clock.now_ms(),
+                        Some(reason),
+                    );
+                    // A session that stayed up a full ping interval was healthy.
+                    if started.elapsed() >= Duration::from_millis(self.timing().ping_interval_ms) {
+                        backoff.reset();
+                    }
+                    let delay = backoff.next_delay();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.progress.notified(), if self.draining.load(Ordering::SeqCst) => {}
+                    }
+                    if self.draining.load(Ordering::SeqCst) && self.drained() {
+                        // Nothing to tell the network that it cannot learn from heartbeats.
+                        return self.finish_drain().await;
+                    }
+                }
+            }
+            if !self.registered.load(Ordering::SeqCst)
+                && let Err(e) = self.register().await
+            {
+                tracing::warn!(error = %e, "re-registration failed");
+            }
+        }
+    }
+
+    /// Drain grace ran out: hand back what still runs, keep unconfirmed results on disk.
+    async fn abandon_drain(&self) -> Exit {
+        let handles: Vec<_> = lock(&self.jobs).drain().collect();
+        for ((job_id, lease_epoch), h) in handles {
+            h.abort();
+            self.send(NodeMessage::JobFail {
+                job_id,
+                lease_epoch,
+                code: FailCode::HandedBack,
+                reason: "drain grace period ended".into(),
+            });
+            self.api.update(|s| s.jobs.handed_back += 1);
+            self.api.metrics.job("handed_back");
+        }
+        if lock(&self.outbox).is_empty() {
+            self.finish_drain().await
+        } else {
+            tracing::warn!(
+                pending = self.outbox_len(),
+                "drain grace ended with unconfirmed results; they stay in the outbox"
+            );
+            Exit::DrainIncomplete
+        }
+    }
+
+    async fn connect(&self) -> Result<(Ws, NodeSession), SessionEnd> {
+        let url = ws_url(self.net.base());
+        let timeout = Duration::from_millis(self.timing().http_timeout_ms.max(100));
+        let cfg = WebSocketConfig::default()
+            .max_message_size(Some(limits::MAX_FRAME_BYTES))
+            .max_frame_size(Some(limits::MAX_FRAME_BYTES));
+        let (mut ws, _) = tokio::time::timeout(
+            timeout,
+            tokio_tungstenite::connect_async_with_config(&url, Some(cfg), false),
+        )
+        .await
+        .map_err(|_| SessionEnd::Lost(format!("connecting to {url} timed out")))?
+        .map_err(|e| SessionEnd::Lost(format!("connecting to {url}: {e}")))?;
+        let keys = self.net.keys();
+        let network_id = self.settings.network_id.clone();
+        let hello_bytes =
+            next_text(&mut ws, Duration::from_millis(limits::AUTH_TIMEOUT_MS)).await?;
+        let hello: Hello = keys
+            .open(&hello_bytes, Purpose::WsHello)
+            .map_err(|e| SessionEnd::Lost(format!("hello refused: {e}")))?;
+        if hello.network_id != network_id {
+            return Err(SessionEnd::Lost(format!(
+                "hello from network {}, expected {network_id}",
+                hello.network_id
+            )));
+        }
+        let Some(version) =
+            limits::negotiate_version(limits::PROTOCOL_VERSIONS, &hello.protocol_versions)
+        else {
+            return Err(SessionEnd::Lost("no common protocol version".into()));
+        };
+        let auth = Auth {
+            network_id: network_id.clone(),
+            node_id: self.key.id().clone(),
+            challenge: hello.challenge,
+            protocol_version: version,
+            ts_ms: self.clock.now_ms(),
+            max_concurrency: self.settings.max_concurrency,
+            credits: self.credits(),
+            draining: self.draining.load(Ordering::SeqCst),
+            outbox_len: self.outbox_len(),
+        };
+        let frame = envelope::seal(&self.key, Purpose::WsAuth, &auth)
+            .map_err(|e| SessionEnd::Lost(format!("cannot sign auth: {e}")))?;
+        ws.send(Message::text(frame))
+            .await
+            .map_err(|e| SessionEnd::Lost(format!("sending auth: {e}")))?;
+        let welcome_bytes = next_text(&mut ws, timeout).await?;
+        let welcome: Welcome = keys
+            .open(&welcome_bytes, Purpose::WsWelcome)
+            .map_err(|e| SessionEnd::Lost(format!("welcome refused: {e}")))?;
+        check_addressing(
+            &welcome.network_id,
+            &welcome.node_id,
+            &network_id,
+            self.key.id(),
+        )
+        .map_err(|e| SessionEnd::Lost(format!("welcome misaddressed: {e}")))?;
+        tracing::info!(session = %welcome.session_id, resumed_jobs = welcome.resumed_jobs, "network session established");
+        let session = NodeSession::new(self.key.clone(), network_id, welcome.session_id, keys);
+        Ok((ws, session))
+    }
+
+    async fn run_session(
+        self: Arc<Self>,
+        drain_deadline: Option<tokio::time::Instant>,
+    ) -> SessionEnd {
+        let (mut ws, mut session) = match self.connect().await {
+            Ok(x) => x,
+            Err(e) => return e,
+        };
+        set_connection(
+            &self.api,
+            ConnectionState::Connected,
+            self.clock.now_ms(),
+            None,
+        );
+        let (tx, mut rx) = mpsc::channel::<NodeMessage>(1024);
+        *lock(&self.sender) = Some(tx.clone());
+        // Resume: resend every unconfirmed result and undelivered failure.
+        let pending: Vec<JobResult> = lock(&self.outbox).pending().cloned().collect();
+        let fails: Vec<NodeMessage> = lock(&self.pending_fails).drain(..).collect();
+        let mut backlog: Vec<NodeMessage> =
+            pending.into_iter().map(NodeMessage::JobResult).collect();
+        backlog.extend(fails);
+        let mut drain_announced = false;
+        let ping_every = Duration::from_millis(self.timing().ping_interval_ms.max(50));
+        let mut ping = tokio::time::interval(ping_every);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_rx = Instant::now();
+        let mut drain_rx = self.api.drain.subscribe();
+        for msg in backlog {
+            if let Err(e) = send_msg(&mut ws, &mut session, msg).await {
+                return e;
+            }
+        }
+        loop {
+            if self.draining.load(Ordering::SeqCst) && !drain_announced {
+                drain_announced = true;
+                let in_flight = self.in_flight.load(Ordering::SeqCst);
+                let expected_ms = drain_deadline
+                    .map(|d| d.saturating_duration_since(tokio::time::Instant::now()))
+                    .unwrap_or(self.settings.drain_grace)
+                    .as_millis();
+                let msg = NodeMessage::Draining {
+                    reason: "node is draining".into(),
+                    in_flight,
+                    expected_ms: u64::try_from(expected_ms).unwrap_or(u64::MAX),
+                };
+                if let Err(e) = send_msg(&mut ws, &mut session, msg).await {
+                    return e;
+                }
+                if let Err(e) = send_msg(
+                    &mut ws,
+                    &mut session,
+                    NodeMessage::Credits {
+                        credits: 0,
+                        in_flight,
+                    },
+                )
+                .await
+                {
+                    return e;
+                }
+            }
+            if drain_announced && self.drained() {
+                let _ = send_msg(&mut ws, &mut session, NodeMessage::Drained {}).await;
+                let _ = ws
+                    .close(Some(CloseFrame {
+                        code: CloseCode::Normal,
+                        reason: "drained".into(),
+                    }))
+                    .await;
+                return SessionEnd::Drained;
+            }
+            let drain_timer = async {
+                match drain_deadline {
+                    Some(d) if drain_announced => tokio::time::sleep_until(d).await,
+                    _ => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                frame = ws.next() => {
+                    last_rx = Instant::now();
+                    match frame {
+                        None => return SessionEnd::Lost("network closed the connection".into()),
+                        Some(Err(e)) => return SessionEnd::Lost(format!("receive: {e}")),
+                        Some(Ok(Message::Text(t))) => {
+                            match session.open(t.as_bytes()) {
+                                Ok(body) => self.clone().handle(body.msg),
+                                Err(e) => {
+                                    self.api.metrics.messages_rejected.inc();
+                                    tracing::warn!(error = %e, "network message refused");
+                                }
+                            }
+                        }
+                        Some(Ok(Message::Close(f))) => {
+                            let code = f.as_ref().map(|f| u16::from(f.code)).unwrap_or(close::NORMAL);
+                            let reason = format!("network closed the session ({code})");
+                            return if code == close::AUTH_FAILED {
+                                self.registered.store(false, Ordering::SeqCst);
+                                self.api.update(|s| s.registered = false);
+                                SessionEnd::Unauthorized(reason)
+                            } else {
+                                SessionEnd::Lost(reason)
+                            };
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            let _ = ws.close(Some(CloseFrame { code: CloseCode::Protocol, reason: "binary frames are not part of the protocol".into() })).await;
+                            return SessionEnd::Lost("network sent a binary frame".into());
+                        }
+                        Some(Ok(_)) => {} // ping/pong: liveness only
+                    }
+                }
+                Some(msg) = rx.recv() => {
+                    if let Err(e) = send_msg(&mut ws, &mut session, msg).await {
+                        return e;
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_rx.elapsed() > 2 * ping_every {
+                        let _ = ws.close(Some(CloseFrame { code: CloseCode::from(close::DEAD_PEER), reason: "no traffic for two ping intervals".into() })).await;
+                        return SessionEnd::Lost("network silent for two ping intervals".into());
+                    }
+                    if let Err(e) = ws.send(Message::Ping(Vec::new().into())).await {
+                        return SessionEnd::Lost(format!("ping: {e}"));
+                    }
+                }
+                _ = drain_rx.changed() => {}
+                _ = self.progress.notified() => {}
+                _ = drain_timer => return SessionEnd::Lost("drain grace period ended".into()),
+            }
+        }
+    }
+
+    /// Acts on one verified network message.
+    fn handle(self: Arc<Self>, msg: NetworkMessage) {
+        match msg {
+            NetworkMessage::JobAssign(a) => self.assign(a),
+            NetworkMessage::ResultConfirm {
+                job_id,
+                lease_epoch,
+            } => {
+                let confirmed = lock(&self.outbox).confirm(&job_id, lease_epoch);
+                match confirmed {
+                    Ok(_) => {
+                        let len = self.outbox_len();
+                        self.api.update(|s| s.jobs.outbox = len);
+                        self.api.metrics.outbox.set(i64::from(len));
+                        self.progress.notify_one();
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot delete a confirmed result"),
+                }
+            }
+            NetworkMessage::JobCancel {
+                job_id,
+                lease_epoch,
+                reason,
+            } => {
+                if let Some(h) = lock(&self.jobs).remove(&(job_id.clone(), lease_epoch)) {
+                    tracing::info!(job = %job_id, %reason, "job cancelled by the network");
+                    h.abort();
+                }
+            }
+            NetworkMessage::DrainAck {} => {
+                tracing::info!("network stopped dispatching to this node")
+            }
+            NetworkMessage::ConfigAvailable(p) => {
+                if self.applied_pointer().map(|a| a.digest) != Some(p.digest) {
+                    self.config_changed.notify_one();
+                }
+            }
+            NetworkMessage::Error { code, message, seq } => {
+                tracing::warn!(%code, %message, ?seq, "network refused a message");
+            }
+        }
+    }
+
+    fn fail(&self, a: &JobAssignment, code: FailCode, reason: String) {
+        self.api.update(|s| s.jobs.rejected += 1);
+        self.api.metrics.job("rejected");
+        self.send(NodeMessage::JobFail {
+            job_id: a.job_id.clone(),
+            lease_epoch: a.lease_epoch,
+            code,
+            reason,
+        });
+    }
+
+    fn assign(self: Arc<Self>, a: JobAssignment) {
+        let key = (a.job_id.clone(), a.lease_epoch);
+        // Duplicates from a resend: ack a running job again, resend a finished one.
+        if lock(&self.jobs).contains_key(&key) {
+            self.send(NodeMessage::JobAck {
+                job_id: a.job_id,
+                lease_epoch: a.lease_epoch,
+            });
+            return;
+        }
+        if let Some(r) = lock(&self.outbox).get(&a.job_id, a.lease_epoch).cloned() {
+            self.send(NodeMessage::JobResult(r));
+            return;
+        }
+        if self.draining.load(Ordering::SeqCst) {
+            return self.fail(&a, FailCode::HandedBack, "node is draining".into());
+        }
+        if a.deadline_ms <= self.clock.now_ms() {
+            return self.fail(
+                &a,
+                FailCode::DeadlineExceeded,
+                "deadline passed before the job started".into(),
+            );
+        }
+        let active = self
+            .models
+            .try_read()
+            .map(|m| (m.is_active(&a.model), m.inactive_reason(&a.model)));
+        match active {
+            Ok((true, _)) => {}
+            Ok((false, reason)) => return self.fail(&a, FailCode::ModelInactive, reason),
+            // Models are being reconciled right now: not servable this instant.
+            Err(_) => {
+                return self.fail(
+                    &a,
+                    FailCode::ModelInactive,
+                    "models are being reconfigured".into(),
+                );
+            }
+        }
+        let prev = self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if prev >= self.settings.max_concurrency {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return self.fail(
+                &a,
+                FailCode::OverCapacity,
+                format!("all {} slots busy", self.settings.max_concurrency),
+            );
+        }
+        self.send(NodeMessage::JobAck {
+            job_id: a.job_id.clone(),
+            lease_epoch: a.lease_epoch,
+        });
+        let n = prev + 1;
+        self.api.update(|s| s.jobs.in_flight = n);
+        self.api.metrics.in_flight.set(i64::from(n));
+        let agent = self.clone();
+        let mut jobs = lock(&self.jobs);
+        let task = tokio::spawn(async move {
+            let _guard = InFlight(agent.clone(), (a.job_id.clone(), a.lease_epoch));
+            agent.run_job(a).await;
+        });
+        jobs.insert(key, task.abort_handle());
+    }
+
+    async fn run_job(&self, a: JobAssignment) {
+        let started = Instant::now();
+        let left = Duration::from_millis(a.deadline_ms.saturating_sub(self.clock.now_ms()));
+        let out = self
+            .runtime
+            .infer(a.kind, &a.model.id, &a.request, left)
+            .await;
+        let (code, reason) = match out {
+            Ok(o) if o.body.len() > a.max_output_bytes as usize => (
+                FailCode::OutputTooLarge,
+                format!(
+                    "output of {} bytes exceeds the job's limit of {}",
+                    o.body.len(),
+                    a.max_output_bytes
+                ),
+            ),
+            Ok(o) => {
+                let result = JobResult {
+                    job_id: a.job_id.clone(),
+                    lease_epoch: a.lease_epoch,
+                    config_digest: self.applied_pointer().map(|p| p.digest),
+                    model: a.model.clone(),
+                    output_digest: JobResult::digest_output(&o.body),
+                    output: o.body,
+                    usage: o.usage,
+                    runtime_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    completed_at_ms: self.clock.now_ms(),
+                };
+                // Durable before sent: a crash after this point resends it on restart.
+                match self.persist_result(result.clone()).await {
+                    Ok(()) => {
+                        self.api.update(|s| s.jobs.completed += 1);
+                        self.api.metrics.job("completed");
+                        self.send(NodeMessage::JobResult(result));
+                        return;
+                    }
+                    Err(e) => (
+                        FailCode::RuntimeError,
+                        format!("cannot persist the result: {e}"),
+                    ),
+                }
+            }
+            Err(e) => {
+                let code = match &e {
+                    RuntimeError::Rejected { .. } | RuntimeError::Unsupported { .. } => {
+                        FailCode::RuntimeRejected
+                    }
+                    RuntimeError::TooLarge { .. } => FailCode::OutputTooLarge,
+                    RuntimeError::Timeout(_) if a.deadline_ms <= self.clock.now_ms() => {
+                        FailCode::DeadlineExceeded
+                    }
+                    RuntimeError::Unavailable(_) => FailCode::HandedBack,
+                    RuntimeError::Timeout(_) | RuntimeError::Failed(_) => FailCode::RuntimeError,
+                };
+                (code, e.to_string())
+            }
+        };
+        if code == FailCode::HandedBack {
+            self.api.update(|s| s.jobs.handed_back += 1);
+            self.api.metrics.job("handed_back");
+        } else {
+            self.api.update(|s| s.jobs.failed += 1);
+            self.api.metrics.job("failed");
+        }
+        self.send(NodeMessage::JobFail {
+            job_id: a.job_id,
+            lease_epoch: a.lease_epoch,
+            code,
+            reason,
+        });
+    }
+}
+
+async fn next_text(ws: &mut Ws, timeout: Duration) -> Result<Vec<u8>, SessionEnd> {
+    loop {
+        let frame = tokio::time::timeout(timeout, ws.next())
+            .await
+            .map_err(|_| SessionEnd::Lost("handshake timed out".into()))?;
+        match frame {
+            Some(Ok(Message::Text(t))) => return Ok(t.as_bytes().to_vec()),
+            Some(Ok(Message::Close(f))) => {
+                let code = f
+                    .as_ref()
+                    .map(|f| u16::from(f.code))
+                    .unwrap_or(close::NORMAL);
+                let reason = format!(
+                    "network closed the handshake ({code}: {})",
+                    f.map(|f| f.reason.to_string()).unwrap_or_default()
+                );
+                return Err(if code == close::AUTH_FAILED {
+                    SessionEnd::Unauthorized(reason)
+                } else {
+                    SessionEnd::Lost(reason)
+                });
+            }
+            Some(Ok(Message::Binary(_))) => {
+                return Err(SessionEnd::Lost("binary frame in handshake".into()));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(SessionEnd::Lost(format!("handshake: {e}"))),
+            None => {
+                return Err(SessionEnd::Lost(
+                    "connection closed during handshake".into(),
+                ));
+            }
+        }
+    }
+}
+
+async fn send_msg(
+    ws: &mut Ws,
+    session: &mut NodeSession,
+    msg: NodeMessage,
+) -> Result<(), SessionEnd> {
+    let frame = session
+        .seal(msg)
+        .map_err(|e| SessionEnd::Lost(format!("cannot sign a message: {e}")))?;
+    ws.send(Message::text(frame))
+        .await
+        .map_err(|e| SessionEnd::Lost(format!("send: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_url_from_base() {
+        assert_eq!(
+            ws_url("http://127.0.0.1:9000"),
+            "ws://127.0.0.1:9000/v1/node/session"
+        );
+        assert_eq!(
+            ws_url("https://io.example"),
+            "wss://io.example/v1/node/session"
+        );
+    }
+}

@@ -1,0 +1,182 @@
+//! `resultity-sidecar`: the Resultity node agent. Every flag also reads an environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use resultity_protocol::messages::{Participation, RuntimeKind};
+use resultity_protocol::{NetworkId, NetworkKeyId};
+use resultity_sidecar::agent::{Agent, Exit, Settings};
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Resultity node agent: registers with the network, syncs its signed config, runs jobs on the co-located vLLM or Triton runtime"
+)]
+struct Args {
+    /// Base URL of the network's IO service.
+    #[arg(long, env = "RESULTITY_IO_URL")]
+    io_url: String,
+    /// Network id (e.g. resultity-testnet).
+    #[arg(long, env = "RESULTITY_NETWORK_ID")]
+    network_id: String,
+    /// Pinned network public key ids (rk1…), comma-separated: the root of trust.
+    #[arg(
+        long,
+        env = "RESULTITY_NETWORK_KEYS",
+        value_delimiter = ',',
+        required = true
+    )]
+    network_keys: Vec<String>,
+    /// Node key file; created with mode 0600 if missing (or a read-only Secret mount).
+    #[arg(
+        long,
+        env = "RESULTITY_KEY_FILE",
+        default_value = "/var/lib/resultity/node.key"
+    )]
+    key_file: PathBuf,
+    /// Data directory (outbox, applied config).
+    #[arg(long, env = "RESULTITY_DATA_DIR", default_value = "/var/lib/resultity")]
+    data_dir: PathBuf,
+    /// Runtime kind.
+    #[arg(long, env = "RESULTITY_RUNTIME", value_parser = parse_runtime, default_value = "vllm")]
+    runtime: RuntimeKind,
+    /// Runtime base URL.
+    #[arg(
+        long,
+        env = "RESULTITY_RUNTIME_URL",
+        default_value = "http://127.0.0.1:8000"
+    )]
+    runtime_url: String,
+    /// Runtime image running now (lets the node report when the config wants another).
+    #[arg(long, env = "RESULTITY_RUNTIME_IMAGE")]
+    runtime_image: Option<String>,
+    /// Jobs run concurrently (the runtime batches them).
+    #[arg(long, env = "RESULTITY_MAX_CONCURRENCY", default_value_t = 64)]
+    max_concurrency: u32,
+    /// Which environments' jobs to take: testnet, mainnet or both.
+    #[arg(long, env = "RESULTITY_PARTICIPATION", value_parser = parse_participation, default_value = "both")]
+    participation: Participation,
+    /// Subclouds to serve, comma-separated.
+    #[arg(long, env = "RESULTITY_SUBCLOUDS", value_delimiter = ',')]
+    subclouds: Vec<String>,
+    /// Models to serve, comma-separated; empty = all approved for this node.
+    #[arg(long, env = "RESULTITY_MODELS", value_delimiter = ',')]
+    models: Vec<String>,
+    /// Local API address (/healthz, /readyz, /status, /metrics, /drain).
+    #[arg(long, env = "RESULTITY_LISTEN", default_value = "0.0.0.0:9090")]
+    listen: SocketAddr,
+    /// File holding the bearer token for /status and /drain.
+    #[arg(long, env = "RESULTITY_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Time to finish in-flight jobs when draining, in seconds.
+    #[arg(long, env = "RESULTITY_DRAIN_GRACE_SECONDS", default_value_t = 120)]
+    drain_grace_seconds: u64,
+    /// Probe GPUs with NVML.
+    #[arg(long, env = "RESULTITY_GPU_PROBE", default_value_t = true, action = clap::ArgAction::Set)]
+    gpu_probe: bool,
+    /// Refuse models whose GPU memory requirement the node does not meet.
+    #[arg(long, env = "RESULTITY_ENFORCE_GPU_MEMORY", default_value_t = true, action = clap::ArgAction::Set)]
+    enforce_gpu_memory: bool,
+}
+
+fn parse_runtime(s: &str) -> Result<RuntimeKind, String> {
+    match s {
+        "vllm" => Ok(RuntimeKind::Vllm),
+        "triton" => Ok(RuntimeKind::Triton),
+        _ => Err(format!("{s:?} is not a runtime: use vllm or triton")),
+    }
+}
+
+fn parse_participation(s: &str) -> Result<Participation, String> {
+    match s {
+        "testnet" => Ok(Participation::Testnet),
+        "mainnet" => Ok(Participation::Mainnet),
+        "both" => Ok(Participation::Both),
+        _ => Err(format!(
+            "{s:?} is not a participation: use testnet, mainnet or both"
+        )),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let a = Args::parse();
+    let admin_token = match &a.admin_token_file {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading admin token file {}", p.display()))?
+            .trim()
+            .to_owned(),
+        None => String::new(),
+    };
+    let network_keys = a
+        .network_keys
+        .iter()
+        .map(|k| NetworkKeyId::parse(k.trim()).with_context(|| format!("network key {k:?}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let settings = Settings {
+        io_url: a.io_url,
+        network_id: NetworkId::parse(&a.network_id).context("--network-id")?,
+        network_keys,
+        key_file: a.key_file,
+        data_dir: a.data_dir,
+        runtime_kind: a.runtime,
+        runtime_url: a.runtime_url,
+        runtime_image: a.runtime_image,
+        max_concurrency: a.max_concurrency,
+        participation: a.participation,
+        subclouds: a.subclouds,
+        models: a.models,
+        listen: a.listen,
+        admin_token,
+        drain_grace: Duration::from_secs(a.drain_grace_seconds),
+        gpu_probe: a.gpu_probe,
+        enforce_gpu_memory: a.enforce_gpu_memory,
+    };
+    let agent = Agent::new(settings).context("starting the agent")?;
+    tracing::info!(node_id = %agent.node_id(), "resultity sidecar starting");
+    // SIGTERM (pod deletion) and Ctrl-C both drain; a second signal stops at once.
+    let drainer = agent.clone();
+    let stop = async move {
+        wait_signal().await;
+        drainer.start_drain();
+        wait_signal().await;
+        tracing::warn!("second signal: stopping without finishing the drain");
+    };
+    match agent.run(stop).await? {
+        Exit::Drained => Ok(()),
+        Exit::DrainIncomplete => {
+            anyhow::bail!("drain grace ended with unconfirmed results (kept in the outbox)")
+        }
+        Exit::Stopped => anyhow::bail!("stopped before draining finished"),
+    }
+}
+
+async fn wait_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
