@@ -103,6 +103,10 @@ pub struct NodeRecord {
     pub drained: bool,
     /// Jobs assigned to this node and not finished (unacked or running).
     pub outstanding: HashSet<JobId>,
+    /// Jobs taken back from this node that it may still be running: they keep occupying a
+    /// credit until the node says otherwise (a `credits` report, a new session, or a late
+    /// result/fail for them), so a reassignment never pushes a node past its credits.
+    pub cancelled: HashSet<JobId>,
     pub max_outstanding_seen: u32,
     pub latency_ewma_ms: Option<f64>,
     penalty: f64,
@@ -132,7 +136,8 @@ impl NodeRecord {
         if self.session.is_none() || self.draining {
             return 0;
         }
-        let outstanding = u32::try_from(self.outstanding.len()).unwrap_or(u32::MAX);
+        let busy = self.outstanding.len() + self.cancelled.len();
+        let outstanding = u32::try_from(busy).unwrap_or(u32::MAX);
         let by_cap = self.max_concurrency.saturating_sub(outstanding);
         let uncounted = outstanding.saturating_sub(self.reported_in_flight);
         let by_credits = self.reported_credits.saturating_sub(uncounted);
@@ -140,7 +145,7 @@ impl NodeRecord {
     }
 
     fn job_finished(&mut self, job: &JobId) {
-        if self.outstanding.remove(job) {
+        if self.outstanding.remove(job) || self.cancelled.remove(job) {
             self.reported_in_flight = self.reported_in_flight.saturating_sub(1);
             self.reported_credits = (self.reported_credits + 1).min(self.max_concurrency);
         }
@@ -433,6 +438,7 @@ impl Core {
                 draining: false,
                 drained: false,
                 outstanding: HashSet::new(),
+                cancelled: HashSet::new(),
                 max_outstanding_seen: 0,
                 latency_ewma_ms: None,
                 penalty: 0.0,
@@ -564,6 +570,8 @@ impl Core {
         rec.reported_in_flight = max_concurrency.saturating_sub(credits);
         rec.draining = draining;
         rec.disconnected_at_ms = None;
+        // The node's auth counts what it still runs; cancelled jobs are in there.
+        rec.cancelled.clear();
         let mut resent = 0;
         let max_out = self.sched.max_output_bytes;
         for job_id in &rec.outstanding {
@@ -668,6 +676,9 @@ impl Core {
         if let Err(refusal) = self.lease_check(job, node, result.lease_epoch) {
             if refusal.0 == ErrorCode::StaleLease {
                 self.metrics.stale_results.inc();
+                if let Some(rec) = self.nodes.get_mut(node) {
+                    rec.job_finished(&result.job_id);
+                }
                 // Tell the node to drop it, or its outbox would resend it forever.
                 self.send(
                     node,
@@ -702,6 +713,9 @@ impl Core {
             None
         };
         if let Some((code, why)) = invalid {
+            if let Some(rec) = self.nodes.get_mut(node) {
+                rec.job_finished(&result.job_id);
+            }
             self.penalize(node, PENALTY_INVALID_RESULT, &why, true, now);
             self.take_back(&result.job_id, Some(node), &why, now);
             self.dispatch(now);
@@ -769,7 +783,16 @@ impl Core {
         now: u64,
     ) -> Result<(), Refusal> {
         let job = self.jobs.get(job_id).ok_or_else(|| not_assigned(job_id))?;
-        self.lease_check(job, node, epoch)?;
+        if let Err(refusal) = self.lease_check(job, node, epoch) {
+            if refusal.0 == ErrorCode::StaleLease
+                && let Some(rec) = self.nodes.get_mut(node)
+            {
+                // The node gave up a job we had already taken back: its slot is free.
+                rec.job_finished(job_id);
+                self.dispatch(now);
+            }
+            return Err(refusal);
+        }
         let why = format!("node failed the job ({code:?}): {}", clip(reason));
         match code {
             FailCode::RuntimeError | FailCode::DeadlineExceeded | FailCode::InvalidJob => {
@@ -781,12 +804,13 @@ impl Core {
             | FailCode::RuntimeRejected
             | FailCode::OutputTooLarge => {}
         }
+        // The node no longer runs it: its credit is free again (no zombie).
+        if let Some(rec) = self.nodes.get_mut(node) {
+            rec.job_finished(job_id);
+        }
         if code.retriable() {
             self.take_back(job_id, Some(node), &why, now);
         } else {
-            if let Some(rec) = self.nodes.get_mut(node) {
-                rec.job_finished(job_id);
-            }
             let wire = if code == FailCode::OutputTooLarge {
                 ErrorCode::TooLarge
             } else {
@@ -802,6 +826,7 @@ impl Core {
         if let Some(rec) = self.nodes.get_mut(node) {
             rec.reported_credits = credits.min(rec.max_concurrency);
             rec.reported_in_flight = in_flight;
+            rec.cancelled.clear();
         }
         self.dispatch(now);
     }
@@ -993,6 +1018,22 @@ impl Core {
         self.refresh_gauges(now);
     }
 
+    /// Fails every unfinished job (service shutting down) so waiting callers are answered.
+    pub fn fail_all(&mut self, why: &str, now: u64) {
+        let open: Vec<JobId> = self
+            .jobs
+            .values()
+            .filter(|j| matches!(j.state, JobState::Queued | JobState::Assigned(_)))
+            .map(|j| j.id.clone())
+            .collect();
+        for id in open {
+            if let Some(node) = self.holder(&id) {
+                self.cancel_on(&node, &id, why);
+            }
+            self.finish_failed(&id, ErrorCode::Unavailable, why.to_owned(), now);
+        }
+    }
+
     fn holder(&self, job_id: &JobId) -> Option<NodeId> {
         match self.jobs.get(job_id).map(|j| &j.state) {
             Some(JobState::Assigned(l)) => Some(l.node.clone()),
@@ -1002,8 +1043,10 @@ impl Core {
 
     fn cancel_on(&mut self, node: &NodeId, job_id: &JobId, why: &str) {
         let epoch = self.jobs.get(job_id).map(|j| j.lease_epoch).unwrap_or(0);
-        if let Some(rec) = self.nodes.get_mut(node) {
-            rec.job_finished(job_id);
+        if let Some(rec) = self.nodes.get_mut(node)
+            && rec.outstanding.remove(job_id)
+        {
+            rec.cancelled.insert(job_id.clone());
         }
         self.send(
             node,
@@ -1147,14 +1190,12 @@ impl Core {
     fn choose_node(&self, job: &Job, now: u64) -> Choice {
         let tried = |id: &NodeId| job.leases.iter().any(|(n, _)| n == id);
         let mut untried_candidates = 0usize;
-        let mut tried_candidates = 0usize;
         let mut best: Option<(u32, u32, &NodeId)> = None;
         for rec in self.nodes.values() {
             if self.eligible_for(rec, &job.spec.model, now).is_err() {
                 continue;
             }
             if tried(&rec.id) {
-                tried_candidates += 1;
                 continue;
             }
             untried_candidates += 1;
@@ -1177,9 +1218,10 @@ impl Core {
         }
         match best {
             Some((_, _, id)) => Choice::Node(id.clone()),
-            // Some node could serve the model but every such node already failed this job;
-            // with no node at all the job waits for one until its deadline.
-            None if untried_candidates == 0 && tried_candidates > 0 => Choice::AllTried,
+            // A retry with no untried eligible node fails now, with the last reason, rather
+            // than leaving its caller waiting; a first attempt waits for a node until its
+            // deadline.
+            None if untried_candidates == 0 && !job.leases.is_empty() => Choice::AllTried,
             None => Choice::Wait,
         }
     }

@@ -223,6 +223,8 @@ impl IoServiceHandle {
     /// Stops accepting, closes sessions (going away) and waits up to five seconds.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
+        let now = self.state.now();
+        self.state.core().fail_all("network shutting down", now);
         if let Some(server) = self.server.take()
             && tokio::time::timeout(Duration::from_secs(5), server)
                 .await
@@ -239,6 +241,8 @@ impl IoServiceHandle {
 impl Drop for IoServiceHandle {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
+        let now = self.state.now();
+        self.state.core().fail_all("network shutting down", now);
         if let Some(t) = self.ticker.take() {
             t.abort();
         }

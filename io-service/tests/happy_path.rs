@@ -1,5 +1,7 @@
 //! Register → heartbeat → WebSocket auth → job pushed → signed result → confirmed, through
 //! every caller entry point.
+// Helpers outside #[test] fns unwrap too; a panic is a test failure here.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

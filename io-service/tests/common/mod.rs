@@ -551,3 +551,16 @@ pub async fn node_json(io: &IoServiceHandle, id: &resultity_protocol::NodeId) ->
         .cloned()
         .unwrap()
 }
+
+/// Starts a caller's chat completion request in the background.
+pub fn call(io: &IoServiceHandle) -> tokio::task::JoinHandle<reqwest::Response> {
+    let base = io.base_url();
+    tokio::spawn(async move {
+        http()
+            .post(format!("{base}/v1/chat/completions"))
+            .json(&chat_body())
+            .send()
+            .await
+            .unwrap()
+    })
+}
