@@ -186,6 +186,13 @@ impl IoService {
             shutdown: shutdown.clone(),
         }));
         let app = router(state.clone());
+        // Small signed frames in both directions: Nagle plus delayed ACKs would add ~40 ms to
+        // every job round trip.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         let mut server_stop = shutdown.clone();
         let server = tokio::spawn(async move {
             let serve = axum::serve(

@@ -290,7 +290,7 @@ impl WsClient {
         );
         let (mut ws, _) = tokio::time::timeout(
             Duration::from_secs(5),
-            tokio_tungstenite::connect_async(url),
+            tokio_tungstenite::connect_async_with_config(url, None, true),
         )
         .await
         .unwrap()
