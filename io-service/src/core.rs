@@ -491,7 +491,16 @@ impl Core {
         let eligible = ready.is_ok() && !self.active_models(rec).is_empty();
         let reason = match (&ready, eligible) {
             (Err(r), _) => Some(r.clone()),
-            (Ok(()), false) => Some("no approved model is active on this node".to_owned()),
+            (Ok(()), false) => {
+                // Say why the first approved model is out, so operators can act on it.
+                let why = self
+                    .config
+                    .models
+                    .iter()
+                    .find_map(|m| self.model_ok(rec, &m.model).err())
+                    .unwrap_or_else(|| "the network approves no model".to_owned());
+                Some(format!("no approved model is servable here: {why}"))
+            }
             (Ok(()), true) => rec.penalty_reason.clone(),
         };
         Verdict {
@@ -624,11 +633,19 @@ impl Core {
             return Ok(());
         }
         if job.leases.iter().any(|(n, e)| n == node && *e == epoch) {
+            let now_state = match &job.state {
+                JobState::Assigned(_) => {
+                    format!("it is leased again under epoch {}", job.lease_epoch)
+                }
+                JobState::Queued => "it was taken back and waits for reassignment".to_owned(),
+                JobState::Completed { .. } => "it was completed elsewhere".to_owned(),
+                JobState::Failed { .. } => "it has failed".to_owned(),
+            };
             return Err((
                 ErrorCode::StaleLease,
                 format!(
-                    "lease {epoch} of job {} was superseded (current {})",
-                    job.id, job.lease_epoch
+                    "lease {epoch} of job {} is no longer current: {now_state}",
+                    job.id
                 ),
             ));
         }
