@@ -1546,3 +1546,30 @@ pub fn clip(s: &str) -> String {
     }
     s[..end].to_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limiter_allows_a_burst_then_refills() {
+        let mut r = RateLimiter::new(10.0, 3.0, 1_000);
+        assert!((0..3).all(|_| r.allow(1_000)));
+        assert!(!r.allow(1_000));
+        assert!(!r.allow(1_050), "half a token after 50 ms");
+        assert!(r.allow(1_100));
+        // Refill is capped at the burst.
+        assert!((0..3).all(|_| r.allow(100_000)));
+        assert!(!r.allow(100_000));
+        // A clock going backwards neither panics nor mints tokens.
+        assert!(!r.allow(0));
+    }
+
+    #[test]
+    fn clip_bounds_peer_text_on_char_boundaries() {
+        let s = "é".repeat(300);
+        let c = clip(&s);
+        assert!(c.len() <= 200);
+        assert!(s.starts_with(&c));
+    }
+}

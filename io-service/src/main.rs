@@ -65,6 +65,9 @@ struct ServeArgs {
     /// Network config payload (YAML, or JSON for `.json`); re-read on SIGHUP.
     #[arg(long, env = "RESULTITY_IO_CONFIG_FILE")]
     config_file: PathBuf,
+    /// File holding the last published signed snapshot; restarts continue its version chain.
+    #[arg(long, env = "RESULTITY_IO_CONFIG_STATE")]
+    config_state: Option<PathBuf>,
     /// Enables `/v1/admin/*` with `Authorization: Bearer <token>`.
     #[arg(long, env = "RESULTITY_IO_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -178,6 +181,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     settings.listen = args.listen;
     settings.config_source = Some(args.config_file);
     settings.admin_token = args.admin_token;
+    settings.config_state = args.config_state;
     settings.config_ttl_ms = args.config_ttl_s.saturating_mul(1000);
     settings.limits.max_body_bytes = args.max_body_bytes;
     settings.limits.max_frame_bytes = args.max_frame_bytes;

@@ -7,8 +7,9 @@
 use std::path::Path;
 
 use resultity_protocol::config::{ConfigSnapshot, NetworkConfig, SignedConfig};
+use resultity_protocol::envelope::RawEnvelope;
 use resultity_protocol::messages::ConfigPointer;
-use resultity_protocol::{NetworkId, NetworkKeypair};
+use resultity_protocol::{NetworkId, NetworkKeypair, Purpose, limits};
 
 use crate::error::IoError;
 
@@ -98,4 +99,70 @@ pub fn sign_next(
     };
     let signed = SignedConfig::sign(key, &snapshot)?;
     Ok(Published { snapshot, signed })
+}
+
+/// Loads the last published snapshot from the state file, if any. It must be signed by `key`
+/// for `network_id`; anything else is an error rather than a silent restart at version 1,
+/// which nodes would refuse as a rollback.
+pub fn load_state(
+    path: &Path,
+    key: &NetworkKeypair,
+    network_id: &NetworkId,
+) -> Result<Option<Published>, IoError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(IoError::Read {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    let raw = RawEnvelope::decode(&bytes, limits::MAX_CONFIG_BYTES)?;
+    let snapshot: ConfigSnapshot = raw.open(Purpose::NetConfig, &key.verifying_key())?;
+    if &snapshot.network_id != network_id {
+        return Err(IoError::InvalidConfig {
+            what: path.display().to_string(),
+            reason: format!("snapshot is for network {}", snapshot.network_id),
+        });
+    }
+    let signed = SignedConfig::decode(&bytes)?;
+    Ok(Some(Published { snapshot, signed }))
+}
+
+/// Writes the published snapshot atomically (temporary file, then rename).
+pub fn save_state(path: &Path, published: &Published) -> Result<(), IoError> {
+    let tmp = path.with_extension("tmp");
+    let write = |p: &Path| -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(p)?;
+        f.write_all(published.signed.as_str().as_bytes())?;
+        f.sync_all()
+    };
+    write(&tmp)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|source| IoError::Write {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// The snapshot to serve at start: the stored one when it still carries `payload` and has
+/// more than half its lifetime left, else the next version chained to it (or version 1).
+pub fn initial(
+    stored: Option<Published>,
+    key: &NetworkKeypair,
+    network_id: &NetworkId,
+    payload: NetworkConfig,
+    now_ms: u64,
+    ttl_ms: u64,
+) -> Result<Published, IoError> {
+    if let Some(p) = &stored
+        && p.snapshot.payload == payload
+        && p.snapshot.expires_at_ms > now_ms.saturating_add(ttl_ms / 2)
+    {
+        return Ok(p.clone());
+    }
+    sign_next(key, network_id, stored.as_ref(), payload, now_ms, ttl_ms)
 }

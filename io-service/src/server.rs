@@ -100,6 +100,10 @@ impl AppState {
             self.now(),
             self.settings.config_ttl_ms,
         )?;
+        // Persist before serving: a restart must continue from this version, never below.
+        if let Some(path) = &self.settings.config_state {
+            publish::save_state(path, &next)?;
+        }
         let pointer = next.pointer();
         let config = Arc::new(next.snapshot.payload.clone());
         {
@@ -144,7 +148,8 @@ pub struct IoServiceHandle {
 }
 
 impl IoService {
-    /// Binds the listener, publishes config version 1 and starts serving.
+    /// Binds the listener, publishes the first config (continuing from the state file when
+    /// one is configured) and starts serving.
     pub async fn start(settings: Settings) -> Result<IoServiceHandle, IoError> {
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
@@ -158,14 +163,21 @@ impl IoService {
         })?;
         let payload =
             publish::prepare_payload(settings.network_config.clone(), &settings.network_key)?;
-        let first = publish::sign_next(
+        let stored = match &settings.config_state {
+            Some(path) => publish::load_state(path, &settings.network_key, &settings.network_id)?,
+            None => None,
+        };
+        let first = publish::initial(
+            stored,
             &settings.network_key,
             &settings.network_id,
-            None,
             payload,
             settings.clock.now_ms(),
             settings.config_ttl_ms,
         )?;
+        if let Some(path) = &settings.config_state {
+            publish::save_state(path, &first)?;
+        }
         let metrics = Metrics::new();
         metrics.configs_published.inc();
         let core = Core::new(

@@ -118,6 +118,9 @@ pub struct Settings {
     pub network_config: NetworkConfig,
     /// File the payload was read from; `reload` re-reads it.
     pub config_source: Option<PathBuf>,
+    /// Where the published snapshot is persisted, so a restart continues its version chain
+    /// instead of re-issuing version 1 (which nodes refuse as a rollback).
+    pub config_state: Option<PathBuf>,
     /// Bearer token of the admin endpoints; `None` disables them.
     pub admin_token: Option<String>,
     /// Lifetime of a signed snapshot; it is re-signed (next version) at half-life.
@@ -140,6 +143,7 @@ impl Settings {
             network_key,
             network_config,
             config_source: None,
+            config_state: None,
             admin_token: None,
             config_ttl_ms: 7 * 24 * 3600 * 1000,
             limits: Limits::default(),

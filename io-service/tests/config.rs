@@ -324,3 +324,52 @@ async fn command_line_keygen_serve_and_publish() {
     let _ = std::fs::remove_file(&key_path);
     let _ = std::fs::remove_file(&cfg_path);
 }
+
+#[tokio::test]
+async fn a_restart_continues_the_version_chain_from_the_state_file() {
+    let state = temp_path("config-state.json");
+    let key = NetworkKeypair::generate().unwrap();
+    let (k1, s1) = (key.clone(), state.clone());
+    let io = start(move |s| {
+        s.network_key = k1;
+        s.config_state = Some(s1);
+    })
+    .await;
+    let mut payload = payload();
+    payload.models[0].min_gpu_memory_mib = 2;
+    io.state().publish(payload.clone()).unwrap();
+    let v2 = io.state().published();
+    assert_eq!(v2.snapshot.version, 2);
+    io.shutdown().await;
+
+    // Same payload: the stored snapshot is served as is.
+    let (k2, s2, p2) = (key.clone(), state.clone(), payload.clone());
+    let io = start(move |s| {
+        s.network_key = k2;
+        s.config_state = Some(s2);
+        s.network_config = p2;
+    })
+    .await;
+    assert_eq!(io.state().published().signed.digest(), v2.signed.digest());
+    io.shutdown().await;
+
+    // Changed payload: version 3, chained to 2.
+    let (k3, s3) = (key.clone(), state.clone());
+    let io = start(move |s| {
+        s.network_key = k3;
+        s.config_state = Some(s3);
+    })
+    .await;
+    let v3 = io.state().published();
+    assert_eq!(v3.snapshot.version, 3);
+    assert_eq!(v3.snapshot.prev_digest.as_ref(), Some(v2.signed.digest()));
+    io.shutdown().await;
+
+    // A state file signed by another key is refused at start.
+    let other = NetworkKeypair::generate().unwrap();
+    let s4 = state.clone();
+    let mut settings = resultity_io::Settings::new(v3.snapshot.network_id.clone(), other, payload);
+    settings.config_state = Some(s4);
+    assert!(resultity_io::IoService::start(settings).await.is_err());
+    let _ = std::fs::remove_file(&state);
+}
