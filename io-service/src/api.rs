@@ -159,12 +159,16 @@ pub async fn completions(State(state): State<AppState>, body: Body) -> Result<Re
     openai(state, body, JobKind::Completion).await
 }
 
-/// `POST /v2/models/{model}/infer` (KServe v2 inference request, answered verbatim).
+/// `POST /v2/models/{model}/infer` (KServe v2 inference request, answered verbatim). The
+/// model id may contain `/` (`org/name`), so the path is matched as a whole.
 pub async fn kserve_infer(
     State(state): State<AppState>,
-    Path(model): Path<String>,
+    Path(model_infer): Path<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let Some(model) = model_infer.strip_suffix("/infer").filter(|m| !m.is_empty()) else {
+        return Err(state.reject(Channel::Api, ErrorCode::NotFound, "no such endpoint"));
+    };
     let bytes = read_body(&state, body, Channel::Api).await?;
     let request: Value = serde_json::from_slice(&bytes).map_err(|e| {
         state.reject(
@@ -173,7 +177,7 @@ pub async fn kserve_infer(
             format!("request body: {e}"),
         )
     })?;
-    let done = run_job(&state, &model, JobKind::Infer, request).await?;
+    let done = run_job(&state, model, JobKind::Infer, request).await?;
     Ok(verbatim(done))
 }
 

@@ -333,7 +333,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/models", get(api::models))
         .route("/v1/jobs", post(api::submit_job))
         .route("/v1/jobs/{id}", get(api::job))
-        .route("/v2/models/{model}/infer", post(api::kserve_infer))
+        .route("/v2/models/{*model_infer}", post(api::kserve_infer))
         .route("/v1/nodes", get(api::nodes))
         .route("/v1/admin/config", post(api::admin_publish))
         .route("/v1/admin/config/reload", post(api::admin_reload))
