@@ -13,6 +13,7 @@
 //!   timeouts, reassignment, penalties), one state machine behind one lock;
 //! * [`api`] — job entry points and JSON views for people and tests;
 //! * [`publish`] — signing and publishing config snapshots;
+//! * [`listener`] — the TCP listener with a connection bound;
 //! * [`server`] — wiring: [`IoService::start`] returns a handle with the bound address.
 //!
 //! The library is embeddable: the devnet, the sidecar's tests and the benchmarks start it
@@ -21,6 +22,7 @@
 pub mod api;
 pub mod core;
 pub mod error;
+pub mod listener;
 pub mod metrics;
 pub mod node_http;
 pub mod publish;

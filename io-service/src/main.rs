@@ -86,6 +86,9 @@ struct ServeArgs {
         default_value_t = 4096
     )]
     max_http_concurrency: usize,
+    /// Open TCP connections (sessions included); further clients wait in the backlog.
+    #[arg(long, env = "RESULTITY_IO_MAX_CONNECTIONS", default_value_t = 20_000)]
+    max_connections: usize,
     #[arg(long, env = "RESULTITY_IO_MAX_QUEUE", default_value_t = 1024)]
     max_queue: usize,
     /// Signed HTTP requests per second per node.
@@ -186,6 +189,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     settings.limits.max_body_bytes = args.max_body_bytes;
     settings.limits.max_frame_bytes = args.max_frame_bytes;
     settings.limits.max_sessions = args.max_sessions;
+    settings.limits.max_connections = args.max_connections;
     settings.limits.max_http_concurrency = args.max_http_concurrency;
     settings.limits.max_queue = args.max_queue;
     settings.limits.node_http_rate_per_s = args.node_rate_per_s;

@@ -198,20 +198,12 @@ impl IoService {
             shutdown: shutdown.clone(),
         }));
         let app = router(state.clone());
-        // Small signed frames in both directions: Nagle plus delayed ACKs would add ~40 ms to
-        // every job round trip.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
+        let listener =
+            crate::listener::BoundedListener::new(listener, state.settings.limits.max_connections);
         let mut server_stop = shutdown.clone();
         let server = tokio::spawn(async move {
-            let serve = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move { stopped(&mut server_stop).await });
+            let serve = axum::serve(listener, app.into_make_service())
+                .with_graceful_shutdown(async move { stopped(&mut server_stop).await });
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "server stopped");
             }

@@ -17,6 +17,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Largest WebSocket message accepted from a node.
     pub max_frame_bytes: usize,
+    /// Open TCP connections; further clients wait in the kernel backlog.
+    pub max_connections: usize,
     /// Concurrent HTTP requests (WebSocket upgrades included) before 503.
     pub max_http_concurrency: usize,
     /// Open node sessions before new ones are refused.
@@ -45,6 +47,7 @@ impl Default for Limits {
         Self {
             max_body_bytes: limits::MAX_ENVELOPE_BYTES,
             max_frame_bytes: limits::MAX_FRAME_BYTES,
+            max_connections: 20_000,
             max_http_concurrency: 4096,
             max_sessions: 10_000,
             max_queue: 1024,

@@ -281,3 +281,35 @@ async fn config_is_re_signed_before_it_expires() {
     assert!(p.snapshot.prev_digest.is_some());
     io.shutdown().await;
 }
+
+#[tokio::test]
+async fn connections_beyond_the_bound_wait_until_one_closes() {
+    let io = start(|s| s.limits.max_connections = 4).await;
+    let a = TestNode::new(&io, 1);
+    let b = TestNode::new(&io, 1);
+    a.register().await;
+    b.register().await;
+    // The two nodes' HTTP clients keep one pooled connection each: 2 of the 4 slots.
+    let wa = WsClient::connect(&a, 1).await;
+    let _wb = WsClient::connect(&b, 1).await;
+    let url = format!(
+        "{}{}",
+        io.base_url().replace("http://", "ws://"),
+        paths::SESSION
+    );
+    // A negative check needs a bounded wait: the third handshake cannot complete.
+    let third = tokio::time::timeout(
+        Duration::from_millis(300),
+        tokio_tungstenite::connect_async(url.clone()),
+    )
+    .await;
+    assert!(third.is_err(), "a third connection was served");
+    drop(wa);
+    let third = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await;
+    assert!(matches!(third, Ok(Ok(_))), "no slot freed");
+    io.shutdown().await;
+}

@@ -97,12 +97,10 @@ async fn credits_are_never_exceeded_under_load() {
             ),
         ));
     }
-    let t0 = Instant::now();
     let calls: Vec<_> = (0..60).map(|_| call(&io)).collect();
     for c in calls {
         assert_eq!(c.await.unwrap().status(), 200);
     }
-    eprintln!("60 jobs in {:?}", t0.elapsed());
     let mut total = 0;
     for (max, rt) in &runners {
         {
