@@ -1,0 +1,337 @@
+//! Wiring: shared state, the router, background ticks, start and shutdown.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::HeaderValue;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use resultity_protocol::config::NetworkConfig;
+use resultity_protocol::messages::ConfigPointer;
+use resultity_protocol::messages::http::paths;
+use resultity_protocol::{ErrorCode, ProtocolError};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+use crate::core::Core;
+use crate::error::{ApiError, IoError};
+use crate::metrics::{Channel, Metrics};
+use crate::publish::{self, Published};
+use crate::settings::Settings;
+use crate::{api, node_http, session};
+
+/// Header carrying server time on every answer (bodies of protocol answers carry it too).
+pub const SERVER_TIME_HEADER: &str = "x-resultity-server-time-ms";
+
+/// State shared by every handler and task.
+#[derive(Debug)]
+pub struct Shared {
+    pub settings: Settings,
+    pub metrics: Metrics,
+    core: Mutex<Core>,
+    published: RwLock<Arc<Published>>,
+    /// Serializes publications so versions stay strictly increasing.
+    publish_lock: Mutex<()>,
+    pub sessions: Arc<Semaphore>,
+    http_slots: Arc<Semaphore>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Cheap handle on [`Shared`], the axum state.
+#[derive(Debug, Clone)]
+pub struct AppState(pub Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn now(&self) -> u64 {
+        self.settings.clock.now_ms()
+    }
+
+    /// The core, even if a panicking holder poisoned the lock (its state stays consistent
+    /// per method, so serving on is better than failing every request).
+    pub fn core(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn published(&self) -> Arc<Published> {
+        self.published
+            .read()
+            .map(|g| Arc::clone(&g))
+            .unwrap_or_else(|p| Arc::clone(&p.into_inner()))
+    }
+
+    /// Counts a rejection and builds its answer.
+    pub fn reject(
+        &self,
+        channel: Channel,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) -> ApiError {
+        self.metrics.reject(channel, code);
+        let err = ApiError::new(code, message, self.now());
+        tracing::debug!(?channel, code = %err.code, message = %err.message, "rejected");
+        err
+    }
+
+    pub fn reject_protocol(&self, channel: Channel, err: &ProtocolError) -> ApiError {
+        self.reject(channel, err.code(), err.to_string())
+    }
+
+    /// Signs and publishes the next snapshot with `payload`; connected nodes are told.
+    pub fn publish(&self, payload: NetworkConfig) -> Result<ConfigPointer, IoError> {
+        let payload = publish::prepare_payload(payload, &self.settings.network_key)?;
+        let _serial = self.publish_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let prev = self.published();
+        let next = publish::sign_next(
+            &self.settings.network_key,
+            &self.settings.network_id,
+            Some(&prev),
+            payload,
+            self.now(),
+            self.settings.config_ttl_ms,
+        )?;
+        // Persist before serving: a restart must continue from this version, never below.
+        if let Some(path) = &self.settings.config_state {
+            publish::save_state(path, &next)?;
+        }
+        let pointer = next.pointer();
+        let config = Arc::new(next.snapshot.payload.clone());
+        {
+            let mut slot = self.published.write().unwrap_or_else(|p| p.into_inner());
+            *slot = Arc::new(next);
+        }
+        self.core().set_config(config, &pointer, self.now());
+        self.metrics.configs_published.inc();
+        tracing::info!(version = pointer.version, digest = %pointer.digest, "config published");
+        Ok(pointer)
+    }
+
+    /// Re-reads the config source file and publishes it if the payload changed.
+    pub fn reload(&self) -> Result<Option<ConfigPointer>, IoError> {
+        let Some(path) = &self.settings.config_source else {
+            return Err(IoError::InvalidConfig {
+                what: "reload".into(),
+                reason: "no config source file configured".into(),
+            });
+        };
+        let payload =
+            publish::prepare_payload(publish::load_payload(path)?, &self.settings.network_key)?;
+        if payload == self.published().snapshot.payload {
+            return Ok(None);
+        }
+        self.publish(payload).map(Some)
+    }
+}
+
+/// The service; see [`IoService::start`].
+#[derive(Debug)]
+pub struct IoService;
+
+/// A running service: its address, its state, and a way to stop it.
+#[derive(Debug)]
+pub struct IoServiceHandle {
+    local_addr: SocketAddr,
+    state: AppState,
+    stop: watch::Sender<bool>,
+    server: Option<JoinHandle<()>>,
+    ticker: Option<JoinHandle<()>>,
+}
+
+impl IoService {
+    /// Binds the listener, publishes the first config (continuing from the state file when
+    /// one is configured) and starts serving.
+    pub async fn start(settings: Settings) -> Result<IoServiceHandle, IoError> {
+        let listener = tokio::net::TcpListener::bind(settings.listen)
+            .await
+            .map_err(|source| IoError::Bind {
+                addr: settings.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| IoError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+        let payload =
+            publish::prepare_payload(settings.network_config.clone(), &settings.network_key)?;
+        let stored = match &settings.config_state {
+            Some(path) => publish::load_state(path, &settings.network_key, &settings.network_id)?,
+            None => None,
+        };
+        let first = publish::initial(
+            stored,
+            &settings.network_key,
+            &settings.network_id,
+            payload,
+            settings.clock.now_ms(),
+            settings.config_ttl_ms,
+        )?;
+        if let Some(path) = &settings.config_state {
+            publish::save_state(path, &first)?;
+        }
+        let metrics = Metrics::new();
+        metrics.configs_published.inc();
+        let core = Core::new(
+            settings.scheduler.clone(),
+            settings.limits.clone(),
+            metrics.clone(),
+            Arc::new(first.snapshot.payload.clone()),
+        );
+        let (stop, shutdown) = watch::channel(false);
+        let state = AppState(Arc::new(Shared {
+            sessions: Arc::new(Semaphore::new(settings.limits.max_sessions)),
+            http_slots: Arc::new(Semaphore::new(settings.limits.max_http_concurrency)),
+            settings,
+            metrics,
+            core: Mutex::new(core),
+            published: RwLock::new(Arc::new(first)),
+            publish_lock: Mutex::new(()),
+            shutdown: shutdown.clone(),
+        }));
+        let app = router(state.clone());
+        let listener =
+            crate::listener::BoundedListener::new(listener, state.settings.limits.max_connections);
+        let mut server_stop = shutdown.clone();
+        let server = tokio::spawn(async move {
+            let serve = axum::serve(listener, app.into_make_service())
+                .with_graceful_shutdown(async move { stopped(&mut server_stop).await });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "server stopped");
+            }
+        });
+        let ticker = tokio::spawn(tick_loop(state.clone(), shutdown));
+        tracing::info!(%local_addr, network = %state.settings.network_id, key = %state.settings.network_key.id(), "resultity-io listening");
+        Ok(IoServiceHandle {
+            local_addr,
+            state,
+            stop,
+            server: Some(server),
+            ticker: Some(ticker),
+        })
+    }
+}
+
+impl IoServiceHandle {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+    /// `http://addr` — base URL of every endpoint.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.local_addr)
+    }
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+    /// Stops accepting, closes sessions (going away) and waits up to five seconds.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        let now = self.state.now();
+        self.state.core().fail_all("network shutting down", now);
+        if let Some(server) = self.server.take()
+            && tokio::time::timeout(Duration::from_secs(5), server)
+                .await
+                .is_err()
+        {
+            tracing::warn!("server did not stop within 5 s");
+        }
+        if let Some(t) = self.ticker.take() {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for IoServiceHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        let now = self.state.now();
+        self.state.core().fail_all("network shutting down", now);
+        if let Some(t) = self.ticker.take() {
+            t.abort();
+        }
+    }
+}
+
+/// Timeouts and retries run on a fixed tick; the config is re-signed at half its lifetime so
+/// nodes never hold an expired snapshot.
+async fn tick_loop(state: AppState, mut shutdown: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(Duration::from_millis(
+        state.settings.scheduler.tick_ms.max(1),
+    ));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = stopped(&mut shutdown) => return,
+        }
+        let now = state.now();
+        state.core().tick(now);
+        let current = state.published();
+        let half = state.settings.config_ttl_ms / 2;
+        if now >= current.snapshot.issued_at_ms.saturating_add(half) {
+            let payload = current.snapshot.payload.clone();
+            if let Err(e) = state.publish(payload) {
+                tracing::error!(error = %e, "re-signing the config failed");
+            }
+        }
+    }
+}
+
+/// Resolves once shutdown was requested (or its sender is gone).
+pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Concurrency bound and server time on every answer.
+async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let permit = state.http_slots.clone().try_acquire_owned();
+    let mut resp = match permit {
+        Ok(_permit) => next.run(req).await,
+        Err(_) => state
+            .reject(
+                Channel::Http,
+                ErrorCode::Unavailable,
+                "too many concurrent requests",
+            )
+            .with_retry_after(1000)
+            .into_response(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&state.now().to_string()) {
+        resp.headers_mut().insert(SERVER_TIME_HEADER, v);
+    }
+    resp
+}
+
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route(paths::CHALLENGE, post(node_http::challenge))
+        .route(paths::REGISTER, post(node_http::register))
+        .route(paths::PING, post(node_http::ping))
+        .route(paths::HEARTBEAT, post(node_http::heartbeat))
+        .route(paths::DEREGISTER, post(node_http::deregister))
+        .route(paths::CONFIG, get(node_http::config))
+        .route(paths::CONFIG_DIGEST, get(node_http::config_digest))
+        .route(paths::SESSION, get(session::upgrade))
+        .route("/v1/chat/completions", post(api::chat_completions))
+        .route("/v1/completions", post(api::completions))
+        .route("/v1/models", get(api::models))
+        .route("/v1/jobs", post(api::submit_job))
+        .route("/v1/jobs/{id}", get(api::job))
+        .route("/v2/models/{*model_infer}", post(api::kserve_infer))
+        .route("/v1/nodes", get(api::nodes))
+        .route("/v1/admin/config", post(api::admin_publish))
+        .route("/v1/admin/config/reload", post(api::admin_reload))
+        .route("/healthz", get(api::healthz))
+        .route("/metrics", get(api::metrics))
+        .fallback(api::not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}

@@ -1,0 +1,218 @@
+//! Every refused node HTTP request gets the spec's error code and status, is counted by
+//! reason, and changes nothing.
+// Helpers outside #[test] fns unwrap too; a panic is a test failure here.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use resultity_io::metrics::Channel;
+use resultity_protocol::ErrorCode;
+use resultity_protocol::messages::http::*;
+use resultity_protocol::{NetworkId, NodeKeypair, Purpose};
+
+fn error_of(text: &str) -> ErrorResponse {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not an ErrorResponse ({e}): {text}"))
+}
+
+fn assert_refused(status: u16, text: &str, want: ErrorCode) {
+    let err = error_of(text);
+    assert_eq!(err.error.code, want, "{text}");
+    assert_eq!(status, want.http_status(), "{text}");
+    assert!(err.server_time_ms > 0);
+}
+
+/// Swaps the signature of `env` for the one of `other` (both valid base64 signatures).
+fn swap_sig(env: &str, other: &str) -> String {
+    let mut v: serde_json::Value = serde_json::from_str(env).unwrap();
+    let o: serde_json::Value = serde_json::from_str(other).unwrap();
+    v["sig"] = o["sig"].clone();
+    v.to_string()
+}
+
+#[tokio::test]
+async fn forged_replayed_misaddressed_and_malformed_requests_are_refused() {
+    let io = start(|s| s.limits.max_body_bytes = 16 * 1024).await;
+    let m = &io.state().metrics;
+    let node = TestNode::new(&io, 2);
+    node.register().await;
+    node.heartbeat().await;
+    let before = node_json(&io, node.key.id()).await;
+
+    // Forged signature: the signature of another message.
+    let env = node.heartbeat_envelope(report(7));
+    let other = node.heartbeat_envelope(report(2));
+    let (status, text) = node
+        .post_raw(paths::HEARTBEAT, swap_sig(&env, &other))
+        .await;
+    assert_refused(status, &text, ErrorCode::BadSignature);
+    // A different key claiming to be this node.
+    let impostor = NodeKeypair::generate().unwrap();
+    let body = HeartbeatRequest {
+        hdr: node.hdr(),
+        report: report(7),
+    };
+    let forged =
+        resultity_protocol::envelope::seal(&impostor, Purpose::HttpHeartbeat, &body).unwrap();
+    let forged = forged.replace(impostor.id().as_str(), node.key.id().as_str());
+    let (status, text) = node.post_raw(paths::HEARTBEAT, forged).await;
+    assert_refused(status, &text, ErrorCode::BadSignature);
+    assert_eq!(m.rejections(Channel::Http, ErrorCode::BadSignature), 2);
+
+    // Replay: the same signed request twice.
+    let env = node.heartbeat_envelope(report(2));
+    assert_eq!(node.post_raw(paths::HEARTBEAT, env.clone()).await.0, 200);
+    let (status, text) = node.post_raw(paths::HEARTBEAT, env).await;
+    assert_refused(status, &text, ErrorCode::Replayed);
+
+    // Signed for another purpose: a ping body signed as a heartbeat.
+    let ping = node.seal(Purpose::HttpHeartbeat, &PingRequest { hdr: node.hdr() });
+    let (status, text) = node.post_raw(paths::PING, ping).await;
+    assert_refused(status, &text, ErrorCode::WrongPurpose);
+
+    // Wrong network id, in a signed request and in a challenge request.
+    let mut hdr = node.hdr();
+    hdr.network_id = NetworkId::parse("othernet").unwrap();
+    let env = node.seal(
+        Purpose::HttpHeartbeat,
+        &HeartbeatRequest {
+            hdr,
+            report: report(7),
+        },
+    );
+    let (status, text) = node.post_raw(paths::HEARTBEAT, env).await;
+    assert_refused(status, &text, ErrorCode::WrongAudience);
+    let req = ChallengeRequest {
+        network_id: NetworkId::parse("othernet").unwrap(),
+        node_id: node.key.id().clone(),
+    };
+    let (status, text) = node
+        .post_raw(paths::CHALLENGE, serde_json::to_string(&req).unwrap())
+        .await;
+    assert_refused(status, &text, ErrorCode::WrongAudience);
+
+    // Stale timestamp.
+    let mut hdr = node.hdr();
+    hdr.ts_ms -= 10 * 60_000;
+    let env = node.seal(
+        Purpose::HttpHeartbeat,
+        &HeartbeatRequest {
+            hdr,
+            report: report(7),
+        },
+    );
+    let (status, text) = node.post_raw(paths::HEARTBEAT, env).await;
+    assert_refused(status, &text, ErrorCode::StaleTimestamp);
+
+    // Malformed JSON: not an envelope, and an envelope whose signed body is not a heartbeat.
+    let (status, text) = node.post_raw(paths::HEARTBEAT, "{not json").await;
+    assert_refused(status, &text, ErrorCode::Malformed);
+    let env =
+        resultity_protocol::envelope::seal_bytes(&node.key, Purpose::HttpHeartbeat, "{\"hdr\":1}");
+    let (status, text) = node.post_raw(paths::HEARTBEAT, env).await;
+    assert_refused(status, &text, ErrorCode::Malformed);
+
+    // Oversize body.
+    let (status, text) = node.post_raw(paths::HEARTBEAT, vec![b' '; 20 * 1024]).await;
+    assert_refused(status, &text, ErrorCode::TooLarge);
+
+    // Nothing of the node changed: its report still says max_concurrency 2 and the same
+    // heartbeat count of refusals did not alter its verdict.
+    let after = node_json(&io, node.key.id()).await;
+    assert_eq!(after["max_concurrency"], 2);
+    assert_eq!(after["penalty"], before["penalty"]);
+    assert_eq!(after["eligible"], before["eligible"]);
+    for code in [
+        ErrorCode::Replayed,
+        ErrorCode::WrongPurpose,
+        ErrorCode::StaleTimestamp,
+        ErrorCode::TooLarge,
+    ] {
+        assert_eq!(m.rejections(Channel::Http, code), 1, "{code}");
+    }
+    assert_eq!(m.rejections(Channel::Http, ErrorCode::WrongAudience), 2);
+    assert_eq!(m.rejections(Channel::Http, ErrorCode::Malformed), 2);
+    let metrics = http()
+        .get(format!("{}/metrics", io.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("resultity_io_rejections_total{channel=\"http\",reason=\"replayed\"} 1"),
+        "{metrics}"
+    );
+    io.shutdown().await;
+}
+
+#[tokio::test]
+async fn registration_needs_a_fresh_single_use_challenge_of_the_same_node() {
+    let io = start(|_| {}).await;
+    let node = TestNode::new(&io, 1);
+    let other = TestNode::new(&io, 1);
+
+    // Unregistered nodes are refused on every signed endpoint.
+    let (status, text) = node
+        .post_raw(paths::HEARTBEAT, node.heartbeat_envelope(report(1)))
+        .await;
+    assert_refused(status, &text, ErrorCode::NotRegistered);
+
+    let ch = node.challenge().await;
+    // A challenge issued to another node.
+    let env = other.seal(
+        Purpose::HttpRegister,
+        &other.register_request(ch.challenge.clone()),
+    );
+    let (status, text) = other.post_raw(paths::REGISTER, env).await;
+    assert_refused(status, &text, ErrorCode::ChallengeInvalid);
+    // That attempt consumed it: single use even when misused.
+    let env = node.seal(Purpose::HttpRegister, &node.register_request(ch.challenge));
+    let (status, text) = node.post_raw(paths::REGISTER, env.clone()).await;
+    assert_refused(status, &text, ErrorCode::ChallengeInvalid);
+
+    let ch = node.challenge().await;
+    let env = node.seal(Purpose::HttpRegister, &node.register_request(ch.challenge));
+    assert_eq!(node.post_raw(paths::REGISTER, env.clone()).await.0, 200);
+    // The same registration replayed.
+    let (status, text) = node.post_raw(paths::REGISTER, env).await;
+    assert_refused(status, &text, ErrorCode::ChallengeInvalid);
+    // An unknown protocol version.
+    let ch = node.challenge().await;
+    let mut req = node.register_request(ch.challenge);
+    req.protocol_versions = vec![99];
+    let (status, text) = node
+        .post_raw(paths::REGISTER, node.seal(Purpose::HttpRegister, &req))
+        .await;
+    assert_refused(status, &text, ErrorCode::UnsupportedVersion);
+
+    assert_eq!(io.state().core().stats().nodes, 1);
+    io.shutdown().await;
+}
+
+#[tokio::test]
+async fn per_node_rate_limit_answers_429_with_retry_after() {
+    let io = start(|s| {
+        s.limits.node_http_burst = 3.0;
+        s.limits.node_http_rate_per_s = 0.001;
+    })
+    .await;
+    let node = TestNode::new(&io, 1);
+    node.register().await;
+    for _ in 0..3 {
+        node.heartbeat().await;
+    }
+    let resp = node
+        .http
+        .post(format!("{}{}", io.base_url(), paths::PING))
+        .body(node.seal(Purpose::HttpPing, &PingRequest { hdr: node.hdr() }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().contains_key("retry-after"));
+    let err: ErrorResponse = resp.json().await.unwrap();
+    assert_eq!(err.error.code, ErrorCode::RateLimited);
+    io.shutdown().await;
+}
