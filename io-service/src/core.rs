@@ -480,6 +480,7 @@ impl Core {
         rec.report = Some(report);
         let verdict = self.verdict(node, now);
         self.dispatch(now);
+        self.refresh_eligible_gauge(now);
         Ok(verdict)
     }
 
@@ -600,6 +601,7 @@ impl Core {
         }
         rec.session = Some(link);
         self.refresh_gauges(now);
+        self.refresh_eligible_gauge(now);
         self.dispatch(now);
         Ok(resent)
     }
@@ -616,6 +618,7 @@ impl Core {
             rec.disconnected_at_ms = Some(now);
         }
         self.refresh_gauges(now);
+        self.refresh_eligible_gauge(now);
     }
 
     fn send(&self, node: &NodeId, msg: NetworkMessage) {
@@ -1033,6 +1036,7 @@ impl Core {
         }
         self.dispatch(now);
         self.refresh_gauges(now);
+        self.refresh_eligible_gauge(now);
     }
 
     /// Fails every unfinished job (service shutting down) so waiting callers are answered.
@@ -1408,22 +1412,28 @@ impl Core {
         s.round().clamp(0.0, 1000.0) as u32
     }
 
-    fn refresh_gauges(&self, now: u64) {
+    /// Cheap gauges, refreshed on every change.
+    fn refresh_gauges(&self, _now: u64) {
         let connected = self.nodes.values().filter(|n| n.session.is_some()).count();
-        let eligible = self
-            .nodes
-            .values()
-            .filter(|n| self.node_ready(n, now).is_ok() && !self.active_models(n).is_empty())
-            .count();
         let in_flight = self
             .nodes
             .values()
             .map(|n| n.outstanding.len())
             .sum::<usize>();
         self.metrics.nodes_connected.set(gauge(connected));
-        self.metrics.nodes_eligible.set(gauge(eligible));
         self.metrics.jobs_queued.set(gauge(self.queue.len()));
         self.metrics.jobs_in_flight.set(gauge(in_flight));
+    }
+
+    /// Eligibility of every node: O(nodes × models), so only on ticks and on the rare events
+    /// that change it (heartbeat, session open/close), never per job.
+    fn refresh_eligible_gauge(&self, now: u64) {
+        let eligible = self
+            .nodes
+            .values()
+            .filter(|n| self.node_ready(n, now).is_ok() && !self.active_models(n).is_empty())
+            .count();
+        self.metrics.nodes_eligible.set(gauge(eligible));
     }
 
     // ---- views ----

@@ -27,6 +27,7 @@ enum Cmd {
     Serve(ServeArgs),
     /// Write a new network key file (mode 0600) and print its key id.
     Keygen {
+        /// Key file to create (must not exist).
         #[arg(long, env = "RESULTITY_IO_KEYGEN_OUT")]
         out: PathBuf,
     },
@@ -40,6 +41,7 @@ enum ConfigCmd {
     /// Send a payload (YAML or JSON) to a running service, which signs and publishes the next
     /// version.
     Publish {
+        /// Payload file (YAML, or JSON for `.json`).
         file: PathBuf,
         /// Base URL of the running service.
         #[arg(
@@ -48,6 +50,7 @@ enum ConfigCmd {
             default_value = "http://127.0.0.1:8080"
         )]
         url: String,
+        /// Admin token of the running service.
         #[arg(long, env = "RESULTITY_IO_ADMIN_TOKEN", hide_env_values = true)]
         admin_token: String,
     },
@@ -55,8 +58,10 @@ enum ConfigCmd {
 
 #[derive(Debug, Args)]
 struct ServeArgs {
+    /// Address of the single listener (node protocol, job API, metrics).
     #[arg(long, env = "RESULTITY_IO_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Network id (DNS label) nodes must address.
     #[arg(long, env = "RESULTITY_IO_NETWORK_ID")]
     network_id: String,
     /// Network key file written by `resultity-io keygen`.
@@ -74,12 +79,16 @@ struct ServeArgs {
     /// Lifetime of a signed config snapshot, seconds (re-signed at half-life).
     #[arg(long, env = "RESULTITY_IO_CONFIG_TTL_S", default_value_t = 7 * 24 * 3600)]
     config_ttl_s: u64,
+    /// Largest HTTP request body, bytes.
     #[arg(long, env = "RESULTITY_IO_MAX_BODY_BYTES", default_value_t = resultity_protocol::limits::MAX_ENVELOPE_BYTES)]
     max_body_bytes: usize,
+    /// Largest WebSocket message from a node, bytes.
     #[arg(long, env = "RESULTITY_IO_MAX_FRAME_BYTES", default_value_t = resultity_protocol::limits::MAX_FRAME_BYTES)]
     max_frame_bytes: usize,
+    /// Open node sessions before new ones get 503.
     #[arg(long, env = "RESULTITY_IO_MAX_SESSIONS", default_value_t = 10_000)]
     max_sessions: usize,
+    /// Concurrent HTTP requests before 503.
     #[arg(
         long,
         env = "RESULTITY_IO_MAX_HTTP_CONCURRENCY",
@@ -89,6 +98,7 @@ struct ServeArgs {
     /// Open TCP connections (sessions included); further clients wait in the backlog.
     #[arg(long, env = "RESULTITY_IO_MAX_CONNECTIONS", default_value_t = 20_000)]
     max_connections: usize,
+    /// Jobs waiting for a node before callers get 429.
     #[arg(long, env = "RESULTITY_IO_MAX_QUEUE", default_value_t = 1024)]
     max_queue: usize,
     /// Signed HTTP requests per second per node.
@@ -108,6 +118,7 @@ struct ServeArgs {
         default_value_t = 300_000
     )]
     request_timeout_ms: u64,
+    /// Assignments per job before it fails for good.
     #[arg(long, env = "RESULTITY_IO_MAX_ATTEMPTS", default_value_t = 3)]
     max_attempts: u32,
     /// Log filter (tracing-subscriber EnvFilter syntax).

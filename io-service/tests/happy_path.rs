@@ -137,6 +137,19 @@ async fn node_serves_an_openai_request_end_to_end() {
         metrics.contains("resultity_io_duplicate_results_total 1"),
         "{metrics}"
     );
+    for name in [
+        "resultity_io_nodes_connected 1",
+        "resultity_io_nodes_eligible 1",
+        "resultity_io_jobs_queued 0",
+        "resultity_io_jobs_in_flight 0",
+        "resultity_io_jobs_failed_total 0",
+        "resultity_io_jobs_reassigned_total 0",
+        "resultity_io_dispatch_latency_seconds_count 1",
+        "resultity_io_end_to_end_latency_seconds_count 1",
+        "resultity_io_rejections_total{channel=\"ws\",reason=\"replayed\"} 1",
+    ] {
+        assert!(metrics.contains(name), "{name} missing in\n{metrics}");
+    }
     io.shutdown().await;
 }
 
