@@ -134,6 +134,8 @@ pub struct Agent {
     pending_fails: Mutex<Vec<NodeMessage>>,
     /// Wakes the drain loop when a job ends or a result is confirmed.
     progress: Notify,
+    /// Where the local API listens once `run` bound it.
+    api_addr: std::sync::OnceLock<SocketAddr>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -238,12 +240,23 @@ impl Agent {
             sender: Mutex::new(None),
             pending_fails: Mutex::new(Vec::new()),
             progress: Notify::new(),
+            api_addr: std::sync::OnceLock::new(),
             settings,
         }))
     }
 
     pub fn node_id(&self) -> &resultity_protocol::NodeId {
         self.key.id()
+    }
+
+    /// The local API's address, once [`Agent::run`] has bound it.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api_addr.get().copied()
+    }
+
+    /// Results waiting for the network's confirmation.
+    pub fn outbox_pending(&self) -> usize {
+        lock(&self.outbox).len()
     }
 
     fn timing(&self) -> Timing {
@@ -268,6 +281,14 @@ impl Agent {
         self.settings
             .max_concurrency
             .saturating_sub(self.in_flight.load(Ordering::SeqCst))
+    }
+
+    /// Tells the network the current free slots (they change with readiness, drain and jobs).
+    fn advertise_credits(&self) {
+        self.send(resultity_protocol::messages::ws::NodeMessage::Credits {
+            credits: self.credits(),
+            in_flight: self.in_flight.load(Ordering::SeqCst),
+        });
     }
 
     fn outbox_len(&self) -> u32 {
@@ -429,6 +450,9 @@ impl Agent {
         } else if !was_ready && report.ready {
             self.reconcile_models().await;
         }
+        if was_ready != report.ready {
+            self.advertise_credits();
+        }
         self.set_phase();
         report
     }
@@ -549,6 +573,9 @@ impl Agent {
                 addr: self.settings.listen,
                 source,
             })?;
+        if let Ok(addr) = listener.local_addr() {
+            let _ = self.api_addr.set(addr);
+        }
         let app = api::router(self.api.clone());
         let api_task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {

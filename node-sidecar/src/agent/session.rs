@@ -240,6 +240,11 @@ impl Agent {
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_rx = Instant::now();
         let mut drain_rx = self.api.drain.subscribe();
+        // Credits may have changed since `auth` was signed (runtime became ready meanwhile).
+        backlog.push(NodeMessage::Credits {
+            credits: self.credits(),
+            in_flight: self.in_flight.load(Ordering::SeqCst),
+        });
         for msg in backlog {
             if let Err(e) = send_msg(&mut ws, &mut session, msg).await {
                 return e;

@@ -1,0 +1,424 @@
+//! The sidecar against the real reference IO service and the runtime simulator, all on
+//! loopback in one process: jobs, runtime outages, config publication, failing models, drain.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use resultity_io::{IoService, IoServiceHandle, Settings as IoSettings};
+use resultity_protocol::config::{ApprovedModel, NetworkConfig};
+use resultity_protocol::messages::{
+    Environment, ModelRef, ModelState, NodePhase, RuntimeKind, Timing,
+};
+use resultity_protocol::status::ConnectionState;
+use resultity_protocol::{NetworkId, NetworkKeypair};
+use resultity_runtime_sim::{Faults, SimConfig, SimHandle, generate};
+use resultity_sidecar::agent::{Agent, Exit, Settings};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+
+const MODEL: &str = "acme/tiny-chat";
+
+fn payload() -> NetworkConfig {
+    NetworkConfig {
+        environment: Environment::Testnet,
+        models: vec![ApprovedModel {
+            model: ModelRef {
+                id: MODEL.into(),
+                revision: "r1".into(),
+            },
+            runtimes: vec![RuntimeKind::Vllm],
+            min_gpu_memory_mib: 0,
+            subclouds: vec![],
+        }],
+        runtime_images: Default::default(),
+        sidecar_image: None,
+        timing: Timing {
+            heartbeat_interval_ms: 150,
+            ping_interval_ms: 1_000,
+            ack_timeout_ms: 1_000,
+            backoff_base_ms: 20,
+            backoff_cap_ms: 200,
+            resume_window_ms: 5_000,
+            http_timeout_ms: 2_000,
+        },
+        subclouds: vec![],
+        network_keys: vec![],
+        revoked_node_keys: vec![],
+    }
+}
+
+struct Net {
+    io: IoServiceHandle,
+    sim: SimHandle,
+    key: NetworkKeypair,
+    dir: tempfile::TempDir,
+}
+
+async fn network(sim_cfg: SimConfig) -> Net {
+    let key = NetworkKeypair::generate().unwrap();
+    let mut s = IoSettings::new(NetworkId::parse("testnet").unwrap(), key.clone(), payload());
+    s.scheduler.tick_ms = 20;
+    s.scheduler.attempt_timeout_ms = 5_000;
+    s.scheduler.request_timeout_ms = 10_000;
+    s.limits.node_http_burst = 1000.0;
+    s.limits.node_http_rate_per_s = 1000.0;
+    let io = IoService::start(s).await.unwrap();
+    let sim = resultity_runtime_sim::start(
+        SimConfig {
+            models: vec![MODEL.into()],
+            ..sim_cfg
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    Net {
+        io,
+        sim,
+        key,
+        dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+fn settings(net: &Net, name: &str) -> Settings {
+    let dir = net.dir.path().join(name);
+    Settings {
+        io_url: net.io.base_url(),
+        network_id: NetworkId::parse("testnet").unwrap(),
+        network_keys: vec![net.key.id().clone()],
+        key_file: dir.join("node.key"),
+        data_dir: dir,
+        runtime_kind: RuntimeKind::Vllm,
+        runtime_url: net.sim.url(),
+        runtime_image: None,
+        max_concurrency: 8,
+        participation: Default::default(),
+        subclouds: vec![],
+        models: vec![],
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_token: "token".into(),
+        drain_grace: Duration::from_secs(10),
+        gpu_probe: false,
+        enforce_gpu_memory: false,
+    }
+}
+
+struct Node {
+    agent: Arc<Agent>,
+    run: JoinHandle<Exit>,
+}
+
+fn spawn(settings: Settings) -> Node {
+    let agent = Agent::new(settings).unwrap();
+    let a = agent.clone();
+    let run = tokio::spawn(async move { a.run(std::future::pending()).await.unwrap() });
+    Node { agent, run }
+}
+
+/// Polls `cond` every 10 ms for up to 10 s.
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn wait_ready(node: &Node) {
+    let agent = node.agent.clone();
+    wait_for("node ready with an active model", move || {
+        let s = agent.api.status();
+        s.phase == NodePhase::Ready
+            && s.connection.state == ConnectionState::Connected
+            && s.models.iter().any(|m| m.state == ModelState::Active)
+    })
+    .await;
+}
+
+async fn eligible(io: &IoServiceHandle) -> bool {
+    let v: Value = reqwest::get(format!("{}/v1/models", io.base_url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["data"].as_array().is_some_and(|d| !d.is_empty())
+}
+
+async fn wait_eligible(io: &IoServiceHandle) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !eligible(io).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node never became eligible"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn complete(io: &IoServiceHandle, prompt: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{}/v1/completions", io.base_url()))
+        .json(&json!({"model": MODEL, "prompt": prompt, "max_tokens": 6}))
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn jobs_flow_concurrently_with_verified_results() {
+    let net = network(SimConfig {
+        prefill_ms: 100,
+        decode_us_per_token: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    let node = spawn(settings(&net, "a"));
+    wait_ready(&node).await;
+    wait_eligible(&net.io).await;
+    let reqs: Vec<_> = (0..16)
+        .map(|i| {
+            let base = net.io.base_url();
+            tokio::spawn(async move {
+                let r = reqwest::Client::new()
+                    .post(format!("{base}/v1/completions"))
+                    .json(
+                        &json!({"model": MODEL, "prompt": format!("prompt {i}"), "max_tokens": 6}),
+                    )
+                    .timeout(Duration::from_secs(15))
+                    .send()
+                    .await
+                    .unwrap();
+                let verified = r
+                    .headers()
+                    .get("x-resultity-verified")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                let body: Value = r.json().await.unwrap();
+                (i, verified, body)
+            })
+        })
+        .collect();
+    for r in reqs {
+        let (i, verified, body) = r.await.unwrap();
+        assert_eq!(verified.as_deref(), Some("true"), "{body}");
+        assert_eq!(
+            body["choices"][0]["text"],
+            generate(MODEL, &format!("prompt {i}"), 6).0,
+            "{body}"
+        );
+    }
+    assert!(
+        net.sim.stats().max_running > 1,
+        "runtime saw no parallel requests"
+    );
+    let agent = node.agent.clone();
+    wait_for("all results confirmed", move || agent.outbox_pending() == 0).await;
+    assert_eq!(node.agent.api.status().jobs.completed, 16);
+
+    // The local API reports the same through HTTP with the token.
+    let addr = node.agent.api_addr().unwrap();
+    let st: Value = reqwest::Client::new()
+        .get(format!("http://{addr}/status"))
+        .bearer_auth("token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(st["jobs"]["completed"], 16);
+    assert_eq!(st["registered"], true);
+    assert_eq!(st["applied_config"], st["network_config"]);
+    node.run.abort();
+}
+
+#[tokio::test]
+async fn runtime_down_makes_node_unready_and_back_ready() {
+    let net = network(SimConfig {
+        prefill_ms: 0,
+        decode_us_per_token: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    let node = spawn(settings(&net, "a"));
+    wait_ready(&node).await;
+    let addr = node.agent.api_addr().unwrap();
+    assert_eq!(
+        reqwest::get(format!("http://{addr}/readyz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    net.sim
+        .set_faults(Faults {
+            down: true,
+            ..Faults::default()
+        })
+        .await;
+    let agent = node.agent.clone();
+    wait_for("runtime reported down", move || {
+        !agent.api.status().runtime.ready
+    })
+    .await;
+    assert_eq!(
+        reqwest::get(format!("http://{addr}/readyz"))
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    // The network hears it too: no eligible node, so requests are not routed to it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while eligible(&net.io).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "network still routes to a node whose runtime is down"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    net.sim.set_faults(Faults::default()).await;
+    wait_ready(&node).await;
+    wait_eligible(&net.io).await;
+    let r = complete(&net.io, "back").await;
+    assert_eq!(r.status(), 200);
+    node.run.abort();
+}
+
+#[tokio::test]
+async fn published_config_is_applied_and_reported() {
+    let net = network(SimConfig {
+        prefill_ms: 0,
+        decode_us_per_token: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    let node = spawn(settings(&net, "a"));
+    wait_ready(&node).await;
+    let v1 = node.agent.api.status().applied_config.unwrap();
+    let mut next = payload();
+    next.sidecar_image = Some("example/sidecar:2".into());
+    let published = net.io.state().publish(next).unwrap();
+    assert!(published.version > v1.version);
+    let agent = node.agent.clone();
+    let want = published.digest.clone();
+    wait_for("new config applied and announced", move || {
+        let s = agent.api.status();
+        s.applied_config.is_some_and(|p| p.digest == want)
+            && s.network_config.is_some_and(|p| p.digest == want)
+    })
+    .await;
+    let st = node.agent.api.status();
+    assert_eq!(st.network_config.unwrap().digest, published.digest);
+    assert!(st.config_error.is_none());
+    node.run.abort();
+
+    // A restarted sidecar keeps the applied config (same data dir) before talking to anyone.
+    let again = Agent::new(settings(&net, "a")).unwrap();
+    assert_eq!(
+        again.api.status().applied_config.unwrap().digest,
+        published.digest
+    );
+}
+
+#[tokio::test]
+async fn model_failing_its_test_inference_stays_failed_and_gets_no_jobs() {
+    let net = network(SimConfig {
+        prefill_ms: 0,
+        decode_us_per_token: 0,
+        faults: Faults {
+            failing_models: vec![MODEL.into()],
+            ..Faults::default()
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    let node = spawn(settings(&net, "a"));
+    let agent = node.agent.clone();
+    wait_for("model failed", move || {
+        agent
+            .api
+            .status()
+            .models
+            .iter()
+            .any(|m| m.state == ModelState::Failed)
+    })
+    .await;
+    let agent = node.agent.clone();
+    wait_for("heartbeat reported", move || {
+        agent.api.status().last_heartbeat_ms.is_some()
+    })
+    .await;
+    assert!(!eligible(&net.io).await);
+    let r = complete(&net.io, "x").await;
+    assert!(
+        !r.status().is_success(),
+        "a job was served by a failed model"
+    );
+    assert_eq!(net.sim.stats().completed, 0);
+    node.run.abort();
+}
+
+#[tokio::test]
+async fn drain_finishes_in_flight_jobs_and_exits_clean() {
+    let net = network(SimConfig {
+        prefill_ms: 400,
+        decode_us_per_token: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    let node = spawn(settings(&net, "a"));
+    wait_ready(&node).await;
+    wait_eligible(&net.io).await;
+    let base = net.io.base_url();
+    let calls: Vec<_> = (0..4)
+        .map(|i| {
+            let base = base.clone();
+            tokio::spawn(async move {
+                reqwest::Client::new()
+                    .post(format!("{base}/v1/completions"))
+                    .json(&json!({"model": MODEL, "prompt": format!("d{i}"), "max_tokens": 6}))
+                    .timeout(Duration::from_secs(15))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            })
+        })
+        .collect();
+    let agent = node.agent.clone();
+    wait_for("jobs in flight", move || {
+        agent.api.status().jobs.in_flight == 4
+    })
+    .await;
+    // POST /drain with the token, as the operator's finalizer and preStop hook do.
+    let addr = node.agent.api_addr().unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("http://{addr}/drain"))
+        .bearer_auth("token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let exit = tokio::time::timeout(Duration::from_secs(15), node.run)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit, Exit::Drained);
+    for c in calls {
+        assert_eq!(c.await.unwrap(), 200);
+    }
+    assert_eq!(node.agent.outbox_pending(), 0);
+    let st = node.agent.api.status();
+    assert!(st.drained);
+    assert_eq!(st.phase, NodePhase::Drained);
+    assert_eq!(st.jobs.completed, 4);
+}
