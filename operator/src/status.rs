@@ -285,7 +285,9 @@ pub fn compute_node_status(o: &Observed<'_>) -> ResultityNodeStatus {
         None if failing.is_some() => NodePhase::Failed,
         None if o.pod.is_none() || !conds[0].is_true() => NodePhase::Pending,
         None if ready_true => NodePhase::Ready,
-        None if !conds[1].is_true() || report.is_none() => NodePhase::Starting,
+        None if !conds[1].is_true() => NodePhase::Starting,
+        // A sidecar that has not started yet is starting; one that stopped answering is not.
+        None if matches!(o.sidecar, SidecarObservation::NotRunning) => NodePhase::Starting,
         None => NodePhase::Degraded,
     };
     if let (Some((reason, message)), Some(c)) = (failing, conds.get_mut(1))

@@ -269,7 +269,7 @@ fn status_sidecar_unreachable_is_unknown_not_false() {
         assert_eq!(cond(&s, t), ("Unknown", "SidecarUnreachable"), "{t}");
     }
     assert_eq!(cond(&s, types::READY).0, "False");
-    assert_eq!(s.phase, NodePhase::Starting);
+    assert_eq!(s.phase, NodePhase::Degraded);
     insta::assert_yaml_snapshot!("status_sidecar_unreachable", s);
 }
 
