@@ -172,7 +172,7 @@ struct Call {
     method: Method,
     path: &'static str,
     query: &'static [&'static str],
-    check: Option<Check>,
+    checks: Vec<Check>,
     reply: Reply,
 }
 
@@ -182,7 +182,7 @@ impl Call {
             method,
             path,
             query: &[],
-            check: None,
+            checks: Vec::new(),
             reply: Box::new(|_| (200, json!({}))),
         }
     }
@@ -215,8 +215,9 @@ impl Call {
             .check(move |b| assert_eq!(b["reason"], reason, "event: {b}"))
             .reply(|body| (201, body.clone()))
     }
+    /// Adds a body check (checks accumulate).
     fn check(mut self, f: impl Fn(&Value) + Send + 'static) -> Self {
-        self.check = Some(Box::new(f));
+        self.checks.push(Box::new(f));
         self
     }
     fn reply(mut self, f: impl Fn(&Value) -> (u16, Value) + Send + 'static) -> Self {
@@ -247,7 +248,7 @@ async fn serve(mut handle: Handle<Request<Body>, Response<Body>>, script: Vec<Ca
         } else {
             serde_json::from_slice(&bytes).unwrap()
         };
-        if let Some(check) = &call.check {
+        for check in &call.checks {
             check(&body);
         }
         let (status, answer) = (call.reply)(&body);
@@ -913,4 +914,27 @@ fn network_refusals_have_reasons() {
         ("False", "FetchFailed")
     );
     assert!(notice.is_none());
+}
+
+#[tokio::test]
+async fn malformed_object_is_reported_not_retried() {
+    use kube::core::DeserializeGuard;
+    use kube::core::error_boundary::InvalidObject;
+    // What a watch yields for an object that does not fit the type (e.g. an older CRD).
+    let raw = json!({
+        "apiVersion": "resultity.com/v1alpha1", "kind": "ResultityNode",
+        "metadata": {"name": "gpu-a", "namespace": "fleet", "uid": "u-1"},
+        "spec": {"networkRef": "not-an-object"}
+    });
+    let guard: DeserializeGuard<ResultityNode> = serde_json::from_value(raw).unwrap();
+    assert!(matches!(&guard.0, Err(InvalidObject { .. })));
+    let script = vec![Call::event(EVENTS, "MalformedObject").check(|b| {
+        assert_eq!(b["type"], "Warning");
+        assert_eq!(b["regarding"]["name"], "gpu-a");
+    })];
+    let action = world(script, FakeSidecar::answering(vec![]), no_source())
+        .run(move |ctx| Box::pin(node::reconcile_guarded(Arc::new(guard), ctx)))
+        .await
+        .unwrap();
+    assert_eq!(action, Action::await_change());
 }

@@ -3,11 +3,14 @@
 pub mod network;
 pub mod node;
 
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::Client;
-use kube::runtime::events::{Event, Recorder, Reporter};
+use kube::core::error_boundary::InvalidObject;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource};
 use resultity_protocol::clock::Clock;
 
 use crate::config_source::ConfigSource;
@@ -71,4 +74,59 @@ impl Context {
             tracing::warn!(reason = %event.reason, error = %e, "publishing event failed");
         }
     }
+}
+
+/// Predicate for the primary resources' watches: spec (generation), finalizers and deletion
+/// trigger a reconcile; our own status writes do not, or every status update (heartbeat
+/// times, fetch times) would reconcile again at once.
+pub fn meaningful_change<K: Resource>(obj: &K) -> Option<u64> {
+    let m = obj.meta();
+    let mut h = DefaultHasher::new();
+    m.generation.hash(&mut h);
+    m.finalizers.hash(&mut h);
+    m.deletion_timestamp
+        .as_ref()
+        .map(|t| t.0.as_millisecond())
+        .hash(&mut h);
+    Some(h.finish())
+}
+
+/// An object that does not deserialize into its type (schema drift, an older CRD version):
+/// tell its owner through a Warning event and wait for it to change, instead of failing the
+/// whole watch or retrying in a loop.
+pub async fn report_malformed<K: Resource<DynamicType = ()>>(
+    invalid: &InvalidObject,
+    ctx: &Context,
+    controller: &'static str,
+) -> Action {
+    let m = &invalid.metadata;
+    tracing::warn!(
+        kind = %K::kind(&()),
+        name = m.name.as_deref().unwrap_or(""),
+        namespace = m.namespace.as_deref().unwrap_or(""),
+        error = %invalid.error,
+        "malformed object skipped"
+    );
+    ctx.metrics.failure(controller, "malformed_object");
+    let reference = ObjectReference {
+        api_version: Some(K::api_version(&()).into_owned()),
+        kind: Some(K::kind(&()).into_owned()),
+        name: m.name.clone(),
+        namespace: m.namespace.clone(),
+        uid: m.uid.clone(),
+        resource_version: m.resource_version.clone(),
+        ..ObjectReference::default()
+    };
+    ctx.publish(
+        &reference,
+        Event {
+            type_: EventType::Warning,
+            reason: "MalformedObject".into(),
+            note: Some(format!("cannot read this object: {}", invalid.error)),
+            action: "Reconcile".into(),
+            secondary: None,
+        },
+    )
+    .await;
+    Action::await_change()
 }

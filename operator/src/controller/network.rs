@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
@@ -292,8 +293,34 @@ async fn reconcile_inner(net: &ResultityNetwork, ctx: &Context) -> Result<Action
     ))))
 }
 
+/// Entry point for a watch that tolerates malformed objects.
+pub async fn reconcile_guarded(
+    obj: Arc<DeserializeGuard<ResultityNetwork>>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
+    match &obj.0 {
+        Ok(net) => reconcile(Arc::new(net.clone()), ctx).await,
+        Err(invalid) => {
+            Ok(super::report_malformed::<ResultityNetwork>(invalid, &ctx, "network").await)
+        }
+    }
+}
+
+/// [`error_policy`] for [`reconcile_guarded`].
+pub fn error_policy_guarded(
+    _obj: Arc<DeserializeGuard<ResultityNetwork>>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    policy(error, &ctx)
+}
+
 /// Backoff after a failed network reconcile (the status patch failed: API trouble).
 pub fn error_policy(_net: Arc<ResultityNetwork>, error: &Error, ctx: Arc<Context>) -> Action {
+    policy(error, &ctx)
+}
+
+fn policy(error: &Error, ctx: &Context) -> Action {
     ctx.metrics.failure("network", error.metric_label());
     tracing::warn!(error = %error, "network reconcile failed");
     Action::requeue(Duration::from_secs(30))

@@ -8,6 +8,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -189,8 +190,32 @@ pub async fn reconcile(node: Arc<ResultityNode>, ctx: Arc<Context>) -> Result<Ac
     result
 }
 
+/// Entry point for a watch that tolerates malformed objects.
+pub async fn reconcile_guarded(
+    obj: Arc<DeserializeGuard<ResultityNode>>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
+    match &obj.0 {
+        Ok(node) => reconcile(Arc::new(node.clone()), ctx).await,
+        Err(invalid) => Ok(super::report_malformed::<ResultityNode>(invalid, &ctx, "node").await),
+    }
+}
+
+/// [`error_policy`] for [`reconcile_guarded`].
+pub fn error_policy_guarded(
+    _obj: Arc<DeserializeGuard<ResultityNode>>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    policy(error, &ctx)
+}
+
 /// What to do after an error: back off without hammering the API server.
 pub fn error_policy(_node: Arc<ResultityNode>, error: &Error, ctx: Arc<Context>) -> Action {
+    policy(error, &ctx)
+}
+
+fn policy(error: &Error, ctx: &Context) -> Action {
     match error {
         // Waiting for a drain is progress, not failure.
         Error::Draining => Action::requeue(Duration::from_secs(5)),
