@@ -938,3 +938,36 @@ async fn malformed_object_is_reported_not_retried() {
         .unwrap();
     assert_eq!(action, Action::await_change());
 }
+
+#[tokio::test]
+async fn evicted_pod_is_replaced() {
+    let n = finalized_node();
+    let mut evicted = running_pod(&n);
+    let st = evicted.status.as_mut().unwrap();
+    st.phase = Some("Failed".into());
+    st.reason = Some("Evicted".into());
+    st.pod_ip = None;
+    let script = vec![
+        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        Call::get(SECRET, secret(&n)),
+        Call::get(POD, &evicted),
+        Call::new(Method::DELETE, POD).reply({
+            let p = serde_json::to_value(&evicted).unwrap();
+            move |_| (200, p.clone())
+        }),
+        Call::event(EVENTS, "PodReplaced").check(|b| {
+            assert_eq!(b["type"], "Warning");
+            assert!(b["note"].as_str().unwrap().contains("Evicted"));
+        }),
+        Call::apply_status(NODE_STATUS, &n).check(|b| {
+            let s = status_of(b);
+            assert_eq!(s.phase, NodePhase::Pending);
+            assert_eq!(cond(&s, "PodScheduled"), ("False", "PodMissing"));
+        }),
+    ];
+    let action = world(script, FakeSidecar::answering(vec![]), no_source())
+        .run(reconcile_node(n))
+        .await
+        .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(2)));
+}

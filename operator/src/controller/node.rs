@@ -107,6 +107,16 @@ async fn ensure_identity(
     }
 }
 
+/// A pod in phase Failed or Succeeded never runs again (eviction, node shutdown).
+fn pod_finished(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .is_some_and(|p| p == "Failed" || p == "Succeeded")
+}
+
 /// Where to reach the pod's sidecar, if it is running.
 fn sidecar_target(pod: &Pod, token: &str, port: u16) -> Option<SidecarTarget> {
     if pod.metadata.deletion_timestamp.is_some() {
@@ -306,6 +316,32 @@ async fn apply(node: &ResultityNode, ctx: &Context) -> Result<Action> {
                 pod = Some(applied);
                 drain_started = None;
                 target = None;
+            }
+            Some(p) if pod_finished(p) => {
+                // Evicted or otherwise finished: it will never run again and holds the name.
+                pods.delete(&pod_name, &DeleteParams::default())
+                    .await
+                    .map_err(Error::kube("delete pod"))?;
+                let reason = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.reason.clone())
+                    .unwrap_or_else(|| "Failed".into());
+                ctx.publish(
+                    &node.object_ref(&()),
+                    Event {
+                        type_: EventType::Warning,
+                        reason: "PodReplaced".into(),
+                        note: Some(format!("pod {pod_name} finished ({reason}); replacing it")),
+                        action: "ReplacePod".into(),
+                        secondary: None,
+                    },
+                )
+                .await;
+                pod = None;
+                drain_started = None;
+                target = None;
+                requeue = Duration::from_secs(2);
             }
             Some(p) if p.metadata.deletion_timestamp.is_some() => {
                 // The old pod is still terminating; create the new one once it is gone.
