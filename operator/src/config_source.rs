@@ -8,6 +8,8 @@ use futures::future::BoxFuture;
 use resultity_protocol::limits::MAX_CONFIG_BYTES;
 use resultity_protocol::messages::http::paths;
 
+use crate::sidecar::{LimitedError, read_limited};
+
 /// Why the config could not be fetched (verification errors are separate).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FetchError {
@@ -71,20 +73,15 @@ impl ConfigSource for HttpConfigSource {
             if !(200..300).contains(&status) {
                 return Err(FetchError::Status { url, status });
             }
-            if resp.content_length().unwrap_or(0) > MAX_CONFIG_BYTES as u64 {
-                return Err(FetchError::TooLarge {
-                    url,
-                    max: MAX_CONFIG_BYTES,
-                });
-            }
-            let body = resp.bytes().await.map_err(err)?;
-            if body.len() > MAX_CONFIG_BYTES {
-                return Err(FetchError::TooLarge {
-                    url,
-                    max: MAX_CONFIG_BYTES,
-                });
-            }
-            Ok(body.to_vec())
+            read_limited(resp, MAX_CONFIG_BYTES)
+                .await
+                .map_err(|e| match e {
+                    LimitedError::TooLarge => FetchError::TooLarge {
+                        url: url.clone(),
+                        max: MAX_CONFIG_BYTES,
+                    },
+                    LimitedError::Http(e) => err(e),
+                })
         })
     }
 }

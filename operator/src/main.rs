@@ -176,3 +176,28 @@ async fn main() -> anyhow::Result<()> {
         Command::Run(args) => run_command(*args).await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    #[test]
+    fn cli_is_consistent_and_every_run_flag_reads_the_environment() {
+        Cli::command().debug_assert();
+        let cmd = Cli::command();
+        let run = cmd.find_subcommand("run").unwrap();
+        for arg in run.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            assert!(
+                arg.get_env().is_some(),
+                "--{id} has no environment variable"
+            );
+            assert!(arg.get_help().is_some(), "--{id} is undocumented");
+        }
+    }
+}

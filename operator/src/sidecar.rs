@@ -133,13 +133,12 @@ impl SidecarClient for HttpSidecarClient {
                 .await
                 .map_err(|e| self.map_err(&e))?;
             Self::check(resp.status())?;
-            if resp.content_length().unwrap_or(0) > MAX_STATUS_BYTES as u64 {
-                return Err(SidecarError::Malformed("body too large".into()));
-            }
-            let body = resp.bytes().await.map_err(|e| self.map_err(&e))?;
-            if body.len() > MAX_STATUS_BYTES {
-                return Err(SidecarError::Malformed("body too large".into()));
-            }
+            let body = read_limited(resp, MAX_STATUS_BYTES)
+                .await
+                .map_err(|e| match e {
+                    LimitedError::TooLarge => SidecarError::Malformed("body too large".into()),
+                    LimitedError::Http(e) => self.map_err(&e),
+                })?;
             serde_json::from_slice(&body).map_err(|e| SidecarError::Malformed(e.to_string()))
         })
     }
@@ -161,4 +160,30 @@ impl SidecarClient for HttpSidecarClient {
             Self::check(resp.status())
         })
     }
+}
+
+/// Why [`read_limited`] stopped.
+#[derive(Debug)]
+pub(crate) enum LimitedError {
+    TooLarge,
+    Http(reqwest::Error),
+}
+
+/// Reads a response body chunk by chunk and stops past `max` bytes, so a peer cannot make
+/// the operator buffer an unbounded body (a chunked response has no length to check first).
+pub(crate) async fn read_limited(
+    mut resp: reqwest::Response,
+    max: usize,
+) -> Result<Vec<u8>, LimitedError> {
+    if resp.content_length().is_some_and(|n| n > max as u64) {
+        return Err(LimitedError::TooLarge);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(LimitedError::Http)? {
+        if body.len() + chunk.len() > max {
+            return Err(LimitedError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
