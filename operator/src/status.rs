@@ -23,7 +23,15 @@ pub mod types {
     pub const REGISTERED: &str = "Registered";
     pub const CONNECTED: &str = "Connected";
     pub const CONFIG_IN_SYNC: &str = "ConfigInSync";
+    /// NVML reports no ECC/XID trouble and at least `spec.gpu.minMemoryMib`.
+    pub const GPU_HEALTHY: &str = "GPUHealthy";
+    /// Aggregate of the conditions above (GPUHealthy included).
     pub const READY: &str = "Ready";
+    /// Informational, not part of Ready: the network's own verdict (eligible, penalty, reason),
+    /// kept apart because a Ready node can still be unroutable for reasons of the network.
+    pub const NETWORK_ROUTABLE: &str = "NetworkRoutable";
+    /// Informational: a drain is under way.
+    pub const DRAINING: &str = "Draining";
 }
 
 /// What the operator learned from the sidecar this round.
@@ -253,7 +261,54 @@ pub fn compute_node_status(o: &Observed<'_>) -> ResultityNodeStatus {
         },
     };
 
-    let mut conds = vec![scheduled, runtime_ready, registered, connected, in_sync];
+    let gpu_healthy = match report {
+        None => sidecar_unknown(GPU_HEALTHY),
+        Some(r) if !r.gpu.present => Cond::new(
+            GPU_HEALTHY,
+            FALSE,
+            "NoGPU",
+            r.gpu
+                .reason
+                .clone()
+                .unwrap_or_else(|| "no GPU visible to the sidecar".into()),
+        ),
+        Some(r) if !r.gpu.healthy() => {
+            let bad: Vec<String> = r
+                .gpu
+                .devices
+                .iter()
+                .filter(|d| !d.healthy)
+                .map(|d| {
+                    format!(
+                        "GPU {} ({}): ecc_uncorrected={:?} last_xid={:?}",
+                        d.index, d.uuid, d.ecc_uncorrected, d.last_xid
+                    )
+                })
+                .collect();
+            Cond::new(GPU_HEALTHY, FALSE, "GPUErrors", bad.join("; "))
+        }
+        Some(r) => match o.node.spec.gpu.min_memory_mib {
+            Some(min) if r.gpu.memory_total_mib() < min => Cond::new(
+                GPU_HEALTHY,
+                FALSE,
+                "InsufficientMemory",
+                format!(
+                    "GPUs report {} MiB, spec.gpu.minMemoryMib is {min}",
+                    r.gpu.memory_total_mib()
+                ),
+            ),
+            _ => Cond::new(GPU_HEALTHY, TRUE, "Healthy", ""),
+        },
+    };
+
+    let mut conds = vec![
+        scheduled,
+        runtime_ready,
+        registered,
+        connected,
+        in_sync,
+        gpu_healthy,
+    ];
     let ready = if let Some(b) = o.blocker {
         Cond::new(READY, FALSE, b.reason(), b.message())
     } else if o.node.spec.paused {
@@ -274,9 +329,61 @@ pub fn compute_node_status(o: &Observed<'_>) -> ResultityNodeStatus {
     };
     let ready_true = ready.is_true();
     conds.push(ready);
+    let routable = match report.map(|r| &r.verdict) {
+        None => sidecar_unknown(NETWORK_ROUTABLE),
+        Some(None) => Cond::new(
+            NETWORK_ROUTABLE,
+            UNKNOWN,
+            "NoVerdict",
+            "the network has not answered a heartbeat yet",
+        ),
+        Some(Some(v)) if v.eligible => Cond::new(
+            NETWORK_ROUTABLE,
+            TRUE,
+            "Eligible",
+            format!("score {}, penalty {}", v.score, v.penalty),
+        ),
+        Some(Some(v)) => Cond::new(
+            NETWORK_ROUTABLE,
+            FALSE,
+            if v.suspended_until_ms.is_some() {
+                "Suspended"
+            } else {
+                "NotEligible"
+            },
+            format!(
+                "{} (score {}, penalty {})",
+                v.reason.clone().unwrap_or_default(),
+                v.score,
+                v.penalty
+            ),
+        ),
+    };
+    conds.push(routable);
 
     let draining = o.drain_started.is_some()
         || report.is_some_and(|r| r.draining || r.phase == SidecarPhase::Draining);
+    conds.push(if draining {
+        Cond::new(
+            DRAINING,
+            TRUE,
+            if o.drain_started.is_some() {
+                "Replacing"
+            } else {
+                "SidecarDraining"
+            },
+            report
+                .map(|r| {
+                    format!(
+                        "{} jobs in flight, outbox {}",
+                        r.jobs.in_flight, r.jobs.outbox
+                    )
+                })
+                .unwrap_or_default(),
+        )
+    } else {
+        Cond::new(DRAINING, FALSE, "NotDraining", "")
+    });
     let phase = match o.blocker {
         Some(Blocker::Invalid(_)) => NodePhase::Invalid,
         Some(_) => NodePhase::Pending,

@@ -384,3 +384,45 @@ fn status_keeps_transition_time_when_unchanged() {
             .all(|c| c.last_transition_time.0.as_second() == 1_700_000_000)
     );
 }
+
+#[test]
+fn status_gpu_trouble_and_network_verdict() {
+    let pod: Pod = fixture("pod-running-ready.yaml");
+
+    let mut xid = report();
+    xid.gpu.devices[0].healthy = false;
+    xid.gpu.devices[0].last_xid = Some(79);
+    let s = status_for(Some(&pod), SidecarObservation::Report(Box::new(xid)));
+    assert_eq!(cond(&s, types::GPU_HEALTHY), ("False", "GPUErrors"));
+    assert_eq!(cond(&s, types::READY), ("False", "NotGPUHealthy"));
+    assert_eq!(s.phase, NodePhase::Degraded);
+
+    // The fixture node asks for 24000 MiB; a 16 GiB card is not enough.
+    let mut small = report();
+    small.gpu.devices[0].memory_total_mib = 16_384;
+    let s = status_for(Some(&pod), SidecarObservation::Report(Box::new(small)));
+    assert_eq!(
+        cond(&s, types::GPU_HEALTHY),
+        ("False", "InsufficientMemory")
+    );
+
+    // A penalized node is Ready (its own health is fine) but not routable, with the reason.
+    let mut penalized = report();
+    penalized.verdict = Some(resultity_protocol::messages::Verdict {
+        eligible: false,
+        score: 120,
+        penalty: 700,
+        reason: Some("3 late results in 10 minutes".into()),
+        suspended_until_ms: None,
+    });
+    let s = status_for(Some(&pod), SidecarObservation::Report(Box::new(penalized)));
+    assert_eq!(cond(&s, types::READY).0, "True");
+    assert_eq!(cond(&s, types::NETWORK_ROUTABLE), ("False", "NotEligible"));
+    let msg = &s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == types::NETWORK_ROUTABLE)
+        .unwrap()
+        .message;
+    assert!(msg.contains("3 late results"), "{msg}");
+}
