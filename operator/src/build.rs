@@ -1,0 +1,401 @@
+//! Build step: the desired identity Secret and Pod for a ResultityNode. Pure functions of their
+//! inputs, so every manifest the operator applies is reviewed as a snapshot.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
+    HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, PodSpec, Probe,
+    ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Volume,
+    VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+use sha2::{Digest, Sha256};
+
+use crate::crd::{
+    ANNOTATION_SPEC_HASH, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAME, LABEL_NODE, LABEL_NODE_ID,
+    MANAGER, ResultityNode, RuntimeKind,
+};
+use crate::error::{Error, Result};
+use crate::validate::{Defaults, Resolved};
+
+/// Key of the node's ed25519 key file in the identity Secret.
+pub const SECRET_KEY_FILE: &str = "node.key";
+/// Key of the bearer token that guards the sidecar's admin API.
+pub const SECRET_ADMIN_TOKEN: &str = "admin-token";
+/// Where the sidecar finds its identity.
+pub const IDENTITY_DIR: &str = "/var/run/resultity/identity";
+const RUNTIME: &str = "runtime";
+const SIDECAR: &str = "sidecar";
+/// Extra time beyond the drain timeout for the sidecar to flush and exit.
+const GRACE_MARGIN_SECONDS: i64 = 30;
+/// Non-root uid of the distroless sidecar image.
+const SIDECAR_UID: i64 = 65532;
+
+/// Name of the runtime container (status reads its container status).
+pub fn runtime_container_name() -> &'static str {
+    RUNTIME
+}
+/// Name of the sidecar container.
+pub fn sidecar_container_name() -> &'static str {
+    SIDECAR
+}
+
+fn labels(node: &ResultityNode, node_id: Option<&str>) -> BTreeMap<String, String> {
+    let name = node.metadata.name.clone().unwrap_or_default();
+    let mut l = BTreeMap::from([
+        (LABEL_NAME.to_owned(), "resultity-node".to_owned()),
+        (LABEL_INSTANCE.to_owned(), name.clone()),
+        (LABEL_MANAGED_BY.to_owned(), MANAGER.to_owned()),
+        (LABEL_NODE.to_owned(), name),
+    ]);
+    if let Some(id) = node_id {
+        l.insert(LABEL_NODE_ID.to_owned(), id.to_owned());
+    }
+    l
+}
+
+/// The identity Secret for a fresh key. Deliberately without an owner reference: whether it
+/// outlives the ResultityNode is `spec.identity.deletionPolicy`'s decision, carried out by
+/// the finalizer.
+pub fn build_identity_secret(
+    node: &ResultityNode,
+    key_file_text: &str,
+    node_id: &str,
+    admin_token: &str,
+) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(node.identity_secret_name()),
+            namespace: node.metadata.namespace.clone(),
+            labels: Some(labels(node, Some(node_id))),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".into()),
+        immutable: Some(true),
+        data: Some(BTreeMap::from([
+            (
+                SECRET_KEY_FILE.to_owned(),
+                ByteString(key_file_text.as_bytes().to_vec()),
+            ),
+            (
+                SECRET_ADMIN_TOKEN.to_owned(),
+                ByteString(admin_token.as_bytes().to_vec()),
+            ),
+        ])),
+        ..Secret::default()
+    }
+}
+
+fn http_probe(path: &str, port: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String(port.into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(3),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+fn runtime_container(node: &ResultityNode, resolved: &Resolved, defaults: &Defaults) -> Container {
+    let spec = &node.spec.runtime;
+    let port = defaults.runtime_port.to_string();
+    let (command, mut args, ready_path, live_path) = match spec.kind {
+        RuntimeKind::Vllm => {
+            let mut args = vec!["--port".to_owned(), port.clone()];
+            if let Some(m) = node.spec.models.first() {
+                args.extend([
+                    "--model".to_owned(),
+                    m.id.clone(),
+                    "--revision".to_owned(),
+                    m.revision.clone(),
+                ]);
+            }
+            (None, args, "/health", "/health")
+        }
+        RuntimeKind::Triton => (
+            Some(vec!["tritonserver".to_owned()]),
+            vec![
+                format!("--http-port={port}"),
+                "--model-control-mode=explicit".to_owned(),
+                "--model-repository=/models".to_owned(),
+            ],
+            "/v2/health/ready",
+            "/v2/health/live",
+        ),
+    };
+    args.extend(spec.extra_args.iter().cloned());
+
+    let mut resources = spec.resources.clone().unwrap_or_default();
+    let gpus = Quantity(node.spec.gpu.count.to_string());
+    resources
+        .limits
+        .get_or_insert_with(BTreeMap::new)
+        .insert(node.spec.gpu.resource_name.clone(), gpus.clone());
+    // Extended resources must have request == limit; set both so a user request cannot differ.
+    if let Some(req) = resources.requests.as_mut() {
+        req.insert(node.spec.gpu.resource_name.clone(), gpus);
+    }
+
+    Container {
+        name: RUNTIME.into(),
+        image: Some(resolved.runtime_image.clone()),
+        command,
+        args: Some(args),
+        env: (!spec.env.is_empty()).then(|| spec.env.clone()),
+        ports: Some(vec![ContainerPort {
+            name: Some("runtime".into()),
+            container_port: i32::from(defaults.runtime_port),
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        resources: Some(resources),
+        // Model loading can take many minutes: the startup probe holds liveness off until
+        // the engine first answers, instead of killing a pod that is still loading weights.
+        startup_probe: Some(http_probe(live_path, "runtime", 10, 180)),
+        liveness_probe: Some(http_probe(live_path, "runtime", 15, 4)),
+        readiness_probe: Some(http_probe(ready_path, "runtime", 5, 3)),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "dshm".into(),
+            mount_path: "/dev/shm".into(),
+            ..VolumeMount::default()
+        }]),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    }
+}
+
+fn sidecar_container(node: &ResultityNode, resolved: &Resolved, defaults: &Defaults) -> Container {
+    let spec = &node.spec;
+    let token_file = format!("{IDENTITY_DIR}/{SECRET_ADMIN_TOKEN}");
+    let mut args = vec![
+        "run".to_owned(),
+        format!("--network-id={}", resolved.network_id),
+        format!("--io-endpoint={}", resolved.io_endpoint),
+        format!("--runtime={}", spec.runtime.kind.as_str()),
+        format!("--runtime-url=http://127.0.0.1:{}", defaults.runtime_port),
+        format!("--identity-file={IDENTITY_DIR}/{SECRET_KEY_FILE}"),
+        format!("--admin-token-file={token_file}"),
+        format!("--listen=0.0.0.0:{}", defaults.sidecar_port),
+        "--state-dir=/var/lib/resultity".to_owned(),
+        format!("--participation={}", spec.participation.as_str()),
+        format!("--drain-timeout-seconds={}", spec.drain_timeout_seconds),
+    ];
+    for key in &resolved.network_keys {
+        args.push(format!("--network-key={key}"));
+    }
+    for m in &spec.models {
+        args.push(format!("--model={}@{}", m.id, m.revision));
+    }
+    if let Some(sub) = &spec.subcloud {
+        args.push(format!("--subcloud={sub}"));
+    }
+    let field = |path: &str| EnvVarSource {
+        field_ref: Some(ObjectFieldSelector {
+            field_path: path.into(),
+            ..ObjectFieldSelector::default()
+        }),
+        ..EnvVarSource::default()
+    };
+    Container {
+        name: SIDECAR.into(),
+        image: Some(resolved.sidecar_image.clone()),
+        args: Some(args),
+        env: Some(vec![
+            EnvVar {
+                name: "RESULTITY_POD_NAME".into(),
+                value_from: Some(field("metadata.name")),
+                ..EnvVar::default()
+            },
+            EnvVar {
+                name: "RESULTITY_POD_NAMESPACE".into(),
+                value_from: Some(field("metadata.namespace")),
+                ..EnvVar::default()
+            },
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("admin".into()),
+            container_port: i32::from(defaults.sidecar_port),
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_owned(), Quantity("100m".into())),
+                ("memory".to_owned(), Quantity("128Mi".into())),
+            ])),
+            limits: Some(BTreeMap::from([(
+                "memory".to_owned(),
+                Quantity("512Mi".into()),
+            )])),
+            ..ResourceRequirements::default()
+        }),
+        liveness_probe: Some(http_probe("/healthz", "admin", 10, 3)),
+        readiness_probe: Some(http_probe("/readyz", "admin", 5, 3)),
+        // Drain before the kubelet sends SIGTERM: the network stops dispatching and in-flight
+        // jobs finish or are handed back. Exec (not httpGet) so the admin token never appears
+        // in the pod spec.
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec![
+                        "/resultity-sidecar".to_owned(),
+                        "drain".to_owned(),
+                        "--wait".to_owned(),
+                        format!("--admin-token-file={token_file}"),
+                        format!("--timeout-seconds={}", spec.drain_timeout_seconds),
+                    ]),
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "identity".into(),
+                mount_path: IDENTITY_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "state".into(),
+                mount_path: "/var/lib/resultity".into(),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "tmp".into(),
+                mount_path: "/tmp".into(),
+                ..VolumeMount::default()
+            },
+        ]),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(SIDECAR_UID),
+            run_as_group: Some(SIDECAR_UID),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    }
+}
+
+/// The desired Pod, with the [`ANNOTATION_SPEC_HASH`] annotation over everything else.
+pub fn build_pod(
+    node: &ResultityNode,
+    resolved: &Resolved,
+    node_id: &str,
+    defaults: &Defaults,
+) -> Result<Pod> {
+    let owner = node
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingField("ResultityNode metadata.uid"))?;
+    let scheduling = node.spec.scheduling.clone().unwrap_or_default();
+    let grace = i64::from(node.spec.drain_timeout_seconds) + GRACE_MARGIN_SECONDS;
+    let secret_mode = 0o440;
+    let mut pod = Pod {
+        metadata: ObjectMeta {
+            name: Some(node.pod_name()),
+            namespace: node.metadata.namespace.clone(),
+            labels: Some(labels(node, Some(node_id))),
+            owner_references: Some(vec![owner]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            // The GPU pod holds no Kubernetes credentials.
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            restart_policy: Some("Always".into()),
+            termination_grace_period_seconds: Some(grace),
+            node_selector: (!scheduling.node_selector.is_empty())
+                .then_some(scheduling.node_selector),
+            tolerations: (!scheduling.tolerations.is_empty()).then_some(scheduling.tolerations),
+            affinity: scheduling.affinity,
+            priority_class_name: scheduling.priority_class_name,
+            security_context: Some(k8s_openapi::api::core::v1::PodSecurityContext {
+                fs_group: Some(SIDECAR_UID),
+                ..Default::default()
+            }),
+            containers: vec![
+                runtime_container(node, resolved, defaults),
+                sidecar_container(node, resolved, defaults),
+            ],
+            volumes: Some(vec![
+                Volume {
+                    name: "dshm".into(),
+                    // vLLM/NCCL need a large shared memory segment; the container default is 64 MiB.
+                    empty_dir: Some(EmptyDirVolumeSource {
+                        medium: Some("Memory".into()),
+                        ..EmptyDirVolumeSource::default()
+                    }),
+                    ..Volume::default()
+                },
+                Volume {
+                    name: "identity".into(),
+                    secret: Some(SecretVolumeSource {
+                        secret_name: Some(node.identity_secret_name()),
+                        default_mode: Some(secret_mode),
+                        ..SecretVolumeSource::default()
+                    }),
+                    ..Volume::default()
+                },
+                Volume {
+                    name: "state".into(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Volume::default()
+                },
+                Volume {
+                    name: "tmp".into(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Volume::default()
+                },
+            ]),
+            ..PodSpec::default()
+        }),
+        ..Pod::default()
+    };
+    let hash = spec_hash(&pod)?;
+    pod.metadata.annotations = Some(BTreeMap::from([(ANNOTATION_SPEC_HASH.to_owned(), hash)]));
+    Ok(pod)
+}
+
+/// Hash of a desired pod's labels and spec: pods are mostly immutable, so a different hash
+/// means drain and replace rather than patch.
+pub fn spec_hash(pod: &Pod) -> Result<String> {
+    let bytes = serde_json::to_vec(&(&pod.metadata.labels, &pod.spec)).map_err(|source| {
+        Error::Serialize {
+            what: "pod spec",
+            source,
+        }
+    })?;
+    let digest = Sha256::digest(&bytes);
+    Ok(digest.iter().take(8).map(|b| format!("{b:02x}")).collect())
+}
+
+/// The spec hash a live pod was created with.
+pub fn pod_spec_hash(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_SPEC_HASH))
+        .map(String::as_str)
+}

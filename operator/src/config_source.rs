@@ -1,0 +1,87 @@
+//! Fetching a network's signed config (`GET {ioEndpoint}/v1/config`). Behind a trait so the
+//! network reconciler is tested with offered snapshots instead of a server.
+
+use std::fmt;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use resultity_protocol::limits::MAX_CONFIG_BYTES;
+use resultity_protocol::messages::http::paths;
+
+use crate::sidecar::{LimitedError, read_limited};
+
+/// Why the config could not be fetched (verification errors are separate).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    #[error("fetching {url} failed: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("fetching {url} timed out after {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+    #[error("{url} answered HTTP {status}")]
+    Status { url: String, status: u16 },
+    #[error("{url} answered more than {max} bytes")]
+    TooLarge { url: String, max: usize },
+}
+
+/// Source of signed config envelopes.
+pub trait ConfigSource: Send + Sync + fmt::Debug {
+    /// The signed config envelope text served at `io_endpoint`.
+    fn fetch<'a>(&'a self, io_endpoint: &'a str) -> BoxFuture<'a, Result<Vec<u8>, FetchError>>;
+}
+
+/// The real source over HTTP(S).
+#[derive(Debug, Clone)]
+pub struct HttpConfigSource {
+    http: reqwest::Client,
+    timeout: Duration,
+}
+
+impl HttpConfigSource {
+    pub fn new(timeout: Duration) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()?;
+        Ok(Self { http, timeout })
+    }
+}
+
+/// `{endpoint}/v1/config` without a doubled slash.
+pub fn config_url(io_endpoint: &str) -> String {
+    format!("{}{}", io_endpoint.trim_end_matches('/'), paths::CONFIG)
+}
+
+impl ConfigSource for HttpConfigSource {
+    fn fetch<'a>(&'a self, io_endpoint: &'a str) -> BoxFuture<'a, Result<Vec<u8>, FetchError>> {
+        Box::pin(async move {
+            let url = config_url(io_endpoint);
+            let err = |e: reqwest::Error| {
+                if e.is_timeout() {
+                    FetchError::Timeout {
+                        url: url.clone(),
+                        timeout: self.timeout,
+                    }
+                } else {
+                    FetchError::Unreachable {
+                        url: url.clone(),
+                        reason: e.to_string(),
+                    }
+                }
+            };
+            let resp = self.http.get(&url).send().await.map_err(err)?;
+            let status = resp.status().as_u16();
+            if !(200..300).contains(&status) {
+                return Err(FetchError::Status { url, status });
+            }
+            read_limited(resp, MAX_CONFIG_BYTES)
+                .await
+                .map_err(|e| match e {
+                    LimitedError::TooLarge => FetchError::TooLarge {
+                        url: url.clone(),
+                        max: MAX_CONFIG_BYTES,
+                    },
+                    LimitedError::Http(e) => err(e),
+                })
+        })
+    }
+}

@@ -1,0 +1,41 @@
+//! Custom resource types (`resultity.com/v1alpha1`) and their generated CRDs.
+//!
+//! The Rust types are the source of truth: `resultity-operator crd` renders them, `crds/` holds
+//! that output, and a test keeps the two identical.
+
+mod network;
+mod node;
+pub mod schema;
+
+pub use network::*;
+pub use node::*;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+
+/// API group of every Resultity kind.
+pub const GROUP: &str = "resultity.com";
+/// Label and annotation prefix owned by the operator.
+pub const LABEL_NODE: &str = "resultity.com/node";
+pub const LABEL_NODE_ID: &str = "resultity.com/node-id";
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const LABEL_NAME: &str = "app.kubernetes.io/name";
+pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
+pub const MANAGER: &str = "resultity-operator";
+/// Hash of the desired pod spec; a different hash means the pod must be replaced.
+pub const ANNOTATION_SPEC_HASH: &str = "resultity.com/spec-hash";
+
+/// Every CRD the operator serves, in a stable order.
+pub fn all_crds() -> Vec<CustomResourceDefinition> {
+    vec![ResultityNetwork::crd(), ResultityNode::crd()]
+}
+
+/// All CRDs as multi-document YAML, exactly as `crds/resultity.yaml` holds them.
+pub fn crds_yaml() -> Result<String, serde_norway::Error> {
+    let mut out = String::new();
+    for crd in all_crds() {
+        out.push_str("---\n");
+        out.push_str(&serde_norway::to_string(&crd)?);
+    }
+    Ok(out)
+}

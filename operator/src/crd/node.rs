@@ -1,0 +1,356 @@
+//! `ResultityNode` (namespaced): one GPU node serving models for a network. Owns its Pod.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The inference runtime a node runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    Vllm,
+    Triton,
+}
+
+impl From<RuntimeKind> for resultity_protocol::messages::common::RuntimeKind {
+    fn from(k: RuntimeKind) -> Self {
+        match k {
+            RuntimeKind::Vllm => Self::Vllm,
+            RuntimeKind::Triton => Self::Triton,
+        }
+    }
+}
+
+impl RuntimeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Vllm => "vllm",
+            Self::Triton => "triton",
+        }
+    }
+}
+
+/// Which environments' jobs the node accepts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Participation {
+    Testnet,
+    Mainnet,
+    #[default]
+    Both,
+}
+
+impl Participation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Testnet => "testnet",
+            Self::Mainnet => "mainnet",
+            Self::Both => "both",
+        }
+    }
+}
+
+/// What happens to the identity Secret when the ResultityNode is deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum DeletionPolicy {
+    /// Keep the key: re-creating the node later keeps its id and reputation.
+    #[default]
+    Retain,
+    /// Delete the Secret (only one the operator created).
+    Delete,
+}
+
+/// Reference to a cluster-scoped ResultityNetwork.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// The runtime container.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeSpec {
+    pub kind: RuntimeKind,
+    /// Overrides the image the network's config maps to this runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_args: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// CPU and memory; GPU limits come from `spec.gpu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// A model and the exact weights revision to serve.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    #[schemars(length(min = 1, max = 256))]
+    pub id: String,
+    #[schemars(length(min = 1, max = 128))]
+    pub revision: String,
+}
+
+fn default_gpu_count() -> u32 {
+    1
+}
+fn default_gpu_resource() -> String {
+    "nvidia.com/gpu".into()
+}
+
+/// GPU needs of the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuSpec {
+    #[serde(default = "default_gpu_count")]
+    #[schemars(range(min = 1, max = 16))]
+    pub count: u32,
+    /// Extended resource to request: `nvidia.com/gpu`, or a MIG profile such as
+    /// `nvidia.com/mig-1g.10gb`.
+    #[serde(default = "default_gpu_resource")]
+    #[schemars(length(min = 3, max = 317))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?$')",
+        "message": "resourceName must be a qualified extended resource name such as nvidia.com/gpu"
+    }]))]
+    pub resource_name: String,
+    /// Minimum total GPU memory the node must report before it is considered healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_memory_mib: Option<u64>,
+}
+
+impl Default for GpuSpec {
+    fn default() -> Self {
+        Self {
+            count: default_gpu_count(),
+            resource_name: default_gpu_resource(),
+            min_memory_mib: None,
+        }
+    }
+}
+
+/// Where the pod may run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SchedulingSpec {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+}
+
+/// The node's ed25519 identity.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentitySpec {
+    /// Secret holding `node.key` (and `admin-token`); created with a fresh key if absent.
+    /// Defaults to `<name>-identity`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<String>,
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+fn default_drain_timeout() -> u32 {
+    300
+}
+
+/// A GPU node serving approved models for a Resultity network.
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "resultity.com",
+    version = "v1alpha1",
+    kind = "ResultityNode",
+    plural = "resultitynodes",
+    shortname = "rnode",
+    category = "resultity",
+    namespaced,
+    status = "ResultityNodeStatus",
+    doc = "A Resultity GPU node: runtime and sidecar in one pod, with a persistent identity",
+    printcolumn = r#"{"name":"Node ID","type":"string","jsonPath":".status.nodeId"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"In Sync","type":"string","jsonPath":".status.conditions[?(@.type==\"ConfigInSync\")].status"}"#,
+    printcolumn = r#"{"name":"Models","type":"string","jsonPath":".status.modelsSummary"}"#,
+    printcolumn = r#"{"name":"Jobs","type":"integer","jsonPath":".status.jobs.completed"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self.runtime.kind != 'vllm' || size(self.models) == 1",
+    "message": "runtime vllm serves exactly one model per pod"
+}]))]
+pub struct ResultityNodeSpec {
+    pub network_ref: NetworkRef,
+    pub runtime: RuntimeSpec,
+    /// Models to serve; each must be approved by the network for this runtime.
+    #[schemars(length(min = 1, max = 32))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.all(m, self.exists_one(n, n.id == m.id && n.revision == m.revision))",
+        "message": "models must not repeat"
+    }]))]
+    pub models: Vec<ModelSpec>,
+    #[serde(default)]
+    pub gpu: GpuSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduling: Option<SchedulingSpec>,
+    #[serde(default)]
+    pub identity: IdentitySpec,
+    /// How long a drain may take before the pod is replaced or deleted anyway.
+    #[serde(default = "default_drain_timeout")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub drain_timeout_seconds: u32,
+    #[serde(default)]
+    pub participation: Participation,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub subcloud: Option<String>,
+    /// Stop creating or replacing the pod; status keeps being reported.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// Coarse phase for `kubectl get`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum NodePhase {
+    /// Waiting for the network config, the identity or the pod to be scheduled.
+    #[default]
+    Pending,
+    /// Pod running, runtime or sidecar not ready yet.
+    Starting,
+    Ready,
+    /// Running but something is wrong (not connected, config out of sync, GPU unhealthy).
+    Degraded,
+    /// Draining before the pod is replaced or deleted.
+    Draining,
+    /// A container is failing; see the RuntimeReady condition.
+    Failed,
+    /// The spec cannot be applied; see the Ready condition.
+    Invalid,
+    Paused,
+}
+
+impl NodePhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Starting => "Starting",
+            Self::Ready => "Ready",
+            Self::Degraded => "Degraded",
+            Self::Draining => "Draining",
+            Self::Failed => "Failed",
+            Self::Invalid => "Invalid",
+            Self::Paused => "Paused",
+        }
+    }
+}
+
+/// A config version and digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigRef {
+    pub version: u64,
+    pub digest: String,
+}
+
+/// A model's state on the node as the sidecar reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelStateStatus {
+    pub id: String,
+    pub revision: String,
+    /// `pending`, `active`, `inactive` or `failed`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// GPUs as the sidecar's NVML probe sees them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuStatus {
+    pub present: bool,
+    pub count: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product: Option<String>,
+    pub memory_total_mib: u64,
+    pub healthy: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Job counters since the sidecar started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobsStatus {
+    pub completed: u64,
+    pub failed: u64,
+    pub in_flight: u32,
+}
+
+/// Observed state of a ResultityNode.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResultityNodeStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub phase: NodePhase,
+    /// The node's public identity (`rn1…`), also the pod's `resultity.com/node-id` label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
+    /// Config the node applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_config: Option<ConfigRef>,
+    /// Config the operator verified for the network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_config: Option<ConfigRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelStateStatus>,
+    /// `active/total`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models_summary: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<JobsStatus>,
+    /// When the current drain began; bounds the wait by `drainTimeoutSeconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_started_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::crd::schema::conditions")]
+    pub conditions: Vec<Condition>,
+}
+
+impl ResultityNode {
+    /// Name of the identity Secret.
+    pub fn identity_secret_name(&self) -> String {
+        self.spec
+            .identity
+            .secret_ref
+            .clone()
+            .unwrap_or_else(|| format!("{}-identity", self.metadata.name.as_deref().unwrap_or("")))
+    }
+    /// Name of the node's pod.
+    pub fn pod_name(&self) -> String {
+        format!("{}-node", self.metadata.name.as_deref().unwrap_or(""))
+    }
+}

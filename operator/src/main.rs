@@ -1,0 +1,203 @@
+//! `resultity-operator` binary: `crd` prints the CRDs, `run` runs the controllers.
+//! Thin on purpose: everything testable lives in the library.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use resultity_operator::leader::LeaseConfig;
+use resultity_operator::runtime::{RunConfig, run};
+use resultity_operator::validate::Defaults;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "resultity-operator",
+    version,
+    about = "Kubernetes operator for Resultity GPU nodes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print every CRD as multi-document YAML (identical to `crds/resultity.yaml`).
+    Crd,
+    /// Run the controllers (kubeconfig from KUBECONFIG/~/.kube/config, else in-cluster).
+    Run(Box<RunArgs>),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Address of the admin server (/livez, /readyz, /metrics).
+    #[arg(long, env = "RESULTITY_ADMIN_LISTEN", default_value = "0.0.0.0:8080")]
+    admin_listen: SocketAddr,
+    /// Sidecar image when neither the network config nor the ResultityNetwork names one.
+    #[arg(
+        long,
+        env = "RESULTITY_DEFAULT_SIDECAR_IMAGE",
+        default_value = "ghcr.io/resultity/resultity-sidecar:0.1.0"
+    )]
+    default_sidecar_image: String,
+    /// Port of the sidecar admin API inside node pods.
+    #[arg(long, env = "RESULTITY_SIDECAR_PORT", default_value_t = 9090)]
+    sidecar_port: u16,
+    /// Port the runtime listens on inside node pods.
+    #[arg(long, env = "RESULTITY_RUNTIME_PORT", default_value_t = 8000)]
+    runtime_port: u16,
+    /// Timeout of each sidecar call (status pull, drain request), in milliseconds.
+    #[arg(long, env = "RESULTITY_SIDECAR_TIMEOUT_MS", default_value_t = 3000)]
+    sidecar_timeout_ms: u64,
+    /// Timeout of each network config fetch, in milliseconds.
+    #[arg(
+        long,
+        env = "RESULTITY_CONFIG_FETCH_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    config_fetch_timeout_ms: u64,
+    /// Watch ResultityNodes in this namespace only (default: all namespaces).
+    #[arg(long, env = "RESULTITY_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Elect a leader through a coordination.k8s.io Lease before writing.
+    #[arg(long, env = "RESULTITY_LEADER_ELECTION", default_value_t = false)]
+    leader_election: bool,
+    /// Namespace of the leader Lease.
+    #[arg(
+        long,
+        env = "RESULTITY_LEASE_NAMESPACE",
+        default_value = "resultity-system"
+    )]
+    lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(
+        long,
+        env = "RESULTITY_LEASE_NAME",
+        default_value = "resultity-operator"
+    )]
+    lease_name: String,
+    /// This replica's identity in the Lease (usually the pod name).
+    #[arg(long, env = "POD_NAME")]
+    lease_identity: Option<String>,
+    /// Lease duration in seconds; renewed every third of it.
+    #[arg(long, env = "RESULTITY_LEASE_SECONDS", default_value_t = 15)]
+    lease_seconds: u64,
+    /// Log filter (tracing-subscriber EnvFilter syntax).
+    #[arg(long, env = "RESULTITY_LOG", default_value = "info")]
+    log: String,
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}
+
+async fn run_command(args: RunArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log).context("parse --log filter")?,
+        )
+        .init();
+    let client = kube::Client::try_default()
+        .await
+        .context("build Kubernetes client (kubeconfig or in-cluster)")?;
+    let leader = if args.leader_election {
+        let identity = match args.lease_identity {
+            Some(id) => id,
+            None => hostname()?,
+        };
+        let duration = Duration::from_secs(args.lease_seconds.max(3));
+        Some((
+            args.lease_namespace,
+            LeaseConfig {
+                name: args.lease_name,
+                identity,
+                duration,
+                renew_every: duration / 3,
+            },
+        ))
+    } else {
+        None
+    };
+    let cfg = RunConfig {
+        admin_listen: args.admin_listen,
+        defaults: Defaults {
+            sidecar_image: args.default_sidecar_image,
+            sidecar_port: args.sidecar_port,
+            runtime_port: args.runtime_port,
+        },
+        sidecar_timeout: Duration::from_millis(args.sidecar_timeout_ms),
+        config_fetch_timeout: Duration::from_millis(args.config_fetch_timeout_ms),
+        namespace: args.namespace,
+        leader,
+    };
+    run(client, cfg, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn hostname() -> anyhow::Result<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .context("--lease-identity (or POD_NAME/HOSTNAME) is required with --leader-election")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Crd => {
+            let yaml = resultity_operator::crd::crds_yaml().context("render CRDs")?;
+            std::io::stdout()
+                .write_all(yaml.as_bytes())
+                .context("write CRDs")?;
+            Ok(())
+        }
+        Command::Run(args) => run_command(*args).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    #[test]
+    fn cli_is_consistent_and_every_run_flag_reads_the_environment() {
+        Cli::command().debug_assert();
+        let cmd = Cli::command();
+        let run = cmd.find_subcommand("run").unwrap();
+        for arg in run.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            assert!(
+                arg.get_env().is_some(),
+                "--{id} has no environment variable"
+            );
+            assert!(arg.get_help().is_some(), "--{id} is undocumented");
+        }
+    }
+}

@@ -1,0 +1,462 @@
+//! Compute step: a ResultityNode's status from what was observed — the validate outcome, the
+//! pod, and the sidecar's `/status` document (or why it could not be read). Pure, so every
+//! combination of pod state and sidecar report is a fixture test.
+
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use resultity_protocol::messages::common::{ModelState, NodePhase as SidecarPhase};
+use resultity_protocol::status::{ConnectionState, NodeStatus};
+
+use crate::build::{runtime_container_name, sidecar_container_name};
+use crate::conditions::{Cond, FALSE, TRUE, UNKNOWN, settle};
+use crate::crd::{
+    ConfigRef, GpuStatus, JobsStatus, ModelStateStatus, NodePhase, ResultityNode,
+    ResultityNodeStatus,
+};
+use crate::validate::Blocker;
+
+/// Condition types of a ResultityNode.
+pub mod types {
+    pub const POD_SCHEDULED: &str = "PodScheduled";
+    pub const RUNTIME_READY: &str = "RuntimeReady";
+    pub const REGISTERED: &str = "Registered";
+    pub const CONNECTED: &str = "Connected";
+    pub const CONFIG_IN_SYNC: &str = "ConfigInSync";
+    /// NVML reports no ECC/XID trouble and at least `spec.gpu.minMemoryMib`.
+    pub const GPU_HEALTHY: &str = "GPUHealthy";
+    /// Aggregate of the conditions above (GPUHealthy included).
+    pub const READY: &str = "Ready";
+    /// Informational, not part of Ready: the network's own verdict (eligible, penalty, reason),
+    /// kept apart because a Ready node can still be unroutable for reasons of the network.
+    pub const NETWORK_ROUTABLE: &str = "NetworkRoutable";
+    /// Informational: a drain is under way.
+    pub const DRAINING: &str = "Draining";
+}
+
+/// What the operator learned from the sidecar this round.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SidecarObservation {
+    /// The `/status` document.
+    Report(Box<NodeStatus>),
+    /// The sidecar should answer but did not; reason and message for the conditions.
+    Unreachable { reason: String, message: String },
+    /// Not asked: no pod, no pod IP, or the sidecar container is not running.
+    NotRunning,
+}
+
+/// Everything the compute step looks at.
+#[derive(Debug, Clone)]
+pub struct Observed<'a> {
+    pub node: &'a ResultityNode,
+    /// Outcome of the validate step (`None` when the spec resolved).
+    pub blocker: Option<&'a Blocker>,
+    pub node_id: Option<&'a str>,
+    /// The network's verified config.
+    pub network_config: Option<&'a ConfigRef>,
+    /// The pod as read back after apply.
+    pub pod: Option<&'a Pod>,
+    pub sidecar: &'a SidecarObservation,
+    /// When a drain the operator asked for began.
+    pub drain_started: Option<&'a Time>,
+    pub now: &'a Time,
+}
+
+/// Container waiting reasons that mean the container will not come up by itself.
+const FAILING_REASONS: &[&str] = &[
+    "CrashLoopBackOff",
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+
+fn container<'a>(pod: &'a Pod, name: &str) -> Option<&'a ContainerStatus> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == name)
+}
+
+/// `(failing, reason, message)` for a container that is not ready.
+fn container_trouble(cs: &ContainerStatus) -> Option<(bool, String, String)> {
+    let state = cs.state.as_ref()?;
+    if let Some(w) = &state.waiting {
+        let reason = w.reason.clone().unwrap_or_else(|| "Waiting".into());
+        let failing = FAILING_REASONS.contains(&reason.as_str());
+        return Some((failing, reason, w.message.clone().unwrap_or_default()));
+    }
+    if let Some(t) = &state.terminated {
+        let reason = t.reason.clone().unwrap_or_else(|| "Terminated".into());
+        let msg = format!("exit code {}", t.exit_code);
+        return Some((true, reason, t.message.clone().unwrap_or(msg)));
+    }
+    None
+}
+
+fn time_from_ms(ms: u64) -> Option<Time> {
+    let ms = i64::try_from(ms).ok()?;
+    Timestamp::from_millisecond(ms).ok().map(Time)
+}
+
+fn pod_scheduled(pod: Option<&Pod>) -> Cond {
+    let Some(pod) = pod else {
+        return Cond::new(
+            types::POD_SCHEDULED,
+            FALSE,
+            "PodMissing",
+            "the pod does not exist",
+        );
+    };
+    let cond = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "PodScheduled"));
+    match cond {
+        Some(c) if c.status == "True" => Cond::new(types::POD_SCHEDULED, TRUE, "Scheduled", ""),
+        Some(c) => Cond::new(
+            types::POD_SCHEDULED,
+            FALSE,
+            c.reason.clone().unwrap_or_else(|| "Unschedulable".into()),
+            c.message.clone().unwrap_or_default(),
+        ),
+        None => Cond::new(
+            types::POD_SCHEDULED,
+            UNKNOWN,
+            "Pending",
+            "the scheduler has not looked at the pod yet",
+        ),
+    }
+}
+
+/// Computes the status. `previous` supplies condition transition times.
+pub fn compute_node_status(o: &Observed<'_>) -> ResultityNodeStatus {
+    use types::*;
+    let generation = o.node.metadata.generation;
+    let previous = o.node.status.clone().unwrap_or_default();
+    let report = match o.sidecar {
+        SidecarObservation::Report(r) => Some(r.as_ref()),
+        _ => None,
+    };
+    // Conditions that need the sidecar are Unknown without it, with the reason why.
+    let sidecar_unknown = |type_: &'static str| match o.sidecar {
+        SidecarObservation::Unreachable { reason, message } => {
+            Cond::new(type_, UNKNOWN, reason.clone(), message.clone())
+        }
+        _ => Cond::new(
+            type_,
+            UNKNOWN,
+            "SidecarNotRunning",
+            "the sidecar is not running",
+        ),
+    };
+
+    let scheduled = pod_scheduled(o.pod);
+    let mut failing: Option<(String, String)> = None;
+    let runtime_ready = match o.pod {
+        None => Cond::new(RUNTIME_READY, FALSE, "PodMissing", "the pod does not exist"),
+        Some(pod) => {
+            // A failing sidecar makes the node fail as much as a failing runtime.
+            for name in [runtime_container_name(), sidecar_container_name()] {
+                if let Some((true, reason, message)) =
+                    container(pod, name).and_then(container_trouble)
+                    && failing.is_none()
+                {
+                    failing = Some((reason, format!("container {name}: {message}")));
+                }
+            }
+            match container(pod, runtime_container_name()) {
+                Some(cs) if cs.ready => match report {
+                    Some(r) if !r.runtime.ready => Cond::new(
+                        RUNTIME_READY,
+                        FALSE,
+                        "EngineNotReady",
+                        r.runtime.reason.clone().unwrap_or_default(),
+                    ),
+                    _ => Cond::new(RUNTIME_READY, TRUE, "ContainerReady", ""),
+                },
+                Some(cs) => match container_trouble(cs) {
+                    Some((_, reason, message)) => Cond::new(RUNTIME_READY, FALSE, reason, message),
+                    None => Cond::new(
+                        RUNTIME_READY,
+                        FALSE,
+                        "ContainerNotReady",
+                        "the runtime is running but not ready (loading the model?)",
+                    ),
+                },
+                None => Cond::new(
+                    RUNTIME_READY,
+                    FALSE,
+                    "ContainerNotStarted",
+                    "the runtime container has not started",
+                ),
+            }
+        }
+    };
+
+    let registered = match report {
+        Some(r) if r.registered => Cond::new(REGISTERED, TRUE, "Registered", ""),
+        Some(r) => Cond::new(
+            REGISTERED,
+            FALSE,
+            "NotRegistered",
+            format!("sidecar phase {}", r.phase.as_str()),
+        ),
+        None => sidecar_unknown(REGISTERED),
+    };
+    let connected = match report {
+        Some(r) if r.connection.state == ConnectionState::Connected => {
+            Cond::new(CONNECTED, TRUE, "Connected", "")
+        }
+        Some(r) => Cond::new(
+            CONNECTED,
+            FALSE,
+            format!("{:?}", r.connection.state),
+            r.connection.last_error.clone().unwrap_or_default(),
+        ),
+        None => sidecar_unknown(CONNECTED),
+    };
+    let applied = report
+        .and_then(|r| r.applied_config.as_ref())
+        .map(|p| ConfigRef {
+            version: p.version,
+            digest: p.digest.to_string(),
+        });
+    let in_sync = match (report, o.network_config) {
+        (None, _) => sidecar_unknown(CONFIG_IN_SYNC),
+        (Some(_), None) => Cond::new(
+            CONFIG_IN_SYNC,
+            UNKNOWN,
+            "WaitingForNetworkConfig",
+            "the network has no verified config",
+        ),
+        (Some(r), Some(net)) => match &applied {
+            Some(a) if a.digest == net.digest => Cond::new(CONFIG_IN_SYNC, TRUE, "InSync", ""),
+            _ if r.config_error.is_some() => Cond::new(
+                CONFIG_IN_SYNC,
+                FALSE,
+                "ConfigRefused",
+                r.config_error.clone().unwrap_or_default(),
+            ),
+            Some(a) => Cond::new(
+                CONFIG_IN_SYNC,
+                FALSE,
+                "OutOfSync",
+                format!(
+                    "node applied version {} ({}), network is at version {} ({})",
+                    a.version, a.digest, net.version, net.digest
+                ),
+            ),
+            None => Cond::new(
+                CONFIG_IN_SYNC,
+                FALSE,
+                "NoConfigApplied",
+                format!("network is at version {}", net.version),
+            ),
+        },
+    };
+
+    let gpu_healthy = match report {
+        None => sidecar_unknown(GPU_HEALTHY),
+        Some(r) if !r.gpu.present => Cond::new(
+            GPU_HEALTHY,
+            FALSE,
+            "NoGPU",
+            r.gpu
+                .reason
+                .clone()
+                .unwrap_or_else(|| "no GPU visible to the sidecar".into()),
+        ),
+        Some(r) if !r.gpu.healthy() => {
+            let bad: Vec<String> = r
+                .gpu
+                .devices
+                .iter()
+                .filter(|d| !d.healthy)
+                .map(|d| {
+                    format!(
+                        "GPU {} ({}): ecc_uncorrected={:?} last_xid={:?}",
+                        d.index, d.uuid, d.ecc_uncorrected, d.last_xid
+                    )
+                })
+                .collect();
+            Cond::new(GPU_HEALTHY, FALSE, "GPUErrors", bad.join("; "))
+        }
+        Some(r) => match o.node.spec.gpu.min_memory_mib {
+            Some(min) if r.gpu.memory_total_mib() < min => Cond::new(
+                GPU_HEALTHY,
+                FALSE,
+                "InsufficientMemory",
+                format!(
+                    "GPUs report {} MiB, spec.gpu.minMemoryMib is {min}",
+                    r.gpu.memory_total_mib()
+                ),
+            ),
+            _ => Cond::new(GPU_HEALTHY, TRUE, "Healthy", ""),
+        },
+    };
+
+    let mut conds = vec![
+        scheduled,
+        runtime_ready,
+        registered,
+        connected,
+        in_sync,
+        gpu_healthy,
+    ];
+    let ready = if let Some(b) = o.blocker {
+        Cond::new(READY, FALSE, b.reason(), b.message())
+    } else if o.node.spec.paused {
+        Cond::new(READY, FALSE, "Paused", "spec.paused is true")
+    } else if let Some(not) = conds.iter().find(|c| !c.is_true()) {
+        Cond::new(
+            READY,
+            FALSE,
+            format!("Not{}", not.type_),
+            if not.message.is_empty() {
+                not.reason.clone()
+            } else {
+                format!("{}: {}", not.reason, not.message)
+            },
+        )
+    } else {
+        Cond::new(READY, TRUE, "NodeReady", "")
+    };
+    let ready_true = ready.is_true();
+    conds.push(ready);
+    let routable = match report.map(|r| &r.verdict) {
+        None => sidecar_unknown(NETWORK_ROUTABLE),
+        Some(None) => Cond::new(
+            NETWORK_ROUTABLE,
+            UNKNOWN,
+            "NoVerdict",
+            "the network has not answered a heartbeat yet",
+        ),
+        Some(Some(v)) if v.eligible => Cond::new(
+            NETWORK_ROUTABLE,
+            TRUE,
+            "Eligible",
+            format!("score {}, penalty {}", v.score, v.penalty),
+        ),
+        Some(Some(v)) => Cond::new(
+            NETWORK_ROUTABLE,
+            FALSE,
+            if v.suspended_until_ms.is_some() {
+                "Suspended"
+            } else {
+                "NotEligible"
+            },
+            format!(
+                "{} (score {}, penalty {})",
+                v.reason.clone().unwrap_or_default(),
+                v.score,
+                v.penalty
+            ),
+        ),
+    };
+    conds.push(routable);
+
+    let draining = o.drain_started.is_some()
+        || report.is_some_and(|r| r.draining || r.phase == SidecarPhase::Draining);
+    conds.push(if draining {
+        Cond::new(
+            DRAINING,
+            TRUE,
+            if o.drain_started.is_some() {
+                "Replacing"
+            } else {
+                "SidecarDraining"
+            },
+            report
+                .map(|r| {
+                    format!(
+                        "{} jobs in flight, outbox {}",
+                        r.jobs.in_flight, r.jobs.outbox
+                    )
+                })
+                .unwrap_or_default(),
+        )
+    } else {
+        Cond::new(DRAINING, FALSE, "NotDraining", "")
+    });
+    let phase = match o.blocker {
+        Some(Blocker::Invalid(_)) => NodePhase::Invalid,
+        Some(_) => NodePhase::Pending,
+        None if o.node.spec.paused => NodePhase::Paused,
+        None if draining => NodePhase::Draining,
+        None if failing.is_some() => NodePhase::Failed,
+        None if o.pod.is_none() || !conds[0].is_true() => NodePhase::Pending,
+        None if ready_true => NodePhase::Ready,
+        None if !conds[1].is_true() => NodePhase::Starting,
+        // A sidecar that has not started yet is starting; one that stopped answering is not.
+        None if matches!(o.sidecar, SidecarObservation::NotRunning) => NodePhase::Starting,
+        None => NodePhase::Degraded,
+    };
+    if let (Some((reason, message)), Some(c)) = (failing, conds.get_mut(1))
+        && c.reason != reason
+    {
+        // Surface the sidecar's crash even when the runtime container itself looks fine.
+        *c = Cond::new(types::RUNTIME_READY, FALSE, reason, message);
+    }
+
+    let models: Vec<ModelStateStatus> = report
+        .map(|r| {
+            r.models
+                .iter()
+                .map(|m| ModelStateStatus {
+                    id: m.model.id.clone(),
+                    revision: m.model.revision.clone(),
+                    state: match m.state {
+                        ModelState::Pending => "pending",
+                        ModelState::Active => "active",
+                        ModelState::Inactive => "inactive",
+                        ModelState::Failed => "failed",
+                    }
+                    .into(),
+                    reason: m.reason.clone(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let active = models.iter().filter(|m| m.state == "active").count();
+    let gpu = report.map(|r| GpuStatus {
+        present: r.gpu.present,
+        count: u32::try_from(r.gpu.devices.len()).unwrap_or(u32::MAX),
+        product: r.gpu.devices.first().map(|d| d.name.clone()),
+        memory_total_mib: r.gpu.memory_total_mib(),
+        healthy: r.gpu.healthy(),
+        driver_version: r.gpu.driver_version.clone(),
+        reason: r.gpu.reason.clone(),
+    });
+
+    ResultityNodeStatus {
+        observed_generation: generation,
+        phase,
+        node_id: o.node_id.map(str::to_owned),
+        pod_name: o.pod.and_then(|p| p.metadata.name.clone()),
+        applied_config: applied.or(previous.applied_config.filter(|_| report.is_none())),
+        network_config: o.network_config.cloned(),
+        models_summary: Some(format!("{active}/{}", o.node.spec.models.len())),
+        models,
+        // Without a report, keep what was last seen rather than blanking the resource.
+        gpu: gpu.or(previous.gpu),
+        last_heartbeat_time: report
+            .and_then(|r| r.last_heartbeat_ms)
+            .and_then(time_from_ms)
+            .or(previous.last_heartbeat_time),
+        jobs: report
+            .map(|r| JobsStatus {
+                completed: r.jobs.completed,
+                failed: r.jobs.failed,
+                in_flight: r.jobs.in_flight,
+            })
+            .or(previous.jobs),
+        drain_started_time: o.drain_started.cloned(),
+        conditions: settle(conds, &previous.conditions, generation, o.now),
+    }
+}

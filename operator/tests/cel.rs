@@ -1,0 +1,101 @@
+//! The CRDs' CEL rules (`x-kubernetes-validations`) evaluated client-side, as the API server
+//! would at `kubectl apply` time: bad specs are rejected with the rule's message, good ones pass.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers may panic
+
+use kube::core::cel::Validator;
+use resultity_operator::crd::all_crds;
+use serde_json::{Value, json};
+
+fn schema(name: &str) -> Value {
+    let crd = all_crds()
+        .into_iter()
+        .find(|c| c.metadata.name.as_deref() == Some(name))
+        .unwrap();
+    serde_json::to_value(
+        crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .unwrap()
+            .open_api_v3_schema
+            .as_ref()
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+fn example(name: &str) -> Value {
+    let text =
+        std::fs::read_to_string(format!("{}/../examples/{name}", env!("CARGO_MANIFEST_DIR")))
+            .unwrap();
+    serde_norway::from_str(&text).unwrap()
+}
+
+/// The CEL messages of the failed rules (empty when the object passes).
+fn failures(crd: &str, object: &Value) -> Vec<String> {
+    match Validator::new().validate(&schema(crd), object, None) {
+        Ok(()) => Vec::new(),
+        Err(errors) => errors.into_vec().into_iter().map(|e| e.message).collect(),
+    }
+}
+
+const NODES: &str = "resultitynodes.resultity.com";
+const NETWORKS: &str = "resultitynetworks.resultity.com";
+
+#[test]
+fn examples_pass_every_rule() {
+    assert_eq!(failures(NODES, &example("node.yaml")), Vec::<String>::new());
+    assert_eq!(
+        failures(NETWORKS, &example("network.yaml")),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn vllm_takes_exactly_one_model() {
+    let mut node = example("node.yaml");
+    node["spec"]["models"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"id": "other", "revision": "1"}));
+    let f = failures(NODES, &node);
+    assert!(f.iter().any(|m| m.contains("exactly one model")), "{f:?}");
+    // The same list is fine for Triton.
+    node["spec"]["runtime"]["kind"] = json!("triton");
+    assert_eq!(failures(NODES, &node), Vec::<String>::new());
+}
+
+#[test]
+fn repeated_models_are_rejected() {
+    let mut node = example("node.yaml");
+    node["spec"]["runtime"]["kind"] = json!("triton");
+    let m = node["spec"]["models"][0].clone();
+    node["spec"]["models"].as_array_mut().unwrap().push(m);
+    let f = failures(NODES, &node);
+    assert!(f.iter().any(|m| m.contains("must not repeat")), "{f:?}");
+}
+
+#[test]
+fn gpu_resource_name_must_be_qualified() {
+    for (name, ok) in [
+        ("nvidia.com/gpu", true),
+        ("nvidia.com/mig-1g.10gb", true),
+        ("amd.com/gpu", true),
+        ("gpu", false),
+        ("nvidia.com/", false),
+        ("nvidia.com/gpu with spaces", false),
+    ] {
+        let mut node = example("node.yaml");
+        node["spec"]["gpu"]["resourceName"] = json!(name);
+        let f = failures(NODES, &node);
+        assert_eq!(f.is_empty(), ok, "{name}: {f:?}");
+    }
+}
+
+#[test]
+fn io_endpoint_must_be_http() {
+    let mut net = example("network.yaml");
+    net["spec"]["ioEndpoint"] = json!("ftp://io.example.com");
+    let f = failures(NETWORKS, &net);
+    assert!(f.iter().any(|m| m.contains("http(s) URL")), "{f:?}");
+}

@@ -1,0 +1,129 @@
+//! The committed `crds/` output is what the code generates, and the schemas are ones the API
+//! server accepts as structural.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers may panic
+
+use resultity_operator::crd::{all_crds, crds_yaml};
+use serde_json::Value;
+
+#[test]
+fn committed_crds_match_generated() {
+    let committed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../crds/resultity.yaml"
+    ))
+    .unwrap();
+    assert!(
+        committed == crds_yaml().unwrap(),
+        "crds/resultity.yaml is stale: run `cargo run -p resultity-operator -- crd > crds/resultity.yaml`"
+    );
+}
+
+/// Every schema node must say its type (or opt out explicitly), and no references or
+/// unions with typed branches may remain: the rules for a structural schema.
+fn check_structural(path: &str, s: &Value, problems: &mut Vec<String>) {
+    let Some(obj) = s.as_object() else {
+        problems.push(format!("{path}: schema is not an object"));
+        return;
+    };
+    for forbidden in ["$ref", "definitions", "$defs", "$schema"] {
+        if obj.contains_key(forbidden) {
+            problems.push(format!("{path}: contains {forbidden}"));
+        }
+    }
+    let typed = obj.contains_key("type")
+        || obj.contains_key("x-kubernetes-int-or-string")
+        || obj.contains_key("x-kubernetes-preserve-unknown-fields");
+    if !typed {
+        problems.push(format!("{path}: no type"));
+    }
+    if obj.get("type").is_some_and(|t| !t.is_string()) {
+        problems.push(format!("{path}: type must be a single string"));
+    }
+    for union in ["anyOf", "oneOf", "allOf"] {
+        if let Some(branches) = obj.get(union).and_then(Value::as_array) {
+            for (i, b) in branches.iter().enumerate() {
+                for key in ["type", "description", "default", "nullable"] {
+                    if b.get(key).is_some() {
+                        problems.push(format!("{path}.{union}[{i}]: sets {key}"));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(props) = obj.get("properties").and_then(Value::as_object) {
+        for (k, v) in props {
+            check_structural(&format!("{path}.{k}"), v, problems);
+        }
+    }
+    if let Some(items) = obj.get("items") {
+        check_structural(&format!("{path}[]"), items, problems);
+    }
+    if let Some(ap) = obj.get("additionalProperties").filter(|v| v.is_object()) {
+        check_structural(&format!("{path}{{}}"), ap, problems);
+    }
+}
+
+fn schema_of(crd_name: &str) -> Value {
+    let crd = all_crds()
+        .into_iter()
+        .find(|c| c.metadata.name.as_deref() == Some(crd_name))
+        .unwrap();
+    let v = serde_json::to_value(&crd).unwrap();
+    v["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+}
+
+#[test]
+fn schemas_are_structural() {
+    for name in [
+        "resultitynetworks.resultity.com",
+        "resultitynodes.resultity.com",
+    ] {
+        let mut problems = Vec::new();
+        check_structural(name, &schema_of(name), &mut problems);
+        assert!(problems.is_empty(), "{name}: {problems:#?}");
+    }
+}
+
+#[test]
+fn conditions_are_a_list_map_keyed_by_type() {
+    for name in [
+        "resultitynetworks.resultity.com",
+        "resultitynodes.resultity.com",
+    ] {
+        let conds = &schema_of(name)["properties"]["status"]["properties"]["conditions"];
+        assert_eq!(conds["x-kubernetes-list-type"], "map", "{name}");
+        assert_eq!(
+            conds["x-kubernetes-list-map-keys"],
+            serde_json::json!(["type"]),
+            "{name}"
+        );
+        let required = conds["items"]["required"].as_array().unwrap();
+        assert!(
+            required.contains(&"type".into()),
+            "{name}: list-map key must be required"
+        );
+    }
+}
+
+#[test]
+fn short_names_status_subresource_and_cel_rules() {
+    let crds = all_crds();
+    let short: Vec<_> = crds
+        .iter()
+        .map(|c| c.spec.names.short_names.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        short,
+        vec![vec!["rnet".to_owned()], vec!["rnode".to_owned()]]
+    );
+    for c in &crds {
+        let v = &c.spec.versions[0];
+        assert!(v.subresources.as_ref().unwrap().status.is_some());
+        assert!(!v.additional_printer_columns.as_ref().unwrap().is_empty());
+    }
+    let yaml = crds_yaml().unwrap();
+    assert!(yaml.contains("x-kubernetes-validations"));
+    assert_eq!(crds[0].spec.scope, "Cluster");
+    assert_eq!(crds[1].spec.scope, "Namespaced");
+}

@@ -1,0 +1,63 @@
+//! The manifests users copy from `examples/` match the CRD types.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers may panic
+
+use resultity_operator::crd::{ResultityNetwork, ResultityNode};
+use resultity_operator::validate::{Defaults, validate_node};
+
+fn read(name: &str) -> String {
+    std::fs::read_to_string(format!("{}/../examples/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+/// Deserializes strictly: an unknown (misspelled) field in an example is an error.
+fn strict<T: serde::de::DeserializeOwned>(text: &str) -> T {
+    let value: serde_json::Value = serde_norway::from_str(text).unwrap();
+    let typed: T = serde_json::from_value(value.clone()).unwrap();
+    typed
+}
+
+#[test]
+fn examples_deserialize_and_round_trip() {
+    let net: ResultityNetwork = strict(&read("network.yaml"));
+    assert_eq!(net.spec.public_keys.len(), 1);
+    for k in &net.spec.public_keys {
+        resultity_protocol::NetworkKeyId::parse(k).unwrap();
+    }
+    let node: ResultityNode = strict(&read("node.yaml"));
+    assert_eq!(
+        node.spec.network_ref.name,
+        net.metadata.name.clone().unwrap()
+    );
+
+    // Every field written in the examples survives a round trip through the types, so no
+    // field is silently dropped (which is what a typo would do).
+    for (text, back) in [
+        (read("network.yaml"), serde_json::to_value(&net).unwrap()),
+        (read("node.yaml"), serde_json::to_value(&node).unwrap()),
+    ] {
+        let original: serde_json::Value = serde_norway::from_str(&text).unwrap();
+        assert_subset(&original, &back, "");
+    }
+    // The example node is valid against a network that approves its model.
+    let _ = validate_node(&node, None, &Defaults::default());
+}
+
+fn assert_subset(a: &serde_json::Value, b: &serde_json::Value, path: &str) {
+    match (a, b) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+            for (k, v) in a {
+                let other = b
+                    .get(k)
+                    .unwrap_or_else(|| panic!("{path}.{k} is not a field of the type"));
+                assert_subset(v, other, &format!("{path}.{k}"));
+            }
+        }
+        (serde_json::Value::Array(a), serde_json::Value::Array(b)) => {
+            assert_eq!(a.len(), b.len(), "{path}");
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                assert_subset(x, y, &format!("{path}[{i}]"));
+            }
+        }
+        _ => assert_eq!(a, b, "{path}"),
+    }
+}

@@ -1,0 +1,428 @@
+//! The pure middle of the node pipeline, from YAML fixtures: validate, build (Pod, Secret) and
+//! compute status across pod states and sidecar reports. Manifests are insta snapshots:
+//! review changes with `cargo insta review`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers may panic
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use resultity_operator::build::{
+    build_identity_secret, build_pod, pod_spec_hash, runtime_container_name,
+};
+use resultity_operator::crd::{NodePhase, ResultityNetwork, ResultityNode, ResultityNodeStatus};
+use resultity_operator::status::{Observed, SidecarObservation, compute_node_status, types};
+use resultity_operator::validate::{Blocker, Defaults, Resolved, validate_node};
+use resultity_protocol::NodeKeypair;
+use resultity_protocol::status::{ConnectionState, NodeStatus};
+
+fn fixture<T: serde::de::DeserializeOwned>(name: &str) -> T {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    if name.ends_with(".json") {
+        serde_json::from_str(&text).unwrap()
+    } else {
+        serde_norway::from_str(&text).unwrap()
+    }
+}
+
+fn network() -> ResultityNetwork {
+    fixture("network.yaml")
+}
+
+fn node_id() -> String {
+    NodeKeypair::from_seed(&[7; 32]).id().as_str().to_owned()
+}
+
+fn resolved(node: &ResultityNode) -> Resolved {
+    validate_node(node, Some(&network()), &Defaults::default()).unwrap()
+}
+
+fn now() -> Time {
+    Time(Timestamp::from_second(1_795_500_700).unwrap())
+}
+
+#[test]
+fn pod_for_vllm_node() {
+    let node: ResultityNode = fixture("node-vllm.yaml");
+    let pod = build_pod(&node, &resolved(&node), &node_id(), &Defaults::default()).unwrap();
+    insta::assert_yaml_snapshot!("pod_vllm", pod);
+}
+
+#[test]
+fn pod_for_triton_mig_node() {
+    let node: ResultityNode = fixture("node-triton-mig.yaml");
+    let pod = build_pod(&node, &resolved(&node), &node_id(), &Defaults::default()).unwrap();
+    insta::assert_yaml_snapshot!("pod_triton_mig", pod);
+}
+
+#[test]
+fn pod_invariants() {
+    for name in ["node-vllm.yaml", "node-triton-mig.yaml"] {
+        let node: ResultityNode = fixture(name);
+        let pod = build_pod(&node, &resolved(&node), &node_id(), &Defaults::default()).unwrap();
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.automount_service_account_token, Some(false), "{name}");
+        assert!(
+            spec.termination_grace_period_seconds.unwrap()
+                >= i64::from(node.spec.drain_timeout_seconds),
+            "{name}: grace period must cover the drain"
+        );
+        let owner = &pod.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(owner.kind, "ResultityNode");
+        assert_eq!(owner.controller, Some(true));
+        assert_eq!(
+            pod.metadata.labels.as_ref().unwrap()["resultity.com/node-id"],
+            node_id()
+        );
+        let sidecar = &spec.containers[1];
+        let sc = sidecar.security_context.as_ref().unwrap();
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_owned()][..])
+        );
+        assert!(sidecar.lifecycle.as_ref().unwrap().pre_stop.is_some());
+        let runtime = &spec.containers[0];
+        assert_eq!(runtime.name, runtime_container_name());
+        let limits = runtime.resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert_eq!(
+            limits[&node.spec.gpu.resource_name].0,
+            node.spec.gpu.count.to_string()
+        );
+        let shm = spec
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "dshm")
+            .unwrap();
+        assert_eq!(
+            shm.empty_dir.as_ref().unwrap().medium.as_deref(),
+            Some("Memory")
+        );
+        // The admin token never appears in the pod spec.
+        let text = serde_json::to_string(&pod).unwrap();
+        assert!(!text.contains("Bearer"));
+    }
+}
+
+#[test]
+fn spec_hash_tracks_the_spec() {
+    let node: ResultityNode = fixture("node-vllm.yaml");
+    let r = resolved(&node);
+    let a = build_pod(&node, &r, &node_id(), &Defaults::default()).unwrap();
+    let b = build_pod(&node, &r, &node_id(), &Defaults::default()).unwrap();
+    assert_eq!(pod_spec_hash(&a), pod_spec_hash(&b));
+    let mut changed = node.clone();
+    changed
+        .spec
+        .runtime
+        .extra_args
+        .push("--enforce-eager".into());
+    let c = build_pod(
+        &changed,
+        &resolved(&changed),
+        &node_id(),
+        &Defaults::default(),
+    )
+    .unwrap();
+    assert_ne!(pod_spec_hash(&a), pod_spec_hash(&c));
+    // A new runtime image from the network config also replaces the pod.
+    let mut r2 = r.clone();
+    r2.runtime_image = "vllm/vllm-openai:v0.12.0".into();
+    let d = build_pod(&node, &r2, &node_id(), &Defaults::default()).unwrap();
+    assert_ne!(pod_spec_hash(&a), pod_spec_hash(&d));
+}
+
+#[test]
+fn identity_secret() {
+    let node: ResultityNode = fixture("node-vllm.yaml");
+    let key = NodeKeypair::from_seed(&[7; 32]);
+    let secret = build_identity_secret(
+        &node,
+        &key.to_key_file_text(),
+        key.id().as_str(),
+        "test-admin-token-0123456789abcdef",
+    );
+    insta::assert_yaml_snapshot!("identity_secret", secret);
+    // No owner reference: the deletion policy, not garbage collection, decides its fate.
+    assert!(secret.metadata.owner_references.is_none());
+    let back = resultity_operator::controller::node::identity_from_secret(&secret).unwrap();
+    assert_eq!(back.node_id, key.id().as_str());
+}
+
+#[test]
+fn validation_rejects_what_cannot_work() {
+    let net = network();
+    let base: ResultityNode = fixture("node-vllm.yaml");
+    let d = Defaults::default();
+
+    let mut unapproved = base.clone();
+    unapproved.spec.models[0].revision = "main".into();
+    let mut two_models = base.clone();
+    two_models
+        .spec
+        .models
+        .push(fixture::<ResultityNode>("node-triton-mig.yaml").spec.models[0].clone());
+    let mut small_gpu = base.clone();
+    small_gpu.spec.gpu.min_memory_mib = Some(16_000);
+    let mut mainnet_only = base.clone();
+    mainnet_only.spec.participation = resultity_operator::crd::Participation::Mainnet;
+    let mut wrong_runtime: ResultityNode = fixture("node-triton-mig.yaml");
+    wrong_runtime.spec.models = base.spec.models.clone();
+
+    let cases = [
+        ("unapproved", unapproved),
+        ("two_models", two_models),
+        ("small_gpu", small_gpu),
+        ("mainnet_only", mainnet_only),
+        ("wrong_runtime", wrong_runtime),
+    ];
+    let mut messages = Vec::new();
+    for (name, node) in cases {
+        match validate_node(&node, Some(&net), &d) {
+            Err(Blocker::Invalid(problems)) => messages.push((name, problems)),
+            other => panic!("{name}: expected Invalid, got {other:?}"),
+        }
+    }
+    insta::assert_yaml_snapshot!("validation_messages", messages);
+
+    assert_eq!(
+        validate_node(&base, None, &d),
+        Err(Blocker::NetworkNotFound("testnet".into()))
+    );
+    let mut no_config = net.clone();
+    no_config.status = None;
+    assert_eq!(
+        validate_node(&base, Some(&no_config), &d),
+        Err(Blocker::WaitingForNetworkConfig("testnet".into()))
+    );
+    // No image mapped for the runtime and no override: a clear message, not a crash.
+    let mut no_image = net.clone();
+    no_image.status.as_mut().unwrap().runtime_images = None;
+    let Err(Blocker::Invalid(p)) = validate_node(&base, Some(&no_image), &d) else {
+        panic!("expected Invalid")
+    };
+    assert!(p[0].contains("set spec.runtime.image"), "{p:?}");
+}
+
+fn report() -> NodeStatus {
+    fixture("sidecar-ready.json")
+}
+
+fn status_for(pod: Option<&Pod>, sidecar: SidecarObservation) -> ResultityNodeStatus {
+    status_with(fixture("node-vllm.yaml"), pod, sidecar, None)
+}
+
+fn status_with(
+    node: ResultityNode,
+    pod: Option<&Pod>,
+    sidecar: SidecarObservation,
+    blocker: Option<&Blocker>,
+) -> ResultityNodeStatus {
+    let r = validate_node(&node, Some(&network()), &Defaults::default()).ok();
+    let id = node_id();
+    compute_node_status(&Observed {
+        node: &node,
+        blocker,
+        node_id: Some(&id),
+        network_config: r.as_ref().map(|r| &r.network_config),
+        pod,
+        sidecar: &sidecar,
+        drain_started: None,
+        now: &now(),
+    })
+}
+
+fn cond<'a>(s: &'a ResultityNodeStatus, t: &str) -> (&'a str, &'a str) {
+    let c = s.conditions.iter().find(|c| c.type_ == t).unwrap();
+    (c.status.as_str(), c.reason.as_str())
+}
+
+#[test]
+fn status_ready_node() {
+    let pod: Pod = fixture("pod-running-ready.yaml");
+    let s = status_for(Some(&pod), SidecarObservation::Report(Box::new(report())));
+    assert_eq!(s.phase, NodePhase::Ready);
+    assert_eq!(cond(&s, types::READY), ("True", "NodeReady"));
+    assert!(
+        s.conditions
+            .iter()
+            .all(|c| c.observed_generation == Some(2))
+    );
+    insta::assert_yaml_snapshot!("status_ready", s);
+}
+
+#[test]
+fn status_sidecar_unreachable_is_unknown_not_false() {
+    let pod: Pod = fixture("pod-running-ready.yaml");
+    let s = status_for(
+        Some(&pod),
+        SidecarObservation::Unreachable {
+            reason: "SidecarUnreachable".into(),
+            message: "sidecar did not answer within 3s".into(),
+        },
+    );
+    for t in [types::REGISTERED, types::CONNECTED, types::CONFIG_IN_SYNC] {
+        assert_eq!(cond(&s, t), ("Unknown", "SidecarUnreachable"), "{t}");
+    }
+    assert_eq!(cond(&s, types::READY).0, "False");
+    assert_eq!(s.phase, NodePhase::Degraded);
+    insta::assert_yaml_snapshot!("status_sidecar_unreachable", s);
+}
+
+#[test]
+fn status_unschedulable_pod() {
+    let pod: Pod = fixture("pod-unschedulable.yaml");
+    let s = status_for(Some(&pod), SidecarObservation::NotRunning);
+    assert_eq!(s.phase, NodePhase::Pending);
+    assert_eq!(cond(&s, types::POD_SCHEDULED), ("False", "Unschedulable"));
+    insta::assert_yaml_snapshot!("status_unschedulable", s);
+}
+
+#[test]
+fn status_crashlooping_runtime_says_why() {
+    let pod: Pod = fixture("pod-runtime-crashloop.yaml");
+    let mut r = report();
+    r.runtime.ready = false;
+    r.runtime.reason = Some("connection refused".into());
+    let s = status_for(Some(&pod), SidecarObservation::Report(Box::new(r)));
+    assert_eq!(s.phase, NodePhase::Failed);
+    assert_eq!(
+        cond(&s, types::RUNTIME_READY),
+        ("False", "CrashLoopBackOff")
+    );
+    insta::assert_yaml_snapshot!("status_crashloop", s);
+}
+
+#[test]
+fn status_loading_runtime_is_starting() {
+    let pod: Pod = fixture("pod-loading.yaml");
+    let mut r = report();
+    r.runtime.ready = false;
+    r.models[0].state = resultity_protocol::messages::ModelState::Pending;
+    let s = status_for(Some(&pod), SidecarObservation::Report(Box::new(r)));
+    assert_eq!(s.phase, NodePhase::Starting);
+    assert_eq!(
+        cond(&s, types::RUNTIME_READY),
+        ("False", "ContainerNotReady")
+    );
+    assert_eq!(s.models_summary.as_deref(), Some("0/1"));
+}
+
+#[test]
+fn status_out_of_sync_and_disconnected_is_degraded() {
+    let pod: Pod = fixture("pod-running-ready.yaml");
+    let mut r = report();
+    r.applied_config = Some(resultity_protocol::messages::ConfigPointer {
+        version: 2,
+        digest: resultity_protocol::ConfigDigest::of_body(b"v2"),
+    });
+    r.connection.state = ConnectionState::Backoff;
+    r.connection.last_error = Some("connection reset by peer".into());
+    let s = status_for(Some(&pod), SidecarObservation::Report(Box::new(r)));
+    assert_eq!(s.phase, NodePhase::Degraded);
+    assert_eq!(cond(&s, types::CONFIG_IN_SYNC), ("False", "OutOfSync"));
+    assert_eq!(cond(&s, types::CONNECTED), ("False", "Backoff"));
+    insta::assert_yaml_snapshot!("status_out_of_sync", s);
+}
+
+#[test]
+fn status_config_refused_by_node() {
+    let pod: Pod = fixture("pod-running-ready.yaml");
+    let mut r = report();
+    r.applied_config = None;
+    r.config_error = Some("snapshot expired".into());
+    let s = status_for(Some(&pod), SidecarObservation::Report(Box::new(r)));
+    assert_eq!(cond(&s, types::CONFIG_IN_SYNC), ("False", "ConfigRefused"));
+}
+
+#[test]
+fn status_draining() {
+    let pod: Pod = fixture("pod-running-ready.yaml");
+    let mut r = report();
+    r.draining = true;
+    r.phase = resultity_protocol::messages::NodePhase::Draining;
+    let s = status_for(Some(&pod), SidecarObservation::Report(Box::new(r)));
+    assert_eq!(s.phase, NodePhase::Draining);
+}
+
+#[test]
+fn status_invalid_spec() {
+    let node: ResultityNode = fixture("node-vllm.yaml");
+    let blocker = Blocker::Invalid(vec![
+        "model x@y is not approved by network resultity-testnet".into(),
+    ]);
+    let s = status_with(node, None, SidecarObservation::NotRunning, Some(&blocker));
+    assert_eq!(s.phase, NodePhase::Invalid);
+    assert_eq!(cond(&s, types::READY), ("False", "InvalidSpec"));
+    insta::assert_yaml_snapshot!("status_invalid", s);
+}
+
+#[test]
+fn status_keeps_transition_time_when_unchanged() {
+    let pod: Pod = fixture("pod-running-ready.yaml");
+    let first = status_for(Some(&pod), SidecarObservation::Report(Box::new(report())));
+    let mut node: ResultityNode = fixture("node-vllm.yaml");
+    let mut earlier = first.clone();
+    for c in &mut earlier.conditions {
+        c.last_transition_time = Time(Timestamp::from_second(1_700_000_000).unwrap());
+    }
+    node.status = Some(earlier);
+    let again = status_with(
+        node,
+        Some(&pod),
+        SidecarObservation::Report(Box::new(report())),
+        None,
+    );
+    assert!(
+        again
+            .conditions
+            .iter()
+            .all(|c| c.last_transition_time.0.as_second() == 1_700_000_000)
+    );
+}
+
+#[test]
+fn status_gpu_trouble_and_network_verdict() {
+    let pod: Pod = fixture("pod-running-ready.yaml");
+
+    let mut xid = report();
+    xid.gpu.devices[0].healthy = false;
+    xid.gpu.devices[0].last_xid = Some(79);
+    let s = status_for(Some(&pod), SidecarObservation::Report(Box::new(xid)));
+    assert_eq!(cond(&s, types::GPU_HEALTHY), ("False", "GPUErrors"));
+    assert_eq!(cond(&s, types::READY), ("False", "NotGPUHealthy"));
+    assert_eq!(s.phase, NodePhase::Degraded);
+
+    // The fixture node asks for 24000 MiB; a 16 GiB card is not enough.
+    let mut small = report();
+    small.gpu.devices[0].memory_total_mib = 16_384;
+    let s = status_for(Some(&pod), SidecarObservation::Report(Box::new(small)));
+    assert_eq!(
+        cond(&s, types::GPU_HEALTHY),
+        ("False", "InsufficientMemory")
+    );
+
+    // A penalized node is Ready (its own health is fine) but not routable, with the reason.
+    let mut penalized = report();
+    penalized.verdict = Some(resultity_protocol::messages::Verdict {
+        eligible: false,
+        score: 120,
+        penalty: 700,
+        reason: Some("3 late results in 10 minutes".into()),
+        suspended_until_ms: None,
+    });
+    let s = status_for(Some(&pod), SidecarObservation::Report(Box::new(penalized)));
+    assert_eq!(cond(&s, types::READY).0, "True");
+    assert_eq!(cond(&s, types::NETWORK_ROUTABLE), ("False", "NotEligible"));
+    let msg = &s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == types::NETWORK_ROUTABLE)
+        .unwrap()
+        .message;
+    assert!(msg.contains("3 late results"), "{msg}");
+}

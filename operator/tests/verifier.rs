@@ -1,0 +1,973 @@
+//! Reconcilers against a scripted API server (the kube-rs `tower-test` pattern): every test
+//! lists the calls the reconciler must make, in order — method, path, field manager, body —
+//! and fails on a wrong call, a missing call, or a call beyond the script.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers may panic
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use http::{Method, Request, Response};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use resultity_operator::build::{build_identity_secret, build_pod};
+use resultity_operator::config_source::{ConfigSource, FetchError};
+use resultity_operator::controller::{Context, network, node};
+use resultity_operator::crd::{
+    DeletionPolicy, NodePhase, ResultityNetwork, ResultityNode, ResultityNodeStatus,
+};
+use resultity_operator::metrics::Metrics;
+use resultity_operator::sidecar::{SidecarClient, SidecarError, SidecarTarget};
+use resultity_operator::validate::{Defaults, validate_node};
+use resultity_protocol::clock::ManualClock;
+use resultity_protocol::config::{ConfigSnapshot, NetworkConfig, RuntimeImages};
+use resultity_protocol::messages::common::{Environment, Timing};
+use resultity_protocol::status::NodeStatus;
+use resultity_protocol::{NetworkId, NetworkKeypair, NodeKeypair, SignedConfig};
+use serde_json::{Value, json};
+use tower_test::mock::{self, Handle};
+
+// ---------- fixtures ----------
+
+fn fixture<T: serde::de::DeserializeOwned>(name: &str) -> T {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    if name.ends_with(".json") {
+        serde_json::from_str(&text).unwrap()
+    } else {
+        serde_norway::from_str(&text).unwrap()
+    }
+}
+
+const NOW_MS: u64 = 1_795_500_700_000;
+const MANAGER_QUERY: &str = "fieldManager=resultity-operator";
+const NODE_STATUS: &str =
+    "/apis/resultity.com/v1alpha1/namespaces/fleet/resultitynodes/gpu-a/status";
+const NODE: &str = "/apis/resultity.com/v1alpha1/namespaces/fleet/resultitynodes/gpu-a";
+const NETWORK: &str = "/apis/resultity.com/v1alpha1/resultitynetworks/testnet";
+const SECRET: &str = "/api/v1/namespaces/fleet/secrets/gpu-a-identity";
+const SECRETS: &str = "/api/v1/namespaces/fleet/secrets";
+const POD: &str = "/api/v1/namespaces/fleet/pods/gpu-a-node";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/fleet/events";
+
+fn finalized_node() -> ResultityNode {
+    let mut n: ResultityNode = fixture("node-vllm.yaml");
+    n.metadata.finalizers = Some(vec![node::FINALIZER.into()]);
+    n
+}
+
+fn key() -> NodeKeypair {
+    NodeKeypair::from_seed(&[7; 32])
+}
+
+fn secret(n: &ResultityNode) -> Secret {
+    let k = key();
+    let mut s = build_identity_secret(
+        n,
+        &k.to_key_file_text(),
+        k.id().as_str(),
+        "test-admin-token-0123456789abcdef",
+    );
+    s.metadata.resource_version = Some("1".into());
+    s
+}
+
+/// The pod the operator would build for `n`, as the API server reports it once running.
+fn running_pod(n: &ResultityNode) -> Pod {
+    let r = validate_node(n, Some(&fixture("network.yaml")), &Defaults::default()).unwrap();
+    let mut pod = build_pod(n, &r, key().id().as_str(), &Defaults::default()).unwrap();
+    let live: Pod = fixture("pod-running-ready.yaml");
+    pod.status = live.status;
+    pod
+}
+
+fn report() -> NodeStatus {
+    fixture("sidecar-ready.json")
+}
+
+fn not_found() -> (u16, Value) {
+    (
+        404,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "reason": "NotFound", "code": 404, "message": "not found"}),
+    )
+}
+
+// ---------- fakes for the two outside services ----------
+
+/// A sidecar that answers from a script and records what it was asked.
+#[derive(Debug, Default)]
+struct FakeSidecar {
+    statuses: Mutex<VecDeque<Result<NodeStatus, SidecarError>>>,
+    calls: Mutex<Vec<String>>,
+}
+
+impl FakeSidecar {
+    fn answering(statuses: Vec<Result<NodeStatus, SidecarError>>) -> Arc<Self> {
+        Arc::new(Self {
+            statuses: Mutex::new(statuses.into()),
+            calls: Mutex::default(),
+        })
+    }
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl SidecarClient for FakeSidecar {
+    fn status<'a>(
+        &'a self,
+        target: &'a SidecarTarget,
+    ) -> BoxFuture<'a, Result<NodeStatus, SidecarError>> {
+        assert_eq!(target.token, "test-admin-token-0123456789abcdef");
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("status {}:{}", target.pod_ip, target.port));
+        let next = self
+            .statuses
+            .lock()
+            .unwrap()
+            .pop_front()
+            .expect("unexpected sidecar status call");
+        Box::pin(async move { next })
+    }
+    fn drain<'a>(
+        &'a self,
+        _target: &'a SidecarTarget,
+        deregister: bool,
+    ) -> BoxFuture<'a, Result<(), SidecarError>> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("drain deregister={deregister}"));
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[derive(Debug)]
+struct FakeSource(Result<Vec<u8>, FetchError>);
+
+impl ConfigSource for FakeSource {
+    fn fetch<'a>(&'a self, io_endpoint: &'a str) -> BoxFuture<'a, Result<Vec<u8>, FetchError>> {
+        assert_eq!(io_endpoint, "https://io.testnet.resultity.com");
+        let r = self.0.clone();
+        Box::pin(async move { r })
+    }
+}
+
+// ---------- the scripted API server ----------
+
+type Check = Box<dyn Fn(&Value) + Send>;
+type Reply = Box<dyn Fn(&Value) -> (u16, Value) + Send>;
+
+/// One expected API call and the answer to give.
+struct Call {
+    method: Method,
+    path: &'static str,
+    query: &'static [&'static str],
+    checks: Vec<Check>,
+    reply: Reply,
+}
+
+impl Call {
+    fn new(method: Method, path: &'static str) -> Self {
+        Self {
+            method,
+            path,
+            query: &[],
+            checks: Vec::new(),
+            reply: Box::new(|_| (200, json!({}))),
+        }
+    }
+    fn get(path: &'static str, answer: impl serde::Serialize) -> Self {
+        let v = serde_json::to_value(answer).unwrap();
+        Self::new(Method::GET, path).reply(move |_| (200, v.clone()))
+    }
+    fn get_missing(path: &'static str) -> Self {
+        Self::new(Method::GET, path).reply(|_| not_found())
+    }
+    /// Server-side apply with our field manager, forced.
+    fn apply(path: &'static str) -> Self {
+        let mut c = Self::new(Method::PATCH, path);
+        c.query = &[MANAGER_QUERY, "force=true"];
+        c.reply(|body| (200, body.clone()))
+    }
+    /// Status apply: answers with `obj` carrying the applied status.
+    fn apply_status(path: &'static str, obj: impl serde::Serialize) -> Self {
+        let obj = serde_json::to_value(obj).unwrap();
+        let mut c = Self::new(Method::PATCH, path);
+        c.query = &[MANAGER_QUERY, "force=true"];
+        c.reply(move |body| {
+            let mut o = obj.clone();
+            o["status"] = body["status"].clone();
+            (200, o)
+        })
+    }
+    fn event(path: &'static str, reason: &'static str) -> Self {
+        Self::new(Method::POST, path)
+            .check(move |b| assert_eq!(b["reason"], reason, "event: {b}"))
+            .reply(|body| (201, body.clone()))
+    }
+    /// Adds a body check (checks accumulate).
+    fn check(mut self, f: impl Fn(&Value) + Send + 'static) -> Self {
+        self.checks.push(Box::new(f));
+        self
+    }
+    fn reply(mut self, f: impl Fn(&Value) -> (u16, Value) + Send + 'static) -> Self {
+        self.reply = Box::new(f);
+        self
+    }
+}
+
+async fn serve(mut handle: Handle<Request<Body>, Response<Body>>, script: Vec<Call>) {
+    for (i, call) in script.into_iter().enumerate() {
+        let Some((req, send)) = handle.next_request().await else {
+            panic!("call {i} ({} {}) never came", call.method, call.path);
+        };
+        let uri = req.uri().clone();
+        assert_eq!(
+            (req.method(), uri.path()),
+            (&call.method, call.path),
+            "call {i}: got {} {uri}",
+            req.method()
+        );
+        let query = uri.query().unwrap_or("");
+        for q in call.query {
+            assert!(query.contains(q), "call {i}: {uri} lacks {q}");
+        }
+        let bytes = req.into_body().collect_bytes().await.unwrap();
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        for check in &call.checks {
+            check(&body);
+        }
+        let (status, answer) = (call.reply)(&body);
+        send.send_response(
+            Response::builder()
+                .status(status)
+                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                .unwrap(),
+        );
+    }
+    // Once the reconciler is done and the client dropped, no call may be left.
+    if let Some((req, _)) = handle.next_request().await {
+        panic!("unexpected extra call {} {}", req.method(), req.uri());
+    }
+}
+
+struct World {
+    ctx: Arc<Context>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+fn world(script: Vec<Call>, sidecar: Arc<FakeSidecar>, source: FakeSource) -> World {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let ctx = Arc::new(Context::new(
+        client,
+        sidecar,
+        Arc::new(source),
+        Arc::new(Metrics::default()),
+        Defaults::default(),
+        Arc::new(ManualClock::new(NOW_MS)),
+    ));
+    World {
+        ctx,
+        server: tokio::spawn(serve(handle, script)),
+    }
+}
+
+impl World {
+    /// Runs `f` to completion, then checks the script was followed to the end.
+    async fn run<T>(self, f: impl FnOnce(Arc<Context>) -> BoxFuture<'static, T>) -> T {
+        let out = tokio::time::timeout(Duration::from_secs(10), f(self.ctx))
+            .await
+            .expect("reconcile hung: it made a call the script does not answer");
+        // `ctx` (and with it the client) is gone now, so the server sees the end.
+        match tokio::time::timeout(Duration::from_secs(10), self.server).await {
+            Ok(Ok(())) => out,
+            Ok(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Ok(Err(e)) => panic!("scenario task failed: {e}"),
+            Err(_) => panic!("scenario did not finish: the reconciler stopped calling"),
+        }
+    }
+}
+
+fn no_source() -> FakeSource {
+    FakeSource(Err(FetchError::Status {
+        url: "unused".into(),
+        status: 500,
+    }))
+}
+
+fn reconcile_node(
+    n: ResultityNode,
+) -> impl FnOnce(Arc<Context>) -> BoxFuture<'static, resultity_operator::Result<Action>> {
+    move |ctx| Box::pin(node::reconcile(Arc::new(n), ctx))
+}
+
+fn status_of(body: &Value) -> ResultityNodeStatus {
+    serde_json::from_value(body["status"].clone()).unwrap()
+}
+
+fn cond<'a>(s: &'a ResultityNodeStatus, t: &str) -> (&'a str, &'a str) {
+    let c = s.conditions.iter().find(|c| c.type_ == t).unwrap();
+    (c.status.as_str(), c.reason.as_str())
+}
+
+// ---------- node scenarios ----------
+
+#[tokio::test]
+async fn create_makes_identity_then_pod_then_status() {
+    let n = finalized_node();
+    let created_id = Arc::new(Mutex::new(String::new()));
+    let id_in_secret = created_id.clone();
+    let id_for_pod = created_id.clone();
+    let id_for_status = created_id.clone();
+    let script = vec![
+        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        Call::get_missing(SECRET),
+        Call::new(Method::POST, SECRETS)
+            .check(move |b| {
+                assert_eq!(b["metadata"]["name"], "gpu-a-identity");
+                assert!(b["metadata"].get("ownerReferences").is_none());
+                assert!(b["data"]["node.key"].is_string());
+                assert!(b["data"]["admin-token"].is_string());
+                let id = b["metadata"]["labels"]["resultity.com/node-id"]
+                    .as_str()
+                    .unwrap();
+                assert!(id.starts_with("rn1") && id.len() == 61);
+                *id_in_secret.lock().unwrap() = id.to_owned();
+            })
+            .reply(|b| (201, b.clone())),
+        Call::get_missing(POD),
+        Call::apply(POD).check(move |b| {
+            assert_eq!(b["kind"], "Pod");
+            assert_eq!(b["metadata"]["ownerReferences"][0]["kind"], "ResultityNode");
+            assert_eq!(b["metadata"]["ownerReferences"][0]["controller"], true);
+            assert!(b["metadata"]["annotations"]["resultity.com/spec-hash"].is_string());
+            assert_eq!(
+                b["metadata"]["labels"]["resultity.com/node-id"],
+                id_for_pod.lock().unwrap().as_str()
+            );
+            assert_eq!(b["spec"]["automountServiceAccountToken"], false);
+        }),
+        Call::event(EVENTS, "PodCreated"),
+        Call::apply_status(NODE_STATUS, &n).check(move |b| {
+            assert_eq!(b["apiVersion"], "resultity.com/v1alpha1");
+            assert_eq!(b["kind"], "ResultityNode");
+            let s = status_of(b);
+            assert_eq!(s.phase, NodePhase::Pending);
+            assert_eq!(s.observed_generation, Some(2));
+            assert_eq!(
+                s.node_id.as_deref(),
+                Some(id_for_status.lock().unwrap().as_str())
+            );
+            assert_eq!(s.pod_name.as_deref(), Some("gpu-a-node"));
+            assert!(
+                s.conditions
+                    .iter()
+                    .all(|c| c.observed_generation == Some(2))
+            );
+        }),
+    ];
+    let sidecar = FakeSidecar::answering(vec![]);
+    let action = world(script, sidecar.clone(), no_source())
+        .run(reconcile_node(n))
+        .await
+        .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+    // The pod has no IP yet: nobody to ask.
+    assert!(sidecar.calls().is_empty());
+}
+
+#[tokio::test]
+async fn new_object_gets_the_finalizer_first() {
+    let n: ResultityNode = fixture("node-vllm.yaml");
+    let script =
+        vec![
+            Call::new(Method::PATCH, NODE)
+                .check(|b| {
+                    let ops = b.as_array().unwrap();
+                    assert!(ops.iter().any(|op| op["value"] == json!([node::FINALIZER])
+                        || op["value"] == node::FINALIZER));
+                })
+                .reply(|_| (200, serde_json::to_value(finalized_node()).unwrap())),
+        ];
+    let action = world(script, FakeSidecar::answering(vec![]), no_source())
+        .run(reconcile_node(n))
+        .await
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn spec_update_drains_then_replaces_the_pod() {
+    let old = finalized_node();
+    let live = running_pod(&old);
+    let mut changed = old.clone();
+    changed.metadata.generation = Some(3);
+    changed
+        .spec
+        .runtime
+        .extra_args
+        .push("--enforce-eager".into());
+    changed.status = Some(ResultityNodeStatus {
+        phase: NodePhase::Ready,
+        ..ResultityNodeStatus::default()
+    });
+
+    // Round 1: the drain is asked for; the sidecar is still draining, so the pod stays.
+    let mut draining = report();
+    draining.draining = true;
+    let sidecar = FakeSidecar::answering(vec![Ok(draining)]);
+    let drain_started = Arc::new(Mutex::new(None::<Value>));
+    let started = drain_started.clone();
+    let script = vec![
+        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        Call::get(SECRET, secret(&changed)),
+        Call::get(POD, &live),
+        Call::apply_status(NODE_STATUS, &changed).check(move |b| {
+            let s = status_of(b);
+            assert_eq!(s.phase, NodePhase::Draining);
+            assert!(s.drain_started_time.is_some());
+            *started.lock().unwrap() = Some(b["status"]["drainStartedTime"].clone());
+        }),
+        Call::event(EVENTS, "Draining"),
+    ];
+    let action = world(script, sidecar.clone(), no_source())
+        .run(reconcile_node(changed.clone()))
+        .await
+        .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+    assert_eq!(
+        sidecar.calls(),
+        vec!["drain deregister=false", "status 10.42.0.17:9090"]
+    );
+
+    // Round 2: drained, so the old pod is deleted.
+    let mut round2 = changed.clone();
+    round2.status = Some(ResultityNodeStatus {
+        phase: NodePhase::Draining,
+        drain_started_time: Some(
+            serde_json::from_value(drain_started.lock().unwrap().clone().unwrap()).unwrap(),
+        ),
+        ..ResultityNodeStatus::default()
+    });
+    let mut drained = report();
+    drained.draining = true;
+    drained.drained = true;
+    let sidecar = FakeSidecar::answering(vec![Ok(drained)]);
+    let live2 = live.clone();
+    let script = vec![
+        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        Call::get(SECRET, secret(&changed)),
+        Call::get(POD, &live),
+        Call::new(Method::DELETE, POD).reply(move |_| (200, serde_json::to_value(&live2).unwrap())),
+        Call::event(EVENTS, "PodReplaced"),
+        Call::apply_status(NODE_STATUS, &changed)
+            .check(|b| assert!(status_of(b).drain_started_time.is_none())),
+    ];
+    let action = world(script, sidecar.clone(), no_source())
+        .run(reconcile_node(round2))
+        .await
+        .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(2)));
+    assert_eq!(sidecar.calls()[0], "drain deregister=false");
+
+    // Round 3: the pod is gone; the new one carries the new spec.
+    let want =
+        running_pod(&changed).metadata.annotations.unwrap()["resultity.com/spec-hash"].clone();
+    assert_ne!(
+        Some(&want),
+        live.metadata
+            .annotations
+            .as_ref()
+            .unwrap()
+            .get("resultity.com/spec-hash")
+    );
+    let mut round3 = changed.clone();
+    round3.status = Some(ResultityNodeStatus {
+        phase: NodePhase::Draining,
+        ..ResultityNodeStatus::default()
+    });
+    let script = vec![
+        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        Call::get(SECRET, secret(&changed)),
+        Call::get_missing(POD),
+        Call::apply(POD).check(move |b| {
+            assert_eq!(
+                b["metadata"]["annotations"]["resultity.com/spec-hash"],
+                want.as_str()
+            );
+            let args = b["spec"]["containers"][0]["args"].as_array().unwrap();
+            assert!(args.contains(&json!("--enforce-eager")));
+        }),
+        Call::event(EVENTS, "PodCreated"),
+        Call::apply_status(NODE_STATUS, &changed)
+            .check(|b| assert_eq!(status_of(b).phase, NodePhase::Pending)),
+        Call::event(EVENTS, "Pending"),
+    ];
+    world(script, FakeSidecar::answering(vec![]), no_source())
+        .run(reconcile_node(round3))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn pod_deleted_out_of_band_is_recreated() {
+    let mut n = finalized_node();
+    n.status = Some(ResultityNodeStatus {
+        phase: NodePhase::Ready,
+        ..ResultityNodeStatus::default()
+    });
+    let script = vec![
+        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        Call::get(SECRET, secret(&n)),
+        Call::get_missing(POD),
+        Call::apply(POD).check(|b| {
+            assert_eq!(
+                b["metadata"]["labels"]["resultity.com/node-id"],
+                key().id().as_str()
+            );
+        }),
+        Call::event(EVENTS, "PodCreated"),
+        Call::apply_status(NODE_STATUS, &n).check(|b| {
+            let s = status_of(b);
+            assert_eq!(s.phase, NodePhase::Pending);
+            assert_eq!(s.node_id.as_deref(), Some(key().id().as_str()));
+        }),
+        Call::event(EVENTS, "Pending"),
+    ];
+    world(script, FakeSidecar::answering(vec![]), no_source())
+        .run(reconcile_node(n))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn status_pull_failure_is_unknown_with_a_requeue() {
+    let mut n = finalized_node();
+    n.status = Some(ResultityNodeStatus {
+        phase: NodePhase::Ready,
+        ..ResultityNodeStatus::default()
+    });
+    let pod = running_pod(&n);
+    let sidecar = FakeSidecar::answering(vec![Err(SidecarError::Timeout(Duration::from_secs(3)))]);
+    let script = vec![
+        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        Call::get(SECRET, secret(&n)),
+        // Same spec hash: nothing to apply, the pod is read back as is.
+        Call::get(POD, &pod),
+        Call::apply_status(NODE_STATUS, &n).check(|b| {
+            let s = status_of(b);
+            assert_eq!(s.phase, NodePhase::Degraded);
+            assert_eq!(cond(&s, "Registered"), ("Unknown", "SidecarUnreachable"));
+            assert_eq!(cond(&s, "Connected"), ("Unknown", "SidecarUnreachable"));
+            assert_eq!(cond(&s, "ConfigInSync"), ("Unknown", "SidecarUnreachable"));
+            assert_eq!(cond(&s, "RuntimeReady"), ("True", "ContainerReady"));
+            assert_eq!(cond(&s, "Ready").0, "False");
+        }),
+        Call::event(EVENTS, "Degraded"),
+    ];
+    let action = world(script, sidecar.clone(), no_source())
+        .run(reconcile_node(n))
+        .await
+        .unwrap();
+    // Not an error (no error storm): a plain requeue.
+    assert_eq!(action, Action::requeue(Duration::from_secs(15)));
+    assert_eq!(sidecar.calls(), vec!["status 10.42.0.17:9090"]);
+}
+
+#[tokio::test]
+async fn ready_node_status_from_the_sidecar() {
+    let mut n = finalized_node();
+    n.status = Some(ResultityNodeStatus {
+        phase: NodePhase::Ready,
+        ..ResultityNodeStatus::default()
+    });
+    let pod = running_pod(&n);
+    let script = vec![
+        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        Call::get(SECRET, secret(&n)),
+        Call::get(POD, &pod),
+        Call::apply_status(NODE_STATUS, &n).check(|b| {
+            let s = status_of(b);
+            assert_eq!(s.phase, NodePhase::Ready);
+            assert_eq!(s.jobs.unwrap().completed, 1289);
+            assert_eq!(s.models_summary.as_deref(), Some("1/1"));
+        }),
+    ];
+    let action = world(
+        script,
+        FakeSidecar::answering(vec![Ok(report())]),
+        no_source(),
+    )
+    .run(reconcile_node(n))
+    .await
+    .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+}
+
+fn deleting(policy: DeletionPolicy) -> ResultityNode {
+    let mut n = finalized_node();
+    n.spec.identity.deletion_policy = policy;
+    n.metadata.deletion_timestamp = Some(Time(
+        Timestamp::from_millisecond(i64::try_from(NOW_MS).unwrap() - 10_000).unwrap(),
+    ));
+    n
+}
+
+#[tokio::test]
+async fn deletion_drains_deregisters_then_releases() {
+    let n = deleting(DeletionPolicy::Delete);
+    let mut drained = report();
+    drained.drained = true;
+    let sidecar = FakeSidecar::answering(vec![Ok(drained)]);
+    let released = n.clone();
+    let script = vec![
+        Call::get(SECRET, secret(&n)),
+        Call::get(POD, running_pod(&n)),
+        // deletionPolicy: Delete, and the Secret is the operator's own.
+        Call::new(Method::DELETE, SECRET).reply(|_| {
+            (
+                200,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+            )
+        }),
+        Call::new(Method::PATCH, NODE)
+            .check(|b| {
+                let ops = b.as_array().unwrap();
+                assert_eq!(ops[0]["op"], "test");
+                assert_eq!(ops[0]["value"], node::FINALIZER);
+                assert_eq!(ops[1]["op"], "remove");
+                assert_eq!(ops[1]["path"], "/metadata/finalizers/0");
+            })
+            .reply(move |_| (200, serde_json::to_value(&released).unwrap())),
+    ];
+    let action = world(script, sidecar.clone(), no_source())
+        .run(reconcile_node(n))
+        .await
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+    assert_eq!(
+        sidecar.calls(),
+        vec!["drain deregister=true", "status 10.42.0.17:9090"]
+    );
+}
+
+#[tokio::test]
+async fn deletion_waits_while_draining_and_retains_the_identity() {
+    // Still draining, within the timeout: the finalizer stays.
+    let n = deleting(DeletionPolicy::Retain);
+    let mut busy = report();
+    busy.draining = true;
+    let sidecar = FakeSidecar::answering(vec![Ok(busy)]);
+    let script = vec![
+        Call::get(SECRET, secret(&n)),
+        Call::get(POD, running_pod(&n)),
+    ];
+    let result = world(script, sidecar, no_source())
+        .run(reconcile_node(n.clone()))
+        .await;
+    assert!(matches!(result, Err(resultity_operator::Error::Draining)));
+
+    // Past the drain timeout: released anyway, with a warning; Retain keeps the Secret.
+    let mut late = n;
+    late.spec.drain_timeout_seconds = 5;
+    let mut busy = report();
+    busy.draining = true;
+    let sidecar = FakeSidecar::answering(vec![Ok(busy)]);
+    let released = late.clone();
+    let script = vec![
+        Call::get(SECRET, secret(&late)),
+        Call::get(POD, running_pod(&late)),
+        Call::event(EVENTS, "DrainTimedOut"),
+        Call::new(Method::PATCH, NODE)
+            .reply(move |_| (200, serde_json::to_value(&released).unwrap())),
+    ];
+    let action = world(script, sidecar, no_source())
+        .run(reconcile_node(late))
+        .await
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn unusable_identity_secret_is_invalid_not_overwritten() {
+    let n = finalized_node();
+    let mut bad = secret(&n);
+    bad.data.as_mut().unwrap().insert(
+        "node.key".into(),
+        k8s_openapi::ByteString(b"garbage".to_vec()),
+    );
+    let script = vec![
+        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        Call::get(SECRET, bad),
+        Call::get_missing(POD),
+        Call::apply_status(NODE_STATUS, &n).check(|b| {
+            let s = status_of(b);
+            assert_eq!(s.phase, NodePhase::Invalid);
+            let (status, reason) = cond(&s, "Ready");
+            assert_eq!((status, reason), ("False", "InvalidSpec"));
+        }),
+        Call::event(EVENTS, "Invalid"),
+    ];
+    let action = world(script, FakeSidecar::answering(vec![]), no_source())
+        .run(reconcile_node(n))
+        .await
+        .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+}
+
+// ---------- network scenarios ----------
+
+fn net_key() -> NetworkKeypair {
+    NetworkKeypair::from_seed(&[1; 32])
+}
+
+fn snapshot(version: u64, prev: Option<resultity_protocol::ConfigDigest>) -> ConfigSnapshot {
+    ConfigSnapshot {
+        network_id: NetworkId::parse("resultity-testnet").unwrap(),
+        version,
+        issued_at_ms: NOW_MS - 60_000,
+        expires_at_ms: NOW_MS + 86_400_000,
+        prev_digest: prev,
+        payload: NetworkConfig {
+            environment: Environment::Testnet,
+            models: vec![],
+            runtime_images: RuntimeImages {
+                vllm: Some(format!("vllm/vllm-openai:v0.{version}.0")),
+                triton: None,
+            },
+            sidecar_image: Some("ghcr.io/resultity/resultity-sidecar:0.2.0".into()),
+            timing: Timing::default(),
+            subclouds: vec![],
+            network_keys: vec![net_key().id().clone()],
+            revoked_node_keys: vec![],
+        },
+    }
+}
+
+fn bare_network() -> ResultityNetwork {
+    let mut n: ResultityNetwork = fixture("network.yaml");
+    n.status = None;
+    n
+}
+
+fn reconcile_network(
+    n: ResultityNetwork,
+) -> impl FnOnce(Arc<Context>) -> BoxFuture<'static, resultity_operator::Result<Action>> {
+    move |ctx| Box::pin(network::reconcile(Arc::new(n), ctx))
+}
+
+const NETWORK_STATUS: &str = "/apis/resultity.com/v1alpha1/resultitynetworks/testnet/status";
+const DEFAULT_EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
+
+#[tokio::test]
+async fn network_config_verified_and_recorded() {
+    let v1 = SignedConfig::sign(&net_key(), &snapshot(1, None)).unwrap();
+    let digest = v1.digest().to_string();
+    let net = bare_network();
+    let script = vec![
+        Call::apply_status(NETWORK_STATUS, &net).check(move |b| {
+            let s = &b["status"];
+            assert_eq!(s["configVersion"], 1);
+            assert_eq!(s["configDigest"], digest.as_str());
+            assert_eq!(s["runtimeImages"]["vllm"], "vllm/vllm-openai:v0.1.0");
+            assert_eq!(s["trustedKeys"][0], net_key().id().as_str());
+            let verified = s["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "ConfigVerified")
+                .unwrap();
+            assert_eq!(verified["status"], "True");
+        }),
+        Call::event(DEFAULT_EVENTS, "ConfigUpdated"),
+    ];
+    let action = world(
+        script,
+        FakeSidecar::answering(vec![]),
+        FakeSource(Ok(v1.as_str().as_bytes().to_vec())),
+    )
+    .run(reconcile_network(net))
+    .await
+    .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+}
+
+#[tokio::test]
+async fn network_config_rollback_is_refused_and_last_good_kept() {
+    let v1 = SignedConfig::sign(&net_key(), &snapshot(1, None)).unwrap();
+    let v2 = SignedConfig::sign(&net_key(), &snapshot(2, Some(v1.digest().clone()))).unwrap();
+    // The operator holds v2; the endpoint now serves the older v1.
+    let (holding, _) = network::compute_network_status(
+        &bare_network(),
+        &Ok(v2.as_str().as_bytes().to_vec()),
+        NOW_MS,
+    );
+    let mut net = bare_network();
+    net.status = Some(holding);
+    let v2_digest = v2.digest().to_string();
+    let script = vec![
+        Call::apply_status(NETWORK_STATUS, &net).check(move |b| {
+            let s = &b["status"];
+            assert_eq!(s["configVersion"], 2, "last good config kept");
+            assert_eq!(s["configDigest"], v2_digest.as_str());
+            assert_eq!(s["runtimeImages"]["vllm"], "vllm/vllm-openai:v0.2.0");
+            let by_type = |t: &str| {
+                s["conditions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|c| c["type"] == t)
+                    .unwrap()
+                    .clone()
+            };
+            let verified = by_type("ConfigVerified");
+            assert_eq!(verified["status"], "False");
+            assert_eq!(verified["reason"], "Rollback");
+            assert_eq!(by_type("Ready")["status"], "True", "v2 is still in force");
+        }),
+        Call::event(DEFAULT_EVENTS, "ConfigRefused").check(|b| {
+            assert_eq!(b["type"], "Warning");
+        }),
+    ];
+    world(
+        script,
+        FakeSidecar::answering(vec![]),
+        FakeSource(Ok(v1.as_str().as_bytes().to_vec())),
+    )
+    .run(reconcile_network(net))
+    .await
+    .unwrap();
+}
+
+#[test]
+fn network_refusals_have_reasons() {
+    let v1 = SignedConfig::sign(&net_key(), &snapshot(1, None)).unwrap();
+    let reason = |net: &ResultityNetwork, bytes: &[u8], now: u64| {
+        let (s, _) = network::compute_network_status(net, &Ok(bytes.to_vec()), now);
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == "ConfigVerified")
+            .map(|c| c.reason.clone())
+            .unwrap()
+    };
+    // Expired.
+    assert_eq!(
+        reason(&bare_network(), v1.as_str().as_bytes(), NOW_MS + 86_400_001),
+        "Expired"
+    );
+    // Signed by a key nobody pinned.
+    let stranger =
+        SignedConfig::sign(&NetworkKeypair::from_seed(&[9; 32]), &snapshot(1, None)).unwrap();
+    assert_eq!(
+        reason(&bare_network(), stranger.as_str().as_bytes(), NOW_MS),
+        "UnknownSigner"
+    );
+    // Not an envelope at all.
+    assert_eq!(reason(&bare_network(), b"<html>", NOW_MS), "Malformed");
+    // A mainnet config offered to a testnet resource.
+    let mut main = snapshot(1, None);
+    main.payload.environment = Environment::Mainnet;
+    let main = SignedConfig::sign(&net_key(), &main).unwrap();
+    assert_eq!(
+        reason(&bare_network(), main.as_str().as_bytes(), NOW_MS),
+        "WrongEnvironment"
+    );
+    // A fetch failure keeps the verdict on the config in force.
+    let (held, _) = network::compute_network_status(
+        &bare_network(),
+        &Ok(v1.as_str().as_bytes().to_vec()),
+        NOW_MS,
+    );
+    let mut net = bare_network();
+    net.status = Some(held);
+    let (s, notice) = network::compute_network_status(
+        &net,
+        &Err(FetchError::Timeout {
+            url: "https://io.testnet.resultity.com/v1/config".into(),
+            timeout: Duration::from_secs(10),
+        }),
+        NOW_MS + 1000,
+    );
+    assert_eq!(s.config_version, Some(1));
+    let fetched = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "ConfigFetched")
+        .unwrap();
+    assert_eq!(
+        (fetched.status.as_str(), fetched.reason.as_str()),
+        ("False", "FetchFailed")
+    );
+    assert!(notice.is_none());
+}
+
+#[tokio::test]
+async fn malformed_object_is_reported_not_retried() {
+    use kube::core::DeserializeGuard;
+    use kube::core::error_boundary::InvalidObject;
+    // What a watch yields for an object that does not fit the type (e.g. an older CRD).
+    let raw = json!({
+        "apiVersion": "resultity.com/v1alpha1", "kind": "ResultityNode",
+        "metadata": {"name": "gpu-a", "namespace": "fleet", "uid": "u-1"},
+        "spec": {"networkRef": "not-an-object"}
+    });
+    let guard: DeserializeGuard<ResultityNode> = serde_json::from_value(raw).unwrap();
+    assert!(matches!(&guard.0, Err(InvalidObject { .. })));
+    let script = vec![Call::event(EVENTS, "MalformedObject").check(|b| {
+        assert_eq!(b["type"], "Warning");
+        assert_eq!(b["regarding"]["name"], "gpu-a");
+    })];
+    let action = world(script, FakeSidecar::answering(vec![]), no_source())
+        .run(move |ctx| Box::pin(node::reconcile_guarded(Arc::new(guard), ctx)))
+        .await
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn evicted_pod_is_replaced() {
+    let n = finalized_node();
+    let mut evicted = running_pod(&n);
+    let st = evicted.status.as_mut().unwrap();
+    st.phase = Some("Failed".into());
+    st.reason = Some("Evicted".into());
+    st.pod_ip = None;
+    let script = vec![
+        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        Call::get(SECRET, secret(&n)),
+        Call::get(POD, &evicted),
+        Call::new(Method::DELETE, POD).reply({
+            let p = serde_json::to_value(&evicted).unwrap();
+            move |_| (200, p.clone())
+        }),
+        Call::event(EVENTS, "PodReplaced").check(|b| {
+            assert_eq!(b["type"], "Warning");
+            assert!(b["note"].as_str().unwrap().contains("Evicted"));
+        }),
+        Call::apply_status(NODE_STATUS, &n).check(|b| {
+            let s = status_of(b);
+            assert_eq!(s.phase, NodePhase::Pending);
+            assert_eq!(cond(&s, "PodScheduled"), ("False", "PodMissing"));
+        }),
+    ];
+    let action = world(script, FakeSidecar::answering(vec![]), no_source())
+        .run(reconcile_node(n))
+        .await
+        .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(2)));
+}
