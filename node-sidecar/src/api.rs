@@ -104,6 +104,8 @@ pub struct ApiState {
     pub status: Mutex<NodeStatus>,
     pub metrics: Metrics,
     pub drain: watch::Sender<bool>,
+    /// `POST /drain?deregister=true`: leave the network once drained.
+    deregister: std::sync::atomic::AtomicBool,
     admin_token: String,
 }
 
@@ -114,8 +116,14 @@ impl ApiState {
             status: Mutex::new(status),
             metrics: Metrics::default(),
             drain,
+            deregister: std::sync::atomic::AtomicBool::new(false),
             admin_token,
         })
+    }
+
+    /// Whether a drain request asked to deregister from the network afterwards.
+    pub fn deregister_requested(&self) -> bool {
+        self.deregister.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// A copy of the status document (a poisoned lock still holds the last written state).
@@ -244,12 +252,44 @@ async fn status(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Response 
     axum::Json(s.status()).into_response()
 }
 
-async fn drain(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
+/// `POST /drain[?deregister=true|false]`: idempotent; a later request may add deregistration.
+async fn drain(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
     if !s.authorized(&headers) {
         return unauthorized();
     }
+    let mut deregister = false;
+    for pair in query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match pair {
+            "deregister=true" | "deregister" => deregister = true,
+            "deregister=false" => {}
+            other => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    axum::Json(json!({"error": format!("unknown drain parameter {other:?}; use deregister=true|false")})),
+                )
+                    .into_response();
+            }
+        }
+    }
+    if deregister {
+        s.deregister
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     s.drain.send_replace(true);
-    (StatusCode::ACCEPTED, axum::Json(json!({"draining": true}))).into_response()
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(json!({"draining": true, "deregister": s.deregister_requested()})),
+    )
+        .into_response()
 }
 
 #[cfg(test)]

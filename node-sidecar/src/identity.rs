@@ -16,14 +16,14 @@ pub enum IdentityError {
     },
     #[error("key file {path} is invalid: {reason}")]
     Invalid { path: PathBuf, reason: String },
-    #[error("key file {path} is readable by group or others (mode {mode:o}); chmod 600 it")]
+    #[error("key file {path} is accessible to all users (mode {mode:o}); chmod 600 it")]
     TooOpen { path: PathBuf, mode: u32 },
 }
 
 /// Loads the node key at `path`, creating a fresh one (0600) if the file does not exist.
-/// Kubernetes Secret volumes are symlinks into a read-only tmpfs with mode 0644 by default
-/// unless `defaultMode` is set; the operator sets 0400, and a group/world-readable key is
-/// refused rather than silently used.
+/// Kubernetes Secret volumes default to mode 0644; the operator mounts them 0440 owned by
+/// root and the pod's `fsGroup` (the only way a non-root sidecar can read them), so group
+/// read is accepted, but a world-readable key is refused rather than silently used.
 pub fn load_or_create(path: &Path) -> Result<NodeKeypair, IdentityError> {
     match fs::read_to_string(path) {
         Ok(text) => {
@@ -53,7 +53,7 @@ fn check_mode(path: &Path) -> Result<(), IdentityError> {
             .permissions()
             .mode()
             & 0o777;
-        if mode & 0o077 != 0 {
+        if mode & 0o007 != 0 {
             return Err(IdentityError::TooOpen {
                 path: path.to_owned(),
                 mode,
@@ -122,10 +122,10 @@ mod tests {
             load_or_create(&path),
             Err(IdentityError::TooOpen { .. })
         ));
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o440)).unwrap();
         assert!(
             load_or_create(&path).is_ok(),
-            "read-only 0400 (Secret mount) is fine"
+            "0440 via fsGroup (the operator Secret mount) is fine"
         );
         let bad = dir.path().join("bad.key");
         fs::write(&bad, "nonsense").unwrap();

@@ -15,16 +15,54 @@ use resultity_sidecar::agent::{Agent, Exit, Settings};
     version,
     about = "Resultity node agent: registers with the network, syncs its signed config, runs jobs on the co-located vLLM or Triton runtime"
 )]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Run the agent (until SIGTERM: then drain and exit).
+    Run(Box<Args>),
+    /// Ask a running agent to drain (the pod's preStop hook).
+    Drain(DrainArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DrainArgs {
+    /// The agent's local API.
+    #[arg(
+        long,
+        env = "RESULTITY_DRAIN_URL",
+        default_value = "http://127.0.0.1:9090"
+    )]
+    url: String,
+    /// File holding the bearer token.
+    #[arg(long, env = "RESULTITY_ADMIN_TOKEN_FILE")]
+    admin_token_file: PathBuf,
+    /// Also leave the network once drained.
+    #[arg(long, env = "RESULTITY_DRAIN_DEREGISTER")]
+    deregister: bool,
+    /// Wait until the agent reports drained.
+    #[arg(long, env = "RESULTITY_DRAIN_WAIT")]
+    wait: bool,
+    /// Give up waiting after this many seconds (exit status 1).
+    #[arg(long, env = "RESULTITY_DRAIN_TIMEOUT_SECONDS", default_value_t = 120)]
+    timeout_seconds: u64,
+}
+
+#[derive(Debug, clap::Args)]
 struct Args {
     /// Base URL of the network's IO service.
-    #[arg(long, env = "RESULTITY_IO_URL")]
+    #[arg(long, visible_alias = "io-endpoint", env = "RESULTITY_IO_URL")]
     io_url: String,
     /// Network id (e.g. resultity-testnet).
     #[arg(long, env = "RESULTITY_NETWORK_ID")]
     network_id: String,
-    /// Pinned network public key ids (rk1…), comma-separated: the root of trust.
+    /// Pinned network public key ids (rk1…), repeated or comma-separated: the root of trust.
     #[arg(
         long,
+        visible_alias = "network-key",
         env = "RESULTITY_NETWORK_KEYS",
         value_delimiter = ',',
         required = true
@@ -33,14 +71,20 @@ struct Args {
     /// Node key file; created with mode 0600 if missing (or a read-only Secret mount).
     #[arg(
         long,
+        visible_alias = "identity-file",
         env = "RESULTITY_KEY_FILE",
         default_value = "/var/lib/resultity/node.key"
     )]
     key_file: PathBuf,
     /// Data directory (outbox, applied config).
-    #[arg(long, env = "RESULTITY_DATA_DIR", default_value = "/var/lib/resultity")]
+    #[arg(
+        long,
+        visible_alias = "state-dir",
+        env = "RESULTITY_DATA_DIR",
+        default_value = "/var/lib/resultity"
+    )]
     data_dir: PathBuf,
-    /// Runtime kind.
+    /// Runtime kind: vllm or triton.
     #[arg(long, env = "RESULTITY_RUNTIME", value_parser = parse_runtime, default_value = "vllm")]
     runtime: RuntimeKind,
     /// Runtime base URL.
@@ -59,11 +103,22 @@ struct Args {
     /// Which environments' jobs to take: testnet, mainnet or both.
     #[arg(long, env = "RESULTITY_PARTICIPATION", value_parser = parse_participation, default_value = "both")]
     participation: Participation,
-    /// Subclouds to serve, comma-separated.
-    #[arg(long, env = "RESULTITY_SUBCLOUDS", value_delimiter = ',')]
+    /// Subclouds to serve, repeated or comma-separated.
+    #[arg(
+        long,
+        visible_alias = "subcloud",
+        env = "RESULTITY_SUBCLOUDS",
+        value_delimiter = ','
+    )]
     subclouds: Vec<String>,
-    /// Models to serve, comma-separated; empty = all approved for this node.
-    #[arg(long, env = "RESULTITY_MODELS", value_delimiter = ',')]
+    /// Models to serve as `id` or `id@revision`, repeated or comma-separated; none = all
+    /// approved for this node.
+    #[arg(
+        long,
+        visible_alias = "model",
+        env = "RESULTITY_MODELS",
+        value_delimiter = ','
+    )]
     models: Vec<String>,
     /// Local API address (/healthz, /readyz, /status, /metrics, /drain).
     #[arg(long, env = "RESULTITY_LISTEN", default_value = "0.0.0.0:9090")]
@@ -72,7 +127,12 @@ struct Args {
     #[arg(long, env = "RESULTITY_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
     /// Time to finish in-flight jobs when draining, in seconds.
-    #[arg(long, env = "RESULTITY_DRAIN_GRACE_SECONDS", default_value_t = 120)]
+    #[arg(
+        long,
+        visible_alias = "drain-timeout-seconds",
+        env = "RESULTITY_DRAIN_GRACE_SECONDS",
+        default_value_t = 120
+    )]
     drain_grace_seconds: u64,
     /// Probe GPUs with NVML.
     #[arg(long, env = "RESULTITY_GPU_PROBE", default_value_t = true, action = clap::ArgAction::Set)]
@@ -108,7 +168,59 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let a = Args::parse();
+    match Cli::parse().command {
+        Command::Run(a) => run(*a).await,
+        Command::Drain(d) => drain(d).await,
+    }
+}
+
+/// Client side of `POST /drain`, for the pod's preStop hook (exec, so the token never appears
+/// in the pod spec).
+async fn drain(d: DrainArgs) -> anyhow::Result<()> {
+    let token = std::fs::read_to_string(&d.admin_token_file)
+        .with_context(|| format!("reading admin token file {}", d.admin_token_file.display()))?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .no_proxy()
+        .build()?;
+    let base = d.url.trim_end_matches('/');
+    let r = http
+        .post(format!("{base}/drain?deregister={}", d.deregister))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .with_context(|| format!("asking {base} to drain"))?;
+    anyhow::ensure!(
+        r.status().is_success(),
+        "drain request refused: HTTP {}",
+        r.status()
+    );
+    if !d.wait {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(d.timeout_seconds);
+    loop {
+        let st = http
+            .get(format!("{base}/status"))
+            .bearer_auth(token.trim())
+            .send()
+            .await;
+        if let Ok(r) = st
+            && let Ok(v) = r.json::<serde_json::Value>().await
+            && v["drained"] == serde_json::Value::Bool(true)
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "not drained after {} s",
+            d.timeout_seconds
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn run(a: Args) -> anyhow::Result<()> {
     let admin_token = match &a.admin_token_file {
         Some(p) => std::fs::read_to_string(p)
             .with_context(|| format!("reading admin token file {}", p.display()))?
@@ -146,7 +258,7 @@ async fn main() -> anyhow::Result<()> {
     let drainer = agent.clone();
     let stop = async move {
         wait_signal().await;
-        drainer.start_drain();
+        drainer.drain_and_exit();
         wait_signal().await;
         tracing::warn!("second signal: stopping without finishing the drain");
     };

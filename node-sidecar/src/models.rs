@@ -30,12 +30,23 @@ pub fn desired_models(
 ) -> (Vec<ModelRef>, Vec<Refused>) {
     let mut want = Vec::new();
     let mut refused = Vec::new();
-    let candidates: Vec<&str> = if requested.is_empty() {
-        config.models.iter().map(|m| m.model.id.as_str()).collect()
+    // Entries are `id` or `id@revision`; model ids themselves never contain '@'.
+    let candidates: Vec<(&str, Option<&str>)> = if requested.is_empty() {
+        config
+            .models
+            .iter()
+            .map(|m| (m.model.id.as_str(), None))
+            .collect()
     } else {
-        requested.iter().map(String::as_str).collect()
+        requested
+            .iter()
+            .map(|r| match r.rsplit_once('@') {
+                Some((id, rev)) => (id, Some(rev)),
+                None => (r.as_str(), None),
+            })
+            .collect()
     };
-    for id in candidates {
+    for (id, revision) in candidates {
         let Some(approved) = config.models.iter().find(|m| m.model.id == id) else {
             refused.push(Refused {
                 model: id.into(),
@@ -43,7 +54,13 @@ pub fn desired_models(
             });
             continue;
         };
-        let reason = if !approved.runtimes.contains(&runtime) {
+        let reason = if revision.is_some_and(|r| r != approved.model.revision) {
+            Some(format!(
+                "revision {} is not approved (the network approves {})",
+                revision.unwrap_or_default(),
+                approved.model.revision
+            ))
+        } else if !approved.runtimes.contains(&runtime) {
             Some(format!("not approved for the {} runtime", runtime.as_str()))
         } else if enforce_gpu_memory && gpu_memory_mib < approved.min_gpu_memory_mib {
             Some(format!(

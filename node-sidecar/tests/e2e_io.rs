@@ -399,15 +399,8 @@ async fn drain_finishes_in_flight_jobs_and_exits_clean() {
         agent.api.status().jobs.in_flight == 4
     })
     .await;
-    // POST /drain with the token, as the operator's finalizer and preStop hook do.
-    let addr = node.agent.api_addr().unwrap();
-    let r = reqwest::Client::new()
-        .post(format!("http://{addr}/drain"))
-        .bearer_auth("token")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    // SIGTERM: drain, finish what runs, exit.
+    node.agent.drain_and_exit();
     let exit = tokio::time::timeout(Duration::from_secs(15), node.run)
         .await
         .unwrap()
@@ -421,4 +414,74 @@ async fn drain_finishes_in_flight_jobs_and_exits_clean() {
     assert!(st.drained);
     assert_eq!(st.phase, NodePhase::Drained);
     assert_eq!(st.jobs.completed, 4);
+}
+
+#[tokio::test]
+async fn operator_drain_keeps_reporting_drained_and_deregisters() {
+    let net = network(SimConfig {
+        prefill_ms: 0,
+        decode_us_per_token: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    let node = spawn(settings(&net, "a"));
+    wait_ready(&node).await;
+    wait_eligible(&net.io).await;
+    let addr = node.agent.api_addr().unwrap();
+    let c = reqwest::Client::new();
+    assert_eq!(
+        c.post(format!("http://{addr}/drain?deregister=maybe"))
+            .bearer_auth("token")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    let r = c
+        .post(format!("http://{addr}/drain?deregister=true"))
+        .bearer_auth("token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let agent = node.agent.clone();
+    wait_for("drained", move || agent.api.status().drained).await;
+    // The network forgot the node.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let v: Value = reqwest::get(format!("{}/v1/nodes", net.io.base_url()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["nodes"].as_array().is_some_and(|n| n.is_empty()) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node not deregistered: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Still up, still reporting drained (a container restart must not rejoin before deletion).
+    assert!(!node.run.is_finished());
+    let st: Value = c
+        .get(format!("http://{addr}/status"))
+        .bearer_auth("token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(st["drained"], true);
+    assert_eq!(st["phase"], "Drained");
+    node.agent.drain_and_exit();
+    let exit = tokio::time::timeout(Duration::from_secs(5), node.run)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit, Exit::Drained);
 }

@@ -136,6 +136,11 @@ pub struct Agent {
     progress: Notify,
     /// Where the local API listens once `run` bound it.
     api_addr: std::sync::OnceLock<SocketAddr>,
+    /// Exit once drained (SIGTERM). An operator drain (`POST /drain`) instead keeps the process
+    /// up reporting `drained`, so a container restart cannot rejoin the network before the
+    /// operator deletes the pod.
+    exit_when_drained: AtomicBool,
+    exit_requested: Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -241,6 +246,8 @@ impl Agent {
             pending_fails: Mutex::new(Vec::new()),
             progress: Notify::new(),
             api_addr: std::sync::OnceLock::new(),
+            exit_when_drained: AtomicBool::new(false),
+            exit_requested: Notify::new(),
             settings,
         }))
     }
@@ -558,6 +565,13 @@ impl Agent {
         }
     }
 
+    /// Drain and exit once drained (what SIGTERM does).
+    pub fn drain_and_exit(&self) {
+        self.exit_when_drained.store(true, Ordering::SeqCst);
+        self.exit_requested.notify_one();
+        self.start_drain();
+    }
+
     fn drained(&self) -> bool {
         self.in_flight.load(Ordering::SeqCst) == 0 && lock(&self.outbox).is_empty()
     }
@@ -596,10 +610,17 @@ impl Agent {
             let agent = self.clone();
             async move { agent.main_loop().await }
         };
-        let exit = tokio::select! {
+        tokio::pin!(stop);
+        let mut exit = tokio::select! {
             e = work => e,
-            _ = stop => Exit::Stopped,
+            _ = &mut stop => Exit::Stopped,
         };
+        while exit == Exit::Drained && !self.exit_when_drained.load(Ordering::SeqCst) {
+            tokio::select! {
+                _ = &mut stop => exit = Exit::Stopped,
+                _ = self.exit_requested.notified() => {}
+            }
+        }
         drain_watch.abort();
         api_task.abort();
         Ok(exit)
@@ -660,6 +681,14 @@ impl Agent {
         self.api.update(|s| s.drained = true);
         self.set_phase();
         tracing::info!("drained");
+        if self.api.deregister_requested() {
+            match self.deregister("the operator removed this node").await {
+                Ok(()) => tracing::info!("deregistered from the network"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "deregistration failed; the network will expire the node")
+                }
+            }
+        }
         Exit::Drained
     }
 }
