@@ -627,6 +627,16 @@ impl Core {
         }
     }
 
+    fn confirm(&self, node: &NodeId, result: &JobResult) {
+        self.send(
+            node,
+            NetworkMessage::ResultConfirm {
+                job_id: result.job_id.clone(),
+                lease_epoch: result.lease_epoch,
+            },
+        );
+    }
+
     /// Checks that `node` holds the current lease of `job` at `epoch`.
     fn lease_check(&self, job: &Job, node: &NodeId, epoch: u64) -> Result<(), Refusal> {
         if let JobState::Assigned(lease) = &job.state
@@ -671,10 +681,12 @@ impl Core {
 
     /// A signed result arrived on the node's session (signature already verified).
     pub fn on_result(&mut self, node: &NodeId, result: JobResult, now: u64) -> Result<(), Refusal> {
-        let job = self
-            .jobs
-            .get(&result.job_id)
-            .ok_or_else(|| not_assigned(&result.job_id))?;
+        let Some(job) = self.jobs.get(&result.job_id) else {
+            // Unknown here (e.g. the service restarted and lost it): this network will never
+            // accept it, so let the node drop it from its outbox (spec §7.5).
+            self.confirm(node, &result);
+            return Err(not_assigned(&result.job_id));
+        };
         if let JobState::Completed {
             node: done_by,
             epoch,
@@ -694,6 +706,9 @@ impl Core {
             return Ok(());
         }
         if let Err(refusal) = self.lease_check(job, node, result.lease_epoch) {
+            // Fenced or foreign: never acceptable, so confirmed ("needed no more") to clear the
+            // node's outbox, and refused with the reason.
+            self.confirm(node, &result);
             if refusal.0 == ErrorCode::StaleLease {
                 self.metrics.stale_results.inc();
                 if let Some(rec) = self.nodes.get_mut(node) {

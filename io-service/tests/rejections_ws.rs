@@ -216,10 +216,18 @@ async fn late_result_of_a_reassigned_job_is_refused_by_lease_epoch() {
     slow_ws
         .send(NodeMessage::JobResult(result_for(&slow_ws.node_id, &first)))
         .await;
+    // The refusal, the confirmation that lets the node drop the result, and the cancel of the
+    // old lease may arrive in any order (the error is written by the session directly).
     let mut saw_cancel = false;
-    let code = loop {
+    let mut saw_confirm = false;
+    let mut code = None;
+    while code.is_none() || !saw_confirm || !saw_cancel {
         match slow_ws.recv().await {
-            Ok(NetworkMessage::Error { code, .. }) => break code,
+            Ok(NetworkMessage::Error { code: c, .. }) => code = Some(c),
+            Ok(NetworkMessage::ResultConfirm { lease_epoch, .. }) => {
+                assert_eq!(lease_epoch, 1);
+                saw_confirm = true;
+            }
             Ok(NetworkMessage::JobCancel { lease_epoch, .. }) => {
                 assert_eq!(lease_epoch, 1);
                 saw_cancel = true;
@@ -227,9 +235,8 @@ async fn late_result_of_a_reassigned_job_is_refused_by_lease_epoch() {
             Ok(_) => continue,
             Err(c) => panic!("closed {c:?}"),
         }
-    };
-    assert_eq!(code, ErrorCode::StaleLease);
-    assert!(saw_cancel);
+    }
+    assert_eq!(code, Some(ErrorCode::StaleLease));
     assert_eq!(m.rejections(Channel::Ws, ErrorCode::StaleLease), 1);
     assert_eq!(m.stale_results.get(), 1);
     let view: serde_json::Value = http()

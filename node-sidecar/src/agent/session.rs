@@ -377,6 +377,11 @@ impl Agent {
                     tracing::info!(job = %job_id, %reason, "job cancelled by the network");
                     h.abort();
                 }
+                // The network wants this lease no more: a result for it need not be resent.
+                if let Err(e) = lock(&self.outbox).confirm(&job_id, lease_epoch) {
+                    tracing::error!(error = %e, "cannot drop a cancelled job's result");
+                }
+                self.progress.notify_one();
             }
             NetworkMessage::DrainAck {} => {
                 tracing::info!("network stopped dispatching to this node")
