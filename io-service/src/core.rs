@@ -588,9 +588,14 @@ impl Core {
             let Some(job) = self.jobs.get_mut(job_id) else {
                 continue;
             };
+            // Every lease the node still holds is resent, acked or not (spec §7.6): a node that
+            // restarted lost what it was running and reruns it at once; one that kept running
+            // deduplicates by (job, epoch) and acks again or resends its result.
             let exec_deadline = match &mut job.state {
-                JobState::Assigned(lease) if !lease.acked => {
-                    lease.ack_deadline_ms = now.saturating_add(ack_timeout);
+                JobState::Assigned(lease) => {
+                    if !lease.acked {
+                        lease.ack_deadline_ms = now.saturating_add(ack_timeout);
+                    }
                     lease.exec_deadline_ms
                 }
                 _ => continue,
