@@ -232,6 +232,45 @@ mod tests {
     }
 
     #[test]
+    fn tampered_and_wrong_network_configs_are_refused_and_v1_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = NetworkKeypair::from_seed(&[1; 32]);
+        let mut store = ConfigStore::open(dir.path(), pinned(&key)).unwrap();
+        let v1 = SignedConfig::sign(&key, &snap(&key, 1, None)).unwrap();
+        store.offer(&v1, NOW).unwrap();
+        // Tampered: one byte of the signed body changed after signing.
+        let v2 = SignedConfig::sign(&key, &snap(&key, 2, Some(&v1))).unwrap();
+        let tampered = v2
+            .as_str()
+            .replacen("\\\"version\\\":2", "\\\"version\\\":3", 1);
+        assert_ne!(tampered, v2.as_str(), "the tamper must change the bytes");
+        let tampered = SignedConfig::decode(tampered.as_bytes()).unwrap();
+        assert!(matches!(
+            store.offer(&tampered, NOW),
+            Err(OfferError::Refused(ProtocolError::BadSignature { .. }))
+        ));
+        // Wrong network.
+        let mut other = snap(&key, 2, Some(&v1));
+        other.network_id = NetworkId::parse("mainnet").unwrap();
+        let other = SignedConfig::sign(&key, &other).unwrap();
+        assert!(matches!(
+            store.offer(&other, NOW),
+            Err(OfferError::Refused(ProtocolError::WrongAudience { .. }))
+        ));
+        // Signed by a key the node does not trust.
+        let stranger = NetworkKeypair::from_seed(&[9; 32]);
+        let forged = SignedConfig::sign(&stranger, &snap(&stranger, 2, Some(&v1))).unwrap();
+        assert!(matches!(
+            store.offer(&forged, NOW),
+            Err(OfferError::Refused(ProtocolError::UnknownSigner { .. }))
+        ));
+        assert_eq!(store.snapshot().unwrap().version, 1);
+        drop(store);
+        let store = ConfigStore::open(dir.path(), pinned(&key)).unwrap();
+        assert_eq!(store.current().unwrap().digest(), v1.digest());
+    }
+
+    #[test]
     fn tampered_or_foreign_state_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let key = NetworkKeypair::from_seed(&[1; 32]);

@@ -485,3 +485,86 @@ async fn operator_drain_keeps_reporting_drained_and_deregisters() {
         .unwrap();
     assert_eq!(exit, Exit::Drained);
 }
+
+#[tokio::test]
+async fn runtime_crash_mid_job_hands_the_job_to_another_node() {
+    let net = network(SimConfig {
+        prefill_ms: 2_000,
+        decode_us_per_token: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    let a = spawn(settings(&net, "a"));
+    wait_ready(&a).await;
+    wait_eligible(&net.io).await;
+    // Only node A exists when the job is submitted, so A gets it.
+    let call = {
+        let base = net.io.base_url();
+        tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .post(format!("{base}/v1/completions"))
+                .json(&json!({"model": MODEL, "prompt": "keep going", "max_tokens": 6}))
+                .timeout(Duration::from_secs(20))
+                .send()
+                .await
+                .unwrap();
+            let node = r
+                .headers()
+                .get("x-resultity-node-id")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (r.status().as_u16(), node, r.json::<Value>().await.unwrap())
+        })
+    };
+    let sim_a = &net.sim;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sim_a.stats().running == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job never reached runtime A"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Node B, with a healthy fast runtime, joins; then A's runtime crashes mid-decode.
+    let sim_b = resultity_runtime_sim::start(
+        SimConfig {
+            models: vec![MODEL.into()],
+            prefill_ms: 0,
+            decode_us_per_token: 0,
+            ..SimConfig::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut sb = settings(&net, "b");
+    sb.runtime_url = sim_b.url();
+    let b = spawn(sb);
+    wait_ready(&b).await;
+    sim_a.crash();
+    let (code, node, body) = call.await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(node.as_deref(), Some(b.agent.node_id().as_str()));
+    assert_eq!(
+        body["choices"][0]["text"],
+        generate(MODEL, "keep going", 6).0
+    );
+    // A noticed its runtime is gone: not ready, and it reported the job back rather than lose it.
+    let agent = a.agent.clone();
+    wait_for("node A not ready", move || {
+        !agent.api.status().runtime.ready
+    })
+    .await;
+    let st = a.agent.api.status();
+    assert_eq!(st.jobs.completed, 0);
+    assert_eq!(st.jobs.failed + st.jobs.handed_back, 1, "{:?}", st.jobs);
+    let addr = a.agent.api_addr().unwrap();
+    assert_eq!(
+        reqwest::get(format!("http://{addr}/readyz"))
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    a.run.abort();
+    b.run.abort();
+}

@@ -192,6 +192,10 @@ impl SimHandle {
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
     }
+    /// Crashes now: the listener closes, requests in progress or hung fail with 503.
+    pub fn crash(&self) {
+        let _ = self.shared.0.crash.send(true);
+    }
     /// Resolves when the server stops by itself (the crash fault).
     pub async fn stopped(&mut self) {
         let _ = (&mut self.task).await;
@@ -448,7 +452,12 @@ async fn run_inference(
     let total = Duration::from_millis(cfg.prefill_ms)
         + Duration::from_micros(per_token_us * u64::from(output_tokens));
     if !total.is_zero() {
-        tokio::time::sleep(total).await;
+        let mut crash = s.crash.subscribe();
+        tokio::select! {
+            _ = tokio::time::sleep(total) => {}
+            // A crashed runtime does not finish what it was decoding.
+            _ = crash.wait_for(|c| *c) => return Err(Refusal::Crashed),
+        }
     }
     s.gen_tokens
         .fetch_add(u64::from(output_tokens), Ordering::Relaxed);
