@@ -7,10 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use resultity_io::{IoService, IoServiceHandle, Settings as IoSettings};
-use resultity_protocol::config::{ApprovedModel, NetworkConfig};
-use resultity_protocol::messages::{
-    Environment, ModelRef, ModelState, NodePhase, RuntimeKind, Timing,
-};
+use resultity_protocol::config::NetworkConfig;
+use resultity_protocol::messages::{ModelState, NodePhase, RuntimeKind, Timing};
 use resultity_protocol::status::ConnectionState;
 use resultity_protocol::{NetworkId, NetworkKeypair};
 use resultity_runtime_sim::{Faults, SimConfig, SimHandle, generate};
@@ -18,35 +16,19 @@ use resultity_sidecar::agent::{Agent, Exit, Settings};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
-const MODEL: &str = "acme/tiny-chat";
+mod common;
+use common::MODEL;
 
 fn payload() -> NetworkConfig {
-    NetworkConfig {
-        environment: Environment::Testnet,
-        models: vec![ApprovedModel {
-            model: ModelRef {
-                id: MODEL.into(),
-                revision: "r1".into(),
-            },
-            runtimes: vec![RuntimeKind::Vllm],
-            min_gpu_memory_mib: 0,
-            subclouds: vec![],
-        }],
-        runtime_images: Default::default(),
-        sidecar_image: None,
-        timing: Timing {
-            heartbeat_interval_ms: 150,
-            ping_interval_ms: 1_000,
-            ack_timeout_ms: 1_000,
-            backoff_base_ms: 20,
-            backoff_cap_ms: 200,
-            resume_window_ms: 5_000,
-            http_timeout_ms: 2_000,
-        },
-        subclouds: vec![],
-        network_keys: vec![],
-        revoked_node_keys: vec![],
-    }
+    common::payload(Timing {
+        heartbeat_interval_ms: 150,
+        ping_interval_ms: 1_000,
+        ack_timeout_ms: 1_000,
+        backoff_base_ms: 20,
+        backoff_cap_ms: 200,
+        resume_window_ms: 5_000,
+        http_timeout_ms: 2_000,
+    })
 }
 
 struct Net {

@@ -118,7 +118,10 @@ pub struct Agent {
     pub api: Arc<ApiState>,
     config: tokio::sync::Mutex<ConfigStore>,
     outbox: Arc<Mutex<Outbox>>,
-    models: tokio::sync::RwLock<Models>,
+    /// Model states. Read by every job assignment, so never held across an await: reconciles
+    /// work on a copy (serialized by `reconcile_lock`) and swap it in.
+    models: std::sync::RwLock<Models>,
+    reconcile_lock: tokio::sync::Mutex<()>,
     gpu: GpuProbe,
     clock: Arc<dyn Clock>,
     timing: Mutex<Timing>,
@@ -233,7 +236,8 @@ impl Agent {
             api,
             config: tokio::sync::Mutex::new(store),
             outbox: Arc::new(Mutex::new(outbox)),
-            models: tokio::sync::RwLock::new(Models::default()),
+            models: std::sync::RwLock::new(Models::default()),
+            reconcile_lock: tokio::sync::Mutex::new(()),
             gpu,
             clock,
             timing: Mutex::new(timing),
@@ -278,6 +282,20 @@ impl Agent {
 
     fn applied_pointer(&self) -> Option<ConfigPointer> {
         self.api.status().applied_config
+    }
+
+    fn models_snapshot(&self) -> Models {
+        self.models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn model_statuses(&self) -> Vec<resultity_protocol::messages::ModelStatus> {
+        self.models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .statuses()
     }
 
     /// Free slots the node advertises.
@@ -325,7 +343,7 @@ impl Agent {
     /// Registers with the network (challenge → signed registration). Updates timing.
     pub async fn register(&self) -> Result<RegisterResponse, NetError> {
         let challenge = self.net.challenge().await?;
-        let models = self.models.read().await.statuses();
+        let models = self.model_statuses();
         let req = RegisterRequest {
             hdr: self.net.header(self.clock.as_ref())?,
             challenge: challenge.challenge,
@@ -428,10 +446,11 @@ impl Agent {
             self.settings.enforce_gpu_memory,
             &self.settings.subclouds,
         );
-        let mut models = self.models.write().await;
+        let _serial = self.reconcile_lock.lock().await;
+        let mut models = self.models_snapshot();
         models.reconcile(&want, &refused, &self.runtime).await;
         let statuses = models.statuses();
-        drop(models);
+        *self.models.write().unwrap_or_else(|p| p.into_inner()) = models;
         self.api.update(|s| s.models = statuses);
     }
 
@@ -451,8 +470,12 @@ impl Agent {
                 .reason
                 .clone()
                 .unwrap_or_else(|| "runtime not ready".into());
-            self.models.write().await.mark_runtime_down(&reason);
-            let statuses = self.models.read().await.statuses();
+            let _serial = self.reconcile_lock.lock().await;
+            self.models
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .mark_runtime_down(&reason);
+            let statuses = self.model_statuses();
             self.api.update(|s| s.models = statuses);
         } else if !was_ready && report.ready {
             self.reconcile_models().await;

@@ -432,21 +432,12 @@ impl Agent {
                 "deadline passed before the job started".into(),
             );
         }
-        let active = self
-            .models
-            .try_read()
-            .map(|m| (m.is_active(&a.model), m.inactive_reason(&a.model)));
-        match active {
-            Ok((true, _)) => {}
-            Ok((false, reason)) => return self.fail(&a, FailCode::ModelInactive, reason),
-            // Models are being reconciled right now: not servable this instant.
-            Err(_) => {
-                return self.fail(
-                    &a,
-                    FailCode::ModelInactive,
-                    "models are being reconfigured".into(),
-                );
-            }
+        let inactive = {
+            let m = self.models.read().unwrap_or_else(|p| p.into_inner());
+            (!m.is_active(&a.model)).then(|| m.inactive_reason(&a.model))
+        };
+        if let Some(reason) = inactive {
+            return self.fail(&a, FailCode::ModelInactive, reason);
         }
         let prev = self.in_flight.fetch_add(1, Ordering::SeqCst);
         if prev >= self.settings.max_concurrency {
