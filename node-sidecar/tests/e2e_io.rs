@@ -288,6 +288,7 @@ async fn published_config_is_applied_and_reported() {
     let v1 = node.agent.api.status().applied_config.unwrap();
     let mut next = payload();
     next.sidecar_image = Some("example/sidecar:2".into());
+    next.runtime_images.vllm = Some("vllm/vllm-openai:v9".into());
     let published = net.io.state().publish(next).unwrap();
     assert!(published.version > v1.version);
     let agent = node.agent.clone();
@@ -301,6 +302,11 @@ async fn published_config_is_applied_and_reported() {
     let st = node.agent.api.status();
     assert_eq!(st.network_config.unwrap().digest, published.digest);
     assert!(st.config_error.is_none());
+    // The new runtime image is reported so the operator can roll the pod.
+    assert_eq!(
+        st.desired_runtime_image.as_deref(),
+        Some("vllm/vllm-openai:v9")
+    );
     node.run.abort();
 
     // A restarted sidecar keeps the applied config (same data dir) before talking to anyone.

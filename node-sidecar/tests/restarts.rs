@@ -263,3 +263,59 @@ async fn io_service_restart_reconnects_and_loses_nothing() {
     .await;
     io.shutdown().await;
 }
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_jobs_and_exits_zero() {
+    let key = NetworkKeypair::generate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let io = IoService::start(io_settings(
+        &key,
+        "127.0.0.1:0".parse().unwrap(),
+        &dir.path().join("io-state.json"),
+    ))
+    .await
+    .unwrap();
+    let base = io.base_url();
+    let runtime = sim(800).await;
+    let port = free_port();
+    let node_dir = dir.path().join("node");
+    let mut node = sidecar(&base, &key, &runtime.url(), &node_dir, port);
+    wait_until("node eligible", || eligible(&base)).await;
+    let calls: Vec<_> = (0..3)
+        .map(|i| complete(&base, &format!("term {i}")))
+        .collect();
+    wait_until("three jobs running", || async {
+        runtime.stats().running == 3
+    })
+    .await;
+    let pid = node.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(status) = node.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sidecar did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+    for c in calls {
+        let (code, body) = c.await.unwrap();
+        assert_eq!(code, 200, "{body}");
+    }
+    // Nothing left in the outbox on disk.
+    let left: Vec<_> = std::fs::read_dir(node_dir.join("state/outbox"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "outbox not empty: {left:?}");
+    io.shutdown().await;
+}
