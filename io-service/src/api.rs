@@ -268,6 +268,20 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// Wrong method on a known path: 405 with the spec's error body (code `not_found`: no such
+/// route for this method).
+pub async fn method_not_allowed(State(state): State<AppState>) -> Response {
+    let mut resp = state
+        .reject(
+            Channel::Api,
+            ErrorCode::NotFound,
+            "method not allowed on this endpoint",
+        )
+        .into_response();
+    *resp.status_mut() = axum::http::StatusCode::METHOD_NOT_ALLOWED;
+    resp
+}
+
 pub async fn not_found(State(state): State<AppState>) -> ApiError {
     state.reject(Channel::Api, ErrorCode::NotFound, "no such endpoint")
 }

@@ -30,7 +30,23 @@ const TRANSPORT_SLACK: usize = 64 * 1024;
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `GET /v1/node/session`.
-pub async fn upgrade(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+pub async fn upgrade(
+    State(state): State<AppState>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    // A plain GET (or a broken upgrade) gets the spec's JSON error, not axum's text.
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => {
+            return state
+                .reject(
+                    Channel::Ws,
+                    ErrorCode::Malformed,
+                    format!("WebSocket upgrade required: {rejection}"),
+                )
+                .into_response();
+        }
+    };
     let Ok(permit) = state.sessions.clone().try_acquire_owned() else {
         return state
             .reject(

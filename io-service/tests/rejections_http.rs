@@ -216,3 +216,37 @@ async fn per_node_rate_limit_answers_429_with_retry_after() {
     assert_eq!(err.error.code, ErrorCode::RateLimited);
     io.shutdown().await;
 }
+
+#[tokio::test]
+async fn wrong_methods_and_plain_gets_on_the_session_path_get_json_errors() {
+    let io = start(|_| {}).await;
+    let c = http();
+    let r = c
+        .get(format!("{}/v1/node/register", io.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    let e: ErrorResponse = r.json().await.unwrap();
+    assert_eq!(e.error.code, ErrorCode::NotFound);
+    let r = c
+        .get(format!("{}/v1/node/session", io.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let e: ErrorResponse = r.json().await.unwrap();
+    assert_eq!(e.error.code, ErrorCode::Malformed);
+    assert!(
+        e.error.message.contains("WebSocket upgrade required"),
+        "{}",
+        e.error.message
+    );
+    let r = c
+        .get(format!("{}/no/such/route", io.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(r.json::<ErrorResponse>().await.is_ok());
+}
