@@ -556,3 +556,118 @@ async fn runtime_crash_mid_job_hands_the_job_to_another_node() {
     a.run.abort();
     b.run.abort();
 }
+
+/// A TCP proxy whose existing connections can be frozen: bytes stop flowing both ways but the
+/// sockets stay open, as with a dead NAT entry or a hung peer. New connections flow normally.
+struct FreezingProxy {
+    addr: std::net::SocketAddr,
+    freeze: tokio::sync::watch::Sender<u64>,
+}
+
+impl FreezingProxy {
+    async fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (freeze, _) = tokio::sync::watch::channel(0u64);
+        let tx = freeze.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let generation = *tx.borrow();
+                let mut frozen = tx.subscribe();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let pump = async {
+                        tokio::select! {
+                            _ = tokio::io::copy(&mut cr, &mut sw) => {}
+                            _ = tokio::io::copy(&mut sr, &mut cw) => {}
+                        }
+                    };
+                    tokio::select! {
+                        _ = pump => {}
+                        _ = async { let _ = frozen.wait_for(|g| *g > generation).await; } => {
+                            // Hold both sockets open, forwarding nothing.
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, freeze }
+    }
+
+    fn freeze_existing(&self) {
+        self.freeze.send_modify(|g| *g += 1);
+    }
+}
+
+#[tokio::test]
+async fn silent_network_is_detected_after_two_ping_intervals_and_the_node_reconnects() {
+    let key = NetworkKeypair::generate().unwrap();
+    let mut fast = payload();
+    fast.timing.ping_interval_ms = 200;
+    let mut s = IoSettings::new(NetworkId::parse("testnet").unwrap(), key.clone(), fast);
+    s.scheduler.tick_ms = 20;
+    s.limits.node_http_burst = 1000.0;
+    s.limits.node_http_rate_per_s = 1000.0;
+    let io = IoService::start(s).await.unwrap();
+    let proxy = FreezingProxy::start(io.local_addr()).await;
+    let sim = resultity_runtime_sim::start(
+        SimConfig {
+            models: vec![MODEL.into()],
+            prefill_ms: 0,
+            decode_us_per_token: 0,
+            ..SimConfig::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let net = Net {
+        io,
+        sim,
+        key,
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let mut st = settings(&net, "a");
+    st.io_url = format!("http://{}", proxy.addr);
+    let node = spawn(st);
+    wait_ready(&node).await;
+    assert_eq!(node.agent.api.status().connection.reconnects, 0);
+
+    proxy.freeze_existing();
+    let agent = node.agent.clone();
+    wait_for("dead connection detected", move || {
+        agent.api.status().connection.reconnects >= 1
+    })
+    .await;
+    let err = node
+        .agent
+        .api
+        .status()
+        .connection
+        .last_error
+        .unwrap_or_default();
+    assert!(err.contains("silent for two ping intervals"), "{err}");
+    // Reconnected through a fresh connection, and jobs flow again once heartbeats (whose pooled
+    // HTTP connection froze too, until its timeout) are fresh again.
+    let since = resultity_protocol::clock::Clock::now_ms(&resultity_protocol::clock::SystemClock);
+    let agent = node.agent.clone();
+    wait_for("heartbeats flowing again", move || {
+        agent
+            .api
+            .status()
+            .last_heartbeat_ms
+            .is_some_and(|t| t > since + 300)
+    })
+    .await;
+    wait_ready(&node).await;
+    wait_eligible(&net.io).await;
+    let r = complete(&net.io, "after the freeze").await;
+    let status = r.status();
+    assert_eq!(status, 200, "{}", r.text().await.unwrap());
+    node.run.abort();
+}
