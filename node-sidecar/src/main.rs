@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use resultity_protocol::messages::{Participation, RuntimeKind};
 use resultity_protocol::{NetworkId, NetworkKeyId};
-use resultity_sidecar::agent::{Agent, Exit, Settings};
+use resultity_sidecar::agent::{Agent, Exit, Settings, SyncPolicy};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -140,6 +140,20 @@ struct Args {
     /// Refuse models whose GPU memory requirement the node does not meet.
     #[arg(long, env = "RESULTITY_ENFORCE_GPU_MEMORY", default_value_t = true, action = clap::ArgAction::Set)]
     enforce_gpu_memory: bool,
+    /// When results reach the disk: `deferred` (page cache before sending, fsynced in batches
+    /// every 50 ms; survives a process crash) or `always` (fsync before sending each result).
+    #[arg(long, env = "RESULTITY_OUTBOX_SYNC", value_parser = parse_sync, default_value = "deferred")]
+    outbox_sync: SyncPolicy,
+}
+
+fn parse_sync(s: &str) -> Result<SyncPolicy, String> {
+    match s {
+        "deferred" => Ok(SyncPolicy::Deferred),
+        "always" => Ok(SyncPolicy::Always),
+        _ => Err(format!(
+            "{s:?} is not a sync policy: use deferred or always"
+        )),
+    }
 }
 
 fn parse_runtime(s: &str) -> Result<RuntimeKind, String> {
@@ -251,6 +265,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
         drain_grace: Duration::from_secs(a.drain_grace_seconds),
         gpu_probe: a.gpu_probe,
         enforce_gpu_memory: a.enforce_gpu_memory,
+        outbox_sync: a.outbox_sync,
     };
     let agent = Agent::new(settings).context("starting the agent")?;
     tracing::info!(node_id = %agent.node_id(), "resultity sidecar starting");

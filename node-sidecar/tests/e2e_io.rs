@@ -84,6 +84,7 @@ fn settings(net: &Net, name: &str) -> Settings {
         drain_grace: Duration::from_secs(10),
         gpu_probe: false,
         enforce_gpu_memory: false,
+        outbox_sync: resultity_sidecar::agent::SyncPolicy::Deferred,
     }
 }
 

@@ -39,6 +39,7 @@ use crate::config_store::{ConfigStore, ConfigStoreError, OfferError};
 use crate::gpu::GpuProbe;
 use crate::identity::{self, IdentityError};
 use crate::models::{Models, desired_models};
+pub use crate::outbox::SyncPolicy;
 use crate::outbox::{Outbox, OutboxError};
 use crate::runtime::{AnyRuntime, Runtime, RuntimeError};
 
@@ -73,6 +74,8 @@ pub struct Settings {
     pub gpu_probe: bool,
     /// Refuse models whose GPU memory requirement the node's GPUs do not meet.
     pub enforce_gpu_memory: bool,
+    /// When results reach stable storage (see [`crate::outbox`]).
+    pub outbox_sync: SyncPolicy,
 }
 
 /// Failures that stop the agent from starting.
@@ -174,7 +177,8 @@ impl Agent {
         let store = ConfigStore::open(&settings.data_dir.join("config"), pinned)?;
         let keys = NetworkKeys::new(&store.trust().keys)
             .map_err(|e| AgentError::Settings(format!("network keys: {e}")))?;
-        let outbox = Outbox::open(settings.data_dir.join("outbox"))?;
+        let outbox =
+            Outbox::open(settings.data_dir.join("outbox"))?.with_policy(settings.outbox_sync);
         let timing = store
             .snapshot()
             .map(|s| s.payload.timing.clone())
@@ -669,10 +673,13 @@ impl Agent {
             tracing::warn!(error = %e, "initial config sync failed; will retry");
         }
         let hb = tokio::spawn(self.clone().heartbeat_loop());
+        let flush = tokio::spawn(self.clone().outbox_flusher());
         let cfg = tokio::spawn(self.clone().config_loop());
         let exit = self.clone().session_loop().await;
         hb.abort();
         cfg.abort();
+        flush.abort();
+        self.sync_outbox().await;
         exit
     }
 
@@ -688,6 +695,29 @@ impl Agent {
             }
             let interval = self.timing().heartbeat_interval_ms.max(100);
             tokio::time::sleep(Duration::from_millis(interval)).await;
+        }
+    }
+
+    /// Group commit for the deferred outbox: one batch of fsyncs per interval, however many
+    /// results completed in it.
+    async fn outbox_flusher(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.sync_outbox().await;
+        }
+    }
+
+    async fn sync_outbox(&self) {
+        if !lock(&self.outbox).needs_sync() {
+            return;
+        }
+        let outbox = self.outbox.clone();
+        match tokio::task::spawn_blocking(move || lock(&outbox).sync()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "outbox sync failed"),
+            Err(e) => tracing::error!(error = %e, "outbox sync task failed"),
         }
     }
 
