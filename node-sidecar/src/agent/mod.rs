@@ -129,6 +129,8 @@ pub struct Agent {
     clock: Arc<dyn Clock>,
     timing: Mutex<Timing>,
     in_flight: AtomicU32,
+    /// Mirrors `status.runtime.ready` so the per-job credit count needs no status copy.
+    runtime_ready: AtomicBool,
     draining: AtomicBool,
     registered: AtomicBool,
     config_changed: Notify,
@@ -246,6 +248,7 @@ impl Agent {
             clock,
             timing: Mutex::new(timing),
             in_flight: AtomicU32::new(0),
+            runtime_ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             registered: AtomicBool::new(false),
             config_changed: Notify::new(),
@@ -304,7 +307,7 @@ impl Agent {
 
     /// Free slots the node advertises.
     fn credits(&self) -> u32 {
-        if self.draining.load(Ordering::SeqCst) || !self.api.status().runtime.ready {
+        if self.draining.load(Ordering::SeqCst) || !self.runtime_ready.load(Ordering::SeqCst) {
             return 0;
         }
         self.settings
@@ -465,6 +468,7 @@ impl Agent {
         let was_ready = self.api.status().runtime.ready;
         let gpu = self.gpu.report();
         self.api.metrics.runtime_ready.set(i64::from(report.ready));
+        self.runtime_ready.store(report.ready, Ordering::SeqCst);
         self.api.update(|s| {
             s.runtime = report.clone();
             s.gpu = gpu;
