@@ -68,6 +68,12 @@ impl RateLimiter {
             burst,
         }
     }
+    /// Tokens the bucket would hold at `now`, without taking one.
+    pub fn refilled_by(&mut self, now_ms: u64) -> f64 {
+        let elapsed = now_ms.saturating_sub(self.last_ms) as f64;
+        (self.tokens + elapsed * self.rate_per_ms).min(self.burst)
+    }
+
     /// Takes one token; false when the bucket is empty.
     pub fn allow(&mut self, now_ms: u64) -> bool {
         let elapsed = now_ms.saturating_sub(self.last_ms) as f64;
@@ -288,6 +294,8 @@ pub struct Core {
     nonces: NonceStore,
     /// challenge → (node it was issued to, expiry).
     challenges: HashMap<String, (NodeId, u64)>,
+    /// Challenge rate limit per client IP.
+    challenge_ips: HashMap<std::net::IpAddr, RateLimiter>,
 }
 
 impl Core {
@@ -310,6 +318,7 @@ impl Core {
             finished: VecDeque::new(),
             nonces: NonceStore::default(),
             challenges: HashMap::new(),
+            challenge_ips: HashMap::new(),
         }
     }
 
@@ -351,6 +360,29 @@ impl Core {
     // ---- registration and HTTP ----
 
     /// Issues a single-use registration challenge bound to `node`.
+    /// One challenge request from `ip`; false when its bucket is empty. Memory is bounded:
+    /// when the table is full, buckets that refilled (idle addresses) are dropped, and if that
+    /// frees nothing the table starts over.
+    pub fn allow_challenge(&mut self, ip: std::net::IpAddr, now: u64) -> bool {
+        let (rate, burst) = (
+            self.limits.challenge_rate_per_ip_per_s,
+            self.limits.challenge_burst_per_ip,
+        );
+        if !self.challenge_ips.contains_key(&ip)
+            && self.challenge_ips.len() >= self.limits.max_tracked_ips
+        {
+            self.challenge_ips
+                .retain(|_, b| b.clone().refilled_by(now) < burst);
+            if self.challenge_ips.len() >= self.limits.max_tracked_ips {
+                self.challenge_ips.clear();
+            }
+        }
+        self.challenge_ips
+            .entry(ip)
+            .or_insert_with(|| RateLimiter::new(rate, burst, now))
+            .allow(now)
+    }
+
     pub fn issue_challenge(
         &mut self,
         node: &NodeId,

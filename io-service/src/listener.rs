@@ -111,3 +111,15 @@ impl AsyncWrite for BoundedStream {
         self.stream.is_write_vectored()
     }
 }
+
+/// The client's address, as axum connect info for handlers behind [`BoundedListener`].
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, BoundedListener>>
+    for PeerAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, BoundedListener>) -> Self {
+        Self(*stream.remote_addr())
+    }
+}

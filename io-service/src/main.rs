@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Serve the node protocol, the job entry points and the operational endpoints.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write a new network key file (mode 0600) and print its key id.
     Keygen {
         /// Key file to create (must not exist).
@@ -104,6 +104,12 @@ struct ServeArgs {
     /// Signed HTTP requests per second per node.
     #[arg(long, env = "RESULTITY_IO_NODE_RATE", default_value_t = 5.0)]
     node_rate_per_s: f64,
+    /// Registration challenges per second per client IP.
+    #[arg(long, env = "RESULTITY_IO_CHALLENGE_RATE", default_value_t = 20.0)]
+    challenge_rate_per_ip: f64,
+    /// Burst of registration challenges per client IP.
+    #[arg(long, env = "RESULTITY_IO_CHALLENGE_BURST", default_value_t = 100.0)]
+    challenge_burst_per_ip: f64,
     /// Execution deadline of one attempt, ms.
     #[arg(
         long,
@@ -129,7 +135,7 @@ struct ServeArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::Serve(args) => serve(args).await,
+        Cmd::Serve(args) => serve(*args).await,
         Cmd::Keygen { out } => keygen(&out),
         Cmd::Config(ConfigCmd::Publish {
             file,
@@ -204,6 +210,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     settings.limits.max_http_concurrency = args.max_http_concurrency;
     settings.limits.max_queue = args.max_queue;
     settings.limits.node_http_rate_per_s = args.node_rate_per_s;
+    settings.limits.challenge_rate_per_ip_per_s = args.challenge_rate_per_ip;
+    settings.limits.challenge_burst_per_ip = args.challenge_burst_per_ip;
     settings.scheduler.attempt_timeout_ms = args.attempt_timeout_ms;
     settings.scheduler.request_timeout_ms = args.request_timeout_ms;
     settings.scheduler.max_attempts = args.max_attempts;

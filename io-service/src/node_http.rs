@@ -98,8 +98,21 @@ fn open_registered<T: NodeRequest>(
 /// `POST /v1/node/challenge` (unsigned).
 pub async fn challenge(
     State(state): State<AppState>,
+    axum::extract::ConnectInfo(crate::listener::PeerAddr(addr)): axum::extract::ConnectInfo<
+        crate::listener::PeerAddr,
+    >,
     body: Body,
 ) -> Result<Json<ChallengeResponse>, ApiError> {
+    let now = state.now();
+    if !state.core().allow_challenge(addr.ip(), now) {
+        return Err(state
+            .reject(
+                Channel::Http,
+                ErrorCode::RateLimited,
+                format!("too many challenge requests from {}", addr.ip()),
+            )
+            .with_retry_after(1000));
+    }
     let bytes = read_body(&state, body, Channel::Http).await?;
     let req: ChallengeRequest = serde_json::from_slice(&bytes).map_err(|e| {
         state.reject(

@@ -202,8 +202,11 @@ impl IoService {
             crate::listener::BoundedListener::new(listener, state.settings.limits.max_connections);
         let mut server_stop = shutdown.clone();
         let server = tokio::spawn(async move {
-            let serve = axum::serve(listener, app.into_make_service())
-                .with_graceful_shutdown(async move { stopped(&mut server_stop).await });
+            let serve = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<crate::listener::PeerAddr>(),
+            )
+            .with_graceful_shutdown(async move { stopped(&mut server_stop).await });
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "server stopped");
             }

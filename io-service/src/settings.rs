@@ -30,6 +30,13 @@ pub struct Limits {
     /// Signed HTTP requests per second per node (token bucket refill).
     pub node_http_rate_per_s: f64,
     pub node_http_burst: f64,
+    /// Registration challenges per second per client IP (unauthenticated endpoint: without
+    /// this a flood from one address fills the bounded challenge store). Generous, because a
+    /// fleet behind one NAT re-registers through one address after an outage.
+    pub challenge_rate_per_ip_per_s: f64,
+    pub challenge_burst_per_ip: f64,
+    /// Client IPs whose challenge buckets are tracked at once.
+    pub max_tracked_ips: usize,
     /// WebSocket messages per second per session.
     pub ws_msg_rate_per_s: f64,
     pub ws_msg_burst: f64,
@@ -54,6 +61,9 @@ impl Default for Limits {
             max_challenges: 10_000,
             node_http_rate_per_s: 5.0,
             node_http_burst: 20.0,
+            challenge_rate_per_ip_per_s: 20.0,
+            challenge_burst_per_ip: 100.0,
+            max_tracked_ips: 100_000,
             ws_msg_rate_per_s: 500.0,
             ws_msg_burst: 1000.0,
             ws_read_buffer_bytes: 4096,

@@ -250,3 +250,41 @@ async fn wrong_methods_and_plain_gets_on_the_session_path_get_json_errors() {
     assert_eq!(r.status(), 404);
     assert!(r.json::<ErrorResponse>().await.is_ok());
 }
+
+#[tokio::test]
+async fn challenge_flood_from_one_address_is_rate_limited_per_ip() {
+    let io = start(|s| {
+        s.limits.challenge_burst_per_ip = 3.0;
+        s.limits.challenge_rate_per_ip_per_s = 0.001;
+    })
+    .await;
+    let from = |ip: [u8; 4]| {
+        reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from(ip))
+            .timeout(std::time::Duration::from_secs(5))
+            .build()
+            .unwrap()
+    };
+    let ask = |c: reqwest::Client| {
+        let url = format!("{}/v1/node/challenge", io.base_url());
+        async move {
+            let node = NodeKeypair::generate().unwrap();
+            let body = ChallengeRequest {
+                network_id: NetworkId::parse("testnet-1").unwrap(),
+                node_id: node.id().clone(),
+            };
+            c.post(url).json(&body).send().await.unwrap()
+        }
+    };
+    let flooder = from([127, 0, 0, 1]);
+    for _ in 0..3 {
+        assert_eq!(ask(flooder.clone()).await.status(), 200);
+    }
+    let r = ask(flooder.clone()).await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let e: ErrorResponse = r.json().await.unwrap();
+    assert_eq!(e.error.code, ErrorCode::RateLimited);
+    // Another address is not affected.
+    assert_eq!(ask(from([127, 0, 0, 2])).await.status(), 200);
+}
