@@ -16,6 +16,10 @@ use resultity_sidecar::agent::{Agent, Exit, Settings, SyncPolicy};
     about = "Resultity node agent: registers with the network, syncs its signed config, runs jobs on the co-located vLLM or Triton runtime"
 )]
 struct Cli {
+    /// Parse and validate the flags, print what would run, and exit without touching files
+    /// or the network (checks a pod's arguments).
+    #[arg(long, global = true, env = "RESULTITY_DRY_RUN")]
+    dry_run: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -182,8 +186,16 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    match Cli::parse().command {
-        Command::Run(a) => run(*a).await,
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(a) => run(*a, cli.dry_run).await,
+        Command::Drain(d) if cli.dry_run => {
+            println!(
+                "would ask {} to drain (deregister: {}, wait: {})",
+                d.url, d.deregister, d.wait
+            );
+            Ok(())
+        }
         Command::Drain(d) => drain(d).await,
     }
 }
@@ -234,8 +246,9 @@ async fn drain(d: DrainArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn run(a: Args) -> anyhow::Result<()> {
+async fn run(a: Args, dry_run: bool) -> anyhow::Result<()> {
     let admin_token = match &a.admin_token_file {
+        Some(p) if dry_run => format!("<read from {}>", p.display()),
         Some(p) => std::fs::read_to_string(p)
             .with_context(|| format!("reading admin token file {}", p.display()))?
             .trim()
@@ -267,6 +280,19 @@ async fn run(a: Args) -> anyhow::Result<()> {
         enforce_gpu_memory: a.enforce_gpu_memory,
         outbox_sync: a.outbox_sync,
     };
+    if dry_run {
+        println!(
+            "would run: network {} at {} with {} pinned key(s), {} runtime at {}, models {:?}, state in {}",
+            settings.network_id,
+            settings.io_url,
+            settings.network_keys.len(),
+            settings.runtime_kind.as_str(),
+            settings.runtime_url,
+            settings.models,
+            settings.data_dir.display()
+        );
+        return Ok(());
+    }
     let agent = Agent::new(settings).context("starting the agent")?;
     tracing::info!(node_id = %agent.node_id(), "resultity sidecar starting");
     // SIGTERM (pod deletion) and Ctrl-C both drain; a second signal stops at once.
