@@ -192,13 +192,7 @@ pub async fn run(
             networks.clone(),
             wc.clone(),
             move |net: DeserializeGuard<ResultityNetwork>| {
-                let name = net.name_any();
-                mapper_store
-                    .state()
-                    .into_iter()
-                    .filter(|n| n.0.as_ref().is_ok_and(|n| n.spec.network_ref.name == name))
-                    .map(|n| ObjectRef::from_obj(&*n))
-                    .collect::<Vec<_>>()
+                nodes_of_network(&mapper_store.state(), &net.name_any())
             },
         )
         .graceful_shutdown_on(stop.clone())
@@ -271,9 +265,56 @@ async fn wait_for_crds(client: &Client) {
     }
 }
 
+/// The nodes to reconcile when network `name` changes: every (well-formed) node that
+/// references it.
+pub fn nodes_of_network(
+    nodes: &[Arc<DeserializeGuard<ResultityNode>>],
+    name: &str,
+) -> Vec<ObjectRef<DeserializeGuard<ResultityNode>>> {
+    nodes
+        .iter()
+        .filter(|n| n.0.as_ref().is_ok_and(|n| n.spec.network_ref.name == name))
+        .map(|n| ObjectRef::from_obj(&**n))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_network_change_maps_to_the_nodes_that_reference_it() {
+        let node = |name: &str, net: &str| -> Arc<DeserializeGuard<ResultityNode>> {
+            let mut n: ResultityNode =
+                serde_norway::from_str(include_str!("../tests/fixtures/node-vllm.yaml")).unwrap();
+            n.metadata.name = Some(name.into());
+            n.spec.network_ref.name = net.into();
+            Arc::new(DeserializeGuard(Ok(n)))
+        };
+        let malformed = Arc::new(DeserializeGuard(Err(
+            kube::core::error_boundary::InvalidObject {
+                error: "spec.gpu: invalid type".into(),
+                metadata: kube::api::ObjectMeta {
+                    name: Some("broken".into()),
+                    namespace: Some("fleet".into()),
+                    ..Default::default()
+                },
+            },
+        )));
+        let nodes = vec![
+            node("a", "testnet"),
+            node("b", "mainnet"),
+            node("c", "testnet"),
+            malformed,
+        ];
+        let mut names: Vec<String> = nodes_of_network(&nodes, "testnet")
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a", "c"]);
+        assert!(nodes_of_network(&nodes, "devnet").is_empty());
+    }
     use crate::controller::meaningful_change;
     use crate::crd::{NodePhase, ResultityNodeStatus};
 
