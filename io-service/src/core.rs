@@ -671,10 +671,19 @@ impl Core {
 
     /// A signed result arrived on the node's session (signature already verified).
     pub fn on_result(&mut self, node: &NodeId, result: JobResult, now: u64) -> Result<(), Refusal> {
-        let job = self
-            .jobs
-            .get(&result.job_id)
-            .ok_or_else(|| not_assigned(&result.job_id))?;
+        let Some(job) = self.jobs.get(&result.job_id) else {
+            // Unknown here (finished long ago, or issued before this service restarted): it
+            // will never be needed, so confirm it (spec §7.5) or the node's outbox would
+            // resend it forever.
+            self.send(
+                node,
+                NetworkMessage::ResultConfirm {
+                    job_id: result.job_id.clone(),
+                    lease_epoch: result.lease_epoch,
+                },
+            );
+            return Err(not_assigned(&result.job_id));
+        };
         if let JobState::Completed {
             node: done_by,
             epoch,
@@ -699,13 +708,21 @@ impl Core {
                 if let Some(rec) = self.nodes.get_mut(node) {
                     rec.job_finished(&result.job_id);
                 }
-                // Tell the node to drop it, or its outbox would resend it forever.
+                // Stop it if it still runs, and confirm the fenced result (spec §7.5) so the
+                // node's outbox does not resend it forever.
                 self.send(
                     node,
                     NetworkMessage::JobCancel {
                         job_id: result.job_id.clone(),
                         lease_epoch: result.lease_epoch,
                         reason: "stale lease: the job was reassigned".into(),
+                    },
+                );
+                self.send(
+                    node,
+                    NetworkMessage::ResultConfirm {
+                        job_id: result.job_id.clone(),
+                        lease_epoch: result.lease_epoch,
                     },
                 );
             }
