@@ -389,13 +389,17 @@ impl Devnet {
         })
     }
 
-    /// Stops everything.
+    /// Stops everything, waiting (bounded) for the nodes' tasks to end before their data
+    /// directories are removed.
     pub async fn shutdown(mut self) {
-        for node in &mut self.nodes {
-            if let Some(rt) = node.rt.take() {
-                rt.shutdown_background();
+        let runtimes: Vec<_> = self.nodes.iter_mut().filter_map(|n| n.rt.take()).collect();
+        // Blocking shutdown is not allowed on an async worker; do it on a blocking thread.
+        let _ = tokio::task::spawn_blocking(move || {
+            for rt in runtimes {
+                rt.shutdown_timeout(Duration::from_secs(2));
             }
-        }
+        })
+        .await;
         if let Some(io) = self.io.take() {
             io.shutdown().await;
         }
