@@ -5,7 +5,7 @@ use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -156,12 +156,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     }
     net.wait_ready(Duration::from_secs(30)).await?;
     let progress = Arc::new(Progress::default());
+    // Lines on screen, so the final redraw overwrites the last frame.
+    let drawn = Arc::new(AtomicUsize::new(0));
     let display = tty.then(|| {
-        let (net, progress) = (net.clone(), progress.clone());
+        let (net, progress, drawn) = (net.clone(), progress.clone(), drawn.clone());
         tokio::spawn(async move {
-            let mut lines = 0;
             loop {
-                lines = draw(&net, &progress, lines);
+                let lines = draw(&net, &progress, drawn.load(Ordering::Relaxed));
+                drawn.store(lines, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(150)).await;
             }
         })
@@ -176,7 +178,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     if let Some(d) = display {
         d.abort();
         let _ = d.await;
-        draw(&net, &progress, 0);
+        draw(&net, &progress, drawn.load(Ordering::Relaxed));
     }
     let summary = summary.with_network(&net);
     print_table(&summary);
