@@ -751,7 +751,7 @@ impl Core {
                 if let Some(rec) = self.nodes.get_mut(node) {
                     rec.job_finished(&result.job_id);
                 }
-                // Tell the node to drop it, or its outbox would resend it forever.
+                // Stop it if it still runs on the node.
                 self.send(
                     node,
                     NetworkMessage::JobCancel {

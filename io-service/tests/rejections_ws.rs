@@ -50,7 +50,29 @@ async fn replayed_misdirected_and_forged_frames_are_refused() {
     let mut bogus = result_for(&ws.node_id, &job);
     bogus.job_id = JobId::parse("j-not-assigned").unwrap();
     ws.send(NodeMessage::JobResult(bogus)).await;
-    assert_eq!(ws.recv_error().await.0, ErrorCode::NotAssigned);
+    // ...is refused, and confirmed so the node's outbox drops it (spec §7.5): the network
+    // will never need it (here: a job it never issued, as after an IO service restart).
+    let mut confirmed = false;
+    let code = loop {
+        match ws.recv().await {
+            Ok(NetworkMessage::Error { code, .. }) => break code,
+            Ok(NetworkMessage::ResultConfirm { job_id, .. }) => {
+                assert_eq!(job_id.as_str(), "j-not-assigned");
+                confirmed = true;
+            }
+            Ok(_) => continue,
+            Err(c) => panic!("closed {c:?}"),
+        }
+    };
+    assert_eq!(code, ErrorCode::NotAssigned);
+    if !confirmed {
+        match ws.recv().await {
+            Ok(NetworkMessage::ResultConfirm { job_id, .. }) => {
+                assert_eq!(job_id.as_str(), "j-not-assigned")
+            }
+            other => panic!("expected result.confirm, got {other:?}"),
+        }
+    }
 
     // A result whose output does not match its digest.
     let mut tampered = result_for(&ws.node_id, &job);

@@ -1,0 +1,133 @@
+//! The command-line contract of DESIGN.md section 5, against the built binary: the `--json`
+//! summary is the last stdout line with exactly the agreed keys and the exit status says
+//! whether every job verified; `serve` prints its endpoint line and answers OpenAI requests.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_resultity-devnet");
+
+#[test]
+fn json_summary_is_the_last_stdout_line_and_exit_status_reflects_it() {
+    for runtime in ["vllm", "triton"] {
+        let out = Command::new(BIN)
+            .args(["--nodes", "2", "--jobs", "24", "--concurrency", "6"])
+            .args(["--runtime", runtime, "--latency-ms", "5", "--json"])
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            out.status.success(),
+            "{runtime}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let last = stdout.lines().last().unwrap();
+        let v: Value = serde_json::from_str(last).unwrap();
+        let mut keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "jobs_completed",
+                "jobs_failed",
+                "jobs_per_s",
+                "jobs_reassigned",
+                "jobs_submitted",
+                "messages_rejected",
+                "p50_ms",
+                "p99_ms",
+                "signatures_verified"
+            ]
+        );
+        assert_eq!(v["jobs_submitted"], 24);
+        assert_eq!(v["jobs_completed"], 24);
+        assert_eq!(v["signatures_verified"], 24);
+        assert_eq!(v["jobs_failed"], 0);
+        // Not a TTY: no progress bar escapes in the output.
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("\x1b["));
+    }
+}
+
+#[test]
+fn flags_fall_back_to_environment_variables() {
+    let out = Command::new(BIN)
+        .env("RESULTITY_DEVNET_NODES", "1")
+        .env("RESULTITY_DEVNET_JOBS", "3")
+        .env("RESULTITY_DEVNET_LATENCY_MS", "1")
+        .env("RESULTITY_DEVNET_JSON", "true")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let v: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(v["jobs_submitted"], 3);
+}
+
+#[test]
+fn bad_arguments_fail() {
+    let out = Command::new(BIN).args(["--jobs", "0"]).output().unwrap();
+    assert!(!out.status.success());
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "serve bound a non-loopback address");
+}
+
+struct Kill(std::process::Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn serve_prints_its_endpoint_and_answers_an_openai_chat_completion() {
+    let mut child = Kill(
+        Command::new(BIN)
+            .args(["serve", "--nodes", "1", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("OpenAI-compatible endpoint: ")
+        .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+        .to_owned();
+    assert!(
+        base.starts_with("http://127.0.0.1:") && base.ends_with("/v1"),
+        "{base}"
+    );
+    let r = reqwest::Client::new()
+        .post(format!("{base}/chat/completions"))
+        .bearer_auth("unused")
+        .json(&json!({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]}))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-resultity-verified"], "true");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["object"], "chat.completion");
+    assert!(body["choices"][0]["message"]["content"].is_string());
+    drop(child);
+}
