@@ -48,22 +48,37 @@ fn ws_url(base: &str) -> String {
     format!("{rest}{}", paths::SESSION)
 }
 
-/// Decrements in-flight and wakes drain when a job task ends, however it ends (abort included).
-struct InFlight(Arc<Agent>, (resultity_protocol::JobId, u64));
+/// Frees a job's slot exactly once, however its task ends. A job that ends normally is
+/// released *before* its result or failure is sent, so the network never sees a free slot the
+/// node does not have yet; the network counts that slot free on receipt, so no `credits`
+/// message is needed. Only an aborted job (cancel, drain grace ended) ends without a message,
+/// and then the node advertises its credits to prove the slot free.
+struct InFlight {
+    agent: Arc<Agent>,
+    key: (resultity_protocol::JobId, u64),
+    released: bool,
+}
+
+impl InFlight {
+    fn release(&mut self) {
+        if std::mem::replace(&mut self.released, true) {
+            return;
+        }
+        let a = &self.agent;
+        let n = a.in_flight.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
+        lock(&a.jobs).remove(&self.key);
+        a.api.update(|s| s.jobs.in_flight = n);
+        a.api.metrics.in_flight.set(i64::from(n));
+        a.progress.notify_one();
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-        lock(&self.0.jobs).remove(&self.1);
-        let n = self.0.in_flight.load(Ordering::SeqCst);
-        self.0.api.update(|s| s.jobs.in_flight = n);
-        self.0.api.metrics.in_flight.set(i64::from(n));
-        self.0.progress.notify_one();
-        let credits = self.0.credits();
-        self.0.send(NodeMessage::Credits {
-            credits,
-            in_flight: n,
-        });
+        if !self.released {
+            self.release();
+            self.agent.advertise_credits();
+        }
     }
 }
 
@@ -461,13 +476,20 @@ impl Agent {
         let agent = self.clone();
         let mut jobs = lock(&self.jobs);
         let task = tokio::spawn(async move {
-            let _guard = InFlight(agent.clone(), (a.job_id.clone(), a.lease_epoch));
-            agent.run_job(a).await;
+            let mut slot = InFlight {
+                agent: agent.clone(),
+                key: (a.job_id.clone(), a.lease_epoch),
+                released: false,
+            };
+            let msg = agent.run_job(a).await;
+            slot.release();
+            agent.send(msg);
         });
         jobs.insert(key, task.abort_handle());
     }
 
-    async fn run_job(&self, a: JobAssignment) {
+    /// Runs one job and returns the message that reports it (result or failure).
+    async fn run_job(&self, a: JobAssignment) -> NodeMessage {
         let started = Instant::now();
         let left = Duration::from_millis(a.deadline_ms.saturating_sub(self.clock.now_ms()));
         let out = self
@@ -500,8 +522,7 @@ impl Agent {
                     Ok(()) => {
                         self.api.update(|s| s.jobs.completed += 1);
                         self.api.metrics.job("completed");
-                        self.send(NodeMessage::JobResult(result));
-                        return;
+                        return NodeMessage::JobResult(result);
                     }
                     Err(e) => (
                         FailCode::RuntimeError,
@@ -531,12 +552,12 @@ impl Agent {
             self.api.update(|s| s.jobs.failed += 1);
             self.api.metrics.job("failed");
         }
-        self.send(NodeMessage::JobFail {
+        NodeMessage::JobFail {
             job_id: a.job_id,
             lease_epoch: a.lease_epoch,
             code,
             reason,
-        });
+        }
     }
 }
 
