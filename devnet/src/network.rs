@@ -206,6 +206,9 @@ impl Devnet {
         s.scheduler.request_timeout_ms = 30_000 + cfg.latency_ms.saturating_mul(50);
         // Loopback nodes heartbeat fast; the production per-node limits would throttle them.
         s.limits.node_http_burst = 1_000.0;
+        // All devnet nodes register (and re-register after a restart) from one address.
+        s.limits.challenge_burst_per_ip = 100_000.0;
+        s.limits.challenge_rate_per_ip_per_s = 100_000.0;
         s.limits.node_http_rate_per_s = 1_000.0;
         s.limits.ws_msg_rate_per_s = 100_000.0;
         s.limits.ws_msg_burst = 100_000.0;

@@ -373,6 +373,9 @@ async fn io_server(sessions: usize) -> anyhow::Result<()> {
     s.limits.max_challenges = sessions + 1024;
     s.limits.node_http_rate_per_s = 1000.0;
     s.limits.node_http_burst = 1000.0;
+    // Every simulated node registers from the same loopback address.
+    s.limits.challenge_burst_per_ip = sessions as f64 + 16.0;
+    s.limits.challenge_rate_per_ip_per_s = 1_000_000.0;
     let io = IoService::start(s).await?;
     println!("{} {}", io.local_addr(), key.id().as_str());
     std::io::stdout().flush()?;
