@@ -215,15 +215,7 @@ impl Agent {
             desired_runtime_image: None,
             models: vec![],
             gpu: gpu.report(),
-            runtime: RuntimeReport {
-                kind: settings.runtime_kind,
-                ready: false,
-                reason: Some("not probed yet".into()),
-                running: None,
-                waiting: None,
-                kv_cache_usage_permille: None,
-                generation_tokens_total: None,
-            },
+            runtime: RuntimeReport::not_ready(settings.runtime_kind, Some("not probed yet".into())),
             jobs: JobCounters {
                 outbox: u32::try_from(outbox.len()).unwrap_or(u32::MAX),
                 ..JobCounters::default()

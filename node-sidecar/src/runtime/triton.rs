@@ -170,15 +170,7 @@ impl Runtime for TritonRuntime {
     }
 
     async fn report(&self) -> RuntimeReport {
-        let mut report = RuntimeReport {
-            kind: RuntimeKind::Triton,
-            ready: false,
-            reason: None,
-            running: None,
-            waiting: None,
-            kv_cache_usage_permille: None,
-            generation_tokens_total: None,
-        };
+        let mut report = RuntimeReport::not_ready(RuntimeKind::Triton, None);
         match self.health().await {
             Ok(()) => report.ready = true,
             Err(e) => report.reason = Some(e.to_string()),

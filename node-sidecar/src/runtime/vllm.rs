@@ -141,15 +141,7 @@ impl Runtime for VllmRuntime {
     }
 
     async fn report(&self) -> RuntimeReport {
-        let mut report = RuntimeReport {
-            kind: RuntimeKind::Vllm,
-            ready: false,
-            reason: None,
-            running: None,
-            waiting: None,
-            kv_cache_usage_permille: None,
-            generation_tokens_total: None,
-        };
+        let mut report = RuntimeReport::not_ready(RuntimeKind::Vllm, None);
         if let Err(e) = self.health().await {
             report.reason = Some(e.to_string());
             return report;

@@ -219,6 +219,21 @@ pub struct RuntimeReport {
     pub generation_tokens_total: Option<u64>,
 }
 
+impl RuntimeReport {
+    /// A runtime not (yet) known to be ready, with no load figures.
+    pub fn not_ready(kind: RuntimeKind, reason: Option<String>) -> Self {
+        Self {
+            kind,
+            ready: false,
+            reason,
+            running: None,
+            waiting: None,
+            kv_cache_usage_permille: None,
+            generation_tokens_total: None,
+        }
+    }
+}
+
 /// Coarse lifecycle phase of a node, shared by heartbeats, `/status` and the operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
