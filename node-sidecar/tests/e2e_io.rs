@@ -31,6 +31,15 @@ fn payload() -> NetworkConfig {
     })
 }
 
+/// A simulator that answers at once (tests about control flow, not latency).
+fn instant_runtime() -> SimConfig {
+    SimConfig {
+        prefill_ms: 0,
+        decode_us_per_token: 0,
+        ..SimConfig::default()
+    }
+}
+
 struct Net {
     io: IoServiceHandle,
     sim: SimHandle,
@@ -223,12 +232,7 @@ async fn jobs_flow_concurrently_with_verified_results() {
 
 #[tokio::test]
 async fn runtime_down_makes_node_unready_and_back_ready() {
-    let net = network(SimConfig {
-        prefill_ms: 0,
-        decode_us_per_token: 0,
-        ..SimConfig::default()
-    })
-    .await;
+    let net = network(instant_runtime()).await;
     let node = spawn(settings(&net, "a"));
     wait_ready(&node).await;
     let addr = node.agent.api_addr().unwrap();
@@ -278,12 +282,7 @@ async fn runtime_down_makes_node_unready_and_back_ready() {
 
 #[tokio::test]
 async fn published_config_is_applied_and_reported() {
-    let net = network(SimConfig {
-        prefill_ms: 0,
-        decode_us_per_token: 0,
-        ..SimConfig::default()
-    })
-    .await;
+    let net = network(instant_runtime()).await;
     let node = spawn(settings(&net, "a"));
     wait_ready(&node).await;
     let v1 = node.agent.api.status().applied_config.unwrap();
@@ -407,12 +406,7 @@ async fn drain_finishes_in_flight_jobs_and_exits_clean() {
 
 #[tokio::test]
 async fn operator_drain_keeps_reporting_drained_and_deregisters() {
-    let net = network(SimConfig {
-        prefill_ms: 0,
-        decode_us_per_token: 0,
-        ..SimConfig::default()
-    })
-    .await;
+    let net = network(instant_runtime()).await;
     let node = spawn(settings(&net, "a"));
     wait_ready(&node).await;
     wait_eligible(&net.io).await;

@@ -509,8 +509,29 @@ fn model_of(req: &Value) -> Result<String, Box<Response>> {
         })
 }
 
-async fn completions(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
-    let req = match parse_json(&body) {
+/// The two OpenAI endpoints differ only in where the prompt comes from and how the answer is
+/// shaped; everything else (parsing, model check, generation, batching) is shared here.
+#[derive(Clone, Copy)]
+enum OpenAiKind {
+    Completion,
+    Chat,
+}
+
+fn completion_prompt(req: &Value) -> Option<String> {
+    match req.get("prompt")? {
+        Value::String(p) => Some(p.clone()),
+        Value::Array(ps) => Some(
+            ps.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
+        _ => None,
+    }
+}
+
+async fn openai_inference(s: &Arc<Shared>, body: &[u8], kind: OpenAiKind) -> Response {
+    let req = match parse_json(body) {
         Ok(v) => v,
         Err(r) => return *r,
     };
@@ -518,35 +539,57 @@ async fn completions(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> R
         Ok(m) => m,
         Err(r) => return *r,
     };
-    let prompt = match req.get("prompt") {
-        Some(Value::String(p)) => p.clone(),
-        Some(Value::Array(ps)) => ps
-            .iter()
-            .filter_map(Value::as_str)
-            .collect::<Vec<_>>()
-            .join("\n"),
-        _ => {
-            return openai_error(
-                StatusCode::BAD_REQUEST,
-                "BadRequestError",
-                "`prompt` must be a string or an array of strings".into(),
-            );
-        }
+    let (prompt, shape_error) = match kind {
+        OpenAiKind::Completion => (
+            completion_prompt(&req),
+            "`prompt` must be a string or an array of strings",
+        ),
+        OpenAiKind::Chat => (
+            chat_prompt(&req),
+            "`messages` must be an array of {role, content}",
+        ),
+    };
+    let Some(prompt) = prompt else {
+        return openai_error(
+            StatusCode::BAD_REQUEST,
+            "BadRequestError",
+            shape_error.into(),
+        );
     };
     let (text, n) = generate(&model, &prompt, max_tokens(&req, s.cfg.default_max_tokens));
     let prompt_tokens = count_tokens(&prompt);
-    if let Err(r) = run_inference(&s, &model, prompt_tokens, n).await {
+    if let Err(r) = run_inference(s, &model, prompt_tokens, n).await {
         return r.into_response(true);
     }
-    axum::Json(json!({
-        "id": format!("cmpl-{}", s.requests.load(Ordering::Relaxed)),
-        "object": "text_completion",
-        "created": unix_s(),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": "length"}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n},
-    }))
-    .into_response()
+    let seq = s.requests.load(Ordering::Relaxed);
+    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n});
+    let body = match kind {
+        OpenAiKind::Completion => json!({
+            "id": format!("cmpl-{seq}"),
+            "object": "text_completion",
+            "created": unix_s(),
+            "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": "length"}],
+            "usage": usage,
+        }),
+        OpenAiKind::Chat => json!({
+            "id": format!("chatcmpl-{seq}"),
+            "object": "chat.completion",
+            "created": unix_s(),
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text.trim_start()}, "finish_reason": "length"}],
+            "usage": usage,
+        }),
+    };
+    axum::Json(body).into_response()
+}
+
+async fn completions(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
+    openai_inference(&s, &body, OpenAiKind::Completion).await
+}
+
+async fn chat_completions(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
+    openai_inference(&s, &body, OpenAiKind::Chat).await
 }
 
 /// The prompt a chat request stands for: its messages' roles and contents, in order.
@@ -571,38 +614,6 @@ pub fn chat_prompt(req: &Value) -> Option<String> {
         out.push('\n');
     }
     Some(out)
-}
-
-async fn chat_completions(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
-    let req = match parse_json(&body) {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
-    let model = match model_of(&req) {
-        Ok(m) => m,
-        Err(r) => return *r,
-    };
-    let Some(prompt) = chat_prompt(&req) else {
-        return openai_error(
-            StatusCode::BAD_REQUEST,
-            "BadRequestError",
-            "`messages` must be an array of {role, content}".into(),
-        );
-    };
-    let (text, n) = generate(&model, &prompt, max_tokens(&req, s.cfg.default_max_tokens));
-    let prompt_tokens = count_tokens(&prompt);
-    if let Err(r) = run_inference(&s, &model, prompt_tokens, n).await {
-        return r.into_response(true);
-    }
-    axum::Json(json!({
-        "id": format!("chatcmpl-{}", s.requests.load(Ordering::Relaxed)),
-        "object": "chat.completion",
-        "created": unix_s(),
-        "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text.trim_start()}, "finish_reason": "length"}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n},
-    }))
-    .into_response()
 }
 
 /// vLLM-style Prometheus metrics (names as vLLM ≥ 0.6 exports them).
