@@ -339,9 +339,8 @@ impl Metrics {
     /// Copies the status document's figures into the gauges. Label sets are rebuilt, so a
     /// model or GPU that went away stops being exported.
     pub fn refresh(&self, s: &NodeStatus, now_ms: u64) {
-        self.network_config_version.set(to_i64(
-            s.network_config.as_ref().map_or(0, |p| p.version),
-        ));
+        self.network_config_version
+            .set(to_i64(s.network_config.as_ref().map_or(0, |p| p.version)));
         self.config_in_sync.set(i64::from(s.config_in_sync()));
         self.registered.set(i64::from(s.registered));
         self.draining.set(i64::from(s.draining));
@@ -356,8 +355,7 @@ impl Metrics {
         self.network_verdict_known.set(i64::from(v.is_some()));
         self.network_eligible
             .set(i64::from(v.is_some_and(|v| v.eligible)));
-        self.network_score
-            .set(i64::from(v.map_or(0, |v| v.score)));
+        self.network_score.set(i64::from(v.map_or(0, |v| v.score)));
         self.network_penalty
             .set(i64::from(v.map_or(0, |v| v.penalty)));
         self.network_suspended.set(i64::from(
@@ -428,10 +426,8 @@ impl Metrics {
         }
 
         let rt = &s.runtime;
-        self.runtime_running
-            .set(i64::from(rt.running.unwrap_or(0)));
-        self.runtime_waiting
-            .set(i64::from(rt.waiting.unwrap_or(0)));
+        self.runtime_running.set(i64::from(rt.running.unwrap_or(0)));
+        self.runtime_waiting.set(i64::from(rt.waiting.unwrap_or(0)));
         self.runtime_kv_cache_usage
             .set(f64::from(rt.kv_cache_usage_permille.unwrap_or(0)) / 1000.0);
         self.runtime_generation_tokens

@@ -142,17 +142,18 @@ pub async fn diagnose(
             report.push(
                 "io",
                 Outcome::Pass,
-                format!(
-                    "{base} answered in {} ms ({transport})",
-                    rtt.as_millis()
-                ),
+                format!("{base} answered in {} ms ({transport})", rtt.as_millis()),
             );
             d
         }
         Err(e) => {
             report.push("io", Outcome::Fail, e);
             for name in ["network", "clock", "config"] {
-                report.push(name, Outcome::Skip, "not checked: the IO service is unreachable");
+                report.push(
+                    name,
+                    Outcome::Skip,
+                    "not checked: the IO service is unreachable",
+                );
             }
             gpu_check(&mut report, gpu());
             return Ok(report);
@@ -222,7 +223,11 @@ async fn config_check(
         );
     }
     if !(200..300).contains(&status) {
-        return report.push("config", Outcome::Fail, format!("{url} answered HTTP {status}"));
+        return report.push(
+            "config",
+            Outcome::Fail,
+            format!("{url} answered HTTP {status}"),
+        );
     }
     let signed = match SignedConfig::decode(&body) {
         Ok(s) => s,
@@ -316,11 +321,12 @@ fn gpu_check(report: &mut Report, gpu: GpuReport) {
 
 /// GET with the body bounded by the largest protocol document (a signed config).
 async fn fetch_bounded(http: &reqwest::Client, url: &str) -> Result<(u16, Vec<u8>), String> {
+    // `without_url`: the line names the URL once, not again inside reqwest's message.
     let mut resp = http.get(url).send().await.map_err(|e| {
         if e.is_timeout() {
             format!("{url} did not answer in time")
         } else {
-            format!("{url} unreachable: {}", error_chain(&e))
+            format!("{url} unreachable: {}", error_chain(&e.without_url()))
         }
     })?;
     let status = resp.status().as_u16();
@@ -329,7 +335,7 @@ async fn fetch_bounded(http: &reqwest::Client, url: &str) -> Result<(u16, Vec<u8
     while let Some(chunk) = resp
         .chunk()
         .await
-        .map_err(|e| format!("reading {url}: {}", error_chain(&e)))?
+        .map_err(|e| format!("reading {url}: {}", error_chain(&e.without_url())))?
     {
         if body.len() + chunk.len() > max {
             return Err(format!("{url} answered more than {max} bytes"));

@@ -70,9 +70,13 @@ fn assert_only_failing(r: &Report, failing: &[&str]) {
 #[tokio::test]
 async fn healthy_setup_passes_every_check() {
     let (io, key) = io().await;
-    let r = diagnose(&settings(io.base_url(), &key), &SystemClock, GpuReport::default)
-        .await
-        .unwrap();
+    let r = diagnose(
+        &settings(io.base_url(), &key),
+        &SystemClock,
+        GpuReport::default,
+    )
+    .await
+    .unwrap();
     assert_only_failing(&r, &[]);
     for name in ["io", "network", "clock", "config"] {
         assert_eq!(r.check(name).unwrap().outcome, Outcome::Pass, "{r}");
@@ -98,10 +102,7 @@ async fn skewed_clock_fails_the_clock_check_only() {
     .await
     .unwrap();
     assert_only_failing(&r, &["clock"]);
-    assert!(
-        r.check("clock").unwrap().detail.contains("ahead of"),
-        "{r}"
-    );
+    assert!(r.check("clock").unwrap().detail.contains("ahead of"), "{r}");
     let r = diagnose(
         &settings(io.base_url(), &key),
         &SkewedClock(-120_000),
@@ -167,7 +168,9 @@ async fn wrong_network_id_fails_the_network_check() {
     let (io, key) = io().await;
     let mut s = settings(io.base_url(), &key);
     s.network_id = NetworkId::parse("mainnet").unwrap();
-    let r = diagnose(&s, &SystemClock, GpuReport::default).await.unwrap();
+    let r = diagnose(&s, &SystemClock, GpuReport::default)
+        .await
+        .unwrap();
     // The config names the network too, so its audience check fails as well: two causes
     // a user must both see (wrong IO URL or wrong --network-id).
     assert_only_failing(&r, &["network", "config"]);
@@ -199,7 +202,11 @@ async fn binary_prints_one_line_per_check_and_sets_the_exit_status() {
     };
     let ok = run(key.id().to_string()).await.unwrap();
     let out = String::from_utf8_lossy(&ok.stdout);
-    assert!(ok.status.success(), "{out}\n{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let names: Vec<&str> = out
         .lines()
         .filter_map(|l| l.split_whitespace().nth(1))

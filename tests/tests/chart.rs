@@ -279,8 +279,14 @@ fn every_rendered_document_parses_into_its_type() {
             .unwrap_or_else(|| panic!("{name}: no Deployment"));
         let c = &deploy["spec"]["template"]["spec"]["containers"][0];
         assert_eq!(c["securityContext"]["runAsNonRoot"], true, "{name}");
-        assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true, "{name}");
-        assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false, "{name}");
+        assert_eq!(
+            c["securityContext"]["readOnlyRootFilesystem"], true,
+            "{name}"
+        );
+        assert_eq!(
+            c["securityContext"]["allowPrivilegeEscalation"], false,
+            "{name}"
+        );
         assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/livez", "{name}");
     }
     // The value sets together exercise every template.
@@ -320,7 +326,12 @@ fn registry_override_reaches_every_image_and_pull_secrets_apply() {
             "Pod" => &d["spec"],
             _ => continue,
         };
-        assert_eq!(spec["imagePullSecrets"][0]["name"], "regcred", "{}", kind(d));
+        assert_eq!(
+            spec["imagePullSecrets"][0]["name"],
+            "regcred",
+            "{}",
+            kind(d)
+        );
         for c in spec["containers"].as_array().unwrap() {
             images.push(c["image"].as_str().unwrap().to_owned());
             for e in c["env"].as_array().into_iter().flatten() {
@@ -330,7 +341,11 @@ fn registry_override_reaches_every_image_and_pull_secrets_apply() {
             }
         }
     }
-    assert_eq!(images.len(), 3, "operator, default sidecar, doctor: {images:?}");
+    assert_eq!(
+        images.len(),
+        3,
+        "operator, default sidecar, doctor: {images:?}"
+    );
     for i in &images {
         assert!(
             i.starts_with("registry.example.com/mirror/resultity/"),
@@ -521,21 +536,27 @@ fn derive_grants(
     files: &[(String, String)],
     kinds: &dyn Fn(&str) -> Option<(String, String)>,
 ) -> Result<BTreeSet<Grant>, Vec<String>> {
-    let typed = regex::Regex::new(r"\b(\w+)\s*:\s*&?\s*(?:mut\s+)?Api<((?:[^<>]|<[^<>]*>)+)>")
-        .unwrap();
-    let tuple = regex::Regex::new(r"let\s*\(([^)]*)\)\s*:\s*\(((?:[^()]|\([^()]*\))*)\)\s*=")
-        .unwrap();
+    let typed =
+        regex::Regex::new(r"\b(\w+)\s*:\s*&?\s*(?:mut\s+)?Api<((?:[^<>]|<[^<>]*>)+)>").unwrap();
+    let tuple =
+        regex::Regex::new(r"let\s*\(([^)]*)\)\s*:\s*\(((?:[^()]|\([^()]*\))*)\)\s*=").unwrap();
     let turbofish =
-        regex::Regex::new(r"let\s+(?:mut\s+)?(\w+)\s*=\s*Api::<((?:[^<>]|<[^<>]*>)+)>::")
-            .unwrap();
+        regex::Regex::new(r"let\s+(?:mut\s+)?(\w+)\s*=\s*Api::<((?:[^<>]|<[^<>]*>)+)>::").unwrap();
     let ctor = regex::Regex::new(r"Api::(?:<[^>]*>::)?(?:all|namespaced|default_namespaced|all_with|namespaced_with|default_namespaced_with)\s*\(").unwrap();
     let fn_start = regex::Regex::new(r"\bfn\s+\w+").unwrap();
     let mut grants = BTreeSet::new();
     let mut problems = Vec::new();
-    let mut add = |t: &str, verbs: &[&str], sub: Option<&str>, at: &str, problems: &mut Vec<String>| {
+    let add = |grants: &mut BTreeSet<Grant>,
+               t: &str,
+               verbs: &[&str],
+               sub: Option<&str>,
+               at: &str,
+               problems: &mut Vec<String>| {
         let base = base_type(t);
         let Some((group, plural)) = kinds(&base) else {
-            problems.push(format!("{at}: unknown resource type {t}: add it to builtin_kinds"));
+            problems.push(format!(
+                "{at}: unknown resource type {t}: add it to builtin_kinds"
+            ));
             return;
         };
         let resource = match sub {
@@ -626,13 +647,13 @@ fn derive_grants(
                         ));
                         continue;
                     };
-                    add(ty, verbs, sub, &at, &mut problems);
+                    add(&mut grants, ty, verbs, sub, &at, &mut problems);
                     if method == "patch" {
                         let open = c.get(0).unwrap().end() - 1;
                         let args = call_args(body, open);
                         // Server-side apply creates the object when it does not exist yet.
                         if args.contains("PatchParams::apply") || args.contains("Patch::Apply") {
-                            add(ty, &["create"], None, &at, &mut problems);
+                            add(&mut grants, ty, &["create"], None, &at, &mut problems);
                         }
                     }
                 }
@@ -645,7 +666,7 @@ fn derive_grants(
                     .unwrap();
                     for m in pat.find_iter(body) {
                         let at = format!("{path}:{}", line(m.start()));
-                        add(ty, verbs, None, &at, &mut problems);
+                        add(&mut grants, ty, verbs, None, &at, &mut problems);
                     }
                 }
             }
@@ -847,7 +868,11 @@ fn chart_crds_are_the_generated_crds() {
         .arg(chart())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let shown = parse_documents(&String::from_utf8(out.stdout).unwrap());
     let generated: Vec<Value> = top.iter().flat_map(|(_, t)| parse_documents(t)).collect();
     assert_eq!(shown, generated, "helm show crds differs from crds/");
@@ -961,7 +986,11 @@ async fn dashboard_and_alerts_query_only_exported_metrics() {
         }
     }
     collect(&dashboard, &mut exprs);
-    assert!(exprs.len() >= 20, "the dashboard has {} queries", exprs.len());
+    assert!(
+        exprs.len() >= 20,
+        "the dashboard has {} queries",
+        exprs.len()
+    );
     let rules = std::fs::read_to_string(chart().join("templates/prometheusrule.yaml")).unwrap();
     for (source, text) in [("dashboard", exprs.join("\n")), ("alerts", rules)] {
         let queried = queried_metrics(&text);
@@ -1001,7 +1030,14 @@ fn one_image_name_per_component_everywhere() {
     ];
     let re = regex::Regex::new(r"ghcr\.io/resultity/[A-Za-z0-9._-]+").unwrap();
     let mut files = Vec::new();
-    for dir in ["docs", "examples", "charts", "operator/src", "node-sidecar/src", "docker"] {
+    for dir in [
+        "docs",
+        "examples",
+        "charts",
+        "operator/src",
+        "node-sidecar/src",
+        "docker",
+    ] {
         collect_text(&root().join(dir), &mut files);
     }
     collect_text(&root().join("README.md"), &mut files);
@@ -1047,12 +1083,21 @@ fn dockerfiles_match_what_the_pods_expect() {
         "sidecar image entrypoint is not {pre_stop}"
     );
     for (name, text) in [("sidecar", &sidecar), ("operator", &operator)] {
-        assert!(text.contains("USER 65532:65532"), "{name} image must run as 65532");
+        assert!(
+            text.contains("USER 65532:65532"),
+            "{name} image must run as 65532"
+        );
         assert!(
             text.matches("\nFROM ").count() + usize::from(text.starts_with("FROM ")) >= 2,
             "{name} image must be multi-stage"
         );
-        assert!(text.contains("distroless"), "{name} runtime base must be distroless");
+        assert!(
+            text.contains("distroless"),
+            "{name} runtime base must be distroless"
+        );
     }
-    assert!(build.contains("SIDECAR_UID: i64 = 65532"), "pod uid and image uid differ");
+    assert!(
+        build.contains("SIDECAR_UID: i64 = 65532"),
+        "pod uid and image uid differ"
+    );
 }

@@ -299,15 +299,14 @@ impl Agent {
 
     /// Free slots the node advertises.
     fn credits(&self) -> u32 {
-        let credits = if self.draining.load(Ordering::SeqCst)
-            || !self.runtime_ready.load(Ordering::SeqCst)
-        {
-            0
-        } else {
-            self.settings
-                .max_concurrency
-                .saturating_sub(self.in_flight.load(Ordering::SeqCst))
-        };
+        let credits =
+            if self.draining.load(Ordering::SeqCst) || !self.runtime_ready.load(Ordering::SeqCst) {
+                0
+            } else {
+                self.settings
+                    .max_concurrency
+                    .saturating_sub(self.in_flight.load(Ordering::SeqCst))
+            };
         // Every advertisement goes through here, so the gauge is what the network was told.
         self.api.metrics.credits.set(i64::from(credits));
         credits
