@@ -643,6 +643,101 @@ async fn drain(
 mod tests {
     use super::*;
 
+    fn status(models: serde_json::Value, suspended_until_ms: u64) -> NodeStatus {
+        let node = resultity_protocol::NodeKeypair::from_seed(&[3; 32]);
+        serde_json::from_value(json!({
+            "format": resultity_protocol::status::STATUS_FORMAT,
+            "node_id": node.id().as_str(), "network_id": "testnet", "phase": "Ready",
+            "registered": true, "connection": {"state": "Connected", "reconnects": 0},
+            "applied_config": {"version": 2, "digest": format!("sha256:{}", "a".repeat(64))},
+            "network_config": {"version": 2, "digest": format!("sha256:{}", "a".repeat(64))},
+            "models": models,
+            "gpu": {"present": true, "devices": [{"index": 0, "uuid": "GPU-9", "name": "L4",
+                "memory_total_mib": 2, "memory_used_mib": 1, "utilization_pct": 40,
+                "healthy": false}]},
+            "runtime": {"kind": "vllm", "ready": true, "waiting": 7, "kv_cache_usage_permille": 500},
+            "jobs": {"completed": 0, "failed": 0, "rejected": 0, "handed_back": 0,
+                "in_flight": 0, "outbox": 0},
+            "verdict": {"eligible": false, "score": 120, "penalty": 300,
+                "suspended_until_ms": suspended_until_ms},
+            "draining": false, "drained": false, "software": {"sidecar_version": "t"}
+        }))
+        .unwrap_or_else(|e| panic!("status fixture: {e}"))
+    }
+
+    fn scrape(m: &Metrics) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &m.registry)
+            .unwrap_or_else(|e| panic!("encode: {e}"));
+        out
+    }
+
+    #[test]
+    fn scrape_mirrors_the_status_document_and_forgets_what_went_away() {
+        let m = Metrics::default();
+        let two = json!([
+            {"model": {"id": "a", "revision": "1"}, "state": "active"},
+            {"model": {"id": "b", "revision": "1"}, "state": "failed", "reason": "oom"}
+        ]);
+        m.refresh(&status(two, 2_000), 1_000);
+        let text = scrape(&m);
+        for line in [
+            "resultity_sidecar_network_suspended 1",
+            "resultity_sidecar_network_eligible 0",
+            "resultity_sidecar_network_score 120",
+            "resultity_sidecar_network_penalty 300",
+            "resultity_sidecar_config_in_sync 1",
+            "resultity_sidecar_models{state=\"failed\"} 1",
+            "resultity_sidecar_model_state{model=\"b\",revision=\"1\",state=\"failed\"} 1",
+            "resultity_sidecar_gpu_healthy{gpu=\"0\",uuid=\"GPU-9\"} 0",
+            "resultity_sidecar_gpu_memory_used_bytes{gpu=\"0\",uuid=\"GPU-9\"} 1048576",
+            "resultity_sidecar_gpu_utilization_ratio{gpu=\"0\",uuid=\"GPU-9\"} 0.4",
+            "resultity_sidecar_runtime_waiting_requests 7",
+            "resultity_sidecar_runtime_kv_cache_usage_ratio 0.5",
+            "resultity_sidecar_phase{phase=\"Ready\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line} in:\n{text}");
+        }
+        // The suspension ended and model b was removed: both disappear from the next scrape.
+        let one = json!([{"model": {"id": "a", "revision": "1"}, "state": "active"}]);
+        m.refresh(&status(one, 2_000), 3_000);
+        let text = scrape(&m);
+        assert!(
+            text.contains("resultity_sidecar_network_suspended 0"),
+            "{text}"
+        );
+        assert!(!text.contains("model=\"b\""), "{text}");
+        assert!(
+            text.contains("resultity_sidecar_models{state=\"failed\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn job_latency_is_labelled_by_the_reported_outcome() {
+        let m = Metrics::default();
+        let fail = |code| NodeMessage::JobFail {
+            job_id: resultity_protocol::JobId::parse("j-1").unwrap_or_else(|e| panic!("{e}")),
+            lease_epoch: 1,
+            code,
+            reason: "x".into(),
+        };
+        m.job_latency(&fail(FailCode::HandedBack), Duration::from_millis(30));
+        m.job_latency(&fail(FailCode::RuntimeError), Duration::from_secs(2));
+        let text = scrape(&m);
+        assert!(
+            text.contains(
+                "resultity_sidecar_job_duration_seconds_count{outcome=\"handed_back\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("resultity_sidecar_job_duration_seconds_count{outcome=\"failed\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("outcome=\"completed\""), "{text}");
+    }
+
     #[test]
     fn token_comparison() {
         assert!(constant_time_eq(b"abc", b"abc"));
