@@ -544,6 +544,8 @@ fn derive_grants(
         regex::Regex::new(r"let\s+(?:mut\s+)?(\w+)\s*=\s*Api::<((?:[^<>]|<[^<>]*>)+)>::").unwrap();
     let ctor = regex::Regex::new(r"Api::(?:<[^>]*>::)?(?:all|namespaced|default_namespaced|all_with|namespaced_with|default_namespaced_with)\s*\(").unwrap();
     let fn_start = regex::Regex::new(r"\bfn\s+\w+").unwrap();
+    let raw_request =
+        regex::Regex::new(r"\.request(?:_text|_stream|_events)?\s*(?:::<[^>]*>)?\s*\(").unwrap();
     let mut grants = BTreeSet::new();
     let mut problems = Vec::new();
     let add = |grants: &mut BTreeSet<Grant>,
@@ -608,13 +610,15 @@ fn derive_grants(
             }
             // Every constructed Api must have a type the scan can see.
             for m in ctor.find_iter(body) {
-                if m.as_str().contains("::<") {
-                    continue;
-                }
-                let stmt_start = body[..m.start()].rfind("let ");
+                // The binding must be the statement this constructor is in (no `;` between).
+                let stmt_start = body[..m.start()]
+                    .rfind("let ")
+                    .filter(|s| !body[*s..m.start()].contains(';'));
                 let ok = stmt_start.is_some_and(|s| {
                     let pat_end = body[s..].find('=').map_or(body.len(), |e| s + e);
                     body[s..pat_end].contains("Api<")
+                        || (m.as_str().contains("::<")
+                            && turbofish.find(&body[s..]).is_some_and(|t| t.start() == 0))
                 });
                 let in_fn_returning_api = body
                     .find('{')
@@ -670,6 +674,13 @@ fn derive_grants(
                     }
                 }
             }
+        }
+        // Raw requests bypass `Api`: their verbs cannot be read from the code.
+        for m in raw_request.find_iter(&src) {
+            problems.push(format!(
+                "{path}:{}: raw API request; use a typed Api<T> so RBAC can be derived",
+                src[..m.start()].lines().count()
+            ));
         }
         // kube's event Recorder creates events.k8s.io Events and patches them into series.
         if src.contains("Recorder::new(") {
@@ -796,6 +807,12 @@ fn rbac_scan_reads_the_patterns_it_claims_to() {
     let untyped = "fn d(c: Client) { let p = Api::all(c); p.list(&lp); }";
     let err = derive_grants(&[("y.rs".into(), untyped.into())], &operator_kinds()).unwrap_err();
     assert!(err[0].contains("without a visible type"), "{err:?}");
+    let inline = "fn d(c: Client) { let x: Api<Pod> = Api::all(c); let w = watcher(Api::<Secret>::all(c), cfg); }";
+    let err = derive_grants(&[("i.rs".into(), inline.into())], &operator_kinds()).unwrap_err();
+    assert!(err[0].contains("without a visible type"), "{err:?}");
+    let raw = "fn d(c: Client) { c.request::<Pod>(req).await; }";
+    let err = derive_grants(&[("r.rs".into(), raw.into())], &operator_kinds()).unwrap_err();
+    assert!(err[0].contains("raw API request"), "{err:?}");
     let unknown = "fn d(p: Api<Pod>) { p.evict(\"x\"); }";
     let err = derive_grants(&[("z.rs".into(), unknown.into())], &operator_kinds()).unwrap_err();
     assert!(err[0].contains("evict"), "{err:?}");
