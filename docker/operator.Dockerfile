@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # resultity-operator. Build from the repository root:
 #   docker build -f docker/operator.Dockerfile -t ghcr.io/resultity/resultity-operator:0.1.0 .
 #

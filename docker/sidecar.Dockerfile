@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # resultity-sidecar: the node agent beside every GPU runtime, also `resultity-sidecar doctor`
 # (the `helm test` preflight). Build from the repository root:
 #   docker build -f docker/sidecar.Dockerfile -t ghcr.io/resultity/resultity-sidecar:0.1.0 .
