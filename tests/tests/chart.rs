@@ -1118,3 +1118,60 @@ fn dockerfiles_match_what_the_pods_expect() {
         "pod uid and image uid differ"
     );
 }
+
+/// Every environment variable the Deployment sets is one the operator's command line reads
+/// (a renamed flag would otherwise be ignored silently), and every flag the test pod passes
+/// is one `resultity-sidecar doctor` declares.
+#[test]
+fn rendered_settings_are_ones_the_binaries_read() {
+    let Some(helm) = helm() else { return };
+    let operator_main = std::fs::read_to_string(root().join("operator/src/main.rs")).unwrap();
+    let env_re = regex::Regex::new(r#"env\s*=\s*"([A-Z_]+)""#).unwrap();
+    let declared: BTreeSet<&str> = env_re
+        .captures_iter(&operator_main)
+        .map(|c| c.get(1).unwrap().as_str())
+        .collect();
+    let sidecar_main = std::fs::read_to_string(root().join("node-sidecar/src/main.rs")).unwrap();
+    let doctor_args = sidecar_main
+        .split("struct DoctorArgs")
+        .nth(1)
+        .and_then(|s| s.split("\n}").next())
+        .expect("DoctorArgs in the sidecar's main.rs");
+    let field_re = regex::Regex::new(r"(?m)^\s*(\w+)\s*:").unwrap();
+    let mut flags: BTreeSet<String> = field_re
+        .captures_iter(doctor_args)
+        .map(|c| c[1].replace('_', "-"))
+        .collect();
+    let alias_re = regex::Regex::new(r#"visible_alias\s*=\s*"([a-z-]+)""#).unwrap();
+    flags.extend(alias_re.captures_iter(doctor_args).map(|c| c[1].to_owned()));
+
+    for (name, values) in value_sets() {
+        for d in render(&helm, &values) {
+            match kind(&d) {
+                "Deployment" => {
+                    let c = &d["spec"]["template"]["spec"]["containers"][0];
+                    for e in c["env"].as_array().unwrap() {
+                        let var = e["name"].as_str().unwrap();
+                        assert!(
+                            declared.contains(var),
+                            "{name}: the Deployment sets {var}, which resultity-operator does not read"
+                        );
+                    }
+                }
+                "Pod" => {
+                    let args = d["spec"]["containers"][0]["args"].as_array().unwrap();
+                    assert_eq!(args[0], "doctor", "{name}");
+                    for a in &args[1..] {
+                        let flag = a.as_str().unwrap().trim_start_matches("--");
+                        let flag = flag.split('=').next().unwrap();
+                        assert!(
+                            flags.contains(flag),
+                            "{name}: the test pod passes --{flag}, which doctor does not declare: {flags:?}"
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
