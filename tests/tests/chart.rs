@@ -352,6 +352,36 @@ fn registry_override_reaches_every_image_and_pull_secrets_apply() {
             "{i} ignores imageRegistry"
         );
     }
+    // The chart rewrites its images exactly as the operator rewrites the network's.
+    let sidecar = format!(
+        "{}:{}",
+        helm_values()["sidecarImage"]["repository"]
+            .as_str()
+            .unwrap(),
+        chart_app_version()
+    );
+    let expected = resultity_operator::images::mirror(&sidecar, "registry.example.com/mirror");
+    assert!(images.contains(&expected), "{expected} not in {images:?}");
+    let deploy = docs.iter().find(|d| kind(d) == "Deployment").unwrap();
+    let env = deploy["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap();
+    assert!(
+        env.iter().any(|e| e["name"] == "RESULTITY_IMAGE_REGISTRY"
+            && e["value"] == "registry.example.com/mirror"),
+        "the operator is not told the registry: {env:?}"
+    );
+}
+
+fn helm_values() -> Value {
+    serde_norway::from_str(&std::fs::read_to_string(chart().join("values.yaml")).unwrap()).unwrap()
+}
+
+fn chart_app_version() -> String {
+    let c: Value =
+        serde_norway::from_str(&std::fs::read_to_string(chart().join("Chart.yaml")).unwrap())
+            .unwrap();
+    c["appVersion"].as_str().unwrap().to_owned()
 }
 
 // ---------------------------------------------------------------------------------------
