@@ -272,10 +272,11 @@ async fn doctor(d: DoctorArgs) -> anyhow::Result<()> {
     .await?;
     print!("{report}");
     if report.passed() {
-        Ok(())
-    } else {
-        std::process::exit(1)
+        return Ok(());
     }
+    // Exit 1 without anyhow's error line: the failing checks already said why, once each.
+    std::io::Write::flush(&mut std::io::stdout()).context("writing the report")?;
+    std::process::exit(1)
 }
 
 /// Client side of `POST /drain`, for the pod's preStop hook (exec, so the token never appears
