@@ -600,11 +600,15 @@ fn derive_grants(
         }
     };
 
-    for (path, text) in files {
-        let src = production_source(text);
-        // Struct fields typed `Api<T>`, reachable as `x.field` anywhere in the crate.
-        let mut fields: BTreeMap<String, String> = BTreeMap::new();
-        for c in typed.captures_iter(&src) {
+    let sources: Vec<(&String, String)> = files
+        .iter()
+        .map(|(path, text)| (path, production_source(text)))
+        .collect();
+    // Struct fields typed `Api<T>` (a declaration alone on its line), reachable as `x.field`
+    // from any file of the crate.
+    let mut fields: BTreeMap<String, String> = BTreeMap::new();
+    for (_, src) in &sources {
+        for c in typed.captures_iter(src) {
             let before = &src[..c.get(0).unwrap().start()];
             let line_start = before.rfind('\n').map_or(0, |i| i + 1);
             let prefix = before[line_start..].trim();
@@ -612,6 +616,9 @@ fn derive_grants(
                 fields.insert(c[1].to_owned(), c[2].to_owned());
             }
         }
+    }
+    for (path, src) in &sources {
+        let src = src.as_str();
         let starts: Vec<usize> = fn_start
             .find_iter(&src)
             .map(|m| m.start())
@@ -837,6 +844,25 @@ fn rbac_scan_reads_the_patterns_it_claims_to() {
     let untyped = "fn d(c: Client) { let p = Api::all(c); p.list(&lp); }";
     let err = derive_grants(&[("y.rs".into(), untyped.into())], &operator_kinds()).unwrap_err();
     assert!(err[0].contains("without a visible type"), "{err:?}");
+    let ctx = "pub struct Ctx {\n    pub nodes: Api<ResultityNode>,\n}\n";
+    let user = "fn e(ctx: &Ctx) { ctx.nodes.patch_status(\"n\", &pp, &p); }";
+    let g = derive_grants(
+        &[
+            ("ctx.rs".into(), ctx.into()),
+            ("use.rs".into(), user.into()),
+        ],
+        &operator_kinds(),
+    )
+    .unwrap();
+    assert!(
+        g.contains(&(
+            "resultity.com".into(),
+            "resultitynodes/status".into(),
+            "patch".into()
+        )),
+        "a field declared in another file: {}",
+        show(&g)
+    );
     let inline = "fn d(c: Client) { let x: Api<Pod> = Api::all(c); let w = watcher(Api::<Secret>::all(c), cfg); }";
     let err = derive_grants(&[("i.rs".into(), inline.into())], &operator_kinds()).unwrap_err();
     assert!(err[0].contains("without a visible type"), "{err:?}");
