@@ -620,7 +620,7 @@ fn derive_grants(
     for (path, src) in &sources {
         let src = src.as_str();
         let starts: Vec<usize> = fn_start
-            .find_iter(&src)
+            .find_iter(src)
             .map(|m| m.start())
             .chain([src.len()])
             .collect();
@@ -713,7 +713,7 @@ fn derive_grants(
             }
         }
         // Raw requests bypass `Api`: their verbs cannot be read from the code.
-        for m in raw_request.find_iter(&src) {
+        for m in raw_request.find_iter(src) {
             problems.push(format!(
                 "{path}:{}: raw API request; use a typed Api<T> so RBAC can be derived",
                 src[..m.start()].lines().count()
