@@ -8,6 +8,7 @@ pub mod agent;
 pub mod api;
 pub mod backoff;
 pub mod config_store;
+pub mod doctor;
 pub mod gpu;
 pub mod identity;
 pub mod models;

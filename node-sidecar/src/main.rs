@@ -30,6 +30,38 @@ enum Command {
     Run(Box<Args>),
     /// Ask a running agent to drain (the pod's preStop hook).
     Drain(DrainArgs),
+    /// Preflight: IO reachability and TLS, clock skew, the signed config against the pinned
+    /// keys, GPU health. One line per check; exit status 1 when any fails.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DoctorArgs {
+    /// Base URL of the network's IO service.
+    #[arg(long, visible_alias = "io-endpoint", env = "RESULTITY_IO_URL")]
+    io_url: String,
+    /// Network id (e.g. resultity-testnet).
+    #[arg(long, env = "RESULTITY_NETWORK_ID")]
+    network_id: String,
+    /// Pinned network public key ids (rk1…), repeated or comma-separated.
+    #[arg(
+        long,
+        visible_alias = "network-key",
+        env = "RESULTITY_NETWORK_KEYS",
+        value_delimiter = ',',
+        required = true
+    )]
+    network_keys: Vec<String>,
+    /// Largest tolerated difference between the local clock and the IO service's, in ms
+    /// (default: half the protocol's request window).
+    #[arg(long, env = "RESULTITY_DOCTOR_MAX_CLOCK_SKEW_MS", default_value_t = resultity_sidecar::doctor::DEFAULT_MAX_CLOCK_SKEW_MS)]
+    max_clock_skew_ms: u64,
+    /// Timeout of each call to the IO service, in seconds.
+    #[arg(long, env = "RESULTITY_DOCTOR_TIMEOUT_SECONDS", default_value_t = 10)]
+    timeout_seconds: u64,
+    /// Check GPUs with NVML (a node without a visible GPU skips the check).
+    #[arg(long, env = "RESULTITY_GPU_PROBE", default_value_t = true, action = clap::ArgAction::Set)]
+    gpu_probe: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -197,7 +229,54 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Drain(d) => drain(d).await,
+        Command::Doctor(d) if cli.dry_run => {
+            println!(
+                "would check {} for network {} with {} pinned key(s)",
+                d.io_url,
+                d.network_id,
+                d.network_keys.len()
+            );
+            Ok(())
+        }
+        Command::Doctor(d) => doctor(d).await,
     }
+}
+
+/// Prints one line per check; a failed check makes the exit status 1 (a bad flag: 2, by clap).
+async fn doctor(d: DoctorArgs) -> anyhow::Result<()> {
+    use resultity_sidecar::doctor::{DoctorSettings, diagnose};
+    let network_keys = d
+        .network_keys
+        .iter()
+        .map(|k| NetworkKeyId::parse(k.trim()).with_context(|| format!("network key {k:?}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let settings = DoctorSettings {
+        io_url: d.io_url,
+        network_id: NetworkId::parse(&d.network_id).context("--network-id")?,
+        network_keys,
+        max_clock_skew: Duration::from_millis(d.max_clock_skew_ms),
+        timeout: Duration::from_secs(d.timeout_seconds.max(1)),
+    };
+    let gpu_probe = d.gpu_probe;
+    let report = diagnose(
+        &settings,
+        &resultity_protocol::clock::SystemClock,
+        move || {
+            if gpu_probe {
+                resultity_sidecar::gpu::GpuProbe::init().report()
+            } else {
+                resultity_sidecar::gpu::GpuProbe::disabled("GPU probe turned off").report()
+            }
+        },
+    )
+    .await?;
+    print!("{report}");
+    if report.passed() {
+        return Ok(());
+    }
+    // Exit 1 without anyhow's error line: the failing checks already said why, once each.
+    std::io::Write::flush(&mut std::io::stdout()).context("writing the report")?;
+    std::process::exit(1)
 }
 
 /// Client side of `POST /drain`, for the pod's preStop hook (exec, so the token never appears

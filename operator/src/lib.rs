@@ -13,6 +13,7 @@ pub mod config_source;
 pub mod controller;
 pub mod crd;
 pub mod error;
+pub mod images;
 pub mod leader;
 pub mod metrics;
 pub mod runtime;

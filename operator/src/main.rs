@@ -42,6 +42,11 @@ struct RunArgs {
         default_value = "ghcr.io/resultity/resultity-sidecar:0.1.0"
     )]
     default_sidecar_image: String,
+    /// Registry mirroring every image the network's config names, and the default sidecar image
+    /// (air-gapped clusters), e.g. `registry.example.com/mirror`. Images named on a resource are
+    /// used as written.
+    #[arg(long, env = "RESULTITY_IMAGE_REGISTRY")]
+    image_registry: Option<String>,
     /// Port of the sidecar admin API inside node pods.
     #[arg(long, env = "RESULTITY_SIDECAR_PORT", default_value_t = 9090)]
     sidecar_port: u16,
@@ -146,6 +151,7 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
             sidecar_image: args.default_sidecar_image,
             sidecar_port: args.sidecar_port,
             runtime_port: args.runtime_port,
+            image_registry: args.image_registry.filter(|r| !r.trim().is_empty()),
         },
         sidecar_timeout: Duration::from_millis(args.sidecar_timeout_ms),
         config_fetch_timeout: Duration::from_millis(args.config_fetch_timeout_ms),

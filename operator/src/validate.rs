@@ -12,6 +12,8 @@ pub struct Defaults {
     pub sidecar_port: u16,
     /// Port the runtime listens on inside the pod.
     pub runtime_port: u16,
+    /// Registry mirroring the images the network's config names (air-gapped clusters).
+    pub image_registry: Option<String>,
 }
 
 impl Default for Defaults {
@@ -20,6 +22,7 @@ impl Default for Defaults {
             sidecar_image: "ghcr.io/resultity/resultity-sidecar:0.1.0".into(),
             sidecar_port: 9090,
             runtime_port: 8000,
+            image_registry: None,
         }
     }
 }
@@ -162,10 +165,18 @@ pub fn validate_node(
             env
         ));
     }
-    let mapped = status.runtime_images.as_ref().and_then(|m| match kind {
-        RuntimeKind::Vllm => m.vllm.clone(),
-        RuntimeKind::Triton => m.triton.clone(),
-    });
+    let mirrored = |image: String| match &defaults.image_registry {
+        Some(r) => crate::images::mirror(&image, r),
+        None => image,
+    };
+    let mapped = status
+        .runtime_images
+        .as_ref()
+        .and_then(|m| match kind {
+            RuntimeKind::Vllm => m.vllm.clone(),
+            RuntimeKind::Triton => m.triton.clone(),
+        })
+        .map(mirrored);
     let runtime_image = spec.runtime.image.clone().or(mapped);
     if runtime_image.is_none() {
         problems.push(format!(
@@ -176,11 +187,13 @@ pub fn validate_node(
     if !problems.is_empty() {
         return Err(Blocker::Invalid(problems));
     }
-    let sidecar_image = status
-        .sidecar_image
-        .clone()
-        .or_else(|| network.spec.sidecar_image.clone())
-        .unwrap_or_else(|| defaults.sidecar_image.clone());
+    // A sidecar image named on the ResultityNetwork is used as written; the config's and the
+    // default one go through the mirror.
+    let sidecar_image = match (&status.sidecar_image, &network.spec.sidecar_image) {
+        (Some(from_config), _) => mirrored(from_config.clone()),
+        (None, Some(explicit)) => explicit.clone(),
+        (None, None) => mirrored(defaults.sidecar_image.clone()),
+    };
     let network_keys = if status.trusted_keys.is_empty() {
         network.spec.public_keys.clone()
     } else {

@@ -299,12 +299,17 @@ impl Agent {
 
     /// Free slots the node advertises.
     fn credits(&self) -> u32 {
-        if self.draining.load(Ordering::SeqCst) || !self.runtime_ready.load(Ordering::SeqCst) {
-            return 0;
-        }
-        self.settings
-            .max_concurrency
-            .saturating_sub(self.in_flight.load(Ordering::SeqCst))
+        let credits =
+            if self.draining.load(Ordering::SeqCst) || !self.runtime_ready.load(Ordering::SeqCst) {
+                0
+            } else {
+                self.settings
+                    .max_concurrency
+                    .saturating_sub(self.in_flight.load(Ordering::SeqCst))
+            };
+        // Every advertisement goes through here, so the gauge is what the network was told.
+        self.api.metrics.credits.set(i64::from(credits));
+        credits
     }
 
     /// Tells the network the current free slots (they change with readiness, drain and jobs).

@@ -481,7 +481,9 @@ impl Agent {
                 key: (a.job_id.clone(), a.lease_epoch),
                 released: false,
             };
+            let started = Instant::now();
             let msg = agent.run_job(a).await;
+            agent.api.metrics.job_latency(&msg, started.elapsed());
             slot.release();
             agent.send(msg);
         });
