@@ -13,6 +13,8 @@ use resultity_protocol::status::ConnectionState;
 use resultity_protocol::{NetworkId, NetworkKeypair};
 use resultity_runtime_sim::{Faults, SimConfig, SimHandle, generate};
 use resultity_sidecar::agent::{Agent, Exit, Settings};
+use resultity_sidecar::gpu::GpuSettings;
+use resultity_sidecar::runtime::probe::ProbeSettings;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
@@ -84,14 +86,22 @@ fn settings(net: &Net, name: &str) -> Settings {
         runtime_kind: RuntimeKind::Vllm,
         runtime_url: net.sim.url(),
         runtime_image: None,
-        max_concurrency: 8,
+        max_concurrency: Some(8),
+        runtime_options: Default::default(),
+        // Probes on a loaded test machine: a few per heartbeat-miss window, patient, and a few
+        // failures in a row.
+        runtime_probe: ProbeSettings {
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_secs(5),
+            failure_threshold: 2,
+        },
         participation: Default::default(),
         subclouds: vec![],
         models: vec![],
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_token: "token".into(),
         drain_grace: Duration::from_secs(10),
-        gpu_probe: false,
+        gpu: GpuSettings::off(),
         enforce_gpu_memory: false,
         outbox_sync: resultity_sidecar::agent::SyncPolicy::Deferred,
     }
