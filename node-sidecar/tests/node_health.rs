@@ -126,8 +126,17 @@ async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// One client for the polling helpers: building a TLS-capable client per poll blocks the
+/// single-threaded test runtime (and with it the node's heartbeats) on a loaded machine.
+fn http() -> &'static reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(reqwest::Client::new)
+}
+
 async fn eligible(io: &IoServiceHandle) -> bool {
-    let v: Value = reqwest::get(format!("{}/v1/models", io.base_url()))
+    let v: Value = http()
+        .get(format!("{}/v1/models", io.base_url()))
+        .send()
         .await
         .unwrap()
         .json()
@@ -148,7 +157,9 @@ async fn wait_eligible(io: &IoServiceHandle, want: bool) {
 }
 
 async fn readyz(agent: &Agent) -> (u16, Value) {
-    let r = reqwest::get(format!("http://{}/readyz", agent.api_addr().unwrap()))
+    let r = http()
+        .get(format!("http://{}/readyz", agent.api_addr().unwrap()))
+        .send()
         .await
         .unwrap();
     (r.status().as_u16(), r.json().await.unwrap())
@@ -333,7 +344,7 @@ async fn dcgm_gpu_status_and_xid_fault_stop_intake() {
         .await;
     let base = net.io.base_url();
     let pending = tokio::spawn(async move {
-        reqwest::Client::new()
+        http()
             .post(format!("{base}/v1/completions"))
             .json(&json!({"model": MODEL, "prompt": "hold", "max_tokens": 4}))
             .timeout(Duration::from_secs(30))
