@@ -66,11 +66,12 @@ impl Readiness {
             || model_problem(s).is_some()
     }
 
-    /// Logs the verdict for `problems` if it differs from the last one seen.
-    pub fn observe(&self, problems: &[String]) {
+    /// Logs the verdict for `problems` if it differs from the last one seen; returns whether
+    /// it did.
+    pub fn observe(&self, problems: &[String]) -> bool {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         if last.as_deref() == Some(problems) {
-            return;
+            return false;
         }
         let was_ready = last.as_ref().map(Vec::is_empty);
         *last = Some(problems.to_vec());
@@ -82,6 +83,7 @@ impl Readiness {
         } else {
             tracing::warn!(problems = %problems.join("; "), "node is still not ready; the reasons changed");
         }
+        true
     }
 }
 
@@ -157,4 +159,22 @@ fn model_problem(s: &NodeStatus) -> Option<String> {
         reasons.push(format!("and {} more", s.models.len() - MAX_MODELS_QUOTED));
     }
     Some(format!("no model is servable: {}", reasons.join("; ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_change_is_logged_once() {
+        let r = Readiness::default();
+        let down = vec!["runtime not ready: timed out".to_owned()];
+        assert!(r.observe(&down), "first verdict");
+        assert!(!r.observe(&down), "same verdict again: no line");
+        assert!(r.observe(&[]), "became ready");
+        assert!(!r.observe(&[]));
+        assert!(r.observe(&down), "not ready again");
+        let other = vec!["draining".to_owned()];
+        assert!(r.observe(&other), "other reasons");
+    }
 }
