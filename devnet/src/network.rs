@@ -19,6 +19,8 @@ use resultity_protocol::status::ConnectionState;
 use resultity_protocol::{NetworkId, NetworkKeypair};
 use resultity_runtime_sim::{SimConfig, SimHandle};
 use resultity_sidecar::agent::{Agent, Settings as AgentSettings};
+use resultity_sidecar::gpu::GpuSettings;
+use resultity_sidecar::runtime::probe::ProbeSettings;
 
 /// The one model the devnet approves. A plain name, because Triton model names are path
 /// segments (no `/`).
@@ -256,7 +258,12 @@ impl Devnet {
             runtime_kind: self.cfg.runtime.kind(),
             runtime_url: sim.url(),
             runtime_image: None,
-            max_concurrency: self.cfg.node_concurrency,
+            max_concurrency: Some(self.cfg.node_concurrency),
+            runtime_options: Default::default(),
+            runtime_probe: ProbeSettings {
+                interval: Duration::from_millis(500),
+                ..ProbeSettings::default()
+            },
             participation: Default::default(),
             subclouds: vec![],
             models: vec![],
@@ -264,7 +271,7 @@ impl Devnet {
             admin_token: String::new(),
             drain_grace: Duration::from_secs(5),
             // Loopback machines need not have GPUs.
-            gpu_probe: false,
+            gpu: GpuSettings::off(),
             enforce_gpu_memory: false,
             outbox_sync: self.cfg.outbox_sync,
         };

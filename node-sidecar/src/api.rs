@@ -20,9 +20,11 @@ use prometheus_client::registry::{Registry, Unit};
 use resultity_protocol::clock::{Clock, SystemClock};
 use resultity_protocol::messages::ws::NodeMessage;
 use resultity_protocol::messages::{FailCode, ModelState};
-use resultity_protocol::status::{ConnectionState, NodeStatus};
+use resultity_protocol::status::NodeStatus;
 use serde_json::json;
 use tokio::sync::watch;
+
+use crate::readiness::Readiness;
 
 /// Outcome label of the jobs counter and the latency histogram: `completed`, `failed`,
 /// `handed_back` or `rejected`.
@@ -453,6 +455,8 @@ pub struct ApiState {
     /// `POST /drain?deregister=true`: leave the network once drained.
     deregister: std::sync::atomic::AtomicBool,
     admin_token: String,
+    /// What `/readyz` and the phase are computed from; logs each change.
+    pub readiness: Readiness,
 }
 
 impl ApiState {
@@ -464,6 +468,7 @@ impl ApiState {
             drain,
             deregister: std::sync::atomic::AtomicBool::new(false),
             admin_token,
+            readiness: Readiness::default(),
         })
     }
 
@@ -480,12 +485,19 @@ impl ApiState {
         }
     }
 
-    /// Applies `f` to the status document.
+    /// Applies `f` to the status document, and logs a readiness change it caused.
     pub fn update(&self, f: impl FnOnce(&mut NodeStatus)) {
-        match self.status.lock() {
-            Ok(mut s) => f(&mut s),
-            Err(p) => f(&mut p.into_inner()),
-        }
+        let problems = {
+            let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut s);
+            self.readiness.problems(&s)
+        };
+        self.readiness.observe(&problems);
+    }
+
+    /// Why the node is not ready, empty when it is.
+    pub fn readiness_problems(&self) -> Vec<String> {
+        self.readiness.problems(&self.status())
     }
 
     fn authorized(&self, headers: &HeaderMap) -> bool {
@@ -510,31 +522,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Why the node is not ready, empty when it is.
-pub fn readiness_problems(s: &NodeStatus) -> Vec<String> {
-    let mut p = Vec::new();
-    if !s.registered {
-        p.push("not registered with the network".to_owned());
-    }
-    if s.connection.state != ConnectionState::Connected {
-        p.push(format!("network session {:?}", s.connection.state).to_lowercase());
-    }
-    if !s.runtime.ready {
-        p.push(format!(
-            "runtime not ready{}",
-            s.runtime
-                .reason
-                .as_ref()
-                .map(|r| format!(": {r}"))
-                .unwrap_or_default()
-        ));
-    }
-    if s.draining {
-        p.push("draining".to_owned());
-    }
-    p
-}
-
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
@@ -550,7 +537,7 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(s): State<Arc<ApiState>>) -> Response {
-    let problems = readiness_problems(&s.status());
+    let problems = s.readiness_problems();
     let code = if problems.is_empty() {
         StatusCode::OK
     } else {

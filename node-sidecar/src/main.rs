@@ -9,11 +9,14 @@ use clap::Parser;
 use resultity_protocol::messages::{Participation, RuntimeKind};
 use resultity_protocol::{NetworkId, NetworkKeyId};
 use resultity_sidecar::agent::{Agent, Exit, Settings, SyncPolicy};
+use resultity_sidecar::gpu::{GpuMode, GpuSettings};
+use resultity_sidecar::runtime::RuntimeOptions;
+use resultity_sidecar::runtime::probe::ProbeSettings;
 
 #[derive(Debug, Parser)]
 #[command(
     version,
-    about = "Resultity node agent: registers with the network, syncs its signed config, runs jobs on the co-located vLLM or Triton runtime"
+    about = "Resultity node agent: registers with the network, syncs its signed config, runs jobs on the co-located vLLM, Triton or other OpenAI-compatible runtime"
 )]
 struct Cli {
     /// Parse and validate the flags, print what would run, and exit without touching files
@@ -59,9 +62,55 @@ struct DoctorArgs {
     /// Timeout of each call to the IO service, in seconds.
     #[arg(long, env = "RESULTITY_DOCTOR_TIMEOUT_SECONDS", default_value_t = 10)]
     timeout_seconds: u64,
-    /// Check GPUs with NVML (a node without a visible GPU skips the check).
-    #[arg(long, env = "RESULTITY_GPU_PROBE", default_value_t = true, action = clap::ArgAction::Set)]
-    gpu_probe: bool,
+    /// GPU checks (a node without a visible GPU skips the check).
+    #[command(flatten)]
+    gpu: GpuArgs,
+}
+
+/// Where GPU status comes from; shared by `run` and `doctor` so both see the same GPUs.
+#[derive(Debug, clap::Args)]
+struct GpuArgs {
+    /// Where GPU status comes from: auto (NVML, else dcgm-exporter if configured), nvml (DRA
+    /// ResourceClaim shared with the runtime, or bare metal), dcgm (device plugin: the node's
+    /// dcgm-exporter), or off (no GPU checks; CPU runtimes). With a check on and no GPU
+    /// visible the node is not ready and says why.
+    #[arg(long, env = "RESULTITY_GPU_CHECK", value_parser = GpuMode::parse, default_value = "auto")]
+    gpu_check: GpuMode,
+    /// Deprecated: `--gpu-probe=false` is `--gpu-check=off`.
+    #[arg(long, env = "RESULTITY_GPU_PROBE", hide = true, action = clap::ArgAction::Set)]
+    gpu_probe: Option<bool>,
+    /// dcgm-exporter metrics URL. Default with RESULTITY_HOST_IP set:
+    /// http://$RESULTITY_HOST_IP:9400/metrics (the exporter's port on this pod's node).
+    #[arg(long, env = "RESULTITY_DCGM_URL")]
+    dcgm_url: Option<String>,
+    /// This node's IP (Downward API status.hostIP), to find the node's dcgm-exporter.
+    #[arg(long, env = "RESULTITY_HOST_IP")]
+    host_ip: Option<String>,
+    /// This pod's name (Downward API metadata.name): picks its GPUs from dcgm-exporter.
+    #[arg(long, env = "RESULTITY_POD_NAME")]
+    pod_name: Option<String>,
+    /// This pod's namespace (Downward API metadata.namespace).
+    #[arg(long, env = "RESULTITY_POD_NAMESPACE")]
+    pod_namespace: Option<String>,
+}
+
+impl GpuArgs {
+    fn settings(self) -> GpuSettings {
+        GpuSettings {
+            mode: if self.gpu_probe == Some(false) {
+                GpuMode::Off
+            } else {
+                self.gpu_check
+            },
+            dcgm_url: self.dcgm_url.or_else(|| {
+                self.host_ip
+                    .as_deref()
+                    .map(|ip| format!("http://{}:9400/metrics", url_host(ip)))
+            }),
+            pod_name: self.pod_name,
+            pod_namespace: self.pod_namespace,
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -120,7 +169,8 @@ struct Args {
         default_value = "/var/lib/resultity"
     )]
     data_dir: PathBuf,
-    /// Runtime kind: vllm or triton.
+    /// Runtime kind: vllm, triton, or openai (any other OpenAI-compatible server: llama.cpp's
+    /// llama-server, SGLang, llama-cpp-python, …).
     #[arg(long, env = "RESULTITY_RUNTIME", value_parser = parse_runtime, default_value = "vllm")]
     runtime: RuntimeKind,
     /// Runtime base URL.
@@ -133,9 +183,27 @@ struct Args {
     /// Runtime image running now (lets the node report when the config wants another).
     #[arg(long, env = "RESULTITY_RUNTIME_IMAGE")]
     runtime_image: Option<String>,
-    /// Jobs run concurrently (the runtime batches them).
-    #[arg(long, env = "RESULTITY_MAX_CONCURRENCY", default_value_t = 64)]
-    max_concurrency: u32,
+    /// Jobs run at once, the credits the node advertises. Unset: the runtime's parallel slots
+    /// where it reports them (llama-server's /props), else 64 for vllm and triton (set it to
+    /// vLLM's --max-num-seqs) and 4 for openai. More than the runtime decodes at once only
+    /// queues requests inside the runtime, where the network cannot see them.
+    #[arg(long, env = "RESULTITY_MAX_CONCURRENCY")]
+    max_concurrency: Option<u32>,
+    /// Health endpoint of an OpenAI-compatible runtime; a 404 or 405 there falls back to
+    /// GET /v1/models (servers without a health endpoint). Triton uses /v2/health/ready.
+    #[arg(long, env = "RESULTITY_RUNTIME_HEALTH_PATH", default_value = "/health")]
+    runtime_health_path: String,
+    /// Seconds between runtime health probes (they run in their own task, apart from
+    /// heartbeats and on their own connections).
+    #[arg(long, env = "RESULTITY_PROBE_INTERVAL_SECONDS", default_value_t = 5)]
+    probe_interval_seconds: u64,
+    /// Seconds one runtime probe may take; keep it above the runtime's keep-alive timeout
+    /// (5 s for llama.cpp and uvicorn), which a busy runtime makes new connections wait for.
+    #[arg(long, env = "RESULTITY_PROBE_TIMEOUT_SECONDS", default_value_t = 10)]
+    probe_timeout_seconds: u64,
+    /// Consecutive failed probes before a ready runtime counts as not ready.
+    #[arg(long, env = "RESULTITY_PROBE_FAILURE_THRESHOLD", default_value_t = 3)]
+    probe_failure_threshold: u32,
     /// Which environments' jobs to take: testnet, mainnet or both.
     #[arg(long, env = "RESULTITY_PARTICIPATION", value_parser = parse_participation, default_value = "both")]
     participation: Participation,
@@ -170,9 +238,8 @@ struct Args {
         default_value_t = 120
     )]
     drain_grace_seconds: u64,
-    /// Probe GPUs with NVML.
-    #[arg(long, env = "RESULTITY_GPU_PROBE", default_value_t = true, action = clap::ArgAction::Set)]
-    gpu_probe: bool,
+    #[command(flatten)]
+    gpu: GpuArgs,
     /// Refuse models whose GPU memory requirement the node does not meet.
     #[arg(long, env = "RESULTITY_ENFORCE_GPU_MEMORY", default_value_t = true, action = clap::ArgAction::Set)]
     enforce_gpu_memory: bool,
@@ -196,7 +263,17 @@ fn parse_runtime(s: &str) -> Result<RuntimeKind, String> {
     match s {
         "vllm" => Ok(RuntimeKind::Vllm),
         "triton" => Ok(RuntimeKind::Triton),
-        _ => Err(format!("{s:?} is not a runtime: use vllm or triton")),
+        "openai" => Ok(RuntimeKind::Openai),
+        _ => Err(format!("{s} is not a runtime: use vllm, triton or openai")),
+    }
+}
+
+/// An IP as a URL host (IPv6 in brackets).
+fn url_host(ip: &str) -> String {
+    if ip.contains(':') && !ip.starts_with('[') {
+        format!("[{ip}]")
+    } else {
+        ip.to_owned()
     }
 }
 
@@ -257,17 +334,14 @@ async fn doctor(d: DoctorArgs) -> anyhow::Result<()> {
         max_clock_skew: Duration::from_millis(d.max_clock_skew_ms),
         timeout: Duration::from_secs(d.timeout_seconds.max(1)),
     };
-    let gpu_probe = d.gpu_probe;
+    // Read before the network checks: the report is the same whichever line uses it.
+    let gpu = resultity_sidecar::gpu::GpuProbe::new(&d.gpu.settings())
+        .report()
+        .await;
     let report = diagnose(
         &settings,
         &resultity_protocol::clock::SystemClock,
-        move || {
-            if gpu_probe {
-                resultity_sidecar::gpu::GpuProbe::init().report()
-            } else {
-                resultity_sidecar::gpu::GpuProbe::disabled("GPU probe turned off").report()
-            }
-        },
+        move || gpu,
     )
     .await?;
     print!("{report}");
@@ -349,25 +423,44 @@ async fn run(a: Args, dry_run: bool) -> anyhow::Result<()> {
         runtime_url: a.runtime_url,
         runtime_image: a.runtime_image,
         max_concurrency: a.max_concurrency,
+        runtime_options: RuntimeOptions {
+            health_path: Some(a.runtime_health_path),
+        },
+        runtime_probe: ProbeSettings {
+            interval: Duration::from_secs(a.probe_interval_seconds),
+            timeout: Duration::from_secs(a.probe_timeout_seconds),
+            failure_threshold: a.probe_failure_threshold,
+        },
         participation: a.participation,
         subclouds: a.subclouds,
         models: a.models,
         listen: a.listen,
         admin_token,
         drain_grace: Duration::from_secs(a.drain_grace_seconds),
-        gpu_probe: a.gpu_probe,
+        gpu: a.gpu.settings(),
         enforce_gpu_memory: a.enforce_gpu_memory,
         outbox_sync: a.outbox_sync,
     };
     if dry_run {
         println!(
-            "would run: network {} at {} with {} pinned key(s), {} runtime at {}, models {:?}, state in {}",
+            "would run: network {} at {} with {} pinned key(s), {} runtime at {}, models {}, GPU check {}{}, state in {}",
             settings.network_id,
             settings.io_url,
             settings.network_keys.len(),
             settings.runtime_kind.as_str(),
             settings.runtime_url,
-            settings.models,
+            if settings.models.is_empty() {
+                "all approved".to_owned()
+            } else {
+                settings.models.join(", ")
+            },
+            settings.gpu.mode.as_str(),
+            settings
+                .gpu
+                .dcgm_url
+                .as_deref()
+                .map(|u| format!(" (dcgm-exporter {u})"))
+                .unwrap_or_default(),
             settings.data_dir.display()
         );
         return Ok(());

@@ -13,6 +13,8 @@ use resultity_protocol::status::ConnectionState;
 use resultity_protocol::{NetworkId, NetworkKeypair};
 use resultity_runtime_sim::{Faults, SimConfig, SimHandle, generate};
 use resultity_sidecar::agent::{Agent, Exit, Settings};
+use resultity_sidecar::gpu::GpuSettings;
+use resultity_sidecar::runtime::probe::ProbeSettings;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
@@ -84,14 +86,22 @@ fn settings(net: &Net, name: &str) -> Settings {
         runtime_kind: RuntimeKind::Vllm,
         runtime_url: net.sim.url(),
         runtime_image: None,
-        max_concurrency: 8,
+        max_concurrency: Some(8),
+        runtime_options: Default::default(),
+        // Probes on a loaded test machine: a few per heartbeat-miss window, patient, and a few
+        // failures in a row.
+        runtime_probe: ProbeSettings {
+            interval: Duration::from_millis(200),
+            timeout: Duration::from_secs(5),
+            failure_threshold: 2,
+        },
         participation: Default::default(),
         subclouds: vec![],
         models: vec![],
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_token: "token".into(),
         drain_grace: Duration::from_secs(10),
-        gpu_probe: false,
+        gpu: GpuSettings::off(),
         enforce_gpu_memory: false,
         outbox_sync: resultity_sidecar::agent::SyncPolicy::Deferred,
     }
@@ -132,8 +142,18 @@ async fn wait_ready(node: &Node) {
     .await;
 }
 
+/// One client for the polling helpers: building a TLS-capable client parses the root store,
+/// which on a loaded machine blocks the single-threaded test runtime (and with it the node's
+/// heartbeats) for long enough to make the node look stale.
+fn http() -> &'static reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(reqwest::Client::new)
+}
+
 async fn eligible(io: &IoServiceHandle) -> bool {
-    let v: Value = reqwest::get(format!("{}/v1/models", io.base_url()))
+    let v: Value = http()
+        .get(format!("{}/v1/models", io.base_url()))
+        .send()
         .await
         .unwrap()
         .json()
@@ -154,7 +174,7 @@ async fn wait_eligible(io: &IoServiceHandle) {
 }
 
 async fn complete(io: &IoServiceHandle, prompt: &str) -> reqwest::Response {
-    reqwest::Client::new()
+    http()
         .post(format!("{}/v1/completions", io.base_url()))
         .json(&json!({"model": MODEL, "prompt": prompt, "max_tokens": 6}))
         .timeout(Duration::from_secs(15))
@@ -178,7 +198,7 @@ async fn jobs_flow_concurrently_with_verified_results() {
         .map(|i| {
             let base = net.io.base_url();
             tokio::spawn(async move {
-                let r = reqwest::Client::new()
+                let r = http()
                     .post(format!("{base}/v1/completions"))
                     .json(
                         &json!({"model": MODEL, "prompt": format!("prompt {i}"), "max_tokens": 6}),
@@ -215,7 +235,7 @@ async fn jobs_flow_concurrently_with_verified_results() {
 
     // The local API reports the same through HTTP with the token.
     let addr = node.agent.api_addr().unwrap();
-    let st: Value = reqwest::Client::new()
+    let st: Value = http()
         .get(format!("http://{addr}/status"))
         .bearer_auth("token")
         .send()
@@ -371,7 +391,7 @@ async fn drain_finishes_in_flight_jobs_and_exits_clean() {
         .map(|i| {
             let base = base.clone();
             tokio::spawn(async move {
-                reqwest::Client::new()
+                http()
                     .post(format!("{base}/v1/completions"))
                     .json(&json!({"model": MODEL, "prompt": format!("d{i}"), "max_tokens": 6}))
                     .timeout(Duration::from_secs(15))
@@ -411,7 +431,7 @@ async fn operator_drain_keeps_reporting_drained_and_deregisters() {
     wait_ready(&node).await;
     wait_eligible(&net.io).await;
     let addr = node.agent.api_addr().unwrap();
-    let c = reqwest::Client::new();
+    let c = http();
     assert_eq!(
         c.post(format!("http://{addr}/drain?deregister=maybe"))
             .bearer_auth("token")
@@ -484,7 +504,7 @@ async fn runtime_crash_mid_job_hands_the_job_to_another_node() {
     let call = {
         let base = net.io.base_url();
         tokio::spawn(async move {
-            let r = reqwest::Client::new()
+            let r = http()
                 .post(format!("{base}/v1/completions"))
                 .json(&json!({"model": MODEL, "prompt": "keep going", "max_tokens": 6}))
                 .timeout(Duration::from_secs(20))

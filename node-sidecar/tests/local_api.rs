@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use resultity_protocol::messages::{GpuReport, NodePhase, RuntimeKind, RuntimeReport, Software};
+use resultity_protocol::messages::{
+    GpuReport, ModelRef, ModelState, ModelStatus, NodePhase, RuntimeKind, RuntimeReport, Software,
+};
 use resultity_protocol::status::{
     ConnectionState, ConnectionStatus, JobCounters, NodeStatus, STATUS_FORMAT,
 };
@@ -69,15 +71,65 @@ async fn probes_status_metrics_and_drain() {
     assert_eq!(r.status(), 503);
     let body: Value = r.json().await.unwrap();
     let problems = body["problems"].as_array().unwrap();
-    assert_eq!(problems.len(), 3, "{problems:?}");
+    assert_eq!(problems.len(), 4, "{problems:?}");
+    assert_eq!(
+        problems[3], "no model is servable: no network config applied yet",
+        "{problems:?}"
+    );
 
+    let model = ModelRef {
+        id: "m".into(),
+        revision: "r".into(),
+    };
     state.update(|s| {
         s.registered = true;
         s.connection.state = ConnectionState::Connected;
         s.runtime.ready = true;
         s.runtime.reason = None;
-        s.phase = NodePhase::Ready;
+        s.models = vec![ModelStatus {
+            model: model.clone(),
+            state: ModelState::Inactive,
+            reason: Some("needs 8192 MiB of GPU memory, node has 0 MiB".into()),
+        }];
     });
+    // Everything up but no model servable: not ready, with the model's reason.
+    let body: Value = c
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["ready"], false);
+    assert_eq!(
+        body["problems"],
+        serde_json::json!([
+            "no model is servable: m inactive: needs 8192 MiB of GPU memory, node has 0 MiB"
+        ])
+    );
+    // A GPU required but not visible: said plainly.
+    state.readiness.set_gpu_required(true);
+    state.update(|s| {
+        s.models[0].state = ModelState::Active;
+        s.models[0].reason = None;
+        s.gpu.reason = Some("NVML unavailable: library not found".into());
+    });
+    let body: Value = c
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        body["problems"],
+        serde_json::json!(["no GPU visible to the sidecar: NVML unavailable: library not found"])
+    );
+    // GPU checks off (the explicit opt-out): ready.
+    state.readiness.set_gpu_required(false);
+    state.update(|s| s.phase = NodePhase::Ready);
     assert_eq!(
         c.get(format!("{base}/readyz"))
             .send()

@@ -1,12 +1,13 @@
-//! Both runtime adapters against the runtime simulator on loopback.
+//! The runtime adapters (vLLM, generic OpenAI-compatible, Triton) against the runtime
+//! simulator on loopback.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
 use std::time::Duration;
 
 use resultity_protocol::messages::{JobKind, RuntimeKind};
-use resultity_runtime_sim::{Faults, SimConfig, SimHandle, generate, start};
-use resultity_sidecar::runtime::{AnyRuntime, Runtime, RuntimeError};
+use resultity_runtime_sim::{Faults, Flavor, SimConfig, SimHandle, generate, start};
+use resultity_sidecar::runtime::{AnyRuntime, Runtime, RuntimeError, RuntimeOptions};
 use serde_json::{Value, json};
 
 async fn sim(cfg: SimConfig) -> SimHandle {
@@ -249,4 +250,122 @@ async fn models_become_active_only_after_a_test_inference() {
     s.set_faults(Faults::default()).await;
     models.reconcile(&[m("broken")], &[], &rt).await;
     assert!(models.is_active(&m("broken")));
+}
+
+#[tokio::test]
+async fn a_runtime_without_a_health_endpoint_becomes_ready() {
+    // llama-cpp-python's server has no /health: listing models proves it is up.
+    let s = sim(SimConfig {
+        health_endpoint: false,
+        ..fast(&["m1"])
+    })
+    .await;
+    let rt = AnyRuntime::new(RuntimeKind::Openai, &s.url(), T).unwrap();
+    rt.health().await.unwrap();
+    let report = rt.report().await;
+    assert!(report.ready, "{report:?}");
+    assert_eq!(report.kind, RuntimeKind::Openai);
+    // A configured path that does not exist falls back the same way…
+    let custom = AnyRuntime::with_options(
+        RuntimeKind::Openai,
+        &s.url(),
+        T,
+        &RuntimeOptions {
+            health_path: Some("/healthz".into()),
+        },
+    )
+    .unwrap();
+    assert!(custom.report().await.ready);
+    // …but a server that answers its health endpoint with an error is not ready (no fallback
+    // past a 5xx: llama-server answers 503 while it loads the model).
+    let with_health = sim(fast(&["m1"])).await;
+    with_health
+        .set_faults(Faults {
+            down: true,
+            ..Faults::default()
+        })
+        .await;
+    let down = AnyRuntime::new(RuntimeKind::Openai, &with_health.url(), T).unwrap();
+    let report = down.report().await;
+    assert!(!report.ready);
+    assert!(report.reason.unwrap().contains("503"));
+}
+
+#[tokio::test]
+async fn llama_cpp_metric_names_give_running_and_waiting() {
+    let s = sim(SimConfig {
+        flavor: Flavor::LlamaCpp,
+        prefill_ms: 3_000,
+        max_batch: 2,
+        ..fast(&["m1"])
+    })
+    .await;
+    let rt = AnyRuntime::new(RuntimeKind::Openai, &s.url(), Duration::from_secs(30)).unwrap();
+    assert_eq!(rt.parallelism().await, Some(2), "slots from GET /props");
+    let jobs: Vec<_> = (0..5)
+        .map(|i| {
+            let rt = rt.clone();
+            tokio::spawn(async move {
+                rt.infer(
+                    JobKind::Completion,
+                    "m1",
+                    &json!({"prompt": format!("p{i}"), "max_tokens": 3}),
+                    Duration::from_secs(60),
+                )
+                .await
+            })
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = rt.report().await;
+        assert!(r.ready, "{r:?}");
+        if r.running == Some(2) && r.waiting == Some(3) {
+            assert_eq!(r.reason, None, "load figures were found");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never saw 2 running and 3 waiting: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for j in jobs {
+        j.await.unwrap().unwrap();
+    }
+    let r = rt.report().await;
+    assert_eq!((r.running, r.waiting), (Some(0), Some(0)));
+    assert_eq!(r.generation_tokens_total, Some(15));
+    // vLLM reports no slots: the flag decides there.
+    let v = AnyRuntime::new(RuntimeKind::Vllm, &s.url(), T).unwrap();
+    assert_eq!(v.parallelism().await, None);
+}
+
+#[tokio::test]
+async fn unknown_model_errors_name_the_runtime_kind() {
+    let s = sim(fast(&["m1"])).await;
+    let generic = AnyRuntime::new(RuntimeKind::Openai, &s.url(), T).unwrap();
+    let Err(RuntimeError::Rejected { status, reason }) = generic.load_model("ghost").await else {
+        panic!("an unknown model must be refused");
+    };
+    assert_eq!(status, 404);
+    assert_eq!(
+        reason,
+        "the OpenAI-compatible runtime does not serve model ghost (it serves: m1)"
+    );
+    let vllm = AnyRuntime::new(RuntimeKind::Vllm, &s.url(), T).unwrap();
+    let Err(e) = vllm.load_model("ghost").await else {
+        panic!("an unknown model must be refused");
+    };
+    assert!(
+        e.to_string().contains("vLLM does not serve model ghost"),
+        "{e}"
+    );
+    let Err(e) = generic.infer(JobKind::Infer, "m1", &json!({}), T).await else {
+        panic!("KServe jobs are not for an OpenAI server");
+    };
+    assert_eq!(
+        e.to_string(),
+        "the OpenAI-compatible runtime does not serve KServe v2 inference jobs"
+    );
 }

@@ -133,6 +133,9 @@ impl RuntimeImages {
         match kind {
             RuntimeKind::Vllm => self.vllm.as_deref(),
             RuntimeKind::Triton => self.triton.as_deref(),
+            // Generic OpenAI-compatible servers differ too much for one network-wide image:
+            // the node's own spec names it.
+            RuntimeKind::Openai => None,
         }
     }
 }

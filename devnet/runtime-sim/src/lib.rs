@@ -8,8 +8,12 @@
 //!   `max_batch` sequences whose per-token time grows mildly with the batch, so throughput grows
 //!   with concurrency the way vLLM's does;
 //! * deterministic outputs derived from model and prompt ([`generate`]), so results are checkable;
-//! * fault injection: error rate, hangs, down, per-model failures, crash after N requests —
+//! * fault injection: error rate, hangs, down, per-model failures, crash after N requests, and
+//!   new connections stalled while requests are in progress (llama.cpp's `llama-server` serves
+//!   a fixed pool of connections: a new one waits until a busy keep-alive one frees) —
 //!   settable at start or live through `POST /sim/faults`;
+//! * other OpenAI-compatible servers' faces ([`Flavor`]): llama.cpp's metric names and
+//!   `GET /props` slots, or no `/health` endpoint at all (llama-cpp-python);
 //! * `GET /sim/stats` with the peak concurrency seen, so tests can assert parallelism.
 
 use std::net::SocketAddr;
@@ -41,6 +45,21 @@ pub struct Faults {
     pub failing_models: Vec<String>,
     /// Stop serving after this many inference requests (simulated crash).
     pub crash_after: Option<u64>,
+    /// While any inference request is in progress, a newly accepted connection is not served
+    /// until none is or this many ms passed (0 = off). Connections already open are unaffected.
+    pub stall_new_connections_ms: u64,
+}
+
+/// Which OpenAI-compatible server the simulator imitates beyond the shared API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavor {
+    /// vLLM: `vllm:` metric names.
+    #[default]
+    Vllm,
+    /// llama.cpp's `llama-server`: `llamacpp:` metric names and `GET /props` with
+    /// `total_slots` (= `max_batch`).
+    LlamaCpp,
 }
 
 /// Latency and capacity model.
@@ -61,6 +80,16 @@ pub struct SimConfig {
     /// Seed of the fault RNG, so error patterns repeat run to run.
     pub seed: u64,
     pub faults: Faults,
+    /// Metric names and extra endpoints of the imitated server.
+    #[serde(default)]
+    pub flavor: Flavor,
+    /// Whether `GET /health` exists (llama-cpp-python's server has none: 404).
+    #[serde(default = "yes")]
+    pub health_endpoint: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for SimConfig {
@@ -74,6 +103,8 @@ impl Default for SimConfig {
             default_max_tokens: 16,
             seed: 1,
             faults: Faults::default(),
+            flavor: Flavor::Vllm,
+            health_endpoint: true,
         }
     }
 }
@@ -90,6 +121,8 @@ pub struct SimStats {
     pub max_running: u64,
     pub generation_tokens_total: u64,
     pub prompt_tokens_total: u64,
+    /// Connections that waited because of `stall_new_connections_ms`.
+    pub stalled_connections: u64,
 }
 
 /// Errors starting the simulator.
@@ -120,6 +153,7 @@ struct Shared {
     max_running: AtomicU64,
     gen_tokens: AtomicU64,
     prompt_tokens: AtomicU64,
+    stalled: AtomicU64,
     crash: watch::Sender<bool>,
 }
 
@@ -134,6 +168,7 @@ impl Shared {
             max_running: self.max_running.load(Ordering::Relaxed),
             generation_tokens_total: self.gen_tokens.load(Ordering::Relaxed),
             prompt_tokens_total: self.prompt_tokens.load(Ordering::Relaxed),
+            stalled_connections: self.stalled.load(Ordering::Relaxed),
         }
     }
 
@@ -244,10 +279,15 @@ pub async fn start(cfg: SimConfig, addr: SocketAddr) -> Result<SimHandle, SimErr
         max_running: AtomicU64::new(0),
         gen_tokens: AtomicU64::new(0),
         prompt_tokens: AtomicU64::new(0),
+        stalled: AtomicU64::new(0),
         crash: crash_tx,
         cfg,
     });
     let app = router(shared.clone());
+    let listener = StallingListener {
+        inner: listener,
+        shared: shared.clone(),
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let crash_shared = shared.clone();
     let task = tokio::spawn(async move {
@@ -277,10 +317,49 @@ pub async fn start(cfg: SimConfig, addr: SocketAddr) -> Result<SimHandle, SimErr
     })
 }
 
+/// Accepts connections, holding each new one back while the runtime is busy when the stall
+/// fault is on — the way a fixed connection pool behaves under load.
+struct StallingListener {
+    inner: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl axum::serve::Listener for StallingListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let conn = axum::serve::Listener::accept(&mut self.inner).await;
+        let stall_ms = self.shared.faults.lock().await.stall_new_connections_ms;
+        let busy =
+            |s: &Shared| s.running.load(Ordering::Relaxed) + s.waiting.load(Ordering::Relaxed) > 0;
+        if stall_ms > 0 && busy(&self.shared) {
+            self.shared.stalled.fetch_add(1, Ordering::Relaxed);
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(stall_ms);
+            while busy(&self.shared) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        conn
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
 fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
-        // vLLM (OpenAI-compatible)
-        .route("/health", get(health))
+    let openai = if shared.cfg.health_endpoint {
+        Router::new().route("/health", get(health))
+    } else {
+        Router::new()
+    };
+    let openai = match shared.cfg.flavor {
+        Flavor::Vllm => openai,
+        Flavor::LlamaCpp => openai.route("/props", get(props)),
+    };
+    openai
+        // OpenAI-compatible (vLLM, llama.cpp, …)
         .route("/v1/models", get(list_models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
@@ -617,10 +696,30 @@ pub fn chat_prompt(req: &Value) -> Option<String> {
 }
 
 /// vLLM-style Prometheus metrics (names as vLLM ≥ 0.6 exports them).
+/// llama-server's `GET /props`: the part the sidecar reads.
+async fn props(State(s): State<Arc<Shared>>) -> Response {
+    let model = s.loaded.lock().await.first().cloned().unwrap_or_default();
+    axum::Json(json!({"total_slots": s.cfg.max_batch, "model_path": model})).into_response()
+}
+
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     let st = s.stats();
     let cache = st.running as f64 / s.cfg.max_batch as f64;
     let mut out = String::new();
+    if s.cfg.flavor == Flavor::LlamaCpp {
+        // llama-server serves one model and labels nothing.
+        out.push_str(&format!(
+            "# HELP llamacpp:requests_processing Number of requests processing.\n\
+             # TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing {}\n\
+             # HELP llamacpp:requests_deferred Number of requests deferred.\n\
+             # TYPE llamacpp:requests_deferred gauge\nllamacpp:requests_deferred {}\n\
+             # HELP llamacpp:tokens_predicted_total Number of generation tokens processed.\n\
+             # TYPE llamacpp:tokens_predicted_total counter\nllamacpp:tokens_predicted_total {}\n\
+             # TYPE llamacpp:prompt_tokens_total counter\nllamacpp:prompt_tokens_total {}\n",
+            st.running, st.waiting, st.generation_tokens_total, st.prompt_tokens_total
+        ));
+        return ([("content-type", "text/plain; version=0.0.4")], out).into_response();
+    }
     for m in s.loaded.lock().await.iter() {
         let l = format!("{{model_name=\"{m}\"}}");
         out.push_str(&format!(

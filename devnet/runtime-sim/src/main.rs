@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::Parser;
-use resultity_runtime_sim::{Faults, SimConfig};
+use resultity_runtime_sim::{Faults, Flavor, SimConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -48,6 +48,25 @@ struct Args {
     /// Seed of the fault RNG.
     #[arg(long, env = "SIM_SEED", default_value_t = 1)]
     seed: u64,
+    /// While requests are in progress, hold each new connection back up to this many ms
+    /// (llama.cpp's fixed connection pool under load); 0 = off.
+    #[arg(long, env = "SIM_STALL_NEW_CONNECTIONS_MS", default_value_t = 0)]
+    stall_new_connections_ms: u64,
+    /// Server imitated beyond the OpenAI API: vllm or llamacpp (llamacpp: metric names and
+    /// GET /props).
+    #[arg(long, env = "SIM_FLAVOR", value_parser = parse_flavor, default_value = "vllm")]
+    flavor: Flavor,
+    /// Serve no /health endpoint (as llama-cpp-python's server).
+    #[arg(long, env = "SIM_NO_HEALTH_ENDPOINT")]
+    no_health_endpoint: bool,
+}
+
+fn parse_flavor(s: &str) -> Result<Flavor, String> {
+    match s {
+        "vllm" => Ok(Flavor::Vllm),
+        "llamacpp" => Ok(Flavor::LlamaCpp),
+        _ => Err(format!("{s} is not a flavor: use vllm or llamacpp")),
+    }
 }
 
 #[tokio::main]
@@ -69,8 +88,11 @@ async fn main() -> anyhow::Result<()> {
         faults: Faults {
             error_rate_permille: a.error_rate_permille,
             crash_after: a.crash_after,
+            stall_new_connections_ms: a.stall_new_connections_ms,
             ..Faults::default()
         },
+        flavor: a.flavor,
+        health_endpoint: !a.no_health_endpoint,
     };
     let mut sim = resultity_runtime_sim::start(cfg, a.listen)
         .await

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use resultity_runtime_sim::{Faults, SimConfig, SimHandle, generate, start};
+use resultity_runtime_sim::{Faults, Flavor, SimConfig, SimHandle, generate, start};
 use serde_json::{Value, json};
 
 async fn sim(cfg: SimConfig) -> SimHandle {
@@ -475,4 +475,116 @@ async fn vllm_metrics_and_live_fault_api() {
         .await
         .unwrap();
     assert_eq!(st["requests"], 0);
+}
+
+#[tokio::test]
+async fn busy_runtime_stalls_new_connections_but_not_open_ones() {
+    let s = sim(SimConfig {
+        prefill_ms: 3_000,
+        ..fast()
+    })
+    .await;
+    s.set_faults(Faults {
+        stall_new_connections_ms: 60_000,
+        ..Faults::default()
+    })
+    .await;
+    // A keep-alive connection opened while the runtime is idle.
+    let open = client();
+    assert_eq!(
+        open.get(format!("{}/health", s.url()))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let busy = {
+        let url = s.url();
+        tokio::spawn(async move {
+            client()
+                .post(format!("{url}/v1/completions"))
+                .json(&json!({"model": "sim-model", "prompt": "slow"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    wait_for(|| s.stats().running == 1).await;
+    // A new connection is held back while the request runs…
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let stalled = fresh.get(format!("{}/health", s.url())).send().await;
+    assert!(
+        stalled.as_ref().is_err_and(reqwest::Error::is_timeout),
+        "{stalled:?}"
+    );
+    assert!(s.stats().stalled_connections >= 1);
+    // …the open one is served at once…
+    assert_eq!(
+        open.get(format!("{}/health", s.url()))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // …and once the runtime is idle, new connections are served again.
+    assert_eq!(busy.await.unwrap(), 200);
+    let later = client()
+        .get(format!("{}/health", s.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(later.status(), 200);
+}
+
+#[tokio::test]
+async fn llama_cpp_flavor_exports_its_metric_names_and_slots() {
+    let s = sim(SimConfig {
+        flavor: Flavor::LlamaCpp,
+        max_batch: 3,
+        health_endpoint: false,
+        ..fast()
+    })
+    .await;
+    let c = client();
+    let props: Value = c
+        .get(format!("{}/props", s.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(props["total_slots"], 3);
+    c.post(format!("{}/v1/completions", s.url()))
+        .json(&json!({"model": "sim-model", "prompt": "x", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    let text = c
+        .get(format!("{}/metrics", s.url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("llamacpp:requests_processing 0"), "{text}");
+    assert!(text.contains("llamacpp:requests_deferred 0"), "{text}");
+    assert!(text.contains("llamacpp:tokens_predicted_total 2"), "{text}");
+    assert!(!text.contains("vllm:"), "{text}");
+    assert_eq!(
+        c.get(format!("{}/health", s.url()))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
 }

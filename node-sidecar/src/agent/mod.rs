@@ -6,6 +6,7 @@
 //! loop (reconnecting with full-jitter backoff) → on drain: tell the network, finish or hand
 //! back in-flight jobs within the grace period, flush the outbox, report drained, exit.
 
+mod monitor;
 mod net;
 mod session;
 
@@ -36,12 +37,13 @@ use tokio::sync::{Notify, mpsc};
 use crate::api::{self, ApiState};
 use crate::backoff::Backoff;
 use crate::config_store::{ConfigStore, ConfigStoreError, OfferError};
-use crate::gpu::GpuProbe;
+use crate::gpu::{GpuProbe, GpuSettings};
 use crate::identity::{self, IdentityError};
 use crate::models::{Models, desired_models};
 pub use crate::outbox::SyncPolicy;
 use crate::outbox::{Outbox, OutboxError};
-use crate::runtime::{AnyRuntime, Runtime, RuntimeError};
+use crate::runtime::probe::ProbeSettings;
+use crate::runtime::{AnyRuntime, RuntimeError, RuntimeOptions};
 
 pub use net::{NetClient, NetError};
 
@@ -60,7 +62,13 @@ pub struct Settings {
     pub runtime_url: String,
     /// Runtime image running now (the operator passes it), to spot image changes in configs.
     pub runtime_image: Option<String>,
-    pub max_concurrency: u32,
+    /// Jobs run at once (the credits). `None`: the runtime's own parallelism where it reports
+    /// it (llama.cpp's slots), else [`default_max_concurrency`] for the runtime kind.
+    pub max_concurrency: Option<u32>,
+    /// Health path and other runtime particulars.
+    pub runtime_options: RuntimeOptions,
+    /// How often and how patiently the runtime is probed.
+    pub runtime_probe: ProbeSettings,
     pub participation: Participation,
     pub subclouds: Vec<String>,
     /// Models to serve; empty = every model the network approves for this node.
@@ -70,8 +78,8 @@ pub struct Settings {
     /// Bearer token for `/status` and `/drain` (empty disables them).
     pub admin_token: String,
     pub drain_grace: Duration,
-    /// Probe GPUs with NVML (off on test rigs).
-    pub gpu_probe: bool,
+    /// Where GPU status comes from (NVML, dcgm-exporter, or off on CPU-only rigs).
+    pub gpu: GpuSettings,
     /// Refuse models whose GPU memory requirement the node's GPUs do not meet.
     pub enforce_gpu_memory: bool,
     /// When results reach stable storage (see [`crate::outbox`]).
@@ -118,6 +126,8 @@ pub struct Agent {
     key: NodeKeypair,
     net: NetClient,
     runtime: AnyRuntime,
+    /// The same runtime on a separate client, for health probes only.
+    probe_runtime: AnyRuntime,
     pub api: Arc<ApiState>,
     config: tokio::sync::Mutex<ConfigStore>,
     outbox: Arc<Mutex<Outbox>>,
@@ -129,6 +139,10 @@ pub struct Agent {
     clock: Arc<dyn Clock>,
     timing: Mutex<Timing>,
     in_flight: AtomicU32,
+    /// Jobs run at once: configured, or learnt from the runtime.
+    max_concurrency: AtomicU32,
+    /// False while a GPU reports a fault: intake stops.
+    gpu_healthy: AtomicBool,
     /// Mirrors `status.runtime.ready` so the per-job credit count needs no status copy.
     runtime_ready: AtomicBool,
     draining: AtomicBool,
@@ -163,11 +177,16 @@ impl Agent {
     }
 
     pub fn with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Result<Arc<Self>, AgentError> {
-        if settings.max_concurrency == 0 {
+        if settings.max_concurrency == Some(0) {
             return Err(AgentError::Settings(
                 "max concurrency must be at least 1".into(),
             ));
         }
+        settings
+            .runtime_probe
+            .validate()
+            .and_then(|()| settings.runtime_options.validate())
+            .map_err(AgentError::Settings)?;
         if settings.network_keys.is_empty() {
             return Err(AgentError::Settings(
                 "at least one pinned network key is required".into(),
@@ -192,16 +211,19 @@ impl Agent {
             keys,
             Duration::from_millis(timing.http_timeout_ms),
         )?;
-        let runtime = AnyRuntime::new(
+        let runtime = AnyRuntime::with_options(
             settings.runtime_kind,
             &settings.runtime_url,
             Duration::from_secs(5),
+            &settings.runtime_options,
         )?;
-        let gpu = if settings.gpu_probe {
-            GpuProbe::init()
-        } else {
-            GpuProbe::disabled("GPU probe disabled by configuration")
-        };
+        let probe_runtime = AnyRuntime::for_probes(
+            settings.runtime_kind,
+            &settings.runtime_url,
+            settings.runtime_probe.timeout,
+            &settings.runtime_options,
+        )?;
+        let gpu = GpuProbe::new(&settings.gpu);
         let status = NodeStatus {
             format: STATUS_FORMAT,
             node_id: key.id().clone(),
@@ -214,7 +236,11 @@ impl Agent {
             config_error: None,
             desired_runtime_image: None,
             models: vec![],
-            gpu: gpu.report(),
+            gpu: resultity_protocol::messages::GpuReport {
+                present: false,
+                reason: Some("GPU not probed yet".into()),
+                ..Default::default()
+            },
             runtime: RuntimeReport::not_ready(settings.runtime_kind, Some("not probed yet".into())),
             jobs: JobCounters {
                 outbox: u32::try_from(outbox.len()).unwrap_or(u32::MAX),
@@ -227,10 +253,15 @@ impl Agent {
             software: software(&settings),
         };
         let api = ApiState::new(status, settings.admin_token.clone());
+        api.readiness.set_gpu_required(gpu.required());
+        let max_concurrency = settings
+            .max_concurrency
+            .unwrap_or_else(|| default_max_concurrency(settings.runtime_kind));
         Ok(Arc::new(Self {
             key,
             net,
             runtime,
+            probe_runtime,
             api,
             config: tokio::sync::Mutex::new(store),
             outbox: Arc::new(Mutex::new(outbox)),
@@ -240,6 +271,8 @@ impl Agent {
             clock,
             timing: Mutex::new(timing),
             in_flight: AtomicU32::new(0),
+            max_concurrency: AtomicU32::new(max_concurrency),
+            gpu_healthy: AtomicBool::new(true),
             runtime_ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             registered: AtomicBool::new(false),
@@ -297,16 +330,23 @@ impl Agent {
             .statuses()
     }
 
-    /// Free slots the node advertises.
+    /// Jobs the node runs at once.
+    pub fn max_concurrency(&self) -> u32 {
+        self.max_concurrency.load(Ordering::SeqCst)
+    }
+
+    /// Free slots the node advertises: none while draining, the runtime is down or a GPU is
+    /// faulty.
     fn credits(&self) -> u32 {
-        let credits =
-            if self.draining.load(Ordering::SeqCst) || !self.runtime_ready.load(Ordering::SeqCst) {
-                0
-            } else {
-                self.settings
-                    .max_concurrency
-                    .saturating_sub(self.in_flight.load(Ordering::SeqCst))
-            };
+        let credits = if self.draining.load(Ordering::SeqCst)
+            || !self.runtime_ready.load(Ordering::SeqCst)
+            || !self.gpu_healthy.load(Ordering::SeqCst)
+        {
+            0
+        } else {
+            self.max_concurrency()
+                .saturating_sub(self.in_flight.load(Ordering::SeqCst))
+        };
         // Every advertisement goes through here, so the gauge is what the network was told.
         self.api.metrics.credits.set(i64::from(credits));
         credits
@@ -326,6 +366,7 @@ impl Agent {
 
     fn set_phase(&self) {
         let draining = self.draining.load(Ordering::SeqCst);
+        let readiness = &self.api.readiness;
         self.api.update(|s| {
             s.draining = draining;
             s.phase = if s.drained {
@@ -336,7 +377,7 @@ impl Agent {
                 NodePhase::Registering
             } else if s.applied_config.is_none() {
                 NodePhase::Syncing
-            } else if !s.runtime.ready || !s.gpu.healthy() {
+            } else if readiness.cannot_serve(s) {
                 NodePhase::Degraded
             } else {
                 NodePhase::Ready
@@ -355,10 +396,10 @@ impl Agent {
             software: software(&self.settings),
             capabilities: Capabilities {
                 runtime: self.settings.runtime_kind,
-                max_concurrency: self.settings.max_concurrency,
+                max_concurrency: self.max_concurrency(),
                 participation: self.settings.participation,
                 subclouds: self.settings.subclouds.clone(),
-                gpu: self.gpu.report(),
+                gpu: self.api.status().gpu,
                 models_installed: models.into_iter().map(|m| m.model).collect(),
             },
         };
@@ -458,47 +499,13 @@ impl Agent {
         self.api.update(|s| s.models = statuses);
     }
 
-    /// Reads runtime and GPU health; a runtime that went down parks the models, one that came
-    /// back gets them re-activated.
-    async fn probe(&self) -> RuntimeReport {
-        let report = self.runtime.report().await;
-        let was_ready = self.api.status().runtime.ready;
-        let gpu = self.gpu.report();
-        self.api.metrics.runtime_ready.set(i64::from(report.ready));
-        self.runtime_ready.store(report.ready, Ordering::SeqCst);
-        self.api.update(|s| {
-            s.runtime = report.clone();
-            s.gpu = gpu;
-        });
-        if was_ready && !report.ready {
-            let reason = report
-                .reason
-                .clone()
-                .unwrap_or_else(|| "runtime not ready".into());
-            let _serial = self.reconcile_lock.lock().await;
-            self.models
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .mark_runtime_down(&reason);
-            let statuses = self.model_statuses();
-            self.api.update(|s| s.models = statuses);
-        } else if !was_ready && report.ready {
-            self.reconcile_models().await;
-        }
-        if was_ready != report.ready {
-            self.advertise_credits();
-        }
-        self.set_phase();
-        report
-    }
-
     fn node_report(&self, runtime: RuntimeReport) -> NodeReport {
         let st = self.api.status();
         NodeReport {
             phase: st.phase,
             config: st.applied_config,
             draining: self.draining.load(Ordering::SeqCst),
-            max_concurrency: self.settings.max_concurrency,
+            max_concurrency: self.max_concurrency(),
             in_flight: self.in_flight.load(Ordering::SeqCst),
             credits: self.credits(),
             outbox_len: self.outbox_len(),
@@ -511,9 +518,10 @@ impl Agent {
         }
     }
 
-    /// One heartbeat: probe, report, take the verdict and the network's config pointer.
+    /// One heartbeat: report the last probe results, take the verdict and the network's config
+    /// pointer. It never waits for a probe (they run in their own tasks).
     pub async fn heartbeat(&self) -> Result<HeartbeatResponse, NetError> {
-        let runtime = self.probe().await;
+        let runtime = self.api.status().runtime;
         let req = HeartbeatRequest {
             hdr: self.net.header(self.clock.as_ref())?,
             report: self.node_report(runtime),
@@ -618,6 +626,10 @@ impl Agent {
         if let Ok(addr) = listener.local_addr() {
             let _ = self.api_addr.set(addr);
         }
+        let monitors = [
+            tokio::spawn(self.clone().runtime_monitor()),
+            tokio::spawn(self.clone().gpu_monitor()),
+        ];
         let app = api::router(self.api.clone());
         let api_task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
@@ -651,6 +663,9 @@ impl Agent {
         }
         drain_watch.abort();
         api_task.abort();
+        for m in monitors {
+            m.abort();
+        }
         Ok(exit)
     }
 
@@ -744,6 +759,16 @@ impl Agent {
             }
         }
         Exit::Drained
+    }
+}
+
+/// Credits when neither the flag nor the runtime says: vLLM and Triton batch many sequences
+/// (set the flag to vLLM's `--max-num-seqs`); an OpenAI-compatible server that does not report
+/// its slots gets a few, so requests do not queue invisibly inside it.
+pub fn default_max_concurrency(kind: RuntimeKind) -> u32 {
+    match kind {
+        RuntimeKind::Vllm | RuntimeKind::Triton => 64,
+        RuntimeKind::Openai => 4,
     }
 }
 

@@ -204,7 +204,7 @@ impl Agent {
             challenge: hello.challenge,
             protocol_version: version,
             ts_ms: self.clock.now_ms(),
-            max_concurrency: self.settings.max_concurrency,
+            max_concurrency: self.max_concurrency(),
             credits: self.credits(),
             draining: self.draining.load(Ordering::SeqCst),
             outbox_len: self.outbox_len(),
@@ -443,6 +443,13 @@ impl Agent {
         if self.draining.load(Ordering::SeqCst) {
             return self.fail(&a, FailCode::HandedBack, "node is draining".into());
         }
+        if !self.gpu_healthy.load(Ordering::SeqCst) {
+            return self.fail(
+                &a,
+                FailCode::HandedBack,
+                "GPU fault: this node takes no jobs".into(),
+            );
+        }
         if a.deadline_ms <= self.clock.now_ms() {
             return self.fail(
                 &a,
@@ -458,12 +465,13 @@ impl Agent {
             return self.fail(&a, FailCode::ModelInactive, reason);
         }
         let prev = self.in_flight.fetch_add(1, Ordering::SeqCst);
-        if prev >= self.settings.max_concurrency {
+        let slots = self.max_concurrency();
+        if prev >= slots {
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             return self.fail(
                 &a,
                 FailCode::OverCapacity,
-                format!("all {} slots busy", self.settings.max_concurrency),
+                format!("all {slots} slots busy"),
             );
         }
         self.send(NodeMessage::JobAck {

@@ -1,4 +1,5 @@
-//! Runtime adapters behind one trait: vLLM's OpenAI-compatible server and Triton's KServe v2.
+//! Runtime adapters behind one trait: OpenAI-compatible servers (vLLM, llama.cpp, SGLang, …)
+//! and Triton's KServe v2. [`probe`] watches the runtime's health on its own client and task.
 //!
 //! Error mapping is the contract the job session relies on: a runtime 4xx means the request is
 //! bad ([`RuntimeError::Rejected`], reported as `runtime_rejected`, not retried elsewhere); a 5xx,
@@ -12,12 +13,14 @@ use resultity_protocol::messages::{JobKind, RuntimeKind, RuntimeReport, Usage};
 use serde_json::Value;
 
 mod metrics;
+mod openai;
+pub mod probe;
 mod triton;
-mod vllm;
 
-pub use metrics::VllmMetrics;
+pub(crate) use metrics::sample as prometheus_sample;
+pub use metrics::{LoadMetrics, MetricsFamily};
+pub use openai::{DEFAULT_HEALTH_PATH, OpenAiRuntime};
 pub use triton::TritonRuntime;
-pub use vllm::VllmRuntime;
 
 /// Largest runtime response body read; beyond it the job fails with `output_too_large`.
 pub const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
@@ -41,11 +44,20 @@ pub enum RuntimeError {
     #[error("runtime answer of {size} bytes exceeds {max}")]
     TooLarge { size: usize, max: usize },
     /// This runtime kind does not serve this job kind.
-    #[error("{runtime} does not serve {kind:?} jobs")]
+    #[error("{runtime} does not serve {} jobs", job_kind_name(*kind))]
     Unsupported {
         runtime: &'static str,
         kind: JobKind,
     },
+}
+
+/// A job kind as users know it (the wire name).
+fn job_kind_name(kind: JobKind) -> &'static str {
+    match kind {
+        JobKind::ChatCompletion => "chat completion",
+        JobKind::Completion => "completion",
+        JobKind::Infer => "KServe v2 inference",
+    }
 }
 
 impl RuntimeError {
@@ -92,29 +104,112 @@ pub trait Runtime: Send + Sync {
     fn report(&self) -> impl Future<Output = RuntimeReport> + Send;
 }
 
+/// How to talk to the runtime beyond its kind and URL.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuntimeOptions {
+    /// Health endpoint of an OpenAI-compatible server (default `/health`; a 404 or 405 there
+    /// falls back to `GET /v1/models`). Triton always uses `/v2/health/ready`.
+    pub health_path: Option<String>,
+}
+
+impl RuntimeOptions {
+    /// Refuses a health path that is not an absolute path on the runtime's origin.
+    pub fn validate(&self) -> Result<(), String> {
+        match &self.health_path {
+            Some(p)
+                if !p.starts_with('/') || p.starts_with("//") || p.contains(['?', '#', ' ']) =>
+            {
+                Err(format!(
+                    "health path {p} must be an absolute path such as /health, without query"
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The configured runtime: one type the agent holds, whichever kind it is.
 #[derive(Debug, Clone)]
 pub enum AnyRuntime {
-    Vllm(VllmRuntime),
+    /// vLLM or another OpenAI-compatible server.
+    OpenAi(OpenAiRuntime),
     Triton(TritonRuntime),
 }
 
 impl AnyRuntime {
     /// A client for `kind` at `base_url` with `timeout` for control calls.
     pub fn new(kind: RuntimeKind, base_url: &str, timeout: Duration) -> Result<Self, RuntimeError> {
-        let http = http_client(timeout)?;
+        Self::with_options(kind, base_url, timeout, &RuntimeOptions::default())
+    }
+
+    /// A client for jobs and model control: a large connection pool for batched jobs.
+    pub fn with_options(
+        kind: RuntimeKind,
+        base_url: &str,
+        timeout: Duration,
+        options: &RuntimeOptions,
+    ) -> Result<Self, RuntimeError> {
+        Ok(Self::build(
+            kind,
+            base_url,
+            http_client(timeout)?,
+            timeout,
+            options,
+        ))
+    }
+
+    /// A client for health probes only, kept apart from job traffic: it opens a fresh
+    /// connection per probe, so a probe never waits behind jobs in a shared pool nor lands on
+    /// a keep-alive connection the server has meanwhile closed, and `timeout` bounds each probe.
+    pub fn for_probes(
+        kind: RuntimeKind,
+        base_url: &str,
+        timeout: Duration,
+        options: &RuntimeOptions,
+    ) -> Result<Self, RuntimeError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .no_proxy()
+            .pool_max_idle_per_host(0)
+            .build()
+            .map_err(|e| RuntimeError::Unavailable(format!("cannot build HTTP client: {e}")))?;
+        Ok(Self::build(kind, base_url, http, timeout, options))
+    }
+
+    fn build(
+        kind: RuntimeKind,
+        base_url: &str,
+        http: reqwest::Client,
+        control_timeout: Duration,
+        options: &RuntimeOptions,
+    ) -> Self {
         let base = base_url.trim_end_matches('/').to_owned();
-        Ok(match kind {
-            RuntimeKind::Vllm => Self::Vllm(VllmRuntime::new(http, base)),
-            RuntimeKind::Triton => Self::Triton(TritonRuntime::new(http, base)),
-        })
+        match kind {
+            RuntimeKind::Vllm | RuntimeKind::Openai => Self::OpenAi(OpenAiRuntime::new(
+                kind,
+                http,
+                base,
+                control_timeout,
+                options.health_path.as_deref(),
+            )),
+            RuntimeKind::Triton => Self::Triton(TritonRuntime::new(http, base, control_timeout)),
+        }
+    }
+
+    /// Requests the runtime processes at once, where it tells (`llama-server`'s slots).
+    pub async fn parallelism(&self) -> Option<u32> {
+        match self {
+            Self::OpenAi(r) => r.parallelism().await,
+            Self::Triton(_) => None,
+        }
     }
 }
 
 macro_rules! delegate {
     ($self:ident, $r:ident => $e:expr) => {
         match $self {
-            AnyRuntime::Vllm($r) => $e,
+            AnyRuntime::OpenAi($r) => $e,
             AnyRuntime::Triton($r) => $e,
         }
     };

@@ -17,11 +17,11 @@ pub struct TritonRuntime {
 }
 
 impl TritonRuntime {
-    pub fn new(http: reqwest::Client, base: String) -> Self {
+    pub fn new(http: reqwest::Client, base: String, control_timeout: Duration) -> Self {
         Self {
             http,
             base,
-            control_timeout: Duration::from_secs(5),
+            control_timeout,
         }
     }
 

@@ -13,6 +13,9 @@ pub enum RuntimeKind {
     Vllm,
     /// Triton Inference Server (KServe v2 protocol).
     Triton,
+    /// Any other OpenAI-compatible server (llama.cpp's `llama-server`, SGLang,
+    /// llama-cpp-python, …).
+    Openai,
 }
 
 impl RuntimeKind {
@@ -20,6 +23,7 @@ impl RuntimeKind {
         match self {
             Self::Vllm => "vllm",
             Self::Triton => "triton",
+            Self::Openai => "openai",
         }
     }
 }
