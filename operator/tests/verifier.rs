@@ -437,13 +437,21 @@ async fn spec_update_drains_then_replaces_the_pod() {
         Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
         Call::get(SECRET, secret(&changed)),
         Call::get(POD, &live),
+        // The drain has its own event reason and says why, not the previous phase's reason.
+        Call::event(EVENTS, "Draining").check(|b| {
+            let note = b["note"].as_str().unwrap();
+            assert!(
+                note.contains("out of date") && note.contains("300s"),
+                "{note}"
+            );
+        }),
         Call::apply_status(NODE_STATUS, &changed).check(move |b| {
             let s = status_of(b);
             assert_eq!(s.phase, NodePhase::Draining);
             assert!(s.drain_started_time.is_some());
+            assert_ne!(s.desired_spec_hash, s.pod_spec_hash, "out of date");
             *started.lock().unwrap() = Some(b["status"]["drainStartedTime"].clone());
         }),
-        Call::event(EVENTS, "Draining"),
     ];
     let action = world(script, sidecar.clone(), no_source())
         .run(reconcile_node(changed.clone()))
@@ -452,7 +460,7 @@ async fn spec_update_drains_then_replaces_the_pod() {
     assert_eq!(action, Action::requeue(Duration::from_secs(5)));
     assert_eq!(
         sidecar.calls(),
-        vec!["drain deregister=false", "status 10.42.0.17:9090"]
+        vec!["status 10.42.0.17:9090", "drain deregister=false"]
     );
 
     // Round 2: drained, so the old pod is deleted.
@@ -475,15 +483,19 @@ async fn spec_update_drains_then_replaces_the_pod() {
         Call::get(POD, &live),
         Call::new(Method::DELETE, POD).reply(move |_| (200, serde_json::to_value(&live2).unwrap())),
         Call::event(EVENTS, "PodReplaced"),
-        Call::apply_status(NODE_STATUS, &changed)
-            .check(|b| assert!(status_of(b).drain_started_time.is_none())),
+        Call::apply_status(NODE_STATUS, &changed).check(|b| {
+            let s = status_of(b);
+            assert!(s.drain_started_time.is_none());
+            assert!(s.pod_spec_hash.is_none(), "the deleted pod is not counted");
+        }),
     ];
     let action = world(script, sidecar.clone(), no_source())
         .run(reconcile_node(round2))
         .await
         .unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(2)));
-    assert_eq!(sidecar.calls()[0], "drain deregister=false");
+    // Already drained: no second drain request.
+    assert_eq!(sidecar.calls(), vec!["status 10.42.0.17:9090"]);
 
     // Round 3: the pod is gone; the new one carries the new spec.
     let want =
@@ -970,4 +982,119 @@ async fn evicted_pod_is_replaced() {
         .await
         .unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(2)));
+}
+
+#[tokio::test]
+async fn api_rejection_becomes_a_condition_and_a_warning() {
+    let mut n = finalized_node();
+    n.status = Some(ResultityNodeStatus {
+        phase: NodePhase::Pending,
+        ..ResultityNodeStatus::default()
+    });
+    let api_message = "Pod \"gpu-a-node\" is invalid: spec.tolerations[0].operator: \
+                       Unsupported value: \"Foo\": supported values: \"Equal\", \"Exists\"";
+    let script = vec![
+        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        Call::get(SECRET, secret(&n)),
+        Call::get_missing(POD),
+        Call::apply(POD).reply(move |_| {
+            (
+                422,
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                       "status": "Failure", "reason": "Invalid", "code": 422,
+                       "message": api_message}),
+            )
+        }),
+        Call::event(EVENTS, "PodRejected").check(move |b| {
+            assert_eq!(b["type"], "Warning");
+            assert!(b["note"].as_str().unwrap().contains(api_message), "{b}");
+        }),
+        Call::apply_status(NODE_STATUS, &n).check(move |b| {
+            let s = status_of(b);
+            assert_eq!(s.phase, NodePhase::Invalid);
+            let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+            assert_eq!(
+                (ready.status.as_str(), ready.reason.as_str()),
+                ("False", "RejectedByAPIServer")
+            );
+            assert!(ready.message.contains(api_message), "{}", ready.message);
+            assert!(ready.message.contains("HTTP 422"), "{}", ready.message);
+        }),
+        Call::event(EVENTS, "Invalid").check(|b| assert_eq!(b["type"], "Warning")),
+    ];
+    let action = world(script, FakeSidecar::answering(vec![]), no_source())
+        .run(reconcile_node(n))
+        .await
+        .expect("a rejection is reported, not retried as an error");
+    // Not on every network poll: the spec must change (or the cluster) for a retry to help.
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+}
+
+#[tokio::test]
+async fn fleet_member_waits_for_its_rollout_slot() {
+    let mut held = finalized_node();
+    held.metadata.labels = Some(
+        [
+            ("resultity.com/fleet".to_owned(), "f".to_owned()),
+            (
+                "resultity.com/rollout-step".to_owned(),
+                "pending".to_owned(),
+            ),
+        ]
+        .into(),
+    );
+    let live = running_pod(&held);
+    held.metadata.generation = Some(3);
+    held.spec.runtime.extra_args.push("--enforce-eager".into());
+    held.status = Some(ResultityNodeStatus {
+        phase: NodePhase::Ready,
+        ..ResultityNodeStatus::default()
+    });
+    // Held: the out-of-date pod keeps serving; no drain, no delete.
+    let sidecar = FakeSidecar::answering(vec![Ok(report())]);
+    let script = vec![
+        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        Call::get(SECRET, secret(&held)),
+        Call::get(POD, &live),
+        Call::apply_status(NODE_STATUS, &held).check(|b| {
+            let s = status_of(b);
+            assert_eq!(s.phase, NodePhase::Ready);
+            assert_ne!(s.desired_spec_hash, s.pod_spec_hash);
+            assert_eq!(
+                s.rollout_step,
+                Some(resultity_operator::crd::RolloutStep::Pending)
+            );
+        }),
+    ];
+    world(script, sidecar.clone(), no_source())
+        .run(reconcile_node(held.clone()))
+        .await
+        .unwrap();
+    assert_eq!(sidecar.calls(), vec!["status 10.42.0.17:9090"]);
+
+    // Granted (step draining): the drain starts.
+    let mut granted = held;
+    granted
+        .metadata
+        .labels
+        .as_mut()
+        .unwrap()
+        .insert("resultity.com/rollout-step".into(), "draining".into());
+    let sidecar = FakeSidecar::answering(vec![Ok(report())]);
+    let script = vec![
+        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        Call::get(SECRET, secret(&granted)),
+        Call::get(POD, &live),
+        Call::event(EVENTS, "Draining"),
+        Call::apply_status(NODE_STATUS, &granted)
+            .check(|b| assert_eq!(status_of(b).phase, NodePhase::Draining)),
+    ];
+    world(script, sidecar.clone(), no_source())
+        .run(reconcile_node(granted))
+        .await
+        .unwrap();
+    assert_eq!(
+        sidecar.calls(),
+        vec!["status 10.42.0.17:9090", "drain deregister=false"]
+    );
 }

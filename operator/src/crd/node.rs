@@ -332,6 +332,15 @@ pub struct ResultityNodeStatus {
     pub last_heartbeat_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jobs: Option<JobsStatus>,
+    /// Hash of the pod spec the node wants now (network images and node spec included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_spec_hash: Option<String>,
+    /// Hash of the pod that runs; differs from `desiredSpecHash` while out of date.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_spec_hash: Option<String>,
+    /// The node's step in its fleet's rollout (fleet members only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_step: Option<super::RolloutStep>,
     /// When the current drain began; bounds the wait by `drainTimeoutSeconds`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_started_time: Option<Time>,
