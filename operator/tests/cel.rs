@@ -99,3 +99,25 @@ fn io_endpoint_must_be_http() {
     let f = failures(NETWORKS, &net);
     assert!(f.iter().any(|m| m.contains("http(s) URL")), "{f:?}");
 }
+
+const FLEETS: &str = "resultityfleets.resultity.com";
+
+#[test]
+fn fleet_max_unavailable_is_a_count_or_a_percentage() {
+    let fleet = example("fleet.yaml");
+    assert_eq!(failures(FLEETS, &fleet), Vec::<String>::new());
+    for (value, ok) in [
+        (json!(3), true),
+        (json!(0), true),
+        (json!("10%"), true),
+        (json!("100%"), true),
+        (json!(-1), false),
+        (json!("ten"), false),
+        (json!("150%"), false),
+    ] {
+        let mut f = fleet.clone();
+        f["spec"]["strategy"]["maxUnavailable"] = value.clone();
+        let got = failures(FLEETS, &f);
+        assert_eq!(got.is_empty(), ok, "{value}: {got:?}");
+    }
+}

@@ -23,7 +23,7 @@ pub fn int_or_percent(_: &mut SchemaGenerator) -> Schema {
         "x-kubernetes-int-or-string": true,
         "anyOf": [{"type": "integer"}, {"type": "string"}],
         "x-kubernetes-validations": [{
-            "rule": "type(self) == int ? self >= 0 : self.matches('^(100|[1-9]?[0-9])%$')",
+            "rule": "string(self).matches('^([0-9]+|(100|[1-9]?[0-9])%)$')",
             "message": "must be a non-negative integer or a percentage such as 10%"
         }],
     })
