@@ -688,9 +688,41 @@ async fn deletion_waits_while_draining_and_retains_the_identity() {
     let script = vec![
         Call::get(SECRET, secret(&n)),
         Call::get(POD, running_pod(&n)),
+        // The status says the node is draining while the finalizer waits.
+        Call::apply_status(NODE_STATUS, &n).check(|b| {
+            let s = status_of(b);
+            assert_eq!(s.phase, NodePhase::Draining);
+            assert_eq!(cond(&s, "Draining"), ("True", "Deleting"));
+            assert!(s.drain_started_time.is_some());
+        }),
     ];
     let result = world(script, sidecar, no_source())
         .run(reconcile_node(n.clone()))
+        .await;
+    assert!(matches!(result, Err(resultity_operator::Error::Draining)));
+
+    // Already reported: the next wait writes nothing.
+    let mut reported = n.clone();
+    reported.status = Some(ResultityNodeStatus {
+        phase: NodePhase::Draining,
+        conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: "Draining".into(),
+            status: "True".into(),
+            reason: "Deleting".into(),
+            message: String::new(),
+            observed_generation: Some(2),
+            last_transition_time: Time(Timestamp::from_second(1_700_000_000).unwrap()),
+        }],
+        ..ResultityNodeStatus::default()
+    });
+    let mut busy = report();
+    busy.draining = true;
+    let script = vec![
+        Call::get(SECRET, secret(&n)),
+        Call::get(POD, running_pod(&n)),
+    ];
+    let result = world(script, FakeSidecar::answering(vec![Ok(busy)]), no_source())
+        .run(reconcile_node(reported))
         .await;
     assert!(matches!(result, Err(resultity_operator::Error::Draining)));
 

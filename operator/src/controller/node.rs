@@ -640,6 +640,44 @@ async fn announce_phase(
     .await;
 }
 
+/// While the finalizer waits for the drain, the status says so (`Draining=True`, reason
+/// `Deleting`, phase Draining). Written once per deletion, not at every requeue.
+async fn report_deletion_drain(
+    node: &ResultityNode,
+    ctx: &Context,
+    ns: &str,
+    since: &Time,
+    now_ms: u64,
+) -> Result<()> {
+    use crate::conditions::{Cond, TRUE, find, settle};
+    use crate::status::types::DRAINING;
+    let mut status = node.status.clone().unwrap_or_default();
+    if find(&status.conditions, DRAINING)
+        .is_some_and(|c| c.status == TRUE && c.reason == "Deleting")
+    {
+        return Ok(());
+    }
+    let cond = settle(
+        vec![Cond::new(
+            DRAINING,
+            TRUE,
+            "Deleting",
+            format!(
+                "the node is being deleted; draining and deregistering it (at most {}s)",
+                node.spec.drain_timeout_seconds
+            ),
+        )],
+        &status.conditions,
+        node.metadata.generation,
+        &now_time(now_ms),
+    );
+    status.conditions.retain(|c| c.type_ != DRAINING);
+    status.conditions.extend(cond);
+    status.phase = NodePhase::Draining;
+    status.drain_started_time = Some(since.clone());
+    write_status(node, ctx, ns, &status).await
+}
+
 /// Finalizer cleanup: drain and deregister through the sidecar (bounded by the drain
 /// timeout), then delete or keep the identity Secret per policy.
 async fn cleanup(node: &ResultityNode, ctx: &Context) -> Result<Action> {
@@ -681,6 +719,7 @@ async fn cleanup(node: &ResultityNode, ctx: &Context) -> Result<Action> {
             (Ok(()), Ok(NodeStatus { drained: true, .. }))
         );
         if !done && !timed_out {
+            report_deletion_drain(node, ctx, &ns, &since, now_ms).await?;
             return Err(Error::Draining);
         }
         if !done {
