@@ -96,6 +96,8 @@ pub struct NodeTemplate {
     status = "ResultityFleetStatus",
     scale = r#"{"specReplicasPath":".spec.replicas","statusReplicasPath":".status.replicas"}"#,
     doc = "A fleet of Resultity GPU nodes from one template, with drain-first rollouts",
+    // Node names are `<fleet>-<ordinal>` (ordinal up to 4 digits) and must stay label values.
+    validation = kube::core::Rule::new("self.metadata.name.size() <= 58").message("metadata.name must be at most 58 characters (node names add -<ordinal> and are label values)"),
     printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".spec.replicas"}"#,
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.ready"}"#,
     printcolumn = r#"{"name":"Routable","type":"integer","jsonPath":".status.routable"}"#,
