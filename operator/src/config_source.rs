@@ -15,7 +15,7 @@ use crate::sidecar::{LimitedError, read_limited};
 pub enum FetchError {
     #[error("fetching {url} failed: {reason}")]
     Unreachable { url: String, reason: String },
-    #[error("fetching {url} timed out after {timeout:?}")]
+    #[error("fetching {url} timed out after {} ms", timeout.as_millis())]
     Timeout { url: String, timeout: Duration },
     #[error("{url} answered HTTP {status}")]
     Status { url: String, status: u16 },

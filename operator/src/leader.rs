@@ -1,12 +1,16 @@
 //! Optional leader election through a `coordination.k8s.io/v1` Lease, so only one replica
 //! writes. Optimistic concurrency (resourceVersion on replace) decides races; a leader that
-//! cannot renew in time stops, and the process exits rather than write without the claim.
+//! cannot renew within its renew deadline (shorter than the lease) stops, and the process exits
+//! rather than write without the claim. Another holder's lease counts as expired when its
+//! record has not changed for the lease duration by *our* monotonic clock (as client-go does):
+//! its renewTime comes from another machine's clock and is never compared with ours. On
+//! shutdown the leader releases the lease so a standby takes over at once.
 
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::PostParams;
 
@@ -18,7 +22,56 @@ pub struct LeaseConfig {
     pub name: String,
     pub identity: String,
     pub duration: Duration,
+    /// A leader that could not renew for this long stops (client-go: 10 s of 15 s).
+    pub renew_deadline: Duration,
     pub renew_every: Duration,
+}
+
+impl LeaseConfig {
+    /// client-go's proportions: renew deadline two thirds of the lease, retry every third of
+    /// the deadline.
+    pub fn new(name: String, identity: String, duration: Duration) -> Self {
+        let renew_deadline = duration * 2 / 3;
+        Self {
+            name,
+            identity,
+            duration,
+            renew_deadline,
+            renew_every: renew_deadline / 3,
+        }
+    }
+}
+
+/// How long another holder's lease record has been unchanged, by our own clock.
+#[derive(Debug, Default)]
+pub struct Observer {
+    last: Option<(String, tokio::time::Instant)>,
+}
+
+impl Observer {
+    /// Records `lease` as seen now and says for how long it has looked exactly like this.
+    pub fn unchanged_for(&mut self, lease: Option<&Lease>) -> Duration {
+        let now = tokio::time::Instant::now();
+        let record = lease.map_or_else(String::new, |l| {
+            let spec = l.spec.as_ref();
+            format!(
+                "{}|{}|{}",
+                l.metadata.resource_version.as_deref().unwrap_or(""),
+                spec.and_then(|s| s.holder_identity.as_deref())
+                    .unwrap_or(""),
+                spec.and_then(|s| s.renew_time.as_ref())
+                    .map(|t| t.0.to_string())
+                    .unwrap_or_default()
+            )
+        });
+        match &self.last {
+            Some((seen, since)) if *seen == record => now.duration_since(*since),
+            _ => {
+                self.last = Some((record, now));
+                Duration::ZERO
+            }
+        }
+    }
 }
 
 /// What to do with the lease as read.
@@ -32,8 +85,9 @@ pub enum Decision {
     Wait { holder: String },
 }
 
-/// Pure decision over the lease as read at `now`.
-pub fn decide(lease: Option<&Lease>, identity: &str, now: Timestamp) -> Decision {
+/// Pure decision over the lease as read, given how long its record has been unchanged by our
+/// own clock.
+pub fn decide(lease: Option<&Lease>, identity: &str, unchanged_for: Duration) -> Decision {
     let Some(spec) = lease.and_then(|l| l.spec.as_ref()) else {
         return Decision::Acquire;
     };
@@ -41,12 +95,12 @@ pub fn decide(lease: Option<&Lease>, identity: &str, now: Timestamp) -> Decision
     if holder == identity {
         return Decision::Renew;
     }
-    let expires = spec.renew_time.as_ref().map(|t| {
-        t.0 + SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(15)))
-    });
-    match expires {
-        Some(exp) if exp > now && !holder.is_empty() => Decision::Wait { holder },
-        _ => Decision::Acquire,
+    let duration =
+        Duration::from_secs(u64::try_from(spec.lease_duration_seconds.unwrap_or(15)).unwrap_or(15));
+    if holder.is_empty() || unchanged_for >= duration {
+        Decision::Acquire
+    } else {
+        Decision::Wait { holder }
     }
 }
 
@@ -63,13 +117,14 @@ fn claimed(mut lease: Lease, cfg: &LeaseConfig, now: Timestamp, fresh: bool) -> 
 }
 
 /// One round: reads the lease and takes or renews it. `Ok(true)` when held afterwards.
-pub async fn try_hold(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool> {
+pub async fn try_hold(api: &Api<Lease>, cfg: &LeaseConfig, seen: &mut Observer) -> Result<bool> {
     let now = Timestamp::now();
     let current = api
         .get_opt(&cfg.name)
         .await
         .map_err(Error::kube("get lease"))?;
-    let decision = decide(current.as_ref(), &cfg.identity, now);
+    let unchanged_for = seen.unchanged_for(current.as_ref());
+    let decision = decide(current.as_ref(), &cfg.identity, unchanged_for);
     let lease = match (decision, current) {
         (Decision::Wait { .. }, _) => return Ok(false),
         (d, Some(l)) => claimed(l, cfg, now, d == Decision::Acquire),
@@ -99,8 +154,10 @@ pub async fn try_hold(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool> {
 
 /// Waits until the lease is held.
 pub async fn acquire(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<()> {
+    let mut seen = Observer::default();
     loop {
-        match try_hold(api, cfg).await {
+        let attempt = tokio::time::timeout(cfg.renew_deadline, try_hold(api, cfg, &mut seen));
+        match attempt.await.unwrap_or(Ok(false)) {
             Ok(true) => return Ok(()),
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %e, "lease acquire attempt failed"),
@@ -109,27 +166,58 @@ pub async fn acquire(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<()> {
     }
 }
 
-/// Renews until the claim is lost or cannot be renewed within the lease duration; returns
-/// then, and the caller must stop writing.
+/// Renews until the claim is lost or cannot be renewed within the renew deadline (shorter
+/// than the lease, so we stop before anyone may take over); returns then, and the caller
+/// must stop writing.
 pub async fn hold(api: &Api<Lease>, cfg: &LeaseConfig) -> Error {
     let mut last_ok = tokio::time::Instant::now();
+    let mut seen = Observer::default();
     loop {
         tokio::time::sleep(cfg.renew_every).await;
-        match try_hold(api, cfg).await {
-            Ok(true) => last_ok = tokio::time::Instant::now(),
-            Ok(false) => return Error::LeaseLost,
-            Err(e) => {
-                tracing::warn!(error = %e, "lease renewal failed");
-                if last_ok.elapsed() >= cfg.duration {
-                    return Error::LeaseLost;
-                }
-            }
+        let left = cfg.renew_deadline.saturating_sub(last_ok.elapsed());
+        match tokio::time::timeout(left, try_hold(api, cfg, &mut seen)).await {
+            Ok(Ok(true)) => last_ok = tokio::time::Instant::now(),
+            Ok(Ok(false)) => return Error::LeaseLost,
+            Ok(Err(e)) => tracing::warn!(error = %e, "lease renewal failed"),
+            Err(_) => tracing::warn!("lease renewal timed out"),
         }
+        if last_ok.elapsed() >= cfg.renew_deadline {
+            return Error::LeaseLost;
+        }
+    }
+}
+
+/// Gives the lease up if we hold it (holder cleared, as client-go's ReleaseOnCancel does), so
+/// a standby need not wait out the lease. `Ok(true)` when released.
+pub async fn release(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool> {
+    let Some(mut lease) = api
+        .get_opt(&cfg.name)
+        .await
+        .map_err(Error::kube("get lease"))?
+    else {
+        return Ok(false);
+    };
+    let Some(spec) = lease.spec.as_mut() else {
+        return Ok(false);
+    };
+    if spec.holder_identity.as_deref() != Some(cfg.identity.as_str()) {
+        return Ok(false);
+    }
+    spec.holder_identity = None;
+    spec.lease_duration_seconds = Some(1);
+    spec.renew_time = Some(MicroTime(Timestamp::now()));
+    match api.replace(&cfg.name, &PostParams::default(), &lease).await {
+        Ok(_) => Ok(true),
+        // Someone else wrote it meanwhile: it is not ours to release any more.
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(Error::kube("release lease")(e)),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::jiff::SignedDuration;
+
     use super::*;
 
     fn lease(holder: &str, renewed: Timestamp, secs: i32) -> Lease {
@@ -147,23 +235,51 @@ mod tests {
     #[test]
     fn decisions() {
         let now = Timestamp::from_second(1_700_000_000).unwrap();
-        assert_eq!(decide(None, "a", now), Decision::Acquire);
+        let fresh = Duration::ZERO;
+        assert_eq!(decide(None, "a", fresh), Decision::Acquire);
         assert_eq!(
-            decide(Some(&lease("a", now, 15)), "a", now),
+            decide(Some(&lease("a", now, 15)), "a", fresh),
             Decision::Renew
         );
         assert_eq!(
-            decide(Some(&lease("b", now, 15)), "a", now),
+            decide(Some(&lease("b", now, 15)), "a", fresh),
             Decision::Wait { holder: "b".into() }
         );
-        let stale = now - SignedDuration::from_secs(16);
+        // A renewTime far in the past by our clock means nothing by itself (clocks differ);
+        // only a record unchanged for the lease duration is expired.
+        let stale = now - SignedDuration::from_secs(3600);
         assert_eq!(
-            decide(Some(&lease("b", stale, 15)), "a", now),
-            Decision::Acquire
+            decide(Some(&lease("b", stale, 15)), "a", Duration::from_secs(14)),
+            Decision::Wait { holder: "b".into() }
         );
         assert_eq!(
-            decide(Some(&lease("", now, 15)), "a", now),
+            decide(Some(&lease("b", now, 15)), "a", Duration::from_secs(15)),
             Decision::Acquire
         );
+        // Released.
+        assert_eq!(
+            decide(Some(&lease("", now, 15)), "a", fresh),
+            Decision::Acquire
+        );
+    }
+
+    #[test]
+    fn renew_deadline_is_shorter_than_the_lease() {
+        let c = LeaseConfig::new("l".into(), "a".into(), Duration::from_secs(15));
+        assert_eq!(c.renew_deadline, Duration::from_secs(10));
+        assert!(c.renew_every < c.renew_deadline);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn observer_measures_by_our_clock() {
+        let now = Timestamp::from_second(1_700_000_000).unwrap();
+        let mut seen = Observer::default();
+        let l = lease("b", now, 15);
+        assert_eq!(seen.unchanged_for(Some(&l)), Duration::ZERO);
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!(seen.unchanged_for(Some(&l)), Duration::from_secs(9));
+        // Renewed: the clock starts again.
+        let renewed = lease("b", now + SignedDuration::from_secs(5), 15);
+        assert_eq!(seen.unchanged_for(Some(&renewed)), Duration::ZERO);
     }
 }

@@ -86,9 +86,19 @@ struct RunArgs {
     /// This replica's identity in the Lease (usually the pod name).
     #[arg(long, env = "POD_NAME")]
     lease_identity: Option<String>,
-    /// Lease duration in seconds; renewed every third of it.
+    /// Lease duration in seconds; the leader stops when it could not renew for two thirds
+    /// of it.
     #[arg(long, env = "RESULTITY_LEASE_SECONDS", default_value_t = 15)]
     lease_seconds: u64,
+    /// Most reconciles running at once, per controller.
+    #[arg(long, env = "RESULTITY_RECONCILE_CONCURRENCY", default_value_t = 16)]
+    reconcile_concurrency: u16,
+    /// Seconds to wait for the CRDs to be established before giving up.
+    #[arg(long, env = "RESULTITY_CRD_WAIT_SECONDS", default_value_t = 60)]
+    crd_wait_seconds: u64,
+    /// Seconds running reconciles may take to finish after SIGTERM/Ctrl-C.
+    #[arg(long, env = "RESULTITY_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
+    shutdown_grace_seconds: u64,
     /// Log filter (tracing-subscriber EnvFilter syntax).
     #[arg(long, env = "RESULTITY_LOG", default_value = "info")]
     log: String,
@@ -124,9 +134,12 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_new(&args.log).context("parse --log filter")?,
         )
         .init();
-    let client = kube::Client::try_default()
+    let config = kube::Config::infer()
         .await
-        .context("build Kubernetes client (kubeconfig or in-cluster)")?;
+        .context("find the Kubernetes API server (kubeconfig or in-cluster)")?;
+    let api_url = config.cluster_url.to_string();
+    let client = kube::Client::try_from(config)
+        .with_context(|| format!("build a client for the API server {api_url}"))?;
     let leader = if args.leader_election {
         let identity = match args.lease_identity {
             Some(id) => id,
@@ -135,12 +148,7 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
         let duration = Duration::from_secs(args.lease_seconds.max(3));
         Some((
             args.lease_namespace,
-            LeaseConfig {
-                name: args.lease_name,
-                identity,
-                duration,
-                renew_every: duration / 3,
-            },
+            LeaseConfig::new(args.lease_name, identity, duration),
         ))
     } else {
         None
@@ -157,6 +165,10 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
         config_fetch_timeout: Duration::from_millis(args.config_fetch_timeout_ms),
         namespace: args.namespace,
         leader,
+        api_url,
+        concurrency: args.reconcile_concurrency.max(1),
+        crd_wait: Duration::from_secs(args.crd_wait_seconds),
+        shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
     };
     run(client, cfg, shutdown_signal()).await?;
     Ok(())

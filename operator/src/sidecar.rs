@@ -51,7 +51,7 @@ impl SidecarTarget {
 pub enum SidecarError {
     #[error("sidecar unreachable: {0}")]
     Unreachable(String),
-    #[error("sidecar did not answer within {0:?}")]
+    #[error("sidecar did not answer within {} ms", .0.as_millis())]
     Timeout(Duration),
     #[error("sidecar refused the admin token")]
     Unauthorized,

@@ -216,7 +216,12 @@ pub fn compute_node_status(o: &Observed<'_>) -> ResultityNodeStatus {
         Some(r) => Cond::new(
             CONNECTED,
             FALSE,
-            format!("{:?}", r.connection.state),
+            match r.connection.state {
+                ConnectionState::Disconnected => "Disconnected",
+                ConnectionState::Connecting => "Connecting",
+                ConnectionState::Backoff => "Backoff",
+                ConnectionState::Connected => "Connected",
+            },
             r.connection.last_error.clone().unwrap_or_default(),
         ),
         None => sidecar_unknown(CONNECTED),
@@ -279,10 +284,17 @@ pub fn compute_node_status(o: &Observed<'_>) -> ResultityNodeStatus {
                 .iter()
                 .filter(|d| !d.healthy)
                 .map(|d| {
-                    format!(
-                        "GPU {} ({}): ecc_uncorrected={:?} last_xid={:?}",
-                        d.index, d.uuid, d.ecc_uncorrected, d.last_xid
-                    )
+                    let mut why = Vec::new();
+                    if let Some(n) = d.ecc_uncorrected.filter(|n| *n > 0) {
+                        why.push(format!("{n} uncorrected ECC errors"));
+                    }
+                    if let Some(x) = d.last_xid {
+                        why.push(format!("XID {x}"));
+                    }
+                    if why.is_empty() {
+                        why.push("reported unhealthy".into());
+                    }
+                    format!("GPU {} ({}): {}", d.index, d.uuid, why.join(", "))
                 })
                 .collect();
             Cond::new(GPU_HEALTHY, FALSE, "GPUErrors", bad.join("; "))
@@ -385,7 +397,7 @@ pub fn compute_node_status(o: &Observed<'_>) -> ResultityNodeStatus {
         Cond::new(DRAINING, FALSE, "NotDraining", "")
     });
     let phase = match o.blocker {
-        Some(Blocker::Invalid(_)) => NodePhase::Invalid,
+        Some(Blocker::Invalid(_) | Blocker::Rejected(_)) => NodePhase::Invalid,
         Some(_) => NodePhase::Pending,
         None if o.node.spec.paused => NodePhase::Paused,
         None if draining => NodePhase::Draining,
@@ -429,7 +441,8 @@ pub fn compute_node_status(o: &Observed<'_>) -> ResultityNodeStatus {
         count: u32::try_from(r.gpu.devices.len()).unwrap_or(u32::MAX),
         product: r.gpu.devices.first().map(|d| d.name.clone()),
         memory_total_mib: r.gpu.memory_total_mib(),
-        healthy: r.gpu.healthy(),
+        // No GPU is never a healthy GPU.
+        healthy: r.gpu.present && r.gpu.healthy(),
         driver_version: r.gpu.driver_version.clone(),
         reason: r.gpu.reason.clone(),
     });
@@ -457,6 +470,10 @@ pub fn compute_node_status(o: &Observed<'_>) -> ResultityNodeStatus {
             })
             .or(previous.jobs),
         drain_started_time: o.drain_started.cloned(),
+        // The build and rollout facts are the reconciler's to fill in.
+        desired_spec_hash: None,
+        pod_spec_hash: None,
+        rollout_step: None,
         conditions: settle(conds, &previous.conditions, generation, o.now),
     }
 }

@@ -36,6 +36,9 @@ pub enum Blocker {
     WaitingForNetworkConfig(String),
     /// The spec cannot work with this network; a person must change it.
     Invalid(Vec<String>),
+    /// The API server refused the object built from the spec (a field it validates and we
+    /// could not); a person must change the spec.
+    Rejected(crate::error::Rejection),
 }
 
 impl Blocker {
@@ -45,16 +48,18 @@ impl Blocker {
             Self::NetworkNotFound(_) => "NetworkNotFound",
             Self::WaitingForNetworkConfig(_) => "WaitingForNetworkConfig",
             Self::Invalid(_) => "InvalidSpec",
+            Self::Rejected(_) => "RejectedByAPIServer",
         }
     }
     /// Human-readable message.
     pub fn message(&self) -> String {
         match self {
-            Self::NetworkNotFound(n) => format!("ResultityNetwork {n:?} not found"),
+            Self::NetworkNotFound(n) => format!("ResultityNetwork {n} not found"),
             Self::WaitingForNetworkConfig(n) => {
-                format!("ResultityNetwork {n:?} has no verified config yet")
+                format!("ResultityNetwork {n} has no verified config yet")
             }
             Self::Invalid(problems) => problems.join("; "),
+            Self::Rejected(r) => r.to_string(),
         }
     }
 }
@@ -141,9 +146,18 @@ pub fn validate_node(
     }
     if !is_extended_resource_name(&spec.gpu.resource_name) {
         problems.push(format!(
-            "spec.gpu.resourceName {:?} is not a qualified extended resource name",
+            "spec.gpu.resourceName {} is not a qualified extended resource name",
             spec.gpu.resource_name
         ));
+    }
+    for arg in &spec.runtime.extra_args {
+        let flag = arg.split_once('=').map_or(arg.as_str(), |(f, _)| f);
+        if operator_owned_flags(kind).contains(&flag) {
+            problems.push(format!(
+                "spec.runtime.extraArgs may not set {flag}: the operator sets it for runtime {}",
+                kind.as_str()
+            ));
+        }
     }
     let env = network.spec.environment;
     let accepts = matches!(
@@ -160,9 +174,9 @@ pub fn validate_node(
     );
     if !accepts {
         problems.push(format!(
-            "spec.participation {} does not accept network environment {:?}",
+            "spec.participation {} does not accept network environment {}",
             spec.participation.as_str(),
-            env
+            env.as_str()
         ));
     }
     let mirrored = |image: String| match &defaults.image_registry {
@@ -207,6 +221,20 @@ pub fn validate_node(
         sidecar_image,
         network_config,
     })
+}
+
+/// Runtime flags the operator sets itself (ports the probes and the sidecar rely on, the model
+/// the network approved); `extraArgs` overriding one would silently break the node.
+pub fn operator_owned_flags(kind: RuntimeKind) -> &'static [&'static str] {
+    match kind {
+        RuntimeKind::Vllm => &["--port", "--model", "--revision", "--host"],
+        RuntimeKind::Triton => &[
+            "--http-port",
+            "--model-control-mode",
+            "--model-repository",
+            "--allow-http",
+        ],
+    }
 }
 
 /// `domain/name`, as the API server requires for extended resources (MIG names included).

@@ -99,3 +99,82 @@ fn io_endpoint_must_be_http() {
     let f = failures(NETWORKS, &net);
     assert!(f.iter().any(|m| m.contains("http(s) URL")), "{f:?}");
 }
+
+const FLEETS: &str = "resultityfleets.resultity.com";
+
+#[test]
+fn fleet_max_unavailable_is_a_count_or_a_percentage() {
+    let fleet = example("fleet.yaml");
+    assert_eq!(failures(FLEETS, &fleet), Vec::<String>::new());
+    for (value, ok) in [
+        (json!(3), true),
+        (json!(0), true),
+        (json!("10%"), true),
+        (json!("100%"), true),
+        (json!(-1), false),
+        (json!("ten"), false),
+        (json!("150%"), false),
+    ] {
+        let mut f = fleet.clone();
+        f["spec"]["strategy"]["maxUnavailable"] = value.clone();
+        let got = failures(FLEETS, &f);
+        assert_eq!(got.is_empty(), ok, "{value}: {got:?}");
+    }
+}
+
+#[test]
+fn pod_fields_are_validated_as_the_pod_api_does() {
+    let node = example("node.yaml");
+    let rejected = |path: &[&str], value: serde_json::Value, needle: &str| {
+        let mut n = node.clone();
+        let mut at = &mut n;
+        for p in &path[..path.len() - 1] {
+            at = &mut at[*p];
+        }
+        at[path[path.len() - 1]] = value.clone();
+        let f = failures(NODES, &n);
+        assert!(
+            f.iter().any(|m| m.contains(needle)),
+            "{path:?} = {value}: {f:?}"
+        );
+    };
+    rejected(
+        &["spec", "scheduling", "nodeSelector"],
+        json!({"bad key!": "x"}),
+        "nodeSelector",
+    );
+    rejected(
+        &["spec", "scheduling", "nodeSelector"],
+        json!({"pool": "v".repeat(64)}),
+        "nodeSelector",
+    );
+    rejected(
+        &["spec", "scheduling", "tolerations"],
+        json!([{"key": "k", "operator": "Foo"}]),
+        "tolerations",
+    );
+    rejected(
+        &["spec", "runtime", "resources"],
+        json!({"limits": {"memory": "abc"}}),
+        "quantity",
+    );
+    // What the pod API accepts passes.
+    let mut fine = node.clone();
+    fine["spec"]["scheduling"]["nodeSelector"] =
+        json!({"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "pool": "a"});
+    fine["spec"]["runtime"]["resources"] =
+        json!({"limits": {"memory": "64Gi", "cpu": "500m"}, "requests": {"cpu": "8"}});
+    assert_eq!(failures(NODES, &fine), Vec::<String>::new());
+}
+
+#[test]
+fn names_must_fit_label_values() {
+    let mut node = example("node.yaml");
+    node["metadata"]["name"] = json!("n".repeat(64));
+    let f = failures(NODES, &node);
+    assert!(f.iter().any(|m| m.contains("63 characters")), "{f:?}");
+    let mut fleet = example("fleet.yaml");
+    fleet["metadata"]["name"] = json!("f".repeat(59));
+    let f = failures(FLEETS, &fleet);
+    assert!(f.iter().any(|m| m.contains("58 characters")), "{f:?}");
+}

@@ -115,7 +115,11 @@ fn short_names_status_subresource_and_cel_rules() {
         .collect();
     assert_eq!(
         short,
-        vec![vec!["rnet".to_owned()], vec!["rnode".to_owned()]]
+        vec![
+            vec!["rnet".to_owned()],
+            vec!["rnode".to_owned()],
+            vec!["rfleet".to_owned()]
+        ]
     );
     for c in &crds {
         let v = &c.spec.versions[0];
@@ -126,4 +130,14 @@ fn short_names_status_subresource_and_cel_rules() {
     assert!(yaml.contains("x-kubernetes-validations"));
     assert_eq!(crds[0].spec.scope, "Cluster");
     assert_eq!(crds[1].spec.scope, "Namespaced");
+    assert_eq!(crds[2].spec.scope, "Namespaced");
+    // `kubectl scale rfleet` works through the scale subresource.
+    let scale = crds[2].spec.versions[0]
+        .subresources
+        .as_ref()
+        .unwrap()
+        .scale
+        .as_ref()
+        .unwrap();
+    assert_eq!(scale.spec_replicas_path, ".spec.replicas");
 }

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers may panic
 
-use resultity_operator::crd::{ResultityNetwork, ResultityNode};
+use resultity_operator::crd::{ResultityFleet, ResultityNetwork, ResultityNode};
 use resultity_operator::validate::{Defaults, validate_node};
 
 fn read(name: &str) -> String {
@@ -24,6 +24,14 @@ fn examples_deserialize_and_round_trip() {
         resultity_protocol::NetworkKeyId::parse(k).unwrap();
     }
     let node: ResultityNode = strict(&read("node.yaml"));
+    let fleet: ResultityFleet = strict(&read("fleet.yaml"));
+    assert_eq!(
+        fleet.spec.template.spec.network_ref.name,
+        net.metadata.name.clone().unwrap()
+    );
+    // The selector matches the template and the strategy resolves.
+    let strategy = resultity_operator::fleet::resolve_strategy(&fleet).unwrap();
+    assert_eq!(strategy.max_unavailable, 2, "25% of 8");
     assert_eq!(
         node.spec.network_ref.name,
         net.metadata.name.clone().unwrap()
@@ -34,6 +42,7 @@ fn examples_deserialize_and_round_trip() {
     for (text, back) in [
         (read("network.yaml"), serde_json::to_value(&net).unwrap()),
         (read("node.yaml"), serde_json::to_value(&node).unwrap()),
+        (read("fleet.yaml"), serde_json::to_value(&fleet).unwrap()),
     ] {
         let original: serde_json::Value = serde_norway::from_str(&text).unwrap();
         assert_subset(&original, &back, "");

@@ -11,7 +11,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
 use kube::client::Body;
 use kube::{Api, Client};
-use resultity_operator::leader::{LeaseConfig, try_hold};
+use resultity_operator::leader::{LeaseConfig, Observer, release, try_hold};
 use serde_json::{Value, json};
 use tower_test::mock;
 
@@ -57,7 +57,8 @@ fn setup() -> (
         name: "resultity-operator".into(),
         identity: "replica-a".into(),
         duration: Duration::from_secs(15),
-        renew_every: Duration::from_secs(5),
+        renew_deadline: Duration::from_secs(10),
+        renew_every: Duration::from_secs(3),
     };
     (Api::namespaced(client, "ops"), handle, cfg)
 }
@@ -68,6 +69,13 @@ fn lease(holder: &str, renewed: Timestamp) -> Value {
         "metadata": {"name": "resultity-operator", "namespace": "ops", "resourceVersion": "7"},
         "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15, "renewTime": renewed.to_string()}
     })
+}
+
+/// A lease of 1 s, so the test can let it expire on its own clock.
+fn short_lease(holder: &str, renewed: Timestamp) -> Value {
+    let mut l = lease(holder, renewed);
+    l["spec"]["leaseDurationSeconds"] = json!(1);
+    l
 }
 
 fn not_found() -> Value {
@@ -89,7 +97,11 @@ async fn absent_lease_is_created_with_our_identity() {
             ),
         ],
     ));
-    assert!(try_hold(&api, &cfg).await.unwrap());
+    assert!(
+        try_hold(&api, &cfg, &mut Observer::default())
+            .await
+            .unwrap()
+    );
     let sent = server.await.unwrap();
     assert_eq!(sent[1]["spec"]["holderIdentity"], "replica-a");
     assert_eq!(sent[1]["spec"]["leaseDurationSeconds"], 15);
@@ -108,14 +120,20 @@ async fn fresh_lease_of_another_replica_is_left_alone() {
             lease("replica-b", Timestamp::now()),
         )],
     ));
-    assert!(!try_hold(&api, &cfg).await.unwrap());
+    assert!(
+        !try_hold(&api, &cfg, &mut Observer::default())
+            .await
+            .unwrap()
+    );
     server.await.unwrap();
 }
 
 #[tokio::test]
 async fn own_lease_is_renewed_and_an_expired_one_taken_over() {
     let (api, handle, cfg) = setup();
-    let stale = Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(60);
+    // Another holder's renewTime an hour "ago" by our clock: clocks differ, so that alone
+    // does not expire it. Only a record unchanged for the lease duration by our clock does.
+    let stale = Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(3600);
     let server = tokio::spawn(serve(
         handle,
         vec![
@@ -131,7 +149,8 @@ async fn own_lease_is_renewed_and_an_expired_one_taken_over() {
                 200,
                 lease("replica-a", Timestamp::now()),
             ),
-            (Method::GET, LEASE, 200, lease("replica-b", stale)),
+            (Method::GET, LEASE, 200, short_lease("replica-b", stale)),
+            (Method::GET, LEASE, 200, short_lease("replica-b", stale)),
             (
                 Method::PUT,
                 LEASE,
@@ -140,12 +159,54 @@ async fn own_lease_is_renewed_and_an_expired_one_taken_over() {
             ),
         ],
     ));
-    assert!(try_hold(&api, &cfg).await.unwrap());
-    assert!(try_hold(&api, &cfg).await.unwrap());
+    let mut seen = Observer::default();
+    assert!(try_hold(&api, &cfg, &mut seen).await.unwrap());
+    assert!(
+        !try_hold(&api, &cfg, &mut seen).await.unwrap(),
+        "first sight"
+    );
+    // The lease lasts 1 s: let that pass on our clock with the record unchanged.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(
+        try_hold(&api, &cfg, &mut seen).await.unwrap(),
+        "unchanged for the lease duration"
+    );
     let sent = server.await.unwrap();
     // Replace carries the resourceVersion read, so a concurrent writer loses with 409.
     assert_eq!(sent[1]["metadata"]["resourceVersion"], "7");
-    assert_eq!(sent[3]["spec"]["holderIdentity"], "replica-a");
+    assert_eq!(sent[4]["spec"]["holderIdentity"], "replica-a");
+}
+
+#[tokio::test]
+async fn shutdown_releases_our_lease_only() {
+    let (api, handle, cfg) = setup();
+    let server = tokio::spawn(serve(
+        handle,
+        vec![
+            (
+                Method::GET,
+                LEASE,
+                200,
+                lease("replica-a", Timestamp::now()),
+            ),
+            (Method::PUT, LEASE, 200, lease("", Timestamp::now())),
+            (
+                Method::GET,
+                LEASE,
+                200,
+                lease("replica-b", Timestamp::now()),
+            ),
+        ],
+    ));
+    assert!(release(&api, &cfg).await.unwrap());
+    assert!(!release(&api, &cfg).await.unwrap(), "not ours: left alone");
+    let sent = server.await.unwrap();
+    assert!(
+        sent[1]["spec"].get("holderIdentity").is_none(),
+        "{}",
+        sent[1]
+    );
+    assert_eq!(sent[1]["metadata"]["resourceVersion"], "7");
 }
 
 #[tokio::test]
@@ -166,7 +227,15 @@ async fn lost_race_is_not_leadership() {
             (Method::PUT, LEASE, 409, conflict),
         ],
     ));
-    assert!(!try_hold(&api, &cfg).await.unwrap());
-    assert!(!try_hold(&api, &cfg).await.unwrap());
+    assert!(
+        !try_hold(&api, &cfg, &mut Observer::default())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !try_hold(&api, &cfg, &mut Observer::default())
+            .await
+            .unwrap()
+    );
     server.await.unwrap();
 }

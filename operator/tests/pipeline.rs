@@ -189,6 +189,26 @@ fn validation_rejects_what_cannot_work() {
     }
     insta::assert_yaml_snapshot!("validation_messages", messages);
 
+    // extraArgs may not override the flags the operator sets (probes and the sidecar rely on
+    // them), in either spelling.
+    for (arg, flag) in [("--port=9000", "--port"), ("--model", "--model")] {
+        let mut n = base.clone();
+        n.spec.runtime.extra_args = vec!["--enforce-eager".into(), arg.into()];
+        match validate_node(&n, Some(&net), &d) {
+            Err(Blocker::Invalid(problems)) => {
+                assert_eq!(problems.len(), 1, "{problems:?}");
+                assert!(
+                    problems[0].contains(flag) && problems[0].contains("extraArgs"),
+                    "{problems:?}"
+                );
+            }
+            other => panic!("{arg}: expected Invalid, got {other:?}"),
+        }
+    }
+    let mut fine = base.clone();
+    fine.spec.runtime.extra_args = vec!["--enforce-eager".into(), "--portable".into()];
+    assert!(validate_node(&fine, Some(&net), &d).is_ok());
+
     assert_eq!(
         validate_node(&base, None, &d),
         Err(Blocker::NetworkNotFound("testnet".into()))
@@ -396,6 +416,22 @@ fn status_gpu_trouble_and_network_verdict() {
     assert_eq!(cond(&s, types::GPU_HEALTHY), ("False", "GPUErrors"));
     assert_eq!(cond(&s, types::READY), ("False", "NotGPUHealthy"));
     assert_eq!(s.phase, NodePhase::Degraded);
+    let msg = &s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == types::GPU_HEALTHY)
+        .unwrap()
+        .message;
+    // Plain words, no Rust spelling of optional values.
+    assert!(msg.contains("XID 79") && !msg.contains("Some("), "{msg}");
+
+    // No GPU visible is never a healthy GPU, whatever the device list says.
+    let mut absent = report();
+    absent.gpu.present = false;
+    let s = status_for(Some(&pod), SidecarObservation::Report(Box::new(absent)));
+    assert_eq!(cond(&s, types::GPU_HEALTHY), ("False", "NoGPU"));
+    assert!(!s.gpu.as_ref().unwrap().present);
+    assert!(!s.gpu.as_ref().unwrap().healthy);
 
     // The fixture node asks for 24000 MiB; a 16 GiB card is not enough.
     let mut small = report();

@@ -437,13 +437,21 @@ async fn spec_update_drains_then_replaces_the_pod() {
         Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
         Call::get(SECRET, secret(&changed)),
         Call::get(POD, &live),
+        // The drain has its own event reason and says why, not the previous phase's reason.
+        Call::event(EVENTS, "Draining").check(|b| {
+            let note = b["note"].as_str().unwrap();
+            assert!(
+                note.contains("out of date") && note.contains("300s"),
+                "{note}"
+            );
+        }),
         Call::apply_status(NODE_STATUS, &changed).check(move |b| {
             let s = status_of(b);
             assert_eq!(s.phase, NodePhase::Draining);
             assert!(s.drain_started_time.is_some());
+            assert_ne!(s.desired_spec_hash, s.pod_spec_hash, "out of date");
             *started.lock().unwrap() = Some(b["status"]["drainStartedTime"].clone());
         }),
-        Call::event(EVENTS, "Draining"),
     ];
     let action = world(script, sidecar.clone(), no_source())
         .run(reconcile_node(changed.clone()))
@@ -452,7 +460,7 @@ async fn spec_update_drains_then_replaces_the_pod() {
     assert_eq!(action, Action::requeue(Duration::from_secs(5)));
     assert_eq!(
         sidecar.calls(),
-        vec!["drain deregister=false", "status 10.42.0.17:9090"]
+        vec!["status 10.42.0.17:9090", "drain deregister=false"]
     );
 
     // Round 2: drained, so the old pod is deleted.
@@ -475,15 +483,19 @@ async fn spec_update_drains_then_replaces_the_pod() {
         Call::get(POD, &live),
         Call::new(Method::DELETE, POD).reply(move |_| (200, serde_json::to_value(&live2).unwrap())),
         Call::event(EVENTS, "PodReplaced"),
-        Call::apply_status(NODE_STATUS, &changed)
-            .check(|b| assert!(status_of(b).drain_started_time.is_none())),
+        Call::apply_status(NODE_STATUS, &changed).check(|b| {
+            let s = status_of(b);
+            assert!(s.drain_started_time.is_none());
+            assert!(s.pod_spec_hash.is_none(), "the deleted pod is not counted");
+        }),
     ];
     let action = world(script, sidecar.clone(), no_source())
         .run(reconcile_node(round2))
         .await
         .unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(2)));
-    assert_eq!(sidecar.calls()[0], "drain deregister=false");
+    // Already drained: no second drain request.
+    assert_eq!(sidecar.calls(), vec!["status 10.42.0.17:9090"]);
 
     // Round 3: the pod is gone; the new one carries the new spec.
     let want =
@@ -676,9 +688,41 @@ async fn deletion_waits_while_draining_and_retains_the_identity() {
     let script = vec![
         Call::get(SECRET, secret(&n)),
         Call::get(POD, running_pod(&n)),
+        // The status says the node is draining while the finalizer waits.
+        Call::apply_status(NODE_STATUS, &n).check(|b| {
+            let s = status_of(b);
+            assert_eq!(s.phase, NodePhase::Draining);
+            assert_eq!(cond(&s, "Draining"), ("True", "Deleting"));
+            assert!(s.drain_started_time.is_some());
+        }),
     ];
     let result = world(script, sidecar, no_source())
         .run(reconcile_node(n.clone()))
+        .await;
+    assert!(matches!(result, Err(resultity_operator::Error::Draining)));
+
+    // Already reported: the next wait writes nothing.
+    let mut reported = n.clone();
+    reported.status = Some(ResultityNodeStatus {
+        phase: NodePhase::Draining,
+        conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: "Draining".into(),
+            status: "True".into(),
+            reason: "Deleting".into(),
+            message: String::new(),
+            observed_generation: Some(2),
+            last_transition_time: Time(Timestamp::from_second(1_700_000_000).unwrap()),
+        }],
+        ..ResultityNodeStatus::default()
+    });
+    let mut busy = report();
+    busy.draining = true;
+    let script = vec![
+        Call::get(SECRET, secret(&n)),
+        Call::get(POD, running_pod(&n)),
+    ];
+    let result = world(script, FakeSidecar::answering(vec![Ok(busy)]), no_source())
+        .run(reconcile_node(reported))
         .await;
     assert!(matches!(result, Err(resultity_operator::Error::Draining)));
 
@@ -970,4 +1014,405 @@ async fn evicted_pod_is_replaced() {
         .await
         .unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(2)));
+}
+
+#[tokio::test]
+async fn api_rejection_becomes_a_condition_and_a_warning() {
+    let mut n = finalized_node();
+    n.status = Some(ResultityNodeStatus {
+        phase: NodePhase::Pending,
+        ..ResultityNodeStatus::default()
+    });
+    let api_message = "Pod \"gpu-a-node\" is invalid: spec.tolerations[0].operator: \
+                       Unsupported value: \"Foo\": supported values: \"Equal\", \"Exists\"";
+    let script = vec![
+        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        Call::get(SECRET, secret(&n)),
+        Call::get_missing(POD),
+        Call::apply(POD).reply(move |_| {
+            (
+                422,
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                       "status": "Failure", "reason": "Invalid", "code": 422,
+                       "message": api_message}),
+            )
+        }),
+        Call::event(EVENTS, "PodRejected").check(move |b| {
+            assert_eq!(b["type"], "Warning");
+            assert!(b["note"].as_str().unwrap().contains(api_message), "{b}");
+        }),
+        Call::apply_status(NODE_STATUS, &n).check(move |b| {
+            let s = status_of(b);
+            assert_eq!(s.phase, NodePhase::Invalid);
+            let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+            assert_eq!(
+                (ready.status.as_str(), ready.reason.as_str()),
+                ("False", "RejectedByAPIServer")
+            );
+            assert!(ready.message.contains(api_message), "{}", ready.message);
+            assert!(ready.message.contains("HTTP 422"), "{}", ready.message);
+        }),
+        Call::event(EVENTS, "Invalid").check(|b| assert_eq!(b["type"], "Warning")),
+    ];
+    let action = world(script, FakeSidecar::answering(vec![]), no_source())
+        .run(reconcile_node(n))
+        .await
+        .expect("a rejection is reported, not retried as an error");
+    // Not on every network poll: the spec must change (or the cluster) for a retry to help.
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+}
+
+#[tokio::test]
+async fn fleet_member_waits_for_its_rollout_slot() {
+    let mut held = finalized_node();
+    held.metadata.labels = Some(
+        [
+            ("resultity.com/fleet".to_owned(), "f".to_owned()),
+            (
+                "resultity.com/rollout-step".to_owned(),
+                "pending".to_owned(),
+            ),
+        ]
+        .into(),
+    );
+    let live = running_pod(&held);
+    held.metadata.generation = Some(3);
+    held.spec.runtime.extra_args.push("--enforce-eager".into());
+    held.status = Some(ResultityNodeStatus {
+        phase: NodePhase::Ready,
+        ..ResultityNodeStatus::default()
+    });
+    // Held: the out-of-date pod keeps serving; no drain, no delete.
+    let sidecar = FakeSidecar::answering(vec![Ok(report())]);
+    let script = vec![
+        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        Call::get(SECRET, secret(&held)),
+        Call::get(POD, &live),
+        Call::apply_status(NODE_STATUS, &held).check(|b| {
+            let s = status_of(b);
+            assert_eq!(s.phase, NodePhase::Ready);
+            assert_ne!(s.desired_spec_hash, s.pod_spec_hash);
+            assert_eq!(
+                s.rollout_step,
+                Some(resultity_operator::crd::RolloutStep::Pending)
+            );
+        }),
+    ];
+    world(script, sidecar.clone(), no_source())
+        .run(reconcile_node(held.clone()))
+        .await
+        .unwrap();
+    assert_eq!(sidecar.calls(), vec!["status 10.42.0.17:9090"]);
+
+    // Granted (step draining): the drain starts.
+    let mut granted = held;
+    granted
+        .metadata
+        .labels
+        .as_mut()
+        .unwrap()
+        .insert("resultity.com/rollout-step".into(), "draining".into());
+    let sidecar = FakeSidecar::answering(vec![Ok(report())]);
+    let script = vec![
+        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        Call::get(SECRET, secret(&granted)),
+        Call::get(POD, &live),
+        Call::event(EVENTS, "Draining"),
+        Call::apply_status(NODE_STATUS, &granted)
+            .check(|b| assert_eq!(status_of(b).phase, NodePhase::Draining)),
+    ];
+    world(script, sidecar.clone(), no_source())
+        .run(reconcile_node(granted))
+        .await
+        .unwrap();
+    assert_eq!(
+        sidecar.calls(),
+        vec!["status 10.42.0.17:9090", "drain deregister=false"]
+    );
+}
+
+// ---------- fleet scenarios ----------
+
+mod fleets {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    use resultity_operator::controller::fleet;
+    use resultity_operator::crd::{
+        ConfigRef, NodeTemplate, ResultityFleet, ResultityFleetSpec, ResultityFleetStatus,
+        RolloutStrategy,
+    };
+
+    const NODES: &str = "/apis/resultity.com/v1alpha1/namespaces/fleet/resultitynodes";
+    const FLEET_STATUS: &str =
+        "/apis/resultity.com/v1alpha1/namespaces/fleet/resultityfleets/gpus/status";
+    const NODE_PATHS: [&str; 3] = [
+        "/apis/resultity.com/v1alpha1/namespaces/fleet/resultitynodes/gpus-0",
+        "/apis/resultity.com/v1alpha1/namespaces/fleet/resultitynodes/gpus-1",
+        "/apis/resultity.com/v1alpha1/namespaces/fleet/resultitynodes/gpus-2",
+    ];
+
+    fn gpu_fleet(replicas: u32, generation: i64) -> ResultityFleet {
+        let template: ResultityNode = fixture("node-vllm.yaml");
+        let mut f = ResultityFleet::new(
+            "gpus",
+            ResultityFleetSpec {
+                replicas,
+                selector: [("pool".to_owned(), "a".to_owned())].into(),
+                template: NodeTemplate {
+                    labels: [("pool".to_owned(), "a".to_owned())].into(),
+                    spec: template.spec,
+                },
+                strategy: RolloutStrategy {
+                    max_unavailable: IntOrString::Int(1),
+                    ..RolloutStrategy::default()
+                },
+                config_policy: Default::default(),
+            },
+        );
+        f.metadata.namespace = Some("fleet".into());
+        f.metadata.uid = Some("fleet-uid".into());
+        f.metadata.generation = Some(generation);
+        f.status = Some(ResultityFleetStatus {
+            observed_generation: Some(generation),
+            ..ResultityFleetStatus::default()
+        });
+        f
+    }
+
+    fn cond(type_: &str, status: &str) -> Condition {
+        Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: "Test".into(),
+            message: String::new(),
+            observed_generation: Some(1),
+            last_transition_time: Time(Timestamp::from_second(1_700_000_000).unwrap()),
+        }
+    }
+
+    /// A fleet member as the fleet wrote it, with the status its node controller reported.
+    fn member(f: &ResultityFleet, ordinal: u32, step: &str, updated: bool) -> ResultityNode {
+        let mut n = resultity_operator::fleet::build_fleet_node(f, ordinal, None).unwrap();
+        n.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("resultity.com/rollout-step".into(), step.into());
+        n.metadata.annotations = Some(
+            [(
+                "resultity.com/rollout-step-since".to_owned(),
+                Timestamp::from_millisecond(NOW_MS as i64 - 60_000)
+                    .unwrap()
+                    .to_string(),
+            )]
+            .into(),
+        );
+        n.metadata.generation = Some(1);
+        n.status = Some(ResultityNodeStatus {
+            observed_generation: Some(1),
+            phase: NodePhase::Ready,
+            desired_spec_hash: Some(if updated { "new" } else { "new2" }.into()),
+            pod_spec_hash: Some("new".into()),
+            applied_config: Some(ConfigRef {
+                version: 7,
+                digest: "sha256:aa".into(),
+            }),
+            conditions: vec![cond("Ready", "True"), cond("NetworkRoutable", "True")],
+            ..ResultityNodeStatus::default()
+        });
+        n
+    }
+
+    fn list(items: Vec<ResultityNode>) -> Value {
+        json!({"apiVersion": "resultity.com/v1alpha1", "kind": "ResultityNodeList",
+               "metadata": {"resourceVersion": "9"}, "items": items})
+    }
+
+    fn apply_member(path: &'static str, step: Option<&'static str>) -> Call {
+        Call::apply(path).check(move |b| {
+            assert_eq!(b["kind"], "ResultityNode");
+            assert_eq!(
+                b["metadata"]["ownerReferences"][0]["kind"],
+                "ResultityFleet"
+            );
+            assert_eq!(b["metadata"]["ownerReferences"][0]["controller"], true);
+            assert_eq!(b["metadata"]["labels"]["resultity.com/fleet"], "gpus");
+            assert_eq!(b["metadata"]["labels"]["pool"], "a");
+            match step {
+                Some(s) => assert_eq!(b["metadata"]["labels"]["resultity.com/rollout-step"], s),
+                None => assert!(
+                    b["metadata"]["labels"]
+                        .get("resultity.com/rollout-step")
+                        .is_none()
+                ),
+            }
+        })
+    }
+
+    fn fleet_status(body: &Value) -> ResultityFleetStatus {
+        serde_json::from_value(body["status"].clone()).unwrap()
+    }
+
+    fn fcond<'a>(s: &'a ResultityFleetStatus, t: &str) -> (&'a str, &'a str) {
+        let c = s.conditions.iter().find(|c| c.type_ == t).unwrap();
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    fn reconcile_fleet(
+        f: ResultityFleet,
+    ) -> impl FnOnce(Arc<Context>) -> BoxFuture<'static, resultity_operator::Result<Action>> {
+        move |ctx| Box::pin(fleet::reconcile(Arc::new(f), ctx))
+    }
+
+    #[tokio::test]
+    async fn create_makes_ordinal_nodes() {
+        let f = gpu_fleet(2, 1);
+        let script = vec![
+            Call::get(NODES, list(vec![])),
+            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+            apply_member(NODE_PATHS[0], None),
+            apply_member(NODE_PATHS[1], None),
+            Call::event(EVENTS, "ScaledUp").check(|b| {
+                assert_eq!(b["note"], "created nodes gpus-0, gpus-1");
+            }),
+            Call::apply_status(FLEET_STATUS, &f).check(|b| {
+                let s = fleet_status(b);
+                assert_eq!(s.observed_generation, Some(1));
+                assert!(s.target_config_digest.is_some());
+                assert_eq!(fcond(&s, "Paused"), ("False", "NotPaused"));
+            }),
+        ];
+        world(script, FakeSidecar::answering(vec![]), no_source())
+            .run(reconcile_fleet(f))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn scale_down_deletes_the_highest_ordinals_first() {
+        let f = gpu_fleet(1, 1);
+        let nodes: Vec<_> = (0..3).map(|o| member(&f, o, "done", true)).collect();
+        let gone: Vec<Value> = nodes
+            .iter()
+            .map(|n| serde_json::to_value(n).unwrap())
+            .collect();
+        let gone2 = gone.clone();
+        let script = vec![
+            Call::get(NODES, list(nodes)),
+            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+            Call::new(Method::DELETE, NODE_PATHS[2]).reply(move |_| (200, gone[2].clone())),
+            Call::event(EVENTS, "ScaledDown")
+                .check(|b| assert!(b["note"].as_str().unwrap().contains("gpus-2"))),
+            Call::new(Method::DELETE, NODE_PATHS[1]).reply(move |_| (200, gone2[1].clone())),
+            Call::event(EVENTS, "ScaledDown")
+                .check(|b| assert!(b["note"].as_str().unwrap().contains("gpus-1"))),
+            // gpus-0 is as desired: no write.
+            Call::apply_status(FLEET_STATUS, &f).check(|b| {
+                let s = fleet_status(b);
+                assert_eq!(
+                    (s.replicas, s.ready, s.updated, s.unavailable),
+                    (1, 1, 1, 0)
+                );
+                assert_eq!(s.applied_digests[0].nodes, 1);
+                assert_eq!(fcond(&s, "Progressing"), ("True", "RolloutComplete"));
+                assert_eq!(fcond(&s, "Available"), ("True", "MinimumNodesAvailable"));
+            }),
+        ];
+        world(script, FakeSidecar::answering(vec![]), no_source())
+            .run(reconcile_fleet(f))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn template_change_rolls_one_node_at_a_time_highest_first() {
+        // Round 1: the new template goes to every node; their steps stay (done): the nodes
+        // hold their pods until granted.
+        let mut f = gpu_fleet(3, 2);
+        f.spec.template.spec.runtime.extra_args = vec!["--enforce-eager".into()];
+        let old = gpu_fleet(3, 1);
+        let nodes: Vec<_> = (0..3).map(|o| member(&old, o, "done", true)).collect();
+        let script = vec![
+            Call::get(NODES, list(nodes)),
+            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+            apply_member(NODE_PATHS[0], Some("done")).check(|b| {
+                assert_eq!(
+                    b["spec"]["runtime"]["extraArgs"],
+                    json!(["--enforce-eager"])
+                );
+            }),
+            apply_member(NODE_PATHS[1], Some("done")),
+            apply_member(NODE_PATHS[2], Some("done")),
+            Call::apply_status(FLEET_STATUS, &f),
+        ];
+        world(script, FakeSidecar::answering(vec![]), no_source())
+            .run(reconcile_fleet(f.clone()))
+            .await
+            .unwrap();
+
+        // Round 2: the nodes report they are out of date; with maxUnavailable 1 only the
+        // highest ordinal is granted its slot; the others wait as pending.
+        let nodes: Vec<_> = (0..3).map(|o| member(&f, o, "done", false)).collect();
+        let script = vec![
+            Call::get(NODES, list(nodes)),
+            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+            apply_member(NODE_PATHS[0], Some("pending")),
+            apply_member(NODE_PATHS[1], Some("pending")),
+            apply_member(NODE_PATHS[2], Some("draining")),
+            Call::apply_status(FLEET_STATUS, &f).check(|b| {
+                let s = fleet_status(b);
+                assert_eq!(s.unavailable, 1);
+                assert_eq!(s.updated, 0);
+                assert_eq!(fcond(&s, "Progressing"), ("True", "RollingOut"));
+                let last = s.last_steps.last().unwrap();
+                assert_eq!(
+                    (last.node.as_str(), last.step),
+                    ("gpus-2", resultity_operator::crd::RolloutStep::Draining)
+                );
+            }),
+            Call::event(EVENTS, "RolloutBatch")
+                .check(|b| assert!(b["note"].as_str().unwrap().contains("gpus-2"), "{b}")),
+        ];
+        let action = world(script, FakeSidecar::answering(vec![]), no_source())
+            .run(reconcile_fleet(f))
+            .await
+            .unwrap();
+        assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+    }
+
+    #[tokio::test]
+    async fn paused_fleet_grants_nothing_until_resumed() {
+        let mut f = gpu_fleet(3, 2);
+        f.spec.strategy.paused = true;
+        let nodes: Vec<_> = (0..3).map(|o| member(&f, o, "pending", false)).collect();
+        let script = vec![
+            Call::get(NODES, list(nodes.clone())),
+            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+            Call::apply_status(FLEET_STATUS, &f).check(|b| {
+                let s = fleet_status(b);
+                assert_eq!(fcond(&s, "Paused"), ("True", "Paused"));
+                assert_eq!(fcond(&s, "Progressing"), ("False", "RolloutPaused"));
+                assert_eq!(s.unavailable, 0);
+            }),
+        ];
+        world(script, FakeSidecar::answering(vec![]), no_source())
+            .run(reconcile_fleet(f.clone()))
+            .await
+            .unwrap();
+
+        f.spec.strategy.paused = false;
+        let script = vec![
+            Call::get(NODES, list(nodes)),
+            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+            apply_member(NODE_PATHS[2], Some("draining")),
+            Call::apply_status(FLEET_STATUS, &f)
+                .check(|b| assert_eq!(fcond(&fleet_status(b), "Paused").0, "False")),
+            Call::event(EVENTS, "RolloutBatch"),
+        ];
+        world(script, FakeSidecar::answering(vec![]), no_source())
+            .run(reconcile_fleet(f))
+            .await
+            .unwrap();
+    }
 }

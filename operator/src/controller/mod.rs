@@ -1,5 +1,7 @@
 //! Controllers: the I/O around the pure pipeline, wired into `kube::runtime::Controller`.
 
+pub mod events;
+pub mod fleet;
 pub mod network;
 pub mod node;
 
@@ -9,7 +11,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::core::error_boundary::InvalidObject;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType};
 use kube::{Client, Resource};
 use resultity_protocol::clock::Clock;
 
@@ -25,7 +27,7 @@ pub struct Context {
     pub sidecar: Arc<dyn SidecarClient>,
     pub config_source: Arc<dyn ConfigSource>,
     pub metrics: Arc<Metrics>,
-    pub recorder: Recorder,
+    pub events: Arc<events::EventPublisher>,
     pub defaults: Defaults,
     pub clock: Arc<dyn Clock>,
 }
@@ -49,19 +51,17 @@ impl Context {
         defaults: Defaults,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        let recorder = Recorder::new(
+        let events = Arc::new(events::EventPublisher::new(
             client.clone(),
-            Reporter {
-                controller: crate::crd::MANAGER.into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
-        );
+            crate::crd::MANAGER,
+            std::env::var("POD_NAME").ok(),
+        ));
         Self {
             client,
             sidecar,
             config_source,
             metrics,
-            recorder,
+            events,
             defaults,
             clock,
         }
@@ -70,7 +70,7 @@ impl Context {
     /// Publishes an Event. A failure is logged, never fails the reconcile: events are for
     /// people, and the status already carries the state.
     pub async fn publish(&self, reference: &ObjectReference, event: Event) {
-        if let Err(e) = self.recorder.publish(&event, reference).await {
+        if let Err(e) = self.events.publish(&event, reference).await {
             tracing::warn!(reason = %event.reason, error = %e, "publishing event failed");
         }
     }
@@ -84,6 +84,11 @@ pub fn meaningful_change<K: Resource>(obj: &K) -> Option<u64> {
     let mut h = DefaultHasher::new();
     m.generation.hash(&mut h);
     m.finalizers.hash(&mut h);
+    // A fleet grants a node its rollout slot through this label (no generation change).
+    m.labels
+        .as_ref()
+        .and_then(|l| l.get(crate::crd::LABEL_ROLLOUT_STEP))
+        .hash(&mut h);
     m.deletion_timestamp
         .as_ref()
         .map(|t| t.0.as_millisecond())

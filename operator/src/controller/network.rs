@@ -73,7 +73,7 @@ pub fn trust_for(net: &ResultityNetwork) -> Result<ConfigTrust, String> {
     };
     let keys = key_texts
         .iter()
-        .map(|k| NetworkKeyId::parse(k).map_err(|e| format!("key {k:?}: {e}")))
+        .map(|k| NetworkKeyId::parse(k).map_err(|e| format!("key {k}: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
     let mut trust = ConfigTrust::pinned(network_id, keys);
     if let (Some(version), Some(digest)) = (prev.config_version, &prev.config_digest) {
@@ -147,10 +147,13 @@ pub fn compute_network_status(
                         FALSE,
                         "WrongEnvironment",
                         format!(
-                            "config version {} is for {:?}, spec.environment is {:?}",
+                            "config version {} is for {}, spec.environment is {}",
                             v.snapshot.version,
-                            v.snapshot.payload.environment,
-                            net.spec.environment
+                            crate::crd::NetworkEnvironment::from_protocol(
+                                v.snapshot.payload.environment
+                            )
+                            .as_str(),
+                            net.spec.environment.as_str()
                         ),
                     )
                 }
@@ -209,10 +212,16 @@ pub fn compute_network_status(
         notice = Some(Notice {
             warning: true,
             reason: "ConfigRefused",
-            note: format!(
-                "{}: {}; keeping version {:?}",
-                verify_cond.reason, verify_cond.message, next.config_version
-            ),
+            note: match next.config_version {
+                Some(v) => format!(
+                    "{}: {}; keeping version {v}",
+                    verify_cond.reason, verify_cond.message
+                ),
+                None => format!(
+                    "{}: {}; no config is in force yet",
+                    verify_cond.reason, verify_cond.message
+                ),
+            },
         });
     }
 

@@ -23,10 +23,11 @@ use crate::build::{
     sidecar_container_name,
 };
 use crate::crd::{
-    DeletionPolicy, LABEL_MANAGED_BY, MANAGER, NodePhase, ResultityNetwork, ResultityNode,
-    ResultityNodeStatus,
+    DeletionPolicy, LABEL_FLEET, LABEL_MANAGED_BY, LABEL_ROLLOUT_STEP, MANAGER, NodePhase,
+    ResultityNetwork, ResultityNode, ResultityNodeStatus, RolloutStep,
 };
-use crate::error::{Error, Result};
+use crate::decide::{DeleteReason, DrainState, PodAction, ReplacementGate, decide_pod_action};
+use crate::error::{ApplyError, DereferenceError, Error, Rejection, Result};
 use crate::sidecar::SidecarTarget;
 use crate::status::{Observed, SidecarObservation, compute_node_status};
 use crate::validate::{Blocker, validate_node};
@@ -55,17 +56,15 @@ pub fn identity_from_secret(secret: &Secret) -> Result<Identity, String> {
     let data = secret.data.as_ref();
     let field = |key: &str| {
         data.and_then(|d| d.get(key))
-            .ok_or_else(|| format!("secret has no {key:?} entry"))
-            .and_then(|v| {
-                String::from_utf8(v.0.clone()).map_err(|_| format!("{key:?} is not UTF-8"))
-            })
+            .ok_or_else(|| format!("secret has no {key} entry"))
+            .and_then(|v| String::from_utf8(v.0.clone()).map_err(|_| format!("{key} is not UTF-8")))
     };
     let key = NodeKeypair::from_key_file_text(field(SECRET_KEY_FILE)?.trim())
-        .map_err(|e| format!("{SECRET_KEY_FILE:?}: {e}"))?;
+        .map_err(|e| format!("{SECRET_KEY_FILE}: {e}"))?;
     let admin_token = field(SECRET_ADMIN_TOKEN)?.trim().to_owned();
     if admin_token.len() < 16 {
         return Err(format!(
-            "{SECRET_ADMIN_TOKEN:?} is shorter than 16 characters"
+            "{SECRET_ADMIN_TOKEN} is shorter than 16 characters"
         ));
     }
     Ok(Identity {
@@ -74,18 +73,21 @@ pub fn identity_from_secret(secret: &Secret) -> Result<Identity, String> {
     })
 }
 
-/// Gets the identity Secret, creating it with a fresh key when absent.
+/// Gets the identity Secret, creating it with a fresh key when absent. `Ok(Err(..))`: the
+/// Secret exists but cannot be used (never overwritten), or the API server refused ours.
 async fn ensure_identity(
     node: &ResultityNode,
     secrets: &Api<Secret>,
-) -> Result<Result<Identity, String>> {
+) -> Result<Result<Identity, Blocker>, DereferenceError> {
     let name = node.identity_secret_name();
-    if let Some(s) = secrets
-        .get_opt(&name)
-        .await
-        .map_err(Error::kube("get identity secret"))?
-    {
-        return Ok(identity_from_secret(&s).map_err(|e| format!("identity secret {name}: {e}")));
+    let read = |source| DereferenceError::Read {
+        kind: "Secret",
+        name: name.clone(),
+        source,
+    };
+    let unusable = |e: String| Blocker::Invalid(vec![format!("identity Secret {name}: {e}")]);
+    if let Some(s) = secrets.get_opt(&name).await.map_err(read)? {
+        return Ok(identity_from_secret(&s).map_err(unusable));
     }
     let key = NodeKeypair::generate()?;
     let token = b64(&random_bytes::<32>()?);
@@ -97,24 +99,14 @@ async fn ensure_identity(
         })),
         // Created concurrently (or by a person) since the read: use that one.
         Err(kube::Error::Api(s)) if s.code == 409 => {
-            let s = secrets
-                .get(&name)
-                .await
-                .map_err(Error::kube("get identity secret"))?;
-            Ok(identity_from_secret(&s).map_err(|e| format!("identity secret {name}: {e}")))
+            let s = secrets.get(&name).await.map_err(read)?;
+            Ok(identity_from_secret(&s).map_err(unusable))
         }
-        Err(e) => Err(Error::kube("create identity secret")(e)),
+        Err(e) => match Rejection::from_kube("Secret", &name, &e) {
+            Some(r) => Ok(Err(Blocker::Rejected(r))),
+            None => Err(DereferenceError::CreateIdentity { name, source: e }),
+        },
     }
-}
-
-/// A pod in phase Failed or Succeeded never runs again (eviction, node shutdown).
-fn pod_finished(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none()
-        && pod
-            .status
-            .as_ref()
-            .and_then(|s| s.phase.as_deref())
-            .is_some_and(|p| p == "Failed" || p == "Succeeded")
 }
 
 /// Where to reach the pod's sidecar, if it is running.
@@ -148,10 +140,6 @@ async fn observe_sidecar(ctx: &Context, target: Option<&SidecarTarget>) -> Sidec
             }
         }
     }
-}
-
-fn drained(obs: &SidecarObservation) -> bool {
-    matches!(obs, SidecarObservation::Report(r) if r.drained)
 }
 
 fn elapsed_since(since: &Time, now_ms: u64) -> Duration {
@@ -237,31 +225,264 @@ fn policy(error: &Error, ctx: &Context) -> Action {
     }
 }
 
+/// What the dereference step read: the objects the node names.
+struct Dereferenced {
+    network: Option<ResultityNetwork>,
+    /// The identity, or why it cannot be used.
+    identity: Result<Identity, Blocker>,
+    pod: Option<Pod>,
+}
+
+/// Dereference step: the network, the identity Secret (created when absent) and the pod.
+async fn dereference(
+    node: &ResultityNode,
+    ctx: &Context,
+    ns: &str,
+) -> Result<Dereferenced, DereferenceError> {
+    let networks: Api<ResultityNetwork> = Api::all(ctx.client.clone());
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let net_name = &node.spec.network_ref.name;
+    let network = networks
+        .get_opt(net_name)
+        .await
+        .map_err(|source| DereferenceError::Read {
+            kind: "ResultityNetwork",
+            name: net_name.clone(),
+            source,
+        })?;
+    let identity = ensure_identity(node, &secrets).await?;
+    let pod_name = node.pod_name();
+    let pod = pods
+        .get_opt(&pod_name)
+        .await
+        .map_err(|source| DereferenceError::Read {
+            kind: "Pod",
+            name: pod_name,
+            source,
+        })?;
+    Ok(Dereferenced {
+        network,
+        identity,
+        pod,
+    })
+}
+
+/// Whether the node's fleet lets it replace its pod now (standalone nodes always may).
+pub fn replacement_gate(node: &ResultityNode) -> ReplacementGate {
+    let labels = node.labels();
+    if !labels.contains_key(LABEL_FLEET) {
+        return ReplacementGate::Free;
+    }
+    match labels
+        .get(LABEL_ROLLOUT_STEP)
+        .and_then(|s| RolloutStep::parse(s))
+    {
+        Some(step) if step.grants_replacement() => ReplacementGate::Granted,
+        _ => ReplacementGate::Held,
+    }
+}
+
+fn event(type_: EventType, reason: &str, action: &str, note: String) -> Event {
+    Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    }
+}
+
+/// What the apply step left behind.
+struct Applied {
+    pod: Option<Pod>,
+    /// The API server refused the pod; reported as the node's Ready condition.
+    rejected: Option<Rejection>,
+}
+
+/// Apply step: carries out the decision.
+async fn carry_out(
+    node: &ResultityNode,
+    ctx: &Context,
+    action: &PodAction,
+    desired: Option<&Pod>,
+    pod: Option<Pod>,
+    target: Option<&SidecarTarget>,
+) -> Result<Applied, ApplyError> {
+    let ns = node.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let pod_name = node.pod_name();
+    let reference = node.object_ref(&());
+    let write = |action: &'static str| {
+        let name = pod_name.clone();
+        move |source| ApplyError::Write {
+            action,
+            kind: "Pod",
+            name,
+            source,
+        }
+    };
+    let delete = || async {
+        match pods.delete(&pod_name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            // Already gone: the goal of the delete is met.
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(write("delete")(e)),
+        }
+    };
+    match action {
+        PodAction::Create => {
+            let Some(desired) = desired else {
+                return Ok(Applied {
+                    pod,
+                    rejected: None,
+                });
+            };
+            match pods
+                .patch(
+                    &pod_name,
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(desired),
+                )
+                .await
+            {
+                Ok(applied) => {
+                    ctx.publish(
+                        &reference,
+                        event(
+                            EventType::Normal,
+                            "PodCreated",
+                            "CreatePod",
+                            format!("created pod {pod_name}"),
+                        ),
+                    )
+                    .await;
+                    Ok(Applied {
+                        pod: Some(applied),
+                        rejected: None,
+                    })
+                }
+                Err(e) => match Rejection::from_kube("Pod", &pod_name, &e) {
+                    Some(r) => {
+                        ctx.publish(
+                            &reference,
+                            event(
+                                EventType::Warning,
+                                "PodRejected",
+                                "CreatePod",
+                                r.to_string(),
+                            ),
+                        )
+                        .await;
+                        Ok(Applied {
+                            pod: None,
+                            rejected: Some(r),
+                        })
+                    }
+                    None => Err(write("apply")(e)),
+                },
+            }
+        }
+        PodAction::Recreate { reason } => {
+            delete().await?;
+            ctx.publish(
+                &reference,
+                event(
+                    EventType::Warning,
+                    "PodReplaced",
+                    "ReplacePod",
+                    format!("pod {pod_name} finished ({reason}); replacing it"),
+                ),
+            )
+            .await;
+            Ok(Applied {
+                pod: None,
+                rejected: None,
+            })
+        }
+        PodAction::Drain { started } => {
+            if let Some(t) = target
+                && let Err(e) = ctx.sidecar.drain(t, false).await
+            {
+                tracing::warn!(pod = %pod_name, error = %e, "drain request failed");
+            }
+            if node
+                .status
+                .as_ref()
+                .and_then(|s| s.drain_started_time.as_ref())
+                != Some(started)
+            {
+                ctx.publish(
+                    &reference,
+                    event(
+                        EventType::Normal,
+                        "Draining",
+                        "Drain",
+                        format!(
+                            "pod {pod_name} is out of date; draining it before replacement \
+                             (at most {}s)",
+                            node.spec.drain_timeout_seconds
+                        ),
+                    ),
+                )
+                .await;
+            }
+            Ok(Applied {
+                pod,
+                rejected: None,
+            })
+        }
+        PodAction::Delete(why) => {
+            delete().await?;
+            let (type_, note) = match why {
+                DeleteReason::Drained => (
+                    EventType::Normal,
+                    format!("drained and deleted out-of-date pod {pod_name}"),
+                ),
+                DeleteReason::SidecarNotRunning => (
+                    EventType::Normal,
+                    format!("deleted out-of-date pod {pod_name} (its sidecar was not running)"),
+                ),
+                DeleteReason::DrainTimedOut => (
+                    EventType::Warning,
+                    format!(
+                        "drain did not finish within {}s; deleted out-of-date pod {pod_name}",
+                        node.spec.drain_timeout_seconds
+                    ),
+                ),
+            };
+            ctx.publish(&reference, event(type_, "PodReplaced", "ReplacePod", note))
+                .await;
+            Ok(Applied {
+                pod,
+                rejected: None,
+            })
+        }
+        PodAction::Keep(_) => Ok(Applied {
+            pod,
+            rejected: None,
+        }),
+    }
+}
+
+/// The node pipeline: dereference → validate → build → decide → apply → status.
 async fn apply(node: &ResultityNode, ctx: &Context) -> Result<Action> {
     let ns = node
         .namespace()
         .ok_or(Error::MissingField("ResultityNode metadata.namespace"))?;
-    let now_ms = ctx.clock.now_ms();
-    let now = now_time(now_ms);
-    let networks: Api<ResultityNetwork> = Api::all(ctx.client.clone());
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let now = now_time(ctx.clock.now_ms());
     let prev = node.status.clone().unwrap_or_default();
 
-    // validate
-    let network = networks
-        .get_opt(&node.spec.network_ref.name)
-        .await
-        .map_err(Error::kube("get network"))?;
-    let mut resolved = validate_node(node, network.as_ref(), &ctx.defaults);
-    let identity = match ensure_identity(node, &secrets).await? {
-        Ok(i) => Some(i),
-        Err(msg) => {
-            resolved = Err(Blocker::Invalid(vec![msg]));
-            None
-        }
-    };
-    let network_config = network
+    let refs = dereference(node, ctx, &ns).await?;
+
+    // validate (pure)
+    let resolved = refs
+        .identity
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(|_| validate_node(node, refs.network.as_ref(), &ctx.defaults));
+    let network_config = refs
+        .network
         .as_ref()
         .and_then(|n| n.status.as_ref())
         .and_then(|s| {
@@ -271,187 +492,190 @@ async fn apply(node: &ResultityNode, ctx: &Context) -> Result<Action> {
             })
         });
 
-    let pod_name = node.pod_name();
-    let mut pod = pods
-        .get_opt(&pod_name)
-        .await
-        .map_err(Error::kube("get pod"))?;
-    let token = identity
+    // build (pure)
+    let desired = match (&resolved, &refs.identity) {
+        (Ok(r), Ok(identity)) => Some(build_pod(node, r, &identity.node_id, &ctx.defaults)?),
+        _ => None,
+    };
+    let desired_hash = desired.as_ref().and_then(pod_spec_hash).map(str::to_owned);
+
+    // observe and decide (pure)
+    let token = refs
+        .identity
         .as_ref()
         .map(|i| i.admin_token.as_str())
         .unwrap_or("");
-    let mut target = pod
+    let target = refs
+        .pod
         .as_ref()
         .and_then(|p| sidecar_target(p, token, ctx.defaults.sidecar_port));
-    let mut drain_started = prev.drain_started_time.clone();
-    let mut sidecar = None;
-    let mut requeue = Duration::from_secs(10);
-
-    if let (Ok(resolved), Some(identity), false) = (&resolved, &identity, node.spec.paused) {
-        // build
-        let desired = build_pod(node, resolved, &identity.node_id, &ctx.defaults)?;
-        let desired_hash = pod_spec_hash(&desired).map(str::to_owned);
-        match &pod {
-            None => {
-                // apply
-                let applied = pods
-                    .patch(
-                        &pod_name,
-                        &PatchParams::apply(MANAGER).force(),
-                        &Patch::Apply(&desired),
-                    )
-                    .await
-                    .map_err(Error::kube("apply pod"))?;
-                ctx.publish(
-                    &node.object_ref(&()),
-                    Event {
-                        type_: EventType::Normal,
-                        reason: "PodCreated".into(),
-                        note: Some(format!("created pod {pod_name}")),
-                        action: "CreatePod".into(),
-                        secondary: None,
-                    },
-                )
-                .await;
-                pod = Some(applied);
-                drain_started = None;
-                target = None;
-            }
-            Some(p) if pod_finished(p) => {
-                // Evicted or otherwise finished: it will never run again and holds the name.
-                pods.delete(&pod_name, &DeleteParams::default())
-                    .await
-                    .map_err(Error::kube("delete pod"))?;
-                let reason = p
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.reason.clone())
-                    .unwrap_or_else(|| "Failed".into());
-                ctx.publish(
-                    &node.object_ref(&()),
-                    Event {
-                        type_: EventType::Warning,
-                        reason: "PodReplaced".into(),
-                        note: Some(format!("pod {pod_name} finished ({reason}); replacing it")),
-                        action: "ReplacePod".into(),
-                        secondary: None,
-                    },
-                )
-                .await;
-                pod = None;
-                drain_started = None;
-                target = None;
-                requeue = Duration::from_secs(2);
-            }
-            Some(p) if p.metadata.deletion_timestamp.is_some() => {
-                // The old pod is still terminating; create the new one once it is gone.
-                requeue = Duration::from_secs(5);
-            }
-            Some(p) if pod_spec_hash(p) != desired_hash.as_deref() => {
-                // Spec changed: drain first so in-flight jobs finish, then replace.
-                let started = drain_started.get_or_insert_with(|| now.clone()).clone();
-                if let Some(t) = &target
-                    && let Err(e) = ctx.sidecar.drain(t, false).await
-                {
-                    tracing::warn!(pod = %pod_name, error = %e, "drain request failed");
-                }
-                let obs = observe_sidecar(ctx, target.as_ref()).await;
-                let timed_out = elapsed_since(&started, now_ms)
-                    >= Duration::from_secs(u64::from(node.spec.drain_timeout_seconds));
-                if drained(&obs) || target.is_none() || timed_out {
-                    pods.delete(&pod_name, &DeleteParams::default())
-                        .await
-                        .map_err(Error::kube("delete pod"))?;
-                    ctx.publish(
-                        &node.object_ref(&()),
-                        Event {
-                            type_: if timed_out {
-                                EventType::Warning
-                            } else {
-                                EventType::Normal
-                            },
-                            reason: "PodReplaced".into(),
-                            note: Some(if timed_out {
-                                format!("spec changed; drain timed out, deleted pod {pod_name}")
-                            } else {
-                                format!("spec changed; drained and deleted pod {pod_name}")
-                            }),
-                            action: "ReplacePod".into(),
-                            secondary: None,
-                        },
-                    )
-                    .await;
-                    drain_started = None;
-                    requeue = Duration::from_secs(2);
-                } else {
-                    requeue = Duration::from_secs(5);
-                }
-                sidecar = Some(obs);
-            }
-            Some(_) => {
-                drain_started = None;
-            }
-        }
-    }
-
-    // read back + compute
-    let sidecar = match sidecar {
-        Some(s) => s,
-        None => observe_sidecar(ctx, target.as_ref()).await,
+    let observation = observe_sidecar(ctx, target.as_ref()).await;
+    let drain = DrainState {
+        started: prev.drain_started_time.as_ref(),
+        timeout: Duration::from_secs(u64::from(node.spec.drain_timeout_seconds)),
+        gate: replacement_gate(node),
     };
-    let blocker = resolved.as_ref().err();
-    let status = compute_node_status(&Observed {
+    let buildable = desired_hash.as_deref().filter(|_| !node.spec.paused);
+    let action = decide_pod_action(refs.pod.as_ref(), buildable, &drain, &observation, &now);
+
+    // apply
+    let applied = carry_out(
         node,
-        blocker,
-        node_id: identity.as_ref().map(|i| i.node_id.as_str()),
+        ctx,
+        &action,
+        desired.as_ref(),
+        refs.pod,
+        target.as_ref(),
+    )
+    .await?;
+    let observation = match action {
+        // A new pod has no sidecar to ask yet.
+        PodAction::Create | PodAction::Recreate { .. } => SidecarObservation::NotRunning,
+        _ => observation,
+    };
+    let pod = match action {
+        PodAction::Recreate { .. } => None,
+        _ => applied.pod,
+    };
+
+    // status (pure compute, then write)
+    let blocker = match (&resolved, applied.rejected) {
+        (Err(b), _) => Some(b.clone()),
+        (Ok(_), Some(r)) => Some(Blocker::Rejected(r)),
+        (Ok(_), None) => None,
+    };
+    let mut status = compute_node_status(&Observed {
+        node,
+        blocker: blocker.as_ref(),
+        node_id: refs.identity.as_ref().ok().map(|i| i.node_id.as_str()),
         network_config: network_config.as_ref(),
         pod: pod.as_ref(),
-        sidecar: &sidecar,
-        drain_started: drain_started.as_ref(),
+        sidecar: &observation,
+        drain_started: action.drain_started(prev.drain_started_time.as_ref()),
         now: &now,
     });
-    let api: Api<ResultityNode> = Api::namespaced(ctx.client.clone(), &ns);
-    api.patch_status(
-        &node.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(status_patch(&status)),
-    )
-    .await
-    .map_err(Error::kube("patch node status"))?;
-    if status.phase != prev.phase {
-        let warning = matches!(status.phase, NodePhase::Failed | NodePhase::Invalid);
-        let why = status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Ready")
-            .map(|c| c.message.clone())
-            .unwrap_or_default();
-        ctx.publish(
-            &node.object_ref(&()),
-            Event {
-                type_: if warning {
-                    EventType::Warning
-                } else {
-                    EventType::Normal
-                },
-                reason: status.phase.as_str().into(),
-                note: Some(format!(
-                    "{} -> {}: {why}",
-                    prev.phase.as_str(),
-                    status.phase.as_str()
-                )),
-                action: "Reconcile".into(),
-                secondary: None,
-            },
-        )
-        .await;
-    }
-    Ok(match (&status.phase, &sidecar) {
+    status.desired_spec_hash = desired_hash.clone();
+    status.pod_spec_hash = match action {
+        // Deleted: the old pod no longer counts as present for the fleet's rollout.
+        PodAction::Delete(_) => None,
+        _ => pod.as_ref().and_then(pod_spec_hash).map(str::to_owned),
+    };
+    status.rollout_step = node
+        .labels()
+        .get(LABEL_ROLLOUT_STEP)
+        .and_then(|s| RolloutStep::parse(s));
+    write_status(node, ctx, &ns, &status).await?;
+    announce_phase(node, ctx, &prev, &status).await;
+
+    Ok(match (&status.phase, &observation) {
         (NodePhase::Invalid, _) => Action::requeue(Duration::from_secs(300)),
         (_, SidecarObservation::Unreachable { .. }) => Action::requeue(Duration::from_secs(15)),
         (NodePhase::Ready, _) => Action::requeue(Duration::from_secs(60)),
-        _ => Action::requeue(requeue),
+        _ => Action::requeue(action.requeue()),
     })
+}
+
+/// Status step: server-side apply of the computed status.
+async fn write_status(
+    node: &ResultityNode,
+    ctx: &Context,
+    ns: &str,
+    status: &ResultityNodeStatus,
+) -> Result<()> {
+    let api: Api<ResultityNode> = Api::namespaced(ctx.client.clone(), ns);
+    api.patch_status(
+        &node.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(status_patch(status)),
+    )
+    .await
+    .map_err(|source| Error::Status {
+        object: format!("ResultityNode {ns}/{}", node.name_any()),
+        source,
+    })?;
+    Ok(())
+}
+
+/// One Event per phase change. Draining has its own event from the drain itself.
+async fn announce_phase(
+    node: &ResultityNode,
+    ctx: &Context,
+    prev: &ResultityNodeStatus,
+    status: &ResultityNodeStatus,
+) {
+    if status.phase == prev.phase || status.phase == NodePhase::Draining {
+        return;
+    }
+    let warning = matches!(
+        status.phase,
+        NodePhase::Failed | NodePhase::Invalid | NodePhase::Degraded
+    );
+    let why = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.message.as_str())
+        .filter(|m| !m.is_empty());
+    let note = match why {
+        Some(why) => format!(
+            "{} to {}: {why}",
+            prev.phase.as_str(),
+            status.phase.as_str()
+        ),
+        None => format!("{} to {}", prev.phase.as_str(), status.phase.as_str()),
+    };
+    ctx.publish(
+        &node.object_ref(&()),
+        event(
+            if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            status.phase.as_str(),
+            "Reconcile",
+            note,
+        ),
+    )
+    .await;
+}
+
+/// While the finalizer waits for the drain, the status says so (`Draining=True`, reason
+/// `Deleting`, phase Draining). Written once per deletion, not at every requeue.
+async fn report_deletion_drain(
+    node: &ResultityNode,
+    ctx: &Context,
+    ns: &str,
+    since: &Time,
+    now_ms: u64,
+) -> Result<()> {
+    use crate::conditions::{Cond, TRUE, find, settle};
+    use crate::status::types::DRAINING;
+    let mut status = node.status.clone().unwrap_or_default();
+    if find(&status.conditions, DRAINING)
+        .is_some_and(|c| c.status == TRUE && c.reason == "Deleting")
+    {
+        return Ok(());
+    }
+    let cond = settle(
+        vec![Cond::new(
+            DRAINING,
+            TRUE,
+            "Deleting",
+            format!(
+                "the node is being deleted; draining and deregistering it (at most {}s)",
+                node.spec.drain_timeout_seconds
+            ),
+        )],
+        &status.conditions,
+        node.metadata.generation,
+        &now_time(now_ms),
+    );
+    status.conditions.retain(|c| c.type_ != DRAINING);
+    status.conditions.extend(cond);
+    status.phase = NodePhase::Draining;
+    status.drain_started_time = Some(since.clone());
+    write_status(node, ctx, ns, &status).await
 }
 
 /// Finalizer cleanup: drain and deregister through the sidecar (bounded by the drain
@@ -495,6 +719,7 @@ async fn cleanup(node: &ResultityNode, ctx: &Context) -> Result<Action> {
             (Ok(()), Ok(NodeStatus { drained: true, .. }))
         );
         if !done && !timed_out {
+            report_deletion_drain(node, ctx, &ns, &since, now_ms).await?;
             return Err(Error::Draining);
         }
         if !done {

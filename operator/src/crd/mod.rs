@@ -3,10 +3,12 @@
 //! The Rust types are the source of truth: `resultity-operator crd` renders them, `crds/` holds
 //! that output, and a test keeps the two identical.
 
+mod fleet;
 mod network;
 mod node;
 pub mod schema;
 
+pub use fleet::*;
 pub use network::*;
 pub use node::*;
 
@@ -22,12 +24,20 @@ pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const LABEL_NAME: &str = "app.kubernetes.io/name";
 pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
 pub const MANAGER: &str = "resultity-operator";
+/// On a ResultityNode: the fleet that owns it (its rollouts are gated by that fleet).
+pub const LABEL_FLEET: &str = "resultity.com/fleet";
+/// On a ResultityNode: its current rollout step (`pending`, `draining`, …), written by the fleet.
+pub const LABEL_ROLLOUT_STEP: &str = "resultity.com/rollout-step";
 /// Hash of the desired pod spec; a different hash means the pod must be replaced.
 pub const ANNOTATION_SPEC_HASH: &str = "resultity.com/spec-hash";
 
 /// Every CRD the operator serves, in a stable order.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![ResultityNetwork::crd(), ResultityNode::crd()]
+    vec![
+        ResultityNetwork::crd(),
+        ResultityNode::crd(),
+        ResultityFleet::crd(),
+    ]
 }
 
 /// All CRDs as multi-document YAML, exactly as `crds/resultity.yaml` holds them.

@@ -145,6 +145,13 @@ impl ResultityNetwork {
 }
 
 impl NetworkEnvironment {
+    /// The spelling of the resource (`testnet`, `mainnet`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Testnet => "testnet",
+            Self::Mainnet => "mainnet",
+        }
+    }
     pub fn from_protocol(e: resultity_protocol::messages::common::Environment) -> Self {
         match e {
             resultity_protocol::messages::common::Environment::Testnet => Self::Testnet,

@@ -86,6 +86,10 @@ pub struct RuntimeSpec {
     pub env: Vec<EnvVar>,
     /// CPU and memory; GPU limits come from `spec.gpu`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "(!has(self.limits) || self.limits.all(k, isQuantity(self.limits[k]))) && (!has(self.requests) || self.requests.all(k, isQuantity(self.requests[k])))",
+        "message": "resources: every request and limit must be a quantity such as 500m, 8 or 64Gi"
+    }]))]
     pub resources: Option<ResourceRequirements>,
 }
 
@@ -141,13 +145,29 @@ impl Default for GpuSpec {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SchedulingSpec {
+    /// Label keys (`[prefix/]name`) and values, as the pod API validates them. Bounded so the
+    /// API server's CEL cost estimate stays small.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.all(k, k.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$') && (!k.contains('/') || k.split('/')[0].size() <= 253) && self[k].matches('^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$'))",
+        "message": "nodeSelector keys must be label keys ([prefix/]name, name at most 63 characters) and values label values (at most 63 characters)"
+    }]))]
     pub node_selector: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.all(t, (!has(t.operator) || t.operator in ['Exists', 'Equal']) && (!has(t.effect) || t.effect in ['', 'NoSchedule', 'PreferNoSchedule', 'NoExecute']) && (!has(t.operator) || t.operator != 'Exists' || !has(t.value) || t.value == ''))",
+        "message": "tolerations: operator must be Exists or Equal (Exists takes no value), effect NoSchedule, PreferNoSchedule or NoExecute"
+    }]))]
     pub tolerations: Vec<Toleration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub priority_class_name: Option<String>,
 }
 
@@ -179,6 +199,8 @@ fn default_drain_timeout() -> u32 {
     namespaced,
     status = "ResultityNodeStatus",
     doc = "A Resultity GPU node: runtime and sidecar in one pod, with a persistent identity",
+    // The name is a label value on the pod and its Secret.
+    validation = kube::core::Rule::new("self.metadata.name.size() <= 63").message("metadata.name must be at most 63 characters (it is a label value on the node's pod)"),
     printcolumn = r#"{"name":"Node ID","type":"string","jsonPath":".status.nodeId"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
@@ -332,6 +354,15 @@ pub struct ResultityNodeStatus {
     pub last_heartbeat_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jobs: Option<JobsStatus>,
+    /// Hash of the pod spec the node wants now (network images and node spec included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_spec_hash: Option<String>,
+    /// Hash of the pod that runs; differs from `desiredSpecHash` while out of date.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_spec_hash: Option<String>,
+    /// The node's step in its fleet's rollout (fleet members only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_step: Option<super::RolloutStep>,
     /// When the current drain began; bounds the wait by `drainTimeoutSeconds`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_started_time: Option<Time>,

@@ -15,3 +15,16 @@ pub fn conditions(generator: &mut SchemaGenerator) -> Schema {
         "x-kubernetes-list-map-keys": ["type"],
     })
 }
+
+/// `maxUnavailable`: a non-negative integer or a percentage string, in the structural shape
+/// the API server wants for int-or-string fields.
+pub fn int_or_percent(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "x-kubernetes-int-or-string": true,
+        "anyOf": [{"type": "integer"}, {"type": "string"}],
+        "x-kubernetes-validations": [{
+            "rule": "string(self).matches('^([0-9]+|(100|[1-9]?[0-9])%)$')",
+            "message": "must be a non-negative integer or a percentage such as 10%"
+        }],
+    })
+}
