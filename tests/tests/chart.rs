@@ -411,6 +411,7 @@ fn builtin_kinds() -> BTreeMap<&'static str, (&'static str, &'static str)> {
         k8s_openapi::api::apps::v1::StatefulSet,
         k8s_openapi::api::apps::v1::DaemonSet,
         k8s_openapi::api::coordination::v1::Lease,
+        k8s_openapi::api::events::v1::Event,
         k8s_openapi::api::policy::v1::PodDisruptionBudget,
         k8s_openapi::api::networking::v1::NetworkPolicy,
         k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -576,6 +577,14 @@ fn derive_grants(
     let fn_start = regex::Regex::new(r"\bfn\s+\w+").unwrap();
     let raw_request =
         regex::Regex::new(r"\.request(?:_text|_stream|_events)?\s*(?:::<[^>]*>)?\s*\(").unwrap();
+    // `use path::{Event as KubeEvent}`: the scan sees the alias, the kinds table the type.
+    let alias = regex::Regex::new(r"\b(\w+)\s+as\s+(\w+)\b").unwrap();
+    let aliases: BTreeMap<String, String> = files
+        .iter()
+        .flat_map(|(_, text)| text.lines().filter(|l| l.trim_start().starts_with("use ")))
+        .flat_map(|l| alias.captures_iter(l).collect::<Vec<_>>())
+        .map(|c| (c[2].to_owned(), c[1].to_owned()))
+        .collect();
     let mut grants = BTreeSet::new();
     let mut problems = Vec::new();
     let add = |grants: &mut BTreeSet<Grant>,
@@ -585,6 +594,7 @@ fn derive_grants(
                at: &str,
                problems: &mut Vec<String>| {
         let base = base_type(t);
+        let base = aliases.get(&base).cloned().unwrap_or(base);
         let Some((group, plural)) = kinds(&base) else {
             problems.push(format!(
                 "{at}: unknown resource type {t}: add it to builtin_kinds"
