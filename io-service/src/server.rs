@@ -185,6 +185,7 @@ impl IoService {
             settings.limits.clone(),
             metrics.clone(),
             Arc::new(first.snapshot.payload.clone()),
+            first.pointer().digest,
         );
         let (stop, shutdown) = watch::channel(false);
         let state = AppState(Arc::new(Shared {

@@ -88,10 +88,12 @@ pub struct SchedulerSettings {
     pub heartbeat_miss_factor: u64,
     /// Penalties halve every this many ms.
     pub penalty_half_life_ms: u64,
-    /// Consecutive failures (timeouts, invalid results) before temporary exclusion.
+    /// Consecutive failed incidents (timeouts, invalid results) before temporary exclusion.
     pub exclude_after_failures: u32,
     /// How long an exclusion lasts.
     pub exclusion_cooldown_ms: u64,
+    /// Failures of one cause within this window of the first are one incident.
+    pub incident_window_ms: u64,
     /// Invalid signatures within one session before it is closed.
     pub max_invalid_signatures: u32,
     /// Latency at which the latency part of the score is halved.
@@ -113,7 +115,8 @@ impl Default for SchedulerSettings {
             penalty_half_life_ms: 60_000,
             exclude_after_failures: 3,
             exclusion_cooldown_ms: 60_000,
-            max_invalid_signatures: 3,
+            incident_window_ms: 5_000,
+            max_invalid_signatures: 5,
             latency_ref_ms: 1_000.0,
             finished_history: 10_000,
             max_output_bytes: u32::try_from(limits::MAX_ENVELOPE_BYTES / 2).unwrap_or(u32::MAX),

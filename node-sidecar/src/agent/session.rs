@@ -450,6 +450,21 @@ impl Agent {
                 "deadline passed before the job started".into(),
             );
         }
+        let applied = self.applied_pointer().map(|p| p.digest);
+        if applied.as_ref() != Some(&a.config_digest) {
+            // The network dictates the config a job runs under; a node still syncing hands the
+            // job back (no penalty) and fetches the config now.
+            self.config_changed.notify_one();
+            let running = applied.map_or_else(|| "no config".to_owned(), |d| d.to_string());
+            return self.fail(
+                &a,
+                FailCode::ConfigMismatch,
+                format!(
+                    "job must run under config {}; this node runs {running}",
+                    a.config_digest
+                ),
+            );
+        }
         let inactive = {
             let m = self.models.read().unwrap_or_else(|p| p.into_inner());
             (!m.is_active(&a.model)).then(|| m.inactive_reason(&a.model))
@@ -509,7 +524,9 @@ impl Agent {
                 let result = JobResult {
                     job_id: a.job_id.clone(),
                     lease_epoch: a.lease_epoch,
-                    config_digest: self.applied_pointer().map(|p| p.digest),
+                    // Echo what the assignment dictated (checked against the applied config
+                    // before the job started): the network refuses any other digest.
+                    config_digest: Some(a.config_digest.clone()),
                     model: a.model.clone(),
                     output_digest: JobResult::digest_output(&o.body),
                     output: o.body,
@@ -539,13 +556,13 @@ impl Agent {
                     RuntimeError::Timeout(_) if a.deadline_ms <= self.clock.now_ms() => {
                         FailCode::DeadlineExceeded
                     }
-                    RuntimeError::Unavailable(_) => FailCode::HandedBack,
+                    RuntimeError::Unavailable(_) => FailCode::RuntimeUnavailable,
                     RuntimeError::Timeout(_) | RuntimeError::Failed(_) => FailCode::RuntimeError,
                 };
                 (code, e.to_string())
             }
         };
-        if code == FailCode::HandedBack {
+        if matches!(code, FailCode::HandedBack | FailCode::RuntimeUnavailable) {
             self.api.update(|s| s.jobs.handed_back += 1);
             self.api.metrics.job("handed_back");
         } else {
