@@ -142,6 +142,12 @@ struct ServeArgs {
     /// failure counts).
     #[arg(long, env = "RESULTITY_IO_INCIDENT_WINDOW_MS", default_value_t = 5_000)]
     incident_window_ms: u64,
+    /// A request's headers must arrive within this many ms (else the connection is closed).
+    #[arg(long, env = "RESULTITY_IO_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    header_timeout_ms: u64,
+    /// A request's body must arrive within this many ms after its headers.
+    #[arg(long, env = "RESULTITY_IO_BODY_TIMEOUT_MS", default_value_t = 10_000)]
+    body_timeout_ms: u64,
     /// Invalid signatures within one session before it is closed (4002).
     #[arg(long, env = "RESULTITY_IO_MAX_INVALID_SIGNATURES", default_value_t = 5)]
     max_invalid_signatures: u32,
@@ -233,6 +239,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     settings.scheduler.attempt_timeout_ms = args.attempt_timeout_ms;
     settings.scheduler.request_timeout_ms = args.request_timeout_ms;
     settings.scheduler.max_attempts = args.max_attempts;
+    settings.limits.header_timeout_ms = args.header_timeout_ms.max(1);
+    settings.limits.body_timeout_ms = args.body_timeout_ms.max(1);
     settings.scheduler.exclude_after_failures = args.exclude_after_failures.max(1);
     settings.scheduler.exclusion_cooldown_ms = args.exclusion_cooldown_ms;
     settings.scheduler.incident_window_ms = args.incident_window_ms;

@@ -27,7 +27,15 @@ pub async fn read_body(
     channel: Channel,
 ) -> Result<axum::body::Bytes, ApiError> {
     let max = state.settings.limits.max_body_bytes;
-    axum::body::to_bytes(body, max).await.map_err(|e| {
+    let wait = std::time::Duration::from_millis(state.settings.limits.body_timeout_ms);
+    let Ok(read) = tokio::time::timeout(wait, axum::body::to_bytes(body, max)).await else {
+        return Err(state.reject(
+            channel,
+            ErrorCode::Timeout,
+            format!("request body not received within {} ms", wait.as_millis()),
+        ));
+    };
+    read.map_err(|e| {
         let text = e.to_string();
         if text.contains("length limit") {
             state.reject(

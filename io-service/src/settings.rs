@@ -47,6 +47,10 @@ pub struct Limits {
     pub session_outbound: usize,
     /// Handshake: `auth` must arrive within this after `hello`.
     pub auth_timeout_ms: u64,
+    /// A request's headers must be complete within this after its first byte (slow-loris).
+    pub header_timeout_ms: u64,
+    /// A request's body must be complete within this after its headers.
+    pub body_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -69,6 +73,8 @@ impl Default for Limits {
             ws_read_buffer_bytes: 4096,
             session_outbound: 256,
             auth_timeout_ms: limits::AUTH_TIMEOUT_MS,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 10_000,
         }
     }
 }
