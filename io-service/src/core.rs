@@ -452,7 +452,7 @@ impl Core {
         for id in revoked {
             self.remove_node(
                 &id,
-                resultity_protocol::codes::close::EXCLUDED,
+                resultity_protocol::codes::close::AUTH_FAILED,
                 "node key revoked",
                 now,
             );
@@ -635,7 +635,7 @@ impl Core {
         }
         self.remove_node(
             node,
-            resultity_protocol::codes::close::NORMAL,
+            resultity_protocol::codes::close::EXCLUDED,
             "deregistered",
             now,
         );

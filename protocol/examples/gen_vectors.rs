@@ -243,6 +243,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "\"purpose\":\"http/heartbeat\"",
     );
 
+    // The identity point's encoding (y = 1): small order, so weak.
+    let mut weak_key = [0u8; 32];
+    weak_key[0] = 1;
+    let mut typo_id = node.id().as_str().to_owned();
+    let flipped = if typo_id.ends_with('a') { "b" } else { "a" };
+    typo_id.replace_range(typo_id.len() - 1.., flipped);
+
     let vectors = json!({
         "description": "Resultity protocol v1 test vectors (docs/protocol.md §12). Keys are derived from the seeds; signatures are deterministic Ed25519 (RFC 8032).",
         "domain_tag": "resultity/v1",
@@ -267,6 +274,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "envelope": config.as_str(),
             "config_digest": config.digest().as_str(),
         }],
+        "invalid_ids": [
+            {"name": "node id of a small-order point (weak key)", "text": resultity_protocol::ids::node_id_text_unchecked(&weak_key), "error": "weak_key"},
+            {"name": "node id with one character changed (checksum)", "text": typo_id, "error": "malformed"},
+        ],
         "invalid": [
             {"name": "purpose changed after signing", "envelope": flipped_purpose, "expect_purpose": "http/heartbeat", "signer": "node", "error": "bad_signature"},
             {"name": "ping presented on the heartbeat endpoint", "envelope": envelope::seal_bytes(&node, Purpose::HttpPing, &ping), "expect_purpose": "http/heartbeat", "signer": "node", "error": "wrong_purpose"},

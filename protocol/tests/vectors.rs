@@ -162,6 +162,18 @@ fn result_binding_vectors() {
 }
 
 #[test]
+fn invalid_ids_fail_with_their_code() {
+    let (v, _) = load();
+    let cases = v["invalid_ids"].as_array().unwrap();
+    assert!(!cases.is_empty());
+    for case in cases {
+        let code = NodeId::parse(s(case, "text")).err().map(|e| e.code());
+        let want: ErrorCode = serde_json::from_value(case["error"].clone()).unwrap();
+        assert_eq!(code, Some(want), "{}", s(case, "name"));
+    }
+}
+
+#[test]
 fn invalid_vectors_fail_with_their_code() {
     let (v, keys) = load();
     for bad in v["invalid"].as_array().unwrap() {
