@@ -261,12 +261,11 @@ impl Live {
         let mut last_heard = tokio::time::Instant::now();
         let mut shutdown = self.state.shutdown.clone();
         loop {
+            // Biased, socket first: after a stall (GC pause, SIGSTOP, overload) frames that
+            // arrived meanwhile are read before the ping timer may call the peer dead.
             let next = tokio::select! {
-                out = rx.recv() => match out {
-                    Some(Outbound::Msg(msg)) => self.send(socket, msg).await,
-                    Some(Outbound::Close(code, why)) => Next::Close(code, why),
-                    None => Next::Close(close::GOING_AWAY, "session dropped".into()),
-                },
+                biased;
+                _ = crate::server::stopped(&mut shutdown) => Next::Close(close::GOING_AWAY, "network shutting down".into()),
                 frame = socket.recv() => {
                     last_heard = tokio::time::Instant::now();
                     match frame {
@@ -287,6 +286,11 @@ impl Live {
                         }
                     }
                 }
+                out = rx.recv() => match out {
+                    Some(Outbound::Msg(msg)) => self.send(socket, msg).await,
+                    Some(Outbound::Close(code, why)) => Next::Close(code, why),
+                    None => Next::Close(close::GOING_AWAY, "session dropped".into()),
+                },
                 _ = ping.tick() => {
                     // Dead after two ping intervals without any frame from the node.
                     if last_heard.elapsed() > ping_every * 2 {
@@ -297,7 +301,6 @@ impl Live {
                         Next::Continue
                     }
                 }
-                _ = crate::server::stopped(&mut shutdown) => Next::Close(close::GOING_AWAY, "network shutting down".into()),
             };
             if let Next::Close(code, why) = next {
                 close_with(socket, code, &why).await;

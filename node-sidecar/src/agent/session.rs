@@ -313,7 +313,10 @@ impl Agent {
                     _ => std::future::pending().await,
                 }
             };
+            // Biased, socket first: frames that arrived during a stall are read before the
+            // ping timer may call the network dead.
             tokio::select! {
+                biased;
                 frame = ws.next() => {
                     last_rx = Instant::now();
                     match frame {
