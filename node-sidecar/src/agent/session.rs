@@ -408,7 +408,9 @@ impl Agent {
                 tracing::info!("network stopped dispatching to this node")
             }
             NetworkMessage::ConfigAvailable(p) => {
-                if self.applied_pointer().map(|a| a.digest) != Some(p.digest) {
+                if self.applied_pointer().map(|a| a.digest).as_ref() != Some(&p.digest)
+                    && self.should_fetch_config(&p.digest)
+                {
                     self.config_changed.notify_one();
                 }
             }
@@ -456,8 +458,10 @@ impl Agent {
         let applied = self.applied_pointer().map(|p| p.digest);
         if applied.as_ref() != Some(&a.config_digest) {
             // The network dictates the config a job runs under; a node still syncing hands the
-            // job back (no penalty) and fetches the config now.
-            self.config_changed.notify_one();
+            // job back (no penalty) and fetches the config now, unless it refused that one.
+            if self.should_fetch_config(&a.config_digest) {
+                self.config_changed.notify_one();
+            }
             let running = applied.map_or_else(|| "no config".to_owned(), |d| d.to_string());
             return self.fail(
                 &a,
