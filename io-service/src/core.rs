@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use ed25519_dalek::VerifyingKey;
-use resultity_protocol::config::NetworkConfig;
+use resultity_protocol::config::{ConfigDigest, NetworkConfig};
 use resultity_protocol::messages::http::NodeReport;
 use resultity_protocol::messages::http::{Capabilities, RegisterRequest};
 use resultity_protocol::messages::ws::{JobAssignment, JobResult, NetworkMessage};
@@ -118,7 +118,10 @@ pub struct NodeRecord {
     penalty: f64,
     penalty_at_ms: u64,
     pub penalty_reason: Option<String>,
+    /// Failed incidents in a row (reset by a completed job or a suspension).
     pub consecutive_failures: u32,
+    /// Open incidents: cause → when it was first charged.
+    incidents: HashMap<FailureCause, u64>,
     pub suspended_until_ms: Option<u64>,
     pub invalid_signatures: u64,
     pub completed: u64,
@@ -127,6 +130,46 @@ pub struct NodeRecord {
 }
 
 impl NodeRecord {
+    fn new(
+        node: &NodeId,
+        key: VerifyingKey,
+        capabilities: &Capabilities,
+        version: u32,
+        limits: &Limits,
+        now: u64,
+    ) -> Self {
+        NodeRecord {
+            id: node.clone(),
+            key,
+            registered_at_ms: now,
+            capabilities: capabilities.clone(),
+            protocol_version: version,
+            report: None,
+            last_heartbeat_ms: None,
+            session: None,
+            disconnected_at_ms: None,
+            max_concurrency: capabilities.max_concurrency,
+            reported_credits: 0,
+            reported_in_flight: 0,
+            draining: false,
+            drained: false,
+            outstanding: HashSet::new(),
+            cancelled: HashSet::new(),
+            max_outstanding_seen: 0,
+            latency_ewma_ms: None,
+            penalty: 0.0,
+            penalty_at_ms: now,
+            penalty_reason: None,
+            consecutive_failures: 0,
+            incidents: HashMap::new(),
+            suspended_until_ms: None,
+            invalid_signatures: 0,
+            completed: 0,
+            failed: 0,
+            http_rate: RateLimiter::new(limits.node_http_rate_per_s, limits.node_http_burst, now),
+        }
+    }
+
     /// Penalty after decay, 0–1000.
     pub fn penalty_at(&self, now_ms: u64, half_life_ms: u64) -> f64 {
         if self.penalty <= 0.0 {
@@ -188,8 +231,10 @@ pub struct CompletedJob {
 }
 
 #[derive(Debug, Clone)]
-struct Lease {
+pub(crate) struct Lease {
     node: NodeId,
+    /// Config the node must run this lease under (sent in `job.assign`, checked on the result).
+    config_digest: ConfigDigest,
     assigned_ms: u64,
     acked: bool,
     ack_deadline_ms: u64,
@@ -273,6 +318,28 @@ pub struct CoreStats {
     pub jobs: usize,
 }
 
+/// What a failure is blamed on; failures of one cause within the incident window are one
+/// incident.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureCause {
+    AckTimeout,
+    ExecutionDeadline,
+    /// The node stayed away past the resume window with work in hand.
+    Gone,
+    InvalidResult,
+    InvalidSignature,
+    /// A `job.fail` whose code is the node's fault.
+    Reported(FailCode),
+}
+
+/// Effective exclusion policy: the network config's, where it sets one, else the service's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PenaltyPolicy {
+    pub exclude_after_failures: u32,
+    pub exclusion_cooldown_ms: u64,
+    pub incident_window_ms: u64,
+}
+
 const PENALTY_TIMEOUT: f64 = 400.0;
 const PENALTY_INVALID_RESULT: f64 = 500.0;
 const PENALTY_RUNTIME_ERROR: f64 = 200.0;
@@ -286,6 +353,10 @@ pub struct Core {
     limits: Limits,
     metrics: Metrics,
     config: Arc<NetworkConfig>,
+    /// Digest of the published snapshot, and of the one it replaced: a node that has not
+    /// applied the newest yet is still assigned work under the previous one.
+    config_digest: ConfigDigest,
+    previous_digest: Option<ConfigDigest>,
     revoked: HashSet<NodeId>,
     nodes: HashMap<NodeId, NodeRecord>,
     jobs: HashMap<JobId, Job>,
@@ -304,6 +375,7 @@ impl Core {
         limits: Limits,
         metrics: Metrics,
         config: Arc<NetworkConfig>,
+        config_digest: ConfigDigest,
     ) -> Self {
         let revoked = config.revoked_node_keys.iter().cloned().collect();
         Self {
@@ -311,6 +383,8 @@ impl Core {
             limits,
             metrics,
             config,
+            config_digest,
+            previous_digest: None,
             revoked,
             nodes: HashMap::new(),
             jobs: HashMap::new(),
@@ -326,11 +400,49 @@ impl Core {
         &self.config
     }
 
+    /// The exclusion thresholds in force: the network config's `penalties`, field by field,
+    /// over the service's own settings.
+    pub fn penalty_policy(&self) -> PenaltyPolicy {
+        let p = self.config.penalties.as_ref();
+        PenaltyPolicy {
+            exclude_after_failures: p
+                .and_then(|p| p.exclude_after_failures)
+                .unwrap_or(self.sched.exclude_after_failures)
+                .max(1),
+            exclusion_cooldown_ms: p
+                .and_then(|p| p.exclusion_cooldown_ms)
+                .unwrap_or(self.sched.exclusion_cooldown_ms),
+            incident_window_ms: p
+                .and_then(|p| p.incident_window_ms)
+                .unwrap_or(self.sched.incident_window_ms),
+        }
+    }
+
+    /// The config digest a new lease on `node` runs under: the node's applied one while the
+    /// network still accepts it (the newest, or the one it just replaced, so a publication
+    /// does not fail the fleet's in-flight work), else the newest.
+    fn assignment_digest(&self, node: &NodeId) -> ConfigDigest {
+        let reported = self
+            .nodes
+            .get(node)
+            .and_then(|r| r.report.as_ref())
+            .and_then(|r| r.config.as_ref())
+            .map(|p| &p.digest);
+        match reported {
+            Some(d) if self.previous_digest.as_ref() == Some(d) => d.clone(),
+            _ => self.config_digest.clone(),
+        }
+    }
+
     /// Installs a newly published payload: revoked nodes are disconnected, every connected
     /// node is told that a new snapshot is available.
     pub fn set_config(&mut self, config: Arc<NetworkConfig>, pointer: &ConfigPointer, now: u64) {
         self.revoked = config.revoked_node_keys.iter().cloned().collect();
         self.config = config;
+        if self.config_digest != pointer.digest {
+            let old = std::mem::replace(&mut self.config_digest, pointer.digest.clone());
+            self.previous_digest = Some(old);
+        }
         let revoked: Vec<NodeId> = self
             .nodes
             .keys()
@@ -340,7 +452,7 @@ impl Core {
         for id in revoked {
             self.remove_node(
                 &id,
-                resultity_protocol::codes::close::EXCLUDED,
+                resultity_protocol::codes::close::AUTH_FAILED,
                 "node key revoked",
                 now,
             );
@@ -454,39 +566,7 @@ impl Core {
         let rec = self
             .nodes
             .entry(node.clone())
-            .or_insert_with(|| NodeRecord {
-                id: node.clone(),
-                key,
-                registered_at_ms: now,
-                capabilities: req.capabilities.clone(),
-                protocol_version: version,
-                report: None,
-                last_heartbeat_ms: None,
-                session: None,
-                disconnected_at_ms: None,
-                max_concurrency: req.capabilities.max_concurrency,
-                reported_credits: 0,
-                reported_in_flight: 0,
-                draining: false,
-                drained: false,
-                outstanding: HashSet::new(),
-                cancelled: HashSet::new(),
-                max_outstanding_seen: 0,
-                latency_ewma_ms: None,
-                penalty: 0.0,
-                penalty_at_ms: now,
-                penalty_reason: None,
-                consecutive_failures: 0,
-                suspended_until_ms: None,
-                invalid_signatures: 0,
-                completed: 0,
-                failed: 0,
-                http_rate: RateLimiter::new(
-                    limits.node_http_rate_per_s,
-                    limits.node_http_burst,
-                    now,
-                ),
-            });
+            .or_insert_with(|| NodeRecord::new(node, key, &req.capabilities, version, limits, now));
         // Re-registration refreshes what the node offers but keeps its history (penalties
         // must not be shed by registering again).
         rec.capabilities = req.capabilities.clone();
@@ -555,7 +635,7 @@ impl Core {
         }
         self.remove_node(
             node,
-            resultity_protocol::codes::close::NORMAL,
+            resultity_protocol::codes::close::EXCLUDED,
             "deregistered",
             now,
         );
@@ -623,16 +703,16 @@ impl Core {
             // Every lease the node still holds is resent, acked or not (spec §7.6): a node that
             // restarted lost what it was running and reruns it at once; one that kept running
             // deduplicates by (job, epoch) and acks again or resends its result.
-            let exec_deadline = match &mut job.state {
+            let (exec_deadline, digest) = match &mut job.state {
                 JobState::Assigned(lease) => {
                     if !lease.acked {
                         lease.ack_deadline_ms = now.saturating_add(ack_timeout);
                     }
-                    lease.exec_deadline_ms
+                    (lease.exec_deadline_ms, lease.config_digest.clone())
                 }
                 _ => continue,
             };
-            let msg = assignment(job, exec_deadline, max_out);
+            let msg = assignment(job, exec_deadline, max_out, digest);
             let _ = link.tx.try_send(Outbound::Msg(msg));
             resent += 1;
         }
@@ -763,32 +843,24 @@ impl Core {
             }
             return Err(refusal);
         }
-        let invalid = if !result.output_digest_matches() {
-            Some((
-                ErrorCode::Malformed,
-                "output_digest does not match output".to_owned(),
-            ))
-        } else if result.model != job.spec.model {
-            Some((
-                ErrorCode::Malformed,
-                format!(
-                    "result is for model {}, job is for {}",
-                    result.model.id, job.spec.model.id
-                ),
-            ))
-        } else if result.output.len() > self.sched.max_output_bytes as usize {
-            Some((
-                ErrorCode::TooLarge,
-                "output exceeds max_output_bytes".to_owned(),
-            ))
-        } else {
-            None
+        let invalid = match &job.state {
+            JobState::Assigned(lease) => {
+                check_result_binding(lease, &job.spec.model, &result, self.sched.max_output_bytes)
+                    .err()
+            }
+            _ => Some(not_assigned(&result.job_id)),
         };
         if let Some((code, why)) = invalid {
             if let Some(rec) = self.nodes.get_mut(node) {
                 rec.job_finished(&result.job_id);
             }
-            self.penalize(node, PENALTY_INVALID_RESULT, &why, true, now);
+            self.penalize(
+                node,
+                PENALTY_INVALID_RESULT,
+                &why,
+                Some(FailureCause::InvalidResult),
+                now,
+            );
             self.take_back(&result.job_id, Some(node), &why, now);
             self.dispatch(now);
             return Err((code, why));
@@ -865,16 +937,20 @@ impl Core {
             }
             return Err(refusal);
         }
-        let why = format!("node failed the job ({code:?}): {}", clip(reason));
+        let why = format!("node failed the job ({code}): {}", clip(reason));
         match code {
-            FailCode::RuntimeError | FailCode::DeadlineExceeded | FailCode::InvalidJob => {
-                self.penalize(node, PENALTY_RUNTIME_ERROR, &why, true, now);
+            c if c.node_fault() => {
+                self.penalize(
+                    node,
+                    PENALTY_RUNTIME_ERROR,
+                    &why,
+                    Some(FailureCause::Reported(code)),
+                    now,
+                );
             }
-            FailCode::ModelInactive
-            | FailCode::OverCapacity
-            | FailCode::HandedBack
-            | FailCode::RuntimeRejected
-            | FailCode::OutputTooLarge => {}
+            // Hand-backs (drain, unreachable runtime), capacity races, config sync and codes
+            // from newer nodes are not the node's fault.
+            _ => {}
         }
         // The node no longer runs it: its credit is free again (no zombie).
         if let Some(rec) = self.nodes.get_mut(node) {
@@ -926,7 +1002,7 @@ impl Core {
             node,
             PENALTY_INVALID_SIGNATURE,
             "invalid signature on session",
-            true,
+            Some(FailureCause::InvalidSignature),
             now,
         );
     }
@@ -1019,11 +1095,11 @@ impl Core {
     /// Timeouts, resume-window expiry, caller deadlines, exclusion ends; then dispatch.
     pub fn tick(&mut self, now: u64) {
         let resume_window = self.config.timing.resume_window_ms;
-        let mut expired: Vec<(JobId, Option<NodeId>, String, bool)> = Vec::new();
+        let mut expired: Vec<(JobId, Option<NodeId>, String, Option<FailureCause>)> = Vec::new();
         for job in self.jobs.values() {
             match &job.state {
                 JobState::Queued | JobState::Assigned(_) if now >= job.deadline_ms => {
-                    expired.push((job.id.clone(), None, "request timed out".into(), false));
+                    expired.push((job.id.clone(), None, "request timed out".into(), None));
                 }
                 JobState::Assigned(lease) => {
                     let connected = self
@@ -1036,14 +1112,14 @@ impl Core {
                             job.id.clone(),
                             Some(lease.node.clone()),
                             "ack timeout".into(),
-                            true,
+                            Some(FailureCause::AckTimeout),
                         ));
                     } else if now >= lease.exec_deadline_ms {
                         expired.push((
                             job.id.clone(),
                             Some(lease.node.clone()),
                             "execution deadline passed".into(),
-                            true,
+                            Some(FailureCause::ExecutionDeadline),
                         ));
                     }
                 }
@@ -1059,12 +1135,12 @@ impl Core {
                         job.clone(),
                         Some(rec.id.clone()),
                         "node gone past the resume window".into(),
-                        true,
+                        Some(FailureCause::Gone),
                     ));
                 }
             }
         }
-        for (job_id, node, why, penalize) in expired {
+        for (job_id, node, why, cause) in expired {
             match node {
                 None => {
                     let holder = self.holder(&job_id);
@@ -1074,8 +1150,8 @@ impl Core {
                     self.finish_failed(&job_id, ErrorCode::Timeout, why, now);
                 }
                 Some(node) => {
-                    if penalize {
-                        self.penalize(&node, PENALTY_TIMEOUT, &why, true, now);
+                    if cause.is_some() {
+                        self.penalize(&node, PENALTY_TIMEOUT, &why, cause, now);
                     }
                     self.take_back(&job_id, Some(&node), &why, now);
                 }
@@ -1192,26 +1268,54 @@ impl Core {
         }
     }
 
-    fn penalize(&mut self, node: &NodeId, amount: f64, why: &str, failure: bool, now: u64) {
+    /// Charges a node for a failure. Failures are counted per incident, not per job: one
+    /// runtime crash or stall fails every job in flight at once, and charging each would take
+    /// a node that recovered in seconds out for a whole cooldown. So a failure whose cause
+    /// already opened an incident within the incident window adds neither penalty nor a
+    /// consecutive failure (it is still counted in `failed`).
+    fn penalize(
+        &mut self,
+        node: &NodeId,
+        amount: f64,
+        why: &str,
+        cause: Option<FailureCause>,
+        now: u64,
+    ) {
         let half_life = self.sched.penalty_half_life_ms;
-        let (limit, cooldown) = (
-            self.sched.exclude_after_failures,
-            self.sched.exclusion_cooldown_ms,
+        let policy = self.penalty_policy();
+        let (limit, cooldown, window) = (
+            policy.exclude_after_failures,
+            policy.exclusion_cooldown_ms,
+            policy.incident_window_ms,
         );
         let Some(rec) = self.nodes.get_mut(node) else {
             return;
         };
+        if let Some(cause) = cause {
+            rec.failed += 1;
+            match rec.incidents.get(&cause) {
+                Some(&opened) if now < opened.saturating_add(window) => {
+                    tracing::debug!(node = %node, reason = why, "failure belongs to an open incident");
+                    return;
+                }
+                _ => {
+                    // Bounded: one entry per cause, and causes are a closed set.
+                    rec.incidents
+                        .retain(|_, opened| now < opened.saturating_add(window));
+                    rec.incidents.insert(cause, now);
+                }
+            }
+        }
         rec.penalty = (rec.penalty_at(now, half_life) + amount).min(PENALTY_MAX);
         rec.penalty_at_ms = now;
         rec.penalty_reason = Some(why.to_owned());
-        if failure {
-            rec.failed += 1;
+        if cause.is_some() {
             rec.consecutive_failures += 1;
             if rec.consecutive_failures >= limit {
                 rec.consecutive_failures = 0;
                 rec.suspended_until_ms = Some(now.saturating_add(cooldown));
                 rec.penalty_reason = Some(format!(
-                    "suspended after {limit} consecutive failures; last: {why}"
+                    "suspended after {limit} consecutive failed incidents; last: {why}"
                 ));
                 tracing::warn!(node = %node, until = now + cooldown, "node suspended");
             }
@@ -1303,6 +1407,7 @@ impl Core {
         let ack_timeout = self.config.timing.ack_timeout_ms;
         let max_out = self.sched.max_output_bytes;
         let attempt_timeout = self.sched.attempt_timeout_ms;
+        let config_digest = self.assignment_digest(node);
         let Some(job) = self.jobs.get_mut(job_id) else {
             return;
         };
@@ -1317,12 +1422,13 @@ impl Core {
         let exec_deadline = now.saturating_add(attempt_timeout).min(job.deadline_ms);
         job.state = JobState::Assigned(Lease {
             node: node.clone(),
+            config_digest: config_digest.clone(),
             assigned_ms: now,
             acked: false,
             ack_deadline_ms: now.saturating_add(ack_timeout),
             exec_deadline_ms: exec_deadline,
         });
-        let msg = assignment(job, exec_deadline, max_out);
+        let msg = assignment(job, exec_deadline, max_out, config_digest);
         if let Some(rec) = self.nodes.get_mut(node) {
             rec.outstanding.insert(job_id.clone());
             let n = u32::try_from(rec.outstanding.len()).unwrap_or(u32::MAX);
@@ -1573,16 +1679,48 @@ enum Choice {
     Wait,
 }
 
-fn assignment(job: &Job, deadline_ms: u64, max_output_bytes: u32) -> NetworkMessage {
+fn assignment(
+    job: &Job,
+    deadline_ms: u64,
+    max_output_bytes: u32,
+    config_digest: ConfigDigest,
+) -> NetworkMessage {
     NetworkMessage::JobAssign(JobAssignment {
         job_id: job.id.clone(),
         lease_epoch: job.lease_epoch,
         model: job.spec.model.clone(),
+        config_digest,
         kind: job.spec.kind,
         request: job.spec.request.clone(),
         deadline_ms,
         max_output_bytes,
     })
+}
+
+/// The result-binding rule (spec §7.5): a result is accepted for a lease only if its signed
+/// body names exactly what the assignment dictated — the config digest and the model (id and
+/// revision) — and its `output_digest` is the digest of its `output`. Lease and epoch are
+/// checked before this by [`Core::lease_check`]; the signature before that by the session.
+/// Every mismatch is `result_mismatch`; an oversize output is `too_large`.
+pub(crate) fn check_result_binding(
+    lease: &Lease,
+    model: &ModelRef,
+    result: &JobResult,
+    max_output_bytes: u32,
+) -> Result<(), Refusal> {
+    result
+        .check_binding(&lease.config_digest, model)
+        .map_err(|e| (ErrorCode::ResultMismatch, e.to_string()))?;
+    if result.output.len() > max_output_bytes as usize {
+        return Err((
+            ErrorCode::TooLarge,
+            format!(
+                "output of {} bytes exceeds max_output_bytes {max_output_bytes}",
+                result.output.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn not_assigned(job: &JobId) -> Refusal {
@@ -1633,5 +1771,131 @@ mod tests {
         let c = clip(&s);
         assert!(c.len() <= 200);
         assert!(s.starts_with(&c));
+    }
+
+    fn core_with_node(sched: SchedulerSettings) -> (Core, NodeId) {
+        let config = NetworkConfig {
+            environment: resultity_protocol::messages::Environment::Testnet,
+            models: vec![],
+            runtime_images: Default::default(),
+            sidecar_image: None,
+            timing: Default::default(),
+            subclouds: vec![],
+            network_keys: vec![],
+            revoked_node_keys: vec![],
+            penalties: None,
+        };
+        let limits = Limits::default();
+        let mut core = Core::new(
+            sched,
+            limits.clone(),
+            Metrics::new(),
+            Arc::new(config),
+            ConfigDigest::of_body(b"config"),
+        );
+        let key = resultity_protocol::NodeKeypair::from_seed(&[7; 32]);
+        let caps = Capabilities {
+            runtime: resultity_protocol::messages::RuntimeKind::Vllm,
+            max_concurrency: 8,
+            participation: Default::default(),
+            subclouds: vec![],
+            gpu: Default::default(),
+            models_installed: vec![],
+        };
+        let id = key.id().clone();
+        let rec = NodeRecord::new(&id, key.verifying_key(), &caps, 1, &limits, 0);
+        core.nodes.insert(id.clone(), rec);
+        (core, id)
+    }
+
+    const CAUSES: [FailureCause; 6] = [
+        FailureCause::AckTimeout,
+        FailureCause::ExecutionDeadline,
+        FailureCause::InvalidResult,
+        FailureCause::Reported(FailCode::RuntimeError),
+        FailureCause::Reported(FailCode::DeadlineExceeded),
+        FailureCause::Reported(FailCode::OutboxUnavailable),
+    ];
+
+    proptest::proptest! {
+        /// A runtime crash fails every job in flight within moments: k failures of one cause
+        /// inside the incident window are one penalty and one failed incident, never an
+        /// exclusion.
+        #[test]
+        fn a_burst_from_one_incident_is_one_penalty(
+            k in 1usize..64,
+            offsets in proptest::collection::vec(0u64..5_000, 64),
+            cause in 0usize..CAUSES.len(),
+        ) {
+            let sched = SchedulerSettings::default();
+            let (half_life, window) = (sched.penalty_half_life_ms, sched.incident_window_ms);
+            proptest::prop_assume!(offsets.iter().all(|o| *o < window));
+            let (mut core, node) = core_with_node(sched);
+            let t0 = 1_000_000;
+            let mut times: Vec<u64> = offsets[..k].iter().map(|o| t0 + o).collect();
+            times.sort_unstable();
+            times[0] = t0;
+            for t in &times {
+                core.penalize(&node, PENALTY_TIMEOUT, "stall", Some(CAUSES[cause]), *t);
+            }
+            let last = times[k - 1];
+            let rec = &core.nodes[&node];
+            proptest::prop_assert_eq!(rec.consecutive_failures, 1);
+            proptest::prop_assert_eq!(rec.failed, k as u64);
+            proptest::prop_assert!(rec.suspended_until_ms.is_none());
+            let one = PENALTY_TIMEOUT * 0.5f64.powf((last - t0) as f64 / half_life as f64);
+            proptest::prop_assert!((rec.penalty_at(last, half_life) - one).abs() < 1e-6);
+        }
+
+        /// Failures a window apart are separate incidents: the node is suspended after the
+        /// configured number of them, as before.
+        #[test]
+        fn separate_incidents_each_count(cause in 0usize..CAUSES.len()) {
+            let sched = SchedulerSettings::default();
+            let (limit, window) = (sched.exclude_after_failures, sched.incident_window_ms);
+            let (mut core, node) = core_with_node(sched);
+            for i in 0..u64::from(limit) {
+                let t = 1_000_000 + i * window;
+                core.penalize(&node, PENALTY_TIMEOUT, "stall", Some(CAUSES[cause]), t);
+            }
+            proptest::prop_assert!(core.nodes[&node].suspended_until_ms.is_some());
+        }
+    }
+
+    #[test]
+    fn the_network_config_overrides_the_service_penalty_settings() {
+        let (mut core, _) = core_with_node(SchedulerSettings::default());
+        let defaults = core.penalty_policy();
+        assert_eq!(defaults.incident_window_ms, 5_000);
+        let mut config = core.config().clone();
+        config.penalties = Some(resultity_protocol::config::PenaltySettings {
+            exclude_after_failures: Some(7),
+            exclusion_cooldown_ms: None,
+            incident_window_ms: Some(250),
+        });
+        let pointer = ConfigPointer {
+            version: 2,
+            digest: ConfigDigest::of_body(b"config 2"),
+        };
+        core.set_config(Arc::new(config), &pointer, 0);
+        let p = core.penalty_policy();
+        assert_eq!(p.exclude_after_failures, 7);
+        assert_eq!(p.incident_window_ms, 250);
+        assert_eq!(p.exclusion_cooldown_ms, defaults.exclusion_cooldown_ms);
+    }
+
+    #[test]
+    fn hand_backs_and_unknown_codes_are_not_the_nodes_fault() {
+        for code in [
+            FailCode::HandedBack,
+            FailCode::RuntimeUnavailable,
+            FailCode::ConfigMismatch,
+            FailCode::OverCapacity,
+            FailCode::ModelInactive,
+            FailCode::Unknown,
+        ] {
+            assert!(!code.node_fault(), "{code}");
+            assert!(code.retriable(), "{code}");
+        }
     }
 }

@@ -127,6 +127,30 @@ struct ServeArgs {
     /// Assignments per job before it fails for good.
     #[arg(long, env = "RESULTITY_IO_MAX_ATTEMPTS", default_value_t = 3)]
     max_attempts: u32,
+    /// Failed incidents in a row before a node is excluded for the cooldown (the network
+    /// config's `penalties` overrides it).
+    #[arg(long, env = "RESULTITY_IO_EXCLUDE_AFTER_FAILURES", default_value_t = 3)]
+    exclude_after_failures: u32,
+    /// How long an excluded node gets no jobs, ms.
+    #[arg(
+        long,
+        env = "RESULTITY_IO_EXCLUSION_COOLDOWN_MS",
+        default_value_t = 60_000
+    )]
+    exclusion_cooldown_ms: u64,
+    /// Failures of one cause within this many ms of the first are one incident (0: every
+    /// failure counts).
+    #[arg(long, env = "RESULTITY_IO_INCIDENT_WINDOW_MS", default_value_t = 5_000)]
+    incident_window_ms: u64,
+    /// A request's headers must arrive within this many ms (else the connection is closed).
+    #[arg(long, env = "RESULTITY_IO_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    header_timeout_ms: u64,
+    /// A request's body must arrive within this many ms after its headers.
+    #[arg(long, env = "RESULTITY_IO_BODY_TIMEOUT_MS", default_value_t = 10_000)]
+    body_timeout_ms: u64,
+    /// Invalid signatures within one session before it is closed (4002).
+    #[arg(long, env = "RESULTITY_IO_MAX_INVALID_SIGNATURES", default_value_t = 5)]
+    max_invalid_signatures: u32,
     /// Log filter (tracing-subscriber EnvFilter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
@@ -215,6 +239,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     settings.scheduler.attempt_timeout_ms = args.attempt_timeout_ms;
     settings.scheduler.request_timeout_ms = args.request_timeout_ms;
     settings.scheduler.max_attempts = args.max_attempts;
+    settings.limits.header_timeout_ms = args.header_timeout_ms.max(1);
+    settings.limits.body_timeout_ms = args.body_timeout_ms.max(1);
+    settings.scheduler.exclude_after_failures = args.exclude_after_failures.max(1);
+    settings.scheduler.exclusion_cooldown_ms = args.exclusion_cooldown_ms;
+    settings.scheduler.incident_window_ms = args.incident_window_ms;
+    settings.scheduler.max_invalid_signatures = args.max_invalid_signatures.max(1);
     let handle = IoService::start(settings).await?;
     println!("resultity-io listening on {}", handle.base_url());
     wait_for_signals(&handle).await;

@@ -27,7 +27,15 @@ pub async fn read_body(
     channel: Channel,
 ) -> Result<axum::body::Bytes, ApiError> {
     let max = state.settings.limits.max_body_bytes;
-    axum::body::to_bytes(body, max).await.map_err(|e| {
+    let wait = std::time::Duration::from_millis(state.settings.limits.body_timeout_ms);
+    let Ok(read) = tokio::time::timeout(wait, axum::body::to_bytes(body, max)).await else {
+        return Err(state.reject(
+            channel,
+            ErrorCode::Timeout,
+            format!("request body not received within {} ms", wait.as_millis()),
+        ));
+    };
+    read.map_err(|e| {
         let text = e.to_string();
         if text.contains("length limit") {
             state.reject(
@@ -114,13 +122,25 @@ pub async fn challenge(
             .with_retry_after(1000));
     }
     let bytes = read_body(&state, body, Channel::Http).await?;
-    let req: ChallengeRequest = serde_json::from_slice(&bytes).map_err(|e| {
+    // The node id is parsed on its own so a weak key is answered `weak_key`, not `malformed`.
+    #[derive(serde::Deserialize)]
+    struct RawChallengeRequest {
+        network_id: resultity_protocol::NetworkId,
+        node_id: String,
+    }
+    let raw: RawChallengeRequest = serde_json::from_slice(&bytes).map_err(|e| {
         state.reject(
             Channel::Http,
             ErrorCode::Malformed,
             format!("challenge request: {e}"),
         )
     })?;
+    let node_id = resultity_protocol::NodeId::parse(&raw.node_id)
+        .map_err(|e| state.reject_protocol(Channel::Http, &e))?;
+    let req = ChallengeRequest {
+        network_id: raw.network_id,
+        node_id,
+    };
     if req.network_id != state.settings.network_id {
         return Err(state.reject(
             Channel::Http,

@@ -185,6 +185,7 @@ impl IoService {
             settings.limits.clone(),
             metrics.clone(),
             Arc::new(first.snapshot.payload.clone()),
+            first.pointer().digest,
         );
         let (stop, shutdown) = watch::channel(false);
         let state = AppState(Arc::new(Shared {
@@ -200,17 +201,8 @@ impl IoService {
         let app = router(state.clone());
         let listener =
             crate::listener::BoundedListener::new(listener, state.settings.limits.max_connections);
-        let mut server_stop = shutdown.clone();
-        let server = tokio::spawn(async move {
-            let serve = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<crate::listener::PeerAddr>(),
-            )
-            .with_graceful_shutdown(async move { stopped(&mut server_stop).await });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "server stopped");
-            }
-        });
+        let header_timeout = Duration::from_millis(state.settings.limits.header_timeout_ms);
+        let server = tokio::spawn(serve_http(listener, app, header_timeout, shutdown.clone()));
         let ticker = tokio::spawn(tick_loop(state.clone(), shutdown));
         tracing::info!(%local_addr, network = %state.settings.network_id, key = %state.settings.network_key.id(), "resultity-io listening");
         Ok(IoServiceHandle {
@@ -288,6 +280,54 @@ async fn tick_loop(state: AppState, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
+/// The HTTP/1 accept loop. axum's own `serve` sets no header read timeout, so a client that
+/// never finishes its headers would hold a connection slot for as long as it likes; hyper's
+/// `header_read_timeout` closes it. WebSocket upgrades are served on the same connections.
+async fn serve_http(
+    mut listener: crate::listener::BoundedListener,
+    app: Router,
+    header_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use axum::serve::Listener;
+    loop {
+        let (io, addr) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stopped(&mut shutdown) => return,
+        };
+        let app = app.clone();
+        let mut stop = shutdown.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(crate::listener::PeerAddr(addr)));
+                    let mut app = app.clone();
+                    tower_service::Service::call(&mut app, req)
+                });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = builder
+                .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+                .with_upgrades();
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(peer = %addr, error = %e, "connection ended with an error");
+                    }
+                }
+                _ = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+            }
+        });
+    }
+}
+
 /// Resolves once shutdown was requested (or its sender is gone).
 pub async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
@@ -295,6 +335,28 @@ pub async fn stopped(rx: &mut watch::Receiver<bool>) {
 
 /// Concurrency bound and server time on every answer.
 async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let max = state.settings.limits.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = declared.filter(|len| *len > max as u64) {
+        // Refused on the declaration, before a byte of the body is read; the connection is
+        // closed since the unread body would otherwise have to be drained.
+        let mut resp = state
+            .reject(
+                Channel::Http,
+                ErrorCode::TooLarge,
+                format!("declared body of {len} bytes exceeds {max}"),
+            )
+            .into_response();
+        resp.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            HeaderValue::from_static("close"),
+        );
+        return resp;
+    }
     let permit = state.http_slots.clone().try_acquire_owned();
     let mut resp = match permit {
         Ok(_permit) => next.run(req).await,

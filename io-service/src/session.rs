@@ -76,10 +76,22 @@ async fn send_text(socket: &mut WebSocket, text: String) -> bool {
     )
 }
 
+/// RFC 6455 §5.5: a control frame's payload is at most 125 bytes, two of which are the code.
+const MAX_CLOSE_REASON_BYTES: usize = 123;
+
+/// `reason` cut on a character boundary to fit a close frame.
+fn close_reason(reason: &str) -> String {
+    let mut end = reason.len().min(MAX_CLOSE_REASON_BYTES);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_owned()
+}
+
 async fn close_with(socket: &mut WebSocket, code: u16, reason: &str) {
     let frame = CloseFrame {
         code,
-        reason: crate::core::clip(reason).into(),
+        reason: close_reason(reason).into(),
     };
     let _ = tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
 }
@@ -106,26 +118,35 @@ async fn run(state: AppState, mut socket: WebSocket) {
     if !send_text(&mut socket, text).await {
         return;
     }
-    let auth_frame =
-        match tokio::time::timeout(Duration::from_millis(lim.auth_timeout_ms), socket.recv()).await
-        {
-            Err(_) => {
-                state.metrics.reject(Channel::Ws, ErrorCode::Timeout);
-                close_with(&mut socket, close::AUTH_TIMEOUT, "no auth in time").await;
-                return;
+    // Pings (and pongs) may come before `auth`; they are answered by the transport and do not
+    // extend the deadline.
+    let auth_deadline = tokio::time::Instant::now() + Duration::from_millis(lim.auth_timeout_ms);
+    let next_data = async {
+        loop {
+            match socket.recv().await {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => return other,
             }
-            Ok(Some(Ok(Message::Text(t)))) => t,
-            Ok(_) => {
-                state.metrics.reject(Channel::Ws, ErrorCode::Malformed);
-                close_with(
-                    &mut socket,
-                    close::PROTOCOL_ERROR,
-                    "expected an auth text frame",
-                )
-                .await;
-                return;
-            }
-        };
+        }
+    };
+    let auth_frame = match tokio::time::timeout_at(auth_deadline, next_data).await {
+        Err(_) => {
+            state.metrics.reject(Channel::Ws, ErrorCode::Timeout);
+            close_with(&mut socket, close::AUTH_TIMEOUT, "no auth in time").await;
+            return;
+        }
+        Ok(Some(Ok(Message::Text(t)))) => t,
+        Ok(_) => {
+            state.metrics.reject(Channel::Ws, ErrorCode::Malformed);
+            close_with(
+                &mut socket,
+                close::PROTOCOL_ERROR,
+                "expected an auth text frame",
+            )
+            .await;
+            return;
+        }
+    };
     let (auth, key) = match open_auth(
         auth_frame.as_bytes(),
         &state.settings.network_id,
@@ -171,12 +192,8 @@ async fn run(state: AppState, mut socket: WebSocket) {
         Ok(n) => n,
         Err((code, msg)) => {
             state.metrics.reject(Channel::Ws, code);
-            let close_code = if code == ErrorCode::Revoked {
-                close::EXCLUDED
-            } else {
-                close::AUTH_FAILED
-            };
-            close_with(&mut socket, close_code, &msg).await;
+            // Revoked and unregistered nodes alike failed `auth` (spec §8.3: revoked → 4001).
+            close_with(&mut socket, close::AUTH_FAILED, &msg).await;
             return;
         }
     };
@@ -244,12 +261,11 @@ impl Live {
         let mut last_heard = tokio::time::Instant::now();
         let mut shutdown = self.state.shutdown.clone();
         loop {
+            // Biased, socket first: after a stall (GC pause, SIGSTOP, overload) frames that
+            // arrived meanwhile are read before the ping timer may call the peer dead.
             let next = tokio::select! {
-                out = rx.recv() => match out {
-                    Some(Outbound::Msg(msg)) => self.send(socket, msg).await,
-                    Some(Outbound::Close(code, why)) => Next::Close(code, why),
-                    None => Next::Close(close::GOING_AWAY, "session dropped".into()),
-                },
+                biased;
+                _ = crate::server::stopped(&mut shutdown) => Next::Close(close::GOING_AWAY, "network shutting down".into()),
                 frame = socket.recv() => {
                     last_heard = tokio::time::Instant::now();
                     match frame {
@@ -270,6 +286,11 @@ impl Live {
                         }
                     }
                 }
+                out = rx.recv() => match out {
+                    Some(Outbound::Msg(msg)) => self.send(socket, msg).await,
+                    Some(Outbound::Close(code, why)) => Next::Close(code, why),
+                    None => Next::Close(close::GOING_AWAY, "session dropped".into()),
+                },
                 _ = ping.tick() => {
                     // Dead after two ping intervals without any frame from the node.
                     if last_heard.elapsed() > ping_every * 2 {
@@ -280,7 +301,6 @@ impl Live {
                         Next::Continue
                     }
                 }
-                _ = crate::server::stopped(&mut shutdown) => Next::Close(close::GOING_AWAY, "network shutting down".into()),
             };
             if let Next::Close(code, why) = next {
                 close_with(socket, code, &why).await;

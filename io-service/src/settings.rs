@@ -47,6 +47,10 @@ pub struct Limits {
     pub session_outbound: usize,
     /// Handshake: `auth` must arrive within this after `hello`.
     pub auth_timeout_ms: u64,
+    /// A request's headers must be complete within this after its first byte (slow-loris).
+    pub header_timeout_ms: u64,
+    /// A request's body must be complete within this after its headers.
+    pub body_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -69,6 +73,8 @@ impl Default for Limits {
             ws_read_buffer_bytes: 4096,
             session_outbound: 256,
             auth_timeout_ms: limits::AUTH_TIMEOUT_MS,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 10_000,
         }
     }
 }
@@ -88,10 +94,12 @@ pub struct SchedulerSettings {
     pub heartbeat_miss_factor: u64,
     /// Penalties halve every this many ms.
     pub penalty_half_life_ms: u64,
-    /// Consecutive failures (timeouts, invalid results) before temporary exclusion.
+    /// Consecutive failed incidents (timeouts, invalid results) before temporary exclusion.
     pub exclude_after_failures: u32,
     /// How long an exclusion lasts.
     pub exclusion_cooldown_ms: u64,
+    /// Failures of one cause within this window of the first are one incident.
+    pub incident_window_ms: u64,
     /// Invalid signatures within one session before it is closed.
     pub max_invalid_signatures: u32,
     /// Latency at which the latency part of the score is halved.
@@ -113,7 +121,8 @@ impl Default for SchedulerSettings {
             penalty_half_life_ms: 60_000,
             exclude_after_failures: 3,
             exclusion_cooldown_ms: 60_000,
-            max_invalid_signatures: 3,
+            incident_window_ms: 5_000,
+            max_invalid_signatures: 5,
             latency_ref_ms: 1_000.0,
             finished_history: 10_000,
             max_output_bytes: u32::try_from(limits::MAX_ENVELOPE_BYTES / 2).unwrap_or(u32::MAX),

@@ -259,7 +259,8 @@ async fn revoking_a_node_key_closes_its_session_and_refuses_its_requests() {
             Err(c) => break c,
         }
     };
-    assert_eq!(code, Some(close::EXCLUDED));
+    // Spec §8.3: a revoked node failed authentication (4001), it is not merely excluded.
+    assert_eq!(code, Some(close::AUTH_FAILED));
     let (status, text) = node
         .post_raw(paths::HEARTBEAT, node.heartbeat_envelope(report(1)))
         .await;

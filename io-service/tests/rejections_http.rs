@@ -288,3 +288,90 @@ async fn challenge_flood_from_one_address_is_rate_limited_per_ip() {
     // Another address is not affected.
     assert_eq!(ask(from([127, 0, 0, 2])).await.status(), 200);
 }
+
+/// Sends `head` on a raw connection and returns what the service answered before closing,
+/// or panics if it neither answered nor closed within `bound` (far above the configured
+/// timeouts; the service used to hold such connections for 40 s and more).
+async fn raw_exchange(io: &resultity_io::IoServiceHandle, head: &[u8], bound: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sock = tokio::net::TcpStream::connect(io.local_addr())
+        .await
+        .unwrap();
+    sock.write_all(head).await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(bound, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "connection neither answered nor closed within {bound:?}; got {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+use std::time::Duration;
+
+#[tokio::test]
+async fn a_declared_oversize_body_is_refused_before_it_is_sent() {
+    let io = start(|_| {}).await;
+    // Declares 64 MiB and never sends a byte of it.
+    let head = b"POST /v1/node/ping HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 67108864\r\n\r\n";
+    let answer = raw_exchange(&io, head, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("too_large"), "{answer}");
+    assert_eq!(
+        io.state()
+            .metrics
+            .rejections(Channel::Http, ErrorCode::TooLarge),
+        1
+    );
+    io.shutdown().await;
+}
+
+#[tokio::test]
+async fn unfinished_headers_and_bodies_are_cut_off_by_their_timeouts() {
+    let io = start(|s| {
+        s.limits.header_timeout_ms = 300;
+        s.limits.body_timeout_ms = 300;
+    })
+    .await;
+    // Headers that never end (slow-loris): the connection is closed.
+    let started = std::time::Instant::now();
+    let answer = raw_exchange(
+        &io,
+        b"POST /v1/node/ping HTTP/1.1\r\nhost: x\r\nx-slow: ",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(!answer.contains("200 OK"), "{answer}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
+    // A body shorter than declared: answered with `timeout` once the body timeout passes.
+    let answer = raw_exchange(
+        &io,
+        b"POST /v1/node/ping HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"hdr\":",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(answer.contains("\"timeout\""), "{answer}");
+
+    // The service still serves normal requests.
+    assert_eq!(
+        http()
+            .get(format!("{}/healthz", io.base_url()))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    io.shutdown().await;
+}

@@ -78,7 +78,7 @@ async fn replayed_misdirected_and_forged_frames_are_refused() {
     let mut tampered = result_for(&ws.node_id, &job);
     tampered.output.push(' ');
     ws.send(NodeMessage::JobResult(tampered)).await;
-    assert_eq!(ws.recv_error().await.0, ErrorCode::Malformed);
+    assert_eq!(ws.recv_error().await.0, ErrorCode::ResultMismatch);
     // ...which costs the node its lease: the job comes back as a new assignment elsewhere or
     // fails (only node) — here it fails with every eligible node tried.
     let resp = caller.await.unwrap();
@@ -94,16 +94,67 @@ async fn replayed_misdirected_and_forged_frames_are_refused() {
         ErrorCode::Replayed,
         ErrorCode::WrongPurpose,
         ErrorCode::NotAssigned,
+        ErrorCode::ResultMismatch,
+        ErrorCode::Malformed,
     ] {
         assert_eq!(m.rejections(Channel::Ws, code), 1, "{code}");
     }
-    assert_eq!(m.rejections(Channel::Ws, ErrorCode::Malformed), 2);
     let n = node_json(&io, node.key.id()).await;
     assert_eq!(n["completed"], 0);
     assert!(
         n["penalty"].as_u64().unwrap() > 0,
         "an invalid result is penalized: {n}"
     );
+    io.shutdown().await;
+}
+
+/// A result is bound to what its assignment dictated: the config digest and the model
+/// revision. Signed results that disagree (or name no config) are refused with
+/// `result_mismatch`, never delivered to the caller.
+#[tokio::test]
+async fn results_not_bound_to_their_assignment_are_refused() {
+    let io = start(|_| {}).await;
+    let m = io.state().metrics.clone();
+    let node = TestNode::new(&io, 1);
+    let mut ws = node.join().await;
+    let published = io.state().published().pointer().digest;
+    type Tamper = fn(&mut resultity_protocol::messages::ws::JobResult);
+    let cases: [(&str, Tamper); 4] = [
+        ("no config digest", |r| r.config_digest = None),
+        ("another config", |r| {
+            r.config_digest = Some(resultity_protocol::config::ConfigDigest::of_body(b"other"))
+        }),
+        ("another model revision", |r| r.model.revision = "v2".into()),
+        ("another model", |r| r.model.id = "another-model".into()),
+    ];
+    for (name, tamper) in cases {
+        let caller = call(&io);
+        let job = ws.recv_job().await;
+        assert_eq!(
+            job.config_digest, published,
+            "{name}: assignment names the config"
+        );
+        let mut bad = result_for(&ws.node_id, &job);
+        tamper(&mut bad);
+        ws.send(NodeMessage::JobResult(bad)).await;
+        let (code, message) = ws.recv_error().await;
+        assert_eq!(code, ErrorCode::ResultMismatch, "{name}: {message}");
+        let resp = caller.await.unwrap();
+        assert_ne!(
+            resp.status(),
+            200,
+            "{name}: a mismatched result reached the caller"
+        );
+    }
+    assert_eq!(m.rejections(Channel::Ws, ErrorCode::ResultMismatch), 4);
+    // The faithful result of a fresh job is accepted.
+    let caller = call(&io);
+    let job = ws.recv_job().await;
+    ws.send(NodeMessage::JobResult(result_for(&ws.node_id, &job)))
+        .await;
+    let resp = caller.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(node_json(&io, node.key.id()).await["completed"], 1);
     io.shutdown().await;
 }
 

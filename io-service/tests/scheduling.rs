@@ -242,6 +242,8 @@ async fn repeated_failures_suspend_a_node_until_cooldown() {
     let io = start(|s| {
         s.scheduler.exclude_after_failures = 2;
         s.scheduler.exclusion_cooldown_ms = 400;
+        // Every failure its own incident: this test is about the threshold.
+        s.scheduler.incident_window_ms = 0;
     })
     .await;
     let node = TestNode::new(&io, 1);

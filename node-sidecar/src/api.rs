@@ -325,8 +325,9 @@ impl Metrics {
     pub fn job_latency(&self, report: &NodeMessage, elapsed: Duration) {
         let outcome = match report {
             NodeMessage::JobResult(_) => "completed",
+            // Both go back to the network unpenalized: the job itself did not fail.
             NodeMessage::JobFail {
-                code: FailCode::HandedBack,
+                code: FailCode::HandedBack | FailCode::RuntimeUnavailable,
                 ..
             } => "handed_back",
             _ => "failed",

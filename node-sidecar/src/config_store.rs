@@ -196,6 +196,7 @@ mod tests {
                 subclouds: vec![],
                 network_keys: vec![key.id().clone()],
                 revoked_node_keys: vec![],
+                penalties: None,
             },
         }
     }

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod api;
 pub mod backoff;
+pub mod config_refusal;
 pub mod config_store;
 pub mod dcgm;
 pub mod doctor;

@@ -232,6 +232,7 @@ mod tests {
             subclouds: vec![],
             network_keys: vec![],
             revoked_node_keys: vec![],
+            penalties: None,
         }
     }
 

@@ -799,6 +799,7 @@ fn snapshot(version: u64, prev: Option<resultity_protocol::ConfigDigest>) -> Con
             subclouds: vec![],
             network_keys: vec![net_key().id().clone()],
             revoked_node_keys: vec![],
+            penalties: None,
         },
     }
 }

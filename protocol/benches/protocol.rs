@@ -107,7 +107,7 @@ fn benches(c: &mut Criterion) {
     let result = NodeMessage::JobResult(JobResult {
         job_id: JobId::parse("j-1").unwrap_or_else(|_| unreachable!()),
         lease_epoch: 1,
-        config_digest: None,
+        config_digest: Some(resultity_protocol::config::ConfigDigest::of_body(b"bench")),
         model: ModelRef {
             id: "m".into(),
             revision: "r".into(),
@@ -180,6 +180,7 @@ fn benches(c: &mut Criterion) {
             subclouds: vec![],
             network_keys: vec![network.id().clone()],
             revoked_node_keys: vec![],
+            penalties: None,
         },
     };
     let signed = SignedConfig::sign(&network, &snapshot);

@@ -35,11 +35,18 @@ pub enum ErrorCode {
     Timeout,
     Unavailable,
     Internal,
+    /// A result whose signed body disagrees with its assignment (config digest, model, or
+    /// output digest).
+    ResultMismatch,
+    /// A code this build does not know (a newer peer's): read as a generic refusal instead of
+    /// failing the whole message.
+    #[serde(other)]
+    Unknown,
 }
 
 impl ErrorCode {
     /// Every code, in spec order (used by metrics to pre-register label values).
-    pub const ALL: [ErrorCode; 27] = [
+    pub const ALL: [ErrorCode; 29] = [
         Self::Malformed,
         Self::TooLarge,
         Self::UnsupportedVersion,
@@ -67,6 +74,8 @@ impl ErrorCode {
         Self::Timeout,
         Self::Unavailable,
         Self::Internal,
+        Self::ResultMismatch,
+        Self::Unknown,
     ];
 
     /// The stable snake_case name used on the wire.
@@ -99,6 +108,8 @@ impl ErrorCode {
             Self::Timeout => "timeout",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
+            Self::ResultMismatch => "result_mismatch",
+            Self::Unknown => "unknown",
         }
     }
 
@@ -122,11 +133,12 @@ impl ErrorCode {
             | Self::NotAssigned
             | Self::StaleLease
             | Self::ConfigRollback
-            | Self::ConfigEquivocation => 409,
+            | Self::ConfigEquivocation
+            | Self::ResultMismatch => 409,
             Self::TooLarge => 413,
             Self::ConfigExpired => 422,
             Self::RateLimited | Self::QueueFull => 429,
-            Self::Internal => 500,
+            Self::Internal | Self::Unknown => 500,
             Self::NoEligibleNode | Self::Unavailable => 503,
             Self::Timeout => 504,
         }

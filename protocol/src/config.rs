@@ -174,6 +174,23 @@ pub struct NetworkConfig {
     /// Node keys the network no longer accepts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub revoked_node_keys: Vec<NodeId>,
+    /// Scheduler exclusion thresholds, overriding the network service's own settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub penalties: Option<PenaltySettings>,
+}
+
+/// When the network suspends a node: after `exclude_after_failures` failed incidents in a row
+/// it is excluded for `exclusion_cooldown_ms`; failures of one cause within
+/// `incident_window_ms` of the first are one incident. Absent fields keep the service's value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct PenaltySettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclude_after_failures: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclusion_cooldown_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incident_window_ms: Option<u64>,
 }
 
 impl NetworkConfig {
@@ -398,6 +415,7 @@ mod tests {
                 subclouds: vec![],
                 network_keys: vec![key.id().clone()],
                 revoked_node_keys: vec![],
+                penalties: None,
             },
         }
     }

@@ -68,6 +68,12 @@ fn encode_key(kind: KeyKind, key: &[u8; 32]) -> String {
     s
 }
 
+/// The node-id text form of any 32 bytes, valid point or not. Parsing such a text applies every
+/// check; this exists to build refusal vectors (weak keys, invalid points).
+pub fn node_id_text_unchecked(key: &[u8; 32]) -> String {
+    encode_key(KeyKind::Node, key)
+}
+
 fn decode_key(kind: KeyKind, text: &str) -> Result<[u8; 32]> {
     let invalid = |reason: String| ProtocolError::InvalidField {
         field: kind.field(),

@@ -26,6 +26,18 @@ pub const AUTH_TIMEOUT_MS: u64 = 10_000;
 /// Protocol versions this crate implements.
 pub const PROTOCOL_VERSIONS: &[u32] = &[1];
 
+/// Longest piece of peer-supplied text quoted in an error message.
+pub const QUOTE_MAX_CHARS: usize = 128;
+
+/// `text` cut to [`QUOTE_MAX_CHARS`] characters (on a character boundary, marked with `…`),
+/// so a peer cannot make our error messages arbitrarily long.
+pub fn clip_text(text: &str) -> String {
+    match text.char_indices().nth(QUOTE_MAX_CHARS) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
+}
+
 /// Highest version both sides support, if any.
 pub fn negotiate_version(offered: &[u32], supported: &[u32]) -> Option<u32> {
     offered

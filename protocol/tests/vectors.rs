@@ -101,12 +101,11 @@ fn envelopes_match_byte_for_byte() {
             "{}",
             s(e, "name")
         );
-        assert_eq!(
-            envelope::seal_bytes(&keys.node, purpose, body),
-            s(e, "envelope"),
-            "{}",
-            s(e, "name")
-        );
+        let sealed = match s(e, "signer") {
+            "node" => envelope::seal_bytes(&keys.node, purpose, body),
+            _ => envelope::seal_bytes(&keys.network, purpose, body),
+        };
+        assert_eq!(sealed, s(e, "envelope"), "{}", s(e, "name"));
         let raw = RawEnvelope::decode(s(e, "envelope").as_bytes(), usize::MAX).unwrap();
         let opened: Value = raw.open(purpose, &keys.verifying(s(e, "signer"))).unwrap();
         assert_eq!(opened, serde_json::from_str::<Value>(body).unwrap());
@@ -135,6 +134,42 @@ fn config_digest_and_signature_match() {
             trust.verify(&signed, now),
             Ok(ConfigVerdict::New(_))
         ));
+    }
+}
+
+#[test]
+fn result_binding_vectors() {
+    use resultity_protocol::messages::ws::{JobAssignment, JobResult};
+    let (v, _) = load();
+    let b = &v["result_binding"];
+    let assignment: JobAssignment = serde_json::from_str(s(b, "assignment")).unwrap();
+    // The assignment's config is the config vector's snapshot.
+    assert_eq!(
+        assignment.config_digest.as_str(),
+        s(&v["configs"][0], "config_digest")
+    );
+    let cases = b["results"].as_array().unwrap();
+    assert!(cases.len() >= 5);
+    for case in cases {
+        let result: JobResult = serde_json::from_str(s(case, "result")).unwrap();
+        let got = result
+            .check_binding(&assignment.config_digest, &assignment.model)
+            .err()
+            .map(|_| ErrorCode::ResultMismatch);
+        let want: Option<ErrorCode> = serde_json::from_value(case["error"].clone()).unwrap();
+        assert_eq!(got, want, "{}", s(case, "name"));
+    }
+}
+
+#[test]
+fn invalid_ids_fail_with_their_code() {
+    let (v, _) = load();
+    let cases = v["invalid_ids"].as_array().unwrap();
+    assert!(!cases.is_empty());
+    for case in cases {
+        let code = NodeId::parse(s(case, "text")).err().map(|e| e.code());
+        let want: ErrorCode = serde_json::from_value(case["error"].clone()).unwrap();
+        assert_eq!(code, Some(want), "{}", s(case, "name"));
     }
 }
 

@@ -298,6 +298,7 @@ fn crypto_loop(jobs: usize) -> anyhow::Result<f64> {
                 job_id: job_id.clone(),
                 lease_epoch: 1,
                 model: model.clone(),
+                config_digest: bench_digest(),
                 kind: JobKind::ChatCompletion,
                 request: request.clone(),
                 deadline_ms: 0,
@@ -313,7 +314,7 @@ fn crypto_loop(jobs: usize) -> anyhow::Result<f64> {
         let result = node.seal(NodeMessage::JobResult(JobResult {
             job_id: job_id.clone(),
             lease_epoch: 1,
-            config_digest: None,
+            config_digest: Some(bench_digest()),
             model: model.clone(),
             output_digest: JobResult::digest_output(&output),
             output: output.clone(),
@@ -360,6 +361,7 @@ fn p3_payload() -> NetworkConfig {
         subclouds: vec![],
         network_keys: vec![],
         revoked_node_keys: vec![],
+        penalties: None,
     }
 }
 
@@ -665,4 +667,9 @@ fn print_table(r: &Report) {
             p.setup_s
         );
     }
+}
+
+/// A fixed config digest for the micro benchmark's assignments and results.
+fn bench_digest() -> resultity_protocol::config::ConfigDigest {
+    resultity_protocol::config::ConfigDigest::of_body(b"bench")
 }

@@ -55,6 +55,7 @@ pub fn payload() -> NetworkConfig {
         subclouds: vec![],
         network_keys: vec![],
         revoked_node_keys: vec![],
+        penalties: None,
     }
 }
 
@@ -417,7 +418,7 @@ pub fn result_for(node: &resultity_protocol::NodeId, job: &JobAssignment) -> Job
     JobResult {
         job_id: job.job_id.clone(),
         lease_epoch: job.lease_epoch,
-        config_digest: None,
+        config_digest: Some(job.config_digest.clone()),
         model: job.model.clone(),
         output_digest: JobResult::digest_output(&output),
         output,

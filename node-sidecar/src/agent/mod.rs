@@ -148,6 +148,8 @@ pub struct Agent {
     draining: AtomicBool,
     registered: AtomicBool,
     config_changed: Notify,
+    /// The last refused snapshot: not fetched again before its backoff ends.
+    config_refusal: Mutex<crate::config_refusal::ConfigRefusal>,
     /// Running jobs by (job, epoch), so cancels can abort them and duplicates are spotted.
     jobs: Mutex<HashMap<(JobId, u64), tokio::task::AbortHandle>>,
     /// The current session's outgoing queue, if a session is up.
@@ -277,6 +279,7 @@ impl Agent {
             draining: AtomicBool::new(false),
             registered: AtomicBool::new(false),
             config_changed: Notify::new(),
+            config_refusal: Mutex::new(Default::default()),
             jobs: Mutex::new(HashMap::new()),
             sender: Mutex::new(None),
             pending_fails: Mutex::new(Vec::new()),
@@ -310,6 +313,11 @@ impl Agent {
         *lock(&self.timing) = t.clone();
         self.net
             .set_timeout(Duration::from_millis(t.http_timeout_ms));
+    }
+
+    /// False while `digest` is a refused snapshot still in its retry backoff.
+    fn should_fetch_config(&self, digest: &resultity_protocol::config::ConfigDigest) -> bool {
+        lock(&self.config_refusal).should_fetch(digest, self.clock.now_ms())
     }
 
     fn applied_pointer(&self) -> Option<ConfigPointer> {
@@ -423,6 +431,7 @@ impl Agent {
         let mut store = self.config.lock().await;
         match store.offer(&signed, now) {
             Ok(Some(applied)) => {
+                lock(&self.config_refusal).clear();
                 let pointer = applied.pointer();
                 let timing = applied.snapshot.payload.timing.clone();
                 let image = applied
@@ -453,16 +462,22 @@ impl Agent {
                     .set(i64::try_from(pointer.version).unwrap_or(i64::MAX));
                 tracing::info!(version = pointer.version, digest = %pointer.digest, "applied network config");
             }
-            Ok(None) => drop(store),
+            Ok(None) => {
+                // Already in force: whatever was refused before is not the current state.
+                drop(store);
+                lock(&self.config_refusal).clear();
+                self.api.update(|s| s.config_error = None);
+            }
             Err(e) => {
                 drop(store);
+                let retry_at = lock(&self.config_refusal).record(signed.digest(), now);
                 let reason = match &e {
                     OfferError::Refused(p) => format!("refused config {}: {p}", signed.digest()),
                     OfferError::Store(s) => {
                         format!("could not persist config {}: {s}", signed.digest())
                     }
                 };
-                tracing::warn!(%reason, "config not applied; the last good config stays in force");
+                tracing::warn!(%reason, retry_at_ms = retry_at, "config not applied; the last good config stays in force");
                 self.api.update(|s| s.config_error = Some(reason));
             }
         }
@@ -539,8 +554,10 @@ impl Agent {
         };
         self.set_timing(&ans.timing);
         let stale = match (&ans.config, self.applied_pointer()) {
-            (Some(net), Some(applied)) => net.digest != applied.digest,
-            (Some(_), None) => true,
+            (Some(net), Some(applied)) => {
+                net.digest != applied.digest && self.should_fetch_config(&net.digest)
+            }
+            (Some(net), None) => self.should_fetch_config(&net.digest),
             _ => false,
         };
         self.api.update(|s| {

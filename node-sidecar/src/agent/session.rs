@@ -313,7 +313,10 @@ impl Agent {
                     _ => std::future::pending().await,
                 }
             };
+            // Biased, socket first: frames that arrived during a stall are read before the
+            // ping timer may call the network dead.
             tokio::select! {
+                biased;
                 frame = ws.next() => {
                     last_rx = Instant::now();
                     match frame {
@@ -405,7 +408,9 @@ impl Agent {
                 tracing::info!("network stopped dispatching to this node")
             }
             NetworkMessage::ConfigAvailable(p) => {
-                if self.applied_pointer().map(|a| a.digest) != Some(p.digest) {
+                if self.applied_pointer().map(|a| a.digest).as_ref() != Some(&p.digest)
+                    && self.should_fetch_config(&p.digest)
+                {
                     self.config_changed.notify_one();
                 }
             }
@@ -455,6 +460,23 @@ impl Agent {
                 &a,
                 FailCode::DeadlineExceeded,
                 "deadline passed before the job started".into(),
+            );
+        }
+        let applied = self.applied_pointer().map(|p| p.digest);
+        if applied.as_ref() != Some(&a.config_digest) {
+            // The network dictates the config a job runs under; a node still syncing hands the
+            // job back (no penalty) and fetches the config now, unless it refused that one.
+            if self.should_fetch_config(&a.config_digest) {
+                self.config_changed.notify_one();
+            }
+            let running = applied.map_or_else(|| "no config".to_owned(), |d| d.to_string());
+            return self.fail(
+                &a,
+                FailCode::ConfigMismatch,
+                format!(
+                    "job must run under config {}; this node runs {running}",
+                    a.config_digest
+                ),
             );
         }
         let inactive = {
@@ -519,7 +541,9 @@ impl Agent {
                 let result = JobResult {
                     job_id: a.job_id.clone(),
                     lease_epoch: a.lease_epoch,
-                    config_digest: self.applied_pointer().map(|p| p.digest),
+                    // Echo what the assignment dictated (checked against the applied config
+                    // before the job started): the network refuses any other digest.
+                    config_digest: Some(a.config_digest.clone()),
                     model: a.model.clone(),
                     output_digest: JobResult::digest_output(&o.body),
                     output: o.body,
@@ -549,13 +573,13 @@ impl Agent {
                     RuntimeError::Timeout(_) if a.deadline_ms <= self.clock.now_ms() => {
                         FailCode::DeadlineExceeded
                     }
-                    RuntimeError::Unavailable(_) => FailCode::HandedBack,
+                    RuntimeError::Unavailable(_) => FailCode::RuntimeUnavailable,
                     RuntimeError::Timeout(_) | RuntimeError::Failed(_) => FailCode::RuntimeError,
                 };
                 (code, e.to_string())
             }
         };
-        if code == FailCode::HandedBack {
+        if matches!(code, FailCode::HandedBack | FailCode::RuntimeUnavailable) {
             self.api.update(|s| s.jobs.handed_back += 1);
             self.api.metrics.job("handed_back");
         } else {

@@ -265,7 +265,10 @@ fn http_client(timeout: Duration) -> Result<reqwest::Client, RuntimeError> {
 fn transport_error(e: reqwest::Error, timeout: Duration) -> RuntimeError {
     if e.is_timeout() {
         RuntimeError::Timeout(timeout)
-    } else if e.is_connect() {
+    } else if e.is_connect() || e.is_request() || e.is_body() || e.is_decode() {
+        // Refused, reset, or closed mid-answer (reqwest reports a body cut short as a decode
+        // error): the runtime is down or died under the request,
+        // which is not the job's fault (handed back without penalty).
         RuntimeError::Unavailable(e.to_string())
     } else {
         RuntimeError::Failed(e.to_string())
@@ -361,5 +364,41 @@ mod tests {
         assert!(RuntimeError::Timeout(Duration::from_secs(1)).retriable());
         assert!(RuntimeError::Unavailable(String::new()).retriable());
         assert!(!RuntimeError::TooLarge { size: 2, max: 1 }.retriable());
+    }
+
+    /// A runtime that dies under a request (after reading it, with part of an answer or none)
+    /// is unavailable, not failing: the job is handed back without penalty.
+    #[tokio::test]
+    async fn a_runtime_killed_mid_request_is_unavailable() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for partial in [
+            &b""[..],
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"choi"[..],
+        ] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = tokio::spawn(async move {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let _ = sock.write_all(partial).await;
+                // Dropping the socket is what SIGKILL of the runtime does to the connection.
+            });
+            let timeout = Duration::from_secs(10);
+            let client = http_client(timeout).unwrap();
+            let got = send(
+                client
+                    .post(format!("http://{addr}/v1/completions"))
+                    .body("{}"),
+                timeout,
+            )
+            .await;
+            server.await.unwrap();
+            assert!(
+                matches!(got, Err(RuntimeError::Unavailable(_))),
+                "partial answer of {} bytes: {got:?}",
+                partial.len()
+            );
+        }
     }
 }

@@ -25,5 +25,6 @@ pub fn payload(timing: Timing) -> NetworkConfig {
         subclouds: vec![],
         network_keys: vec![],
         revoked_node_keys: vec![],
+        penalties: None,
     }
 }

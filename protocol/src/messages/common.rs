@@ -252,6 +252,9 @@ pub enum NodePhase {
     Draining,
     Drained,
     Failed,
+    /// A phase this build does not know (a newer sidecar's).
+    #[serde(other)]
+    Unknown,
 }
 
 impl NodePhase {
@@ -265,6 +268,7 @@ impl NodePhase {
             Self::Draining => "Draining",
             Self::Drained => "Drained",
             Self::Failed => "Failed",
+            Self::Unknown => "Unknown",
         }
     }
 }
@@ -329,11 +333,58 @@ pub enum FailCode {
     HandedBack,
     /// The output exceeded `max_output_bytes`.
     OutputTooLarge,
+    /// The runtime could not be reached or died mid-request (connection refused or reset):
+    /// the node's fault is not the job's, so it is handed back without penalty.
+    RuntimeUnavailable,
+    /// The assignment names a config digest the node does not run under (it is syncing).
+    ConfigMismatch,
+    /// The node could not persist the result (outbox full or read-only); it stops taking jobs
+    /// until it can write again.
+    OutboxUnavailable,
+    /// A code this build does not know (a newer node's): retriable, no penalty.
+    #[serde(other)]
+    Unknown,
 }
 
 impl FailCode {
     /// Whether another node may succeed with the same job.
     pub fn retriable(self) -> bool {
         !matches!(self, Self::RuntimeRejected | Self::OutputTooLarge)
+    }
+
+    /// Whether the failure says something about the node's health (and so may be penalized).
+    /// Hand-backs, capacity races, syncing and unknown codes never are.
+    pub fn node_fault(self) -> bool {
+        matches!(
+            self,
+            Self::RuntimeError
+                | Self::DeadlineExceeded
+                | Self::InvalidJob
+                | Self::OutboxUnavailable
+        )
+    }
+
+    /// The stable snake_case name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ModelInactive => "model_inactive",
+            Self::InvalidJob => "invalid_job",
+            Self::OverCapacity => "over_capacity",
+            Self::RuntimeRejected => "runtime_rejected",
+            Self::RuntimeError => "runtime_error",
+            Self::DeadlineExceeded => "deadline_exceeded",
+            Self::HandedBack => "handed_back",
+            Self::OutputTooLarge => "output_too_large",
+            Self::RuntimeUnavailable => "runtime_unavailable",
+            Self::ConfigMismatch => "config_mismatch",
+            Self::OutboxUnavailable => "outbox_unavailable",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for FailCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }

@@ -64,7 +64,10 @@ pub struct JobAssignment {
     /// Incremented each time the job is (re)assigned; results carrying an older epoch are
     /// refused by the network.
     pub lease_epoch: u64,
+    /// The model the job must run on; the result must name the same id and revision.
     pub model: ModelRef,
+    /// Config snapshot the job must run under; the result must carry the same digest.
+    pub config_digest: ConfigDigest,
     pub kind: JobKind,
     /// The request body for the runtime (OpenAI or KServe v2 JSON).
     #[cfg_attr(test, proptest(strategy = "crate::messages::arb::json_value()"))]
@@ -82,7 +85,9 @@ pub struct JobAssignment {
 pub struct JobResult {
     pub job_id: JobId,
     pub lease_epoch: u64,
-    /// Config snapshot the node ran the job under.
+    /// Config snapshot the node ran the job under: the assignment's `config_digest`. Optional
+    /// on the wire only so results from older outboxes still parse (and are refused with
+    /// `result_mismatch` instead of being resent forever).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_digest: Option<ConfigDigest>,
     pub model: ModelRef,
@@ -104,6 +109,61 @@ impl JobResult {
     pub fn output_digest_matches(&self) -> bool {
         self.output_digest == Self::digest_output(&self.output)
     }
+
+    /// The result-binding rule (spec §7.5): the signed result must name exactly the config
+    /// digest and the model (id and revision) its assignment dictated, and its `output_digest`
+    /// must be the digest of its `output`. A receiver refuses any mismatch with
+    /// `result_mismatch`.
+    pub fn check_binding(
+        &self,
+        config_digest: &ConfigDigest,
+        model: &ModelRef,
+    ) -> Result<(), ResultMismatch> {
+        match &self.config_digest {
+            None => {
+                return Err(ResultMismatch::NoConfigDigest {
+                    expected: config_digest.clone(),
+                });
+            }
+            Some(got) if got != config_digest => {
+                return Err(ResultMismatch::ConfigDigest {
+                    expected: config_digest.clone(),
+                    got: got.clone(),
+                });
+            }
+            Some(_) => {}
+        }
+        if &self.model != model {
+            return Err(ResultMismatch::Model {
+                expected: format!("{}@{}", model.id, model.revision),
+                got: format!(
+                    "{}@{}",
+                    crate::limits::clip_text(&self.model.id),
+                    crate::limits::clip_text(&self.model.revision)
+                ),
+            });
+        }
+        if !self.output_digest_matches() {
+            return Err(ResultMismatch::OutputDigest);
+        }
+        Ok(())
+    }
+}
+
+/// How a result disagrees with its assignment (wire code `result_mismatch`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResultMismatch {
+    #[error("result names no config_digest; the job runs under {expected}")]
+    NoConfigDigest { expected: ConfigDigest },
+    #[error("result ran under config {got}; the job runs under {expected}")]
+    ConfigDigest {
+        expected: ConfigDigest,
+        got: ConfigDigest,
+    },
+    #[error("result is for model {got}; the job is for {expected}")]
+    Model { expected: String, got: String },
+    #[error("output_digest is not the digest of output")]
+    OutputDigest,
 }
 
 /// Node → network messages after the handshake.
