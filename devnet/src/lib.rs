@@ -4,7 +4,7 @@
 //!   waits until every node serves, and can kill a node or restart the IO service (tests);
 //! * [`load`] — submits jobs through the caller-facing entry points at a fixed concurrency,
 //!   checks each answer against the simulator's deterministic output and its signature verdict,
-//!   and summarizes (the `--json` contract of DESIGN.md section 5).
+//!   and summarizes (the `--json` contract in the README).
 //!
 //! The binary `resultity-devnet` is a thin shell over both; the end-to-end tests and
 //! `resultity-bench` use the library directly.

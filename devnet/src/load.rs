@@ -88,7 +88,7 @@ impl Progress {
     }
 }
 
-/// The `--json` summary object (DESIGN.md section 5); exactly these keys are serialized.
+/// The `--json` summary object (the devnet's `--json` contract); exactly these keys are serialized.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Summary {
     pub jobs_submitted: u64,

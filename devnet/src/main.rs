@@ -1,5 +1,5 @@
 //! `resultity-devnet`: runs a whole local Resultity network to completion, or (`serve`) keeps
-//! one up for OpenAI clients. Contract: DESIGN.md section 5.
+//! one up for OpenAI clients. Contract: `--help` and the README.
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;

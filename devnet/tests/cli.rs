@@ -1,4 +1,4 @@
-//! The command-line contract of DESIGN.md section 5, against the built binary: the `--json`
+//! The devnet's command-line contract, against the built binary: the `--json`
 //! summary is the last stdout line with exactly the agreed keys and the exit status says
 //! whether every job verified; `serve` prints its endpoint line and answers OpenAI requests.
 

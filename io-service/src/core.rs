@@ -4,7 +4,7 @@
 //! channels, so the lock is never held across an await. A node that cannot take a message
 //! (channel full or closed) simply does not ack, and the ack timeout reassigns the job.
 //!
-//! Scheduling rules (issue 3, DESIGN §2):
+//! Scheduling rules:
 //! * eligibility — connected, fresh heartbeat, not draining, not suspended or revoked,
 //!   participation accepts the environment, runtime ready and GPUs healthy, and for the job's
 //!   model: approved, active on the node, runtime allowed, enough GPU memory, subcloud admitted;

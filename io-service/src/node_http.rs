@@ -209,8 +209,14 @@ pub async fn register(State(state): State<AppState>, body: Body) -> Result<Respo
             Err((
                 ErrorCode::UnsupportedVersion,
                 format!(
-                    "no common protocol version in {:?}",
-                    opened.body.protocol_versions
+                    "no common protocol version: the node offers {}",
+                    opened
+                        .body
+                        .protocol_versions
+                        .iter()
+                        .map(|v| v.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             ))
         }

@@ -377,7 +377,7 @@ impl Metrics {
             let n = s.models.iter().filter(|m| m.state == state).count();
             self.models
                 .get_or_create(&StateLabel {
-                    state: model_state_name(state).to_owned(),
+                    state: state.as_str().to_owned(),
                 })
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
@@ -386,7 +386,7 @@ impl Metrics {
                 .get_or_create(&ModelLabel {
                     model: m.model.id.clone(),
                     revision: m.model.revision.clone(),
-                    state: model_state_name(m.state).to_owned(),
+                    state: m.state.as_str().to_owned(),
                 })
                 .set(1);
         }
@@ -435,15 +435,6 @@ impl Metrics {
             .set(f64::from(rt.kv_cache_usage_permille.unwrap_or(0)) / 1000.0);
         self.runtime_generation_tokens
             .set(to_i64(rt.generation_tokens_total.unwrap_or(0)));
-    }
-}
-
-fn model_state_name(s: ModelState) -> &'static str {
-    match s {
-        ModelState::Pending => "pending",
-        ModelState::Active => "active",
-        ModelState::Inactive => "inactive",
-        ModelState::Failed => "failed",
     }
 }
 

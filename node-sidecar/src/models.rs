@@ -70,7 +70,10 @@ pub fn desired_models(
         } else if !approved.subclouds.is_empty()
             && !approved.subclouds.iter().any(|s| subclouds.contains(s))
         {
-            Some(format!("restricted to subclouds {:?}", approved.subclouds))
+            Some(format!(
+                "restricted to subclouds {}",
+                approved.subclouds.join(", ")
+            ))
         } else {
             None
         };
@@ -112,10 +115,10 @@ impl Models {
                 model.id, model.revision
             ),
             Some(s) => format!(
-                "model {}@{} is {:?}{}",
+                "model {}@{} is {}{}",
                 model.id,
                 model.revision,
-                s.state,
+                s.state.as_str(),
                 s.reason
                     .as_ref()
                     .map(|r| format!(": {r}"))

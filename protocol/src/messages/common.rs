@@ -81,6 +81,18 @@ pub enum ModelState {
     Failed,
 }
 
+impl ModelState {
+    /// The wire spelling, for logs, labels and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Active => "active",
+            Self::Inactive => "inactive",
+            Self::Failed => "failed",
+        }
+    }
+}
+
 /// A model's state on a node, with the reason for anything but `active`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
