@@ -17,6 +17,8 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use resultity_protocol::JobId;
 use resultity_protocol::messages::ws::JobResult;
@@ -50,6 +52,27 @@ pub enum SyncPolicy {
     Deferred,
 }
 
+/// Makes every outbox write fail as a full disk does. Tests use it to reach the unwritable
+/// state: they run as root, which writes through a read-only mode, so a real directory cannot
+/// be made unwritable for them. Off unless a test switches it on.
+#[derive(Debug, Clone, Default)]
+pub struct WriteFault(Arc<AtomicBool>);
+
+impl WriteFault {
+    pub fn set(&self, failing: bool) {
+        self.0.store(failing, Ordering::SeqCst);
+    }
+
+    fn check(&self, path: &Path) -> Result<(), OutboxError> {
+        if self.0.load(Ordering::SeqCst) {
+            return Err(io(path)(std::io::Error::from(
+                std::io::ErrorKind::StorageFull,
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The durable result store.
 #[derive(Debug)]
 pub struct Outbox {
@@ -59,6 +82,7 @@ pub struct Outbox {
     policy: SyncPolicy,
     /// Entries renamed into place but not yet fsynced (Deferred policy).
     unsynced: Vec<u64>,
+    fault: WriteFault,
 }
 
 impl Outbox {
@@ -105,6 +129,7 @@ impl Outbox {
             entries,
             policy: SyncPolicy::Always,
             unsynced: Vec::new(),
+            fault: WriteFault::default(),
         })
     }
 
@@ -112,6 +137,25 @@ impl Outbox {
     pub fn with_policy(mut self, policy: SyncPolicy) -> Self {
         self.policy = policy;
         self
+    }
+
+    /// The switch that makes this outbox's writes fail (see [`WriteFault`]).
+    pub fn write_fault(&self) -> WriteFault {
+        self.fault.clone()
+    }
+
+    /// Whether a new entry could be written now: writes, fsyncs and removes a probe file the
+    /// way `put` writes an entry. Used to notice that a full or read-only disk recovered.
+    pub fn probe_writable(&self) -> Result<(), OutboxError> {
+        // `.tmp`: a probe left by a crash is removed on the next open like a torn entry.
+        let probe = self.dir.join("write-probe.tmp");
+        self.fault.check(&probe)?;
+        {
+            let mut f = create_private(&probe)?;
+            f.write_all(b"probe").map_err(io(&probe))?;
+            f.sync_all().map_err(io(&probe))?;
+        }
+        fs::remove_file(&probe).map_err(io(&probe))
     }
 
     /// Makes every entry written under `Deferred` durable: one fsync per pending file and one
@@ -157,6 +201,7 @@ impl Outbox {
             reason: e.to_string(),
         })?;
         {
+            self.fault.check(&tmp)?;
             let mut f = create_private(&tmp)?;
             f.write_all(&bytes).map_err(io(&tmp))?;
             if self.policy == SyncPolicy::Always {
@@ -323,6 +368,31 @@ mod tests {
         let ob = Outbox::open(dir.path()).unwrap();
         let ids: Vec<_> = ob.pending().map(|r| r.job_id.as_str().to_owned()).collect();
         assert_eq!(ids, ["d0", "d2"]);
+    }
+
+    #[test]
+    fn a_failing_write_keeps_nothing_and_the_probe_sees_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ob = Outbox::open(dir.path()).unwrap();
+        ob.probe_writable().unwrap();
+        let fault = ob.write_fault();
+        fault.set(true);
+        let err = ob.put(&result("f", 1)).unwrap_err();
+        assert!(err.to_string().contains("outbox I/O on"), "{err}");
+        assert!(!ob.contains(&JobId::parse("f").unwrap(), 1));
+        assert!(ob.probe_writable().is_err());
+        fault.set(false);
+        ob.probe_writable().unwrap();
+        ob.put(&result("f", 1)).unwrap();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["00000000000000000001.result"],
+            "no probe left behind"
+        );
     }
 
     #[test]

@@ -52,6 +52,9 @@ impl Readiness {
         if let Some(m) = model_problem(s) {
             p.push(m);
         }
+        if let Some(e) = &s.outbox_error {
+            p.push(format!("results cannot be stored: {e}"));
+        }
         if s.draining {
             p.push("draining".to_owned());
         }
@@ -59,9 +62,11 @@ impl Readiness {
     }
 
     /// Whether the node cannot serve jobs although it is registered and in sync: the runtime
-    /// is down, a GPU is faulty or missing, or no model is active (the `Degraded` phase).
+    /// is down, a GPU is faulty or missing, no model is active, or the outbox cannot be
+    /// written (the `Degraded` phase).
     pub fn cannot_serve(&self, s: &NodeStatus) -> bool {
         !s.runtime.ready
+            || s.outbox_error.is_some()
             || gpu_problem(s, self.gpu_required()).is_some()
             || model_problem(s).is_some()
     }

@@ -686,3 +686,99 @@ async fn silent_network_is_detected_after_two_ping_intervals_and_the_node_reconn
     assert_eq!(status, 200, "{}", r.text().await.unwrap());
     node.run.abort();
 }
+
+#[tokio::test]
+async fn unwritable_outbox_stops_intake_until_a_write_succeeds() {
+    let net = network(instant_runtime()).await;
+    let node = spawn(settings(&net, "a"));
+    wait_ready(&node).await;
+    wait_eligible(&net.io).await;
+    let addr = node.agent.api_addr().unwrap();
+    let fault = node.agent.outbox_write_fault();
+    fault.set(true);
+
+    // The job runs, but its result cannot be stored: the job fails and intake stops.
+    let first = {
+        let base = net.io.base_url();
+        tokio::spawn(async move {
+            http()
+                .post(format!("{base}/v1/completions"))
+                .json(&json!({"model": MODEL, "prompt": "first", "max_tokens": 6}))
+                .timeout(Duration::from_secs(20))
+                .send()
+                .await
+        })
+    };
+    let agent = node.agent.clone();
+    wait_for("outbox reported unwritable", move || {
+        let s = agent.api.status();
+        s.outbox_error.is_some() && s.phase == NodePhase::Degraded
+    })
+    .await;
+    let r = http()
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    let problems = body["problems"].to_string();
+    assert!(problems.contains("results cannot be stored"), "{problems}");
+    assert_eq!(node.agent.api.metrics.credits.get(), 0);
+    let st = node.agent.api.status();
+    assert_eq!(st.jobs.failed, 1, "the job whose result was lost");
+    assert_eq!(st.jobs.completed, 0);
+
+    // A job submitted now is not sent to the node: the runtime sees no new request while
+    // several heartbeats (and many scheduler ticks) pass.
+    let served = net.sim.stats().requests;
+    let second = {
+        let base = net.io.base_url();
+        tokio::spawn(async move {
+            http()
+                .post(format!("{base}/v1/completions"))
+                .json(&json!({"model": MODEL, "prompt": "second", "max_tokens": 6}))
+                .timeout(Duration::from_secs(20))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    let since = node.agent.api.status().last_heartbeat_ms.unwrap();
+    let agent = node.agent.clone();
+    wait_for("three more heartbeats", move || {
+        agent
+            .api
+            .status()
+            .last_heartbeat_ms
+            .is_some_and(|t| t >= since + 3 * 150)
+    })
+    .await;
+    assert_eq!(
+        net.sim.stats().requests,
+        served,
+        "a job reached the runtime"
+    );
+    assert_eq!(node.agent.api.status().jobs.failed, 1);
+
+    // Writes work again: the node recovers by itself and the waiting job runs — on this
+    // node, which proves it was never handed to it before (a job is not offered to a node
+    // that held it already).
+    fault.set(false);
+    wait_ready(&node).await;
+    assert!(node.agent.api.status().outbox_error.is_none());
+    assert_eq!(
+        http()
+            .get(format!("http://{addr}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(second.await.unwrap(), 200);
+    assert_eq!(node.agent.api.status().jobs.completed, 1);
+    first.abort();
+    node.run.abort();
+}

@@ -26,6 +26,7 @@ fn status() -> NodeStatus {
         network_config: None,
         config_error: None,
         desired_runtime_image: None,
+        outbox_error: None,
         models: vec![],
         gpu: GpuReport::default(),
         runtime: RuntimeReport {

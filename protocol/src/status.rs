@@ -71,6 +71,10 @@ pub struct NodeStatus {
     /// operator rolls the pod).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_runtime_image: Option<String>,
+    /// Why the outbox cannot be written (full or read-only disk): the node takes no jobs
+    /// until a write succeeds again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbox_error: Option<String>,
     #[serde(default)]
     pub models: Vec<ModelStatus>,
     pub gpu: GpuReport,

@@ -119,6 +119,9 @@ pub enum Exit {
     Stopped,
 }
 
+/// How often an unwritable outbox is probed for recovery.
+const OUTBOX_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The running agent's shared state.
 #[derive(Debug)]
 pub struct Agent {
@@ -143,6 +146,9 @@ pub struct Agent {
     max_concurrency: AtomicU32,
     /// False while a GPU reports a fault: intake stops.
     gpu_healthy: AtomicBool,
+    /// False from a failed outbox write until a write succeeds again: intake stops, since a
+    /// result that cannot be stored cannot be delivered safely.
+    outbox_writable: AtomicBool,
     /// Mirrors `status.runtime.ready` so the per-job credit count needs no status copy.
     runtime_ready: AtomicBool,
     draining: AtomicBool,
@@ -237,6 +243,7 @@ impl Agent {
             network_config: None,
             config_error: None,
             desired_runtime_image: None,
+            outbox_error: None,
             models: vec![],
             gpu: resultity_protocol::messages::GpuReport {
                 present: false,
@@ -275,6 +282,7 @@ impl Agent {
             in_flight: AtomicU32::new(0),
             max_concurrency: AtomicU32::new(max_concurrency),
             gpu_healthy: AtomicBool::new(true),
+            outbox_writable: AtomicBool::new(true),
             runtime_ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             registered: AtomicBool::new(false),
@@ -343,11 +351,12 @@ impl Agent {
         self.max_concurrency.load(Ordering::SeqCst)
     }
 
-    /// Free slots the node advertises: none while draining, the runtime is down or a GPU is
-    /// faulty.
+    /// Free slots the node advertises: none while draining, the runtime is down, a GPU is
+    /// faulty or the outbox cannot be written.
     fn credits(&self) -> u32 {
         let credits = if self.draining.load(Ordering::SeqCst)
             || !self.runtime_ready.load(Ordering::SeqCst)
+            || !self.outbox_writable.load(Ordering::SeqCst)
             || !self.gpu_healthy.load(Ordering::SeqCst)
         {
             0
@@ -591,7 +600,8 @@ impl Agent {
         }
     }
 
-    /// Writes a result durably (off the async threads: fsync blocks).
+    /// Writes a result durably (off the async threads: fsync blocks). A failed write stops
+    /// intake until [`Agent::outbox_watch`] sees a write succeed.
     async fn persist_result(&self, result: JobResult) -> Result<(), OutboxError> {
         let outbox = self.outbox.clone();
         let r = tokio::task::spawn_blocking(move || lock(&outbox).put(&result))
@@ -605,7 +615,54 @@ impl Agent {
         let len = self.outbox_len();
         self.api.update(|s| s.jobs.outbox = len);
         self.api.metrics.outbox.set(i64::from(len));
+        if let Err(e) = &r {
+            self.set_outbox_writable(Err(e.to_string()));
+        }
         r
+    }
+
+    /// Records whether the outbox takes writes; a change updates status, phase and the
+    /// credits the network was told.
+    fn set_outbox_writable(&self, state: Result<(), String>) {
+        let writable = state.is_ok();
+        let was = self.outbox_writable.swap(writable, Ordering::SeqCst);
+        self.api.update(|s| s.outbox_error = state.err());
+        if was == writable {
+            return;
+        }
+        if writable {
+            tracing::info!("outbox is writable again; taking jobs");
+        } else {
+            tracing::error!("outbox cannot be written; taking no jobs until a write succeeds");
+        }
+        self.set_phase();
+        self.advertise_credits();
+    }
+
+    /// The switch that makes outbox writes fail, for tests of the unwritable-disk path (a
+    /// test running as root cannot make a directory unwritable).
+    #[doc(hidden)]
+    pub fn outbox_write_fault(&self) -> crate::outbox::WriteFault {
+        lock(&self.outbox).write_fault()
+    }
+
+    /// While the outbox is unwritable, tries a probe write every second and resumes intake
+    /// once one succeeds.
+    async fn outbox_watch(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(OUTBOX_PROBE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if self.outbox_writable.load(Ordering::SeqCst) {
+                continue;
+            }
+            let outbox = self.outbox.clone();
+            let r = tokio::task::spawn_blocking(move || lock(&outbox).probe_writable())
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            self.set_outbox_writable(r);
+        }
     }
 
     /// Starts draining: no new jobs, network told by the session.
@@ -707,11 +764,13 @@ impl Agent {
         }
         let hb = tokio::spawn(self.clone().heartbeat_loop());
         let flush = tokio::spawn(self.clone().outbox_flusher());
+        let outbox_watch = tokio::spawn(self.clone().outbox_watch());
         let cfg = tokio::spawn(self.clone().config_loop());
         let exit = self.clone().session_loop().await;
         hb.abort();
         cfg.abort();
         flush.abort();
+        outbox_watch.abort();
         self.sync_outbox().await;
         exit
     }

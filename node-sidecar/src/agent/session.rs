@@ -455,6 +455,14 @@ impl Agent {
                 "GPU fault: this node takes no jobs".into(),
             );
         }
+        if !self.outbox_writable.load(Ordering::SeqCst) {
+            // Sent before the network saw zero credits: its result could not be stored.
+            return self.fail(
+                &a,
+                FailCode::HandedBack,
+                "outbox cannot be written: this node takes no jobs".into(),
+            );
+        }
         if a.deadline_ms <= self.clock.now_ms() {
             return self.fail(
                 &a,
@@ -516,6 +524,11 @@ impl Agent {
             agent.api.metrics.job_latency(&msg, started.elapsed());
             slot.release();
             agent.send(msg);
+            // The network frees a credit for every job that ends; a node that takes no jobs
+            // (or has no free slot) says so again, after the job's message.
+            if agent.credits() == 0 {
+                agent.advertise_credits();
+            }
         });
         jobs.insert(key, task.abort_handle());
     }
@@ -559,7 +572,7 @@ impl Agent {
                         return NodeMessage::JobResult(result);
                     }
                     Err(e) => (
-                        FailCode::RuntimeError,
+                        FailCode::OutboxUnavailable,
                         format!("cannot persist the result: {e}"),
                     ),
                 }
