@@ -12,8 +12,17 @@ use resultity_protocol::{NetworkKeypair, NodeKeypair};
 
 #[test]
 fn operator_pod_arguments_parse_in_the_sidecar() {
-    let mut node: ResultityNode =
-        serde_norway::from_str(include_str!("../../examples/node.yaml")).unwrap();
+    check_node_example(include_str!("../../examples/node.yaml"), "dcgm");
+}
+
+/// The DRA example: the sidecar shares the runtime's claim and reads NVML.
+#[test]
+fn operator_dra_pod_arguments_parse_in_the_sidecar() {
+    check_node_example(include_str!("../../examples/node-dra.yaml"), "nvml");
+}
+
+fn check_node_example(yaml: &str, gpu_check: &str) {
+    let mut node: ResultityNode = serde_norway::from_str(yaml).unwrap();
     node.metadata.uid = Some("0b6a4c1e-0000-4000-8000-000000000001".into());
     let network_key = NetworkKeypair::from_seed(&[3; 32]);
     let resolved = Resolved {
@@ -39,6 +48,10 @@ fn operator_pod_arguments_parse_in_the_sidecar() {
         .find(|c| c.name == "sidecar")
         .unwrap();
     let args = sidecar.args.clone().unwrap();
+    assert!(
+        args.contains(&format!("--gpu-check={gpu_check}")),
+        "{args:?}"
+    );
 
     let out = Command::new(env!("CARGO_BIN_EXE_resultity-sidecar"))
         .arg("--dry-run")

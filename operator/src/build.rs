@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
-    HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, PodSpec, Probe,
-    ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Volume,
-    VolumeMount,
+    HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, PodResourceClaim,
+    PodSpec, Probe, ResourceClaim, ResourceRequirements, SeccompProfile, Secret,
+    SecretVolumeSource, SecurityContext, TCPSocketAction, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -17,8 +17,8 @@ use kube::Resource;
 use sha2::{Digest, Sha256};
 
 use crate::crd::{
-    ANNOTATION_SPEC_HASH, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAME, LABEL_NODE, LABEL_NODE_ID,
-    MANAGER, ResultityNode, RuntimeKind,
+    ANNOTATION_SPEC_HASH, GpuVisibility, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAME, LABEL_NODE,
+    LABEL_NODE_ID, MANAGER, ResultityNode, RuntimeKind,
 };
 use crate::error::{Error, Result};
 use crate::validate::{Defaults, Resolved};
@@ -35,6 +35,16 @@ const SIDECAR: &str = "sidecar";
 const GRACE_MARGIN_SECONDS: i64 = 30;
 /// Non-root uid of the distroless sidecar image.
 const SIDECAR_UID: i64 = 65532;
+
+/// Name of the pod-level ResourceClaim the runtime and the sidecar share in DRA mode.
+pub const GPU_CLAIM: &str = "gpu";
+
+fn gpu_claim_ref() -> ResourceClaim {
+    ResourceClaim {
+        name: GPU_CLAIM.into(),
+        ..ResourceClaim::default()
+    }
+}
 
 /// Name of the runtime container (status reads its container status).
 pub fn runtime_container_name() -> &'static str {
@@ -105,6 +115,24 @@ fn http_probe(path: &str, port: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// The runtime's liveness (and startup) probe: HTTP where the runtime has a liveness path,
+/// else a TCP connect to its port.
+fn live_probe(path: Option<&str>, period: i32, failures: i32) -> Probe {
+    match path {
+        Some(path) => http_probe(path, "runtime", period, failures),
+        None => Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::String("runtime".into()),
+                ..TCPSocketAction::default()
+            }),
+            period_seconds: Some(period),
+            timeout_seconds: Some(3),
+            failure_threshold: Some(failures),
+            ..Probe::default()
+        },
+    }
+}
+
 fn runtime_container(node: &ResultityNode, resolved: &Resolved, defaults: &Defaults) -> Container {
     let spec = &node.spec.runtime;
     let port = defaults.runtime_port.to_string();
@@ -119,7 +147,7 @@ fn runtime_container(node: &ResultityNode, resolved: &Resolved, defaults: &Defau
                     m.revision.clone(),
                 ]);
             }
-            (None, args, "/health", "/health")
+            (None, args, "/health", Some("/health"))
         }
         RuntimeKind::Triton => (
             Some(vec!["tritonserver".to_owned()]),
@@ -129,20 +157,33 @@ fn runtime_container(node: &ResultityNode, resolved: &Resolved, defaults: &Defau
                 "--model-repository=/models".to_owned(),
             ],
             "/v2/health/ready",
-            "/v2/health/live",
+            Some("/v2/health/live"),
         ),
+        // The image's own entrypoint; its flags (port included) come from extraArgs. Every
+        // OpenAI-compatible server answers `GET /v1/models`, not all of them `/health`.
+        // Liveness is a TCP connect: some servers (llama.cpp) answer no HTTP request while
+        // every slot is busy, and a busy runtime must not be restarted.
+        RuntimeKind::Openai => (None, Vec::new(), "/v1/models", None),
     };
     args.extend(spec.extra_args.iter().cloned());
 
     let mut resources = spec.resources.clone().unwrap_or_default();
-    let gpus = Quantity(node.spec.gpu.count.to_string());
-    resources
-        .limits
-        .get_or_insert_with(BTreeMap::new)
-        .insert(node.spec.gpu.resource_name.clone(), gpus.clone());
-    // Extended resources must have request == limit; set both so a user request cannot differ.
-    if let Some(req) = resources.requests.as_mut() {
-        req.insert(node.spec.gpu.resource_name.clone(), gpus);
+    let gpu = &node.spec.gpu;
+    match gpu.visibility {
+        GpuVisibility::DevicePlugin => {
+            let gpus = Quantity(gpu.count.to_string());
+            resources
+                .limits
+                .get_or_insert_with(BTreeMap::new)
+                .insert(gpu.resource_name.clone(), gpus.clone());
+            // Extended resources must have request == limit; set both so a user request cannot
+            // differ.
+            if let Some(req) = resources.requests.as_mut() {
+                req.insert(gpu.resource_name.clone(), gpus);
+            }
+        }
+        GpuVisibility::Dra => resources.claims = Some(vec![gpu_claim_ref()]),
+        GpuVisibility::None => {}
     }
 
     Container {
@@ -160,8 +201,8 @@ fn runtime_container(node: &ResultityNode, resolved: &Resolved, defaults: &Defau
         resources: Some(resources),
         // Model loading can take many minutes: the startup probe holds liveness off until
         // the engine first answers, instead of killing a pod that is still loading weights.
-        startup_probe: Some(http_probe(live_path, "runtime", 10, 180)),
-        liveness_probe: Some(http_probe(live_path, "runtime", 15, 4)),
+        startup_probe: Some(live_probe(live_path, 10, 180)),
+        liveness_probe: Some(live_probe(live_path, 15, 4)),
         readiness_probe: Some(http_probe(ready_path, "runtime", 5, 3)),
         volume_mounts: Some(vec![VolumeMount {
             name: "dshm".into(),
@@ -201,29 +242,42 @@ fn sidecar_container(node: &ResultityNode, resolved: &Resolved, defaults: &Defau
     if let Some(sub) = &spec.subcloud {
         args.push(format!("--subcloud={sub}"));
     }
-    let field = |path: &str| EnvVarSource {
-        field_ref: Some(ObjectFieldSelector {
-            field_path: path.into(),
-            ..ObjectFieldSelector::default()
-        }),
-        ..EnvVarSource::default()
+    // The sidecar must see the runtime's GPUs or say it cannot; which source depends on how
+    // the pod got them. dcgm rather than auto in device-plugin mode: a sidecar without a GPU
+    // request may still see every GPU of the node through NVML on a misconfigured runtime.
+    let gpu_check = match spec.gpu.visibility {
+        GpuVisibility::DevicePlugin => "dcgm",
+        GpuVisibility::Dra => "nvml",
+        GpuVisibility::None => "off",
     };
+    args.push(format!("--gpu-check={gpu_check}"));
+    if let (GpuVisibility::DevicePlugin, Some(url)) = (spec.gpu.visibility, &spec.gpu.dcgm_url) {
+        args.push(format!("--dcgm-url={url}"));
+    }
+    let field = |name: &str, path: &str| EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    };
+    // Pod identity picks this pod's series from the exporter; the node's IP locates it.
+    let mut env = vec![
+        field("RESULTITY_POD_NAME", "metadata.name"),
+        field("RESULTITY_POD_NAMESPACE", "metadata.namespace"),
+    ];
+    if spec.gpu.visibility == GpuVisibility::DevicePlugin {
+        env.push(field("RESULTITY_HOST_IP", "status.hostIP"));
+    }
     Container {
         name: SIDECAR.into(),
         image: Some(resolved.sidecar_image.clone()),
         args: Some(args),
-        env: Some(vec![
-            EnvVar {
-                name: "RESULTITY_POD_NAME".into(),
-                value_from: Some(field("metadata.name")),
-                ..EnvVar::default()
-            },
-            EnvVar {
-                name: "RESULTITY_POD_NAMESPACE".into(),
-                value_from: Some(field("metadata.namespace")),
-                ..EnvVar::default()
-            },
-        ]),
+        env: Some(env),
         ports: Some(vec![ContainerPort {
             name: Some("admin".into()),
             container_port: i32::from(defaults.sidecar_port),
@@ -239,7 +293,8 @@ fn sidecar_container(node: &ResultityNode, resolved: &Resolved, defaults: &Defau
                 "memory".to_owned(),
                 Quantity("512Mi".into()),
             )])),
-            ..ResourceRequirements::default()
+            // A shared claim gives the sidecar's NVML the runtime's GPUs, and only those.
+            claims: (spec.gpu.visibility == GpuVisibility::Dra).then(|| vec![gpu_claim_ref()]),
         }),
         liveness_probe: Some(http_probe("/healthz", "admin", 10, 3)),
         readiness_probe: Some(http_probe("/readyz", "admin", 5, 3)),
@@ -331,6 +386,17 @@ pub fn build_pod(
             tolerations: (!scheduling.tolerations.is_empty()).then_some(scheduling.tolerations),
             affinity: scheduling.affinity,
             priority_class_name: scheduling.priority_class_name,
+            resource_claims: match (
+                node.spec.gpu.visibility,
+                &node.spec.gpu.resource_claim_template_name,
+            ) {
+                (GpuVisibility::Dra, Some(template)) => Some(vec![PodResourceClaim {
+                    name: GPU_CLAIM.into(),
+                    resource_claim_template_name: Some(template.clone()),
+                    ..PodResourceClaim::default()
+                }]),
+                _ => None,
+            },
             security_context: Some(k8s_openapi::api::core::v1::PodSecurityContext {
                 fs_group: Some(SIDECAR_UID),
                 ..Default::default()

@@ -1,7 +1,9 @@
 //! Validate step: checks a ResultityNode against its network's verified config and resolves
 //! everything the build step needs. Pure: no client, so it is tested from fixtures.
 
-use crate::crd::{ConfigRef, Participation, ResultityNetwork, ResultityNode, RuntimeKind};
+use crate::crd::{
+    ConfigRef, GpuVisibility, Participation, ResultityNetwork, ResultityNode, RuntimeKind,
+};
 
 /// Operator-wide settings the build step needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +152,28 @@ pub fn validate_node(
             spec.gpu.resource_name
         ));
     }
+    match (spec.gpu.visibility, &spec.gpu.resource_claim_template_name) {
+        (GpuVisibility::Dra, None) => problems.push(
+            "spec.gpu.visibility dra needs spec.gpu.resourceClaimTemplateName (the ResourceClaimTemplate the pod's GPU claim is made from)".into(),
+        ),
+        (GpuVisibility::DevicePlugin | GpuVisibility::None, Some(_)) => problems.push(format!(
+            "spec.gpu.resourceClaimTemplateName is used only with spec.gpu.visibility dra, not {}",
+            spec.gpu.visibility.as_str()
+        )),
+        _ => {}
+    }
+    if let Some(url) = &spec.gpu.dcgm_url {
+        if spec.gpu.visibility != GpuVisibility::DevicePlugin {
+            problems.push(format!(
+                "spec.gpu.dcgmUrl is used only with spec.gpu.visibility devicePlugin, not {}",
+                spec.gpu.visibility.as_str()
+            ));
+        } else if !(url.starts_with("http://") || url.starts_with("https://"))
+            || url.chars().any(char::is_whitespace)
+        {
+            problems.push(format!("spec.gpu.dcgmUrl {url} is not an http(s) URL"));
+        }
+    }
     for arg in &spec.runtime.extra_args {
         let flag = arg.split_once('=').map_or(arg.as_str(), |(f, _)| f);
         if operator_owned_flags(kind).contains(&flag) {
@@ -189,14 +213,21 @@ pub fn validate_node(
         .and_then(|m| match kind {
             RuntimeKind::Vllm => m.vllm.clone(),
             RuntimeKind::Triton => m.triton.clone(),
+            // The network approves models for openai, but no single image serves them all.
+            RuntimeKind::Openai => None,
         })
         .map(mirrored);
     let runtime_image = spec.runtime.image.clone().or(mapped);
     if runtime_image.is_none() {
-        problems.push(format!(
-            "the network config maps no image for runtime {}; set spec.runtime.image",
-            kind.as_str()
-        ));
+        problems.push(if kind == RuntimeKind::Openai {
+            "runtime openai needs spec.runtime.image: the network config maps no image to it"
+                .to_owned()
+        } else {
+            format!(
+                "the network config maps no image for runtime {}; set spec.runtime.image",
+                kind.as_str()
+            )
+        });
     }
     if !problems.is_empty() {
         return Err(Blocker::Invalid(problems));
@@ -234,6 +265,8 @@ pub fn operator_owned_flags(kind: RuntimeKind) -> &'static [&'static str] {
             "--model-repository",
             "--allow-http",
         ],
+        // The operator passes no flags to an OpenAI-compatible server: its flags are the user's.
+        RuntimeKind::Openai => &[],
     }
 }
 

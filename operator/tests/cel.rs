@@ -46,6 +46,10 @@ const NETWORKS: &str = "resultitynetworks.resultity.com";
 fn examples_pass_every_rule() {
     assert_eq!(failures(NODES, &example("node.yaml")), Vec::<String>::new());
     assert_eq!(
+        failures(NODES, &example("node-dra.yaml")),
+        Vec::<String>::new()
+    );
+    assert_eq!(
         failures(NETWORKS, &example("network.yaml")),
         Vec::<String>::new()
     );
@@ -177,4 +181,50 @@ fn names_must_fit_label_values() {
     fleet["metadata"]["name"] = json!("f".repeat(59));
     let f = failures(FLEETS, &fleet);
     assert!(f.iter().any(|m| m.contains("58 characters")), "{f:?}");
+}
+
+#[test]
+fn gpu_visibility_fields_go_together() {
+    let with_gpu = |gpu: Value| {
+        let mut node = example("node.yaml");
+        node["spec"]["gpu"] = gpu;
+        failures(NODES, &node)
+    };
+    assert_eq!(
+        with_gpu(json!({"visibility": "dra", "resourceClaimTemplateName": "single-gpu"})),
+        Vec::<String>::new()
+    );
+    let f = with_gpu(json!({"visibility": "dra"}));
+    assert!(
+        f.iter()
+            .any(|m| m.contains("needs gpu.resourceClaimTemplateName")),
+        "{f:?}"
+    );
+    let f = with_gpu(json!({"resourceClaimTemplateName": "single-gpu"}));
+    assert!(
+        f.iter().any(|m| m.contains("only with gpu.visibility dra")),
+        "{f:?}"
+    );
+    let f = with_gpu(json!({"visibility": "none", "dcgmUrl": "http://10.0.0.1:9400/metrics"}));
+    assert!(
+        f.iter().any(|m| m.contains("dcgmUrl is used only")),
+        "{f:?}"
+    );
+    assert_eq!(
+        with_gpu(json!({"dcgmUrl": "http://10.0.0.1:9400/metrics"})),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn openai_runtime_needs_an_image() {
+    let mut node = example("node.yaml");
+    node["spec"]["runtime"]["kind"] = json!("openai");
+    let f = failures(NODES, &node);
+    assert!(
+        f.iter().any(|m| m.contains("runtime openai needs")),
+        "{f:?}"
+    );
+    node["spec"]["runtime"]["image"] = json!("ghcr.io/ggml-org/llama.cpp:server");
+    assert_eq!(failures(NODES, &node), Vec::<String>::new());
 }

@@ -24,6 +24,11 @@ fn examples_deserialize_and_round_trip() {
         resultity_protocol::NetworkKeyId::parse(k).unwrap();
     }
     let node: ResultityNode = strict(&read("node.yaml"));
+    let dra_node: ResultityNode = strict(&read("node-dra.yaml"));
+    assert_eq!(
+        dra_node.spec.gpu.visibility,
+        resultity_operator::crd::GpuVisibility::Dra
+    );
     let fleet: ResultityFleet = strict(&read("fleet.yaml"));
     assert_eq!(
         fleet.spec.template.spec.network_ref.name,
@@ -42,6 +47,10 @@ fn examples_deserialize_and_round_trip() {
     for (text, back) in [
         (read("network.yaml"), serde_json::to_value(&net).unwrap()),
         (read("node.yaml"), serde_json::to_value(&node).unwrap()),
+        (
+            read("node-dra.yaml"),
+            serde_json::to_value(&dra_node).unwrap(),
+        ),
         (read("fleet.yaml"), serde_json::to_value(&fleet).unwrap()),
     ] {
         let original: serde_json::Value = serde_norway::from_str(&text).unwrap();

@@ -10,7 +10,9 @@ use k8s_openapi::jiff::Timestamp;
 use resultity_operator::build::{
     build_identity_secret, build_pod, pod_spec_hash, runtime_container_name,
 };
-use resultity_operator::crd::{NodePhase, ResultityNetwork, ResultityNode, ResultityNodeStatus};
+use resultity_operator::crd::{
+    GpuVisibility, NodePhase, ResultityNetwork, ResultityNode, ResultityNodeStatus,
+};
 use resultity_operator::status::{Observed, SidecarObservation, compute_node_status, types};
 use resultity_operator::validate::{Blocker, Defaults, Resolved, validate_node};
 use resultity_protocol::NodeKeypair;
@@ -57,8 +59,113 @@ fn pod_for_triton_mig_node() {
 }
 
 #[test]
+fn pod_for_dra_node() {
+    let node: ResultityNode = fixture("node-vllm-dra.yaml");
+    let pod = build_pod(&node, &resolved(&node), &node_id(), &Defaults::default()).unwrap();
+    let spec = pod.spec.as_ref().unwrap();
+    // One pod-level claim from the template, referenced by both containers, and no
+    // device-plugin request beside it (that would ask for a second set of GPUs).
+    let claims = spec.resource_claims.as_ref().unwrap();
+    assert_eq!(claims.len(), 1);
+    assert_eq!(
+        claims[0].resource_claim_template_name.as_deref(),
+        Some("single-gpu")
+    );
+    for c in &spec.containers {
+        let res = c.resources.as_ref().unwrap();
+        let refs = res.claims.as_ref().unwrap();
+        assert_eq!(refs.len(), 1, "{}", c.name);
+        assert_eq!(refs[0].name, claims[0].name, "{}", c.name);
+        for map in [&res.limits, &res.requests].into_iter().flatten() {
+            assert!(!map.contains_key("nvidia.com/gpu"), "{}", c.name);
+        }
+    }
+    assert!(sidecar_args(&pod).contains(&"--gpu-check=nvml".to_owned()));
+    assert!(sidecar_env(&pod, "RESULTITY_HOST_IP").is_none());
+    insta::assert_yaml_snapshot!("pod_vllm_dra", pod);
+}
+
+#[test]
+fn pod_for_device_plugin_node_reads_dcgm() {
+    let mut node: ResultityNode = fixture("node-vllm.yaml");
+    let pod = build_pod(&node, &resolved(&node), &node_id(), &Defaults::default()).unwrap();
+    let spec = pod.spec.as_ref().unwrap();
+    assert!(spec.resource_claims.is_none());
+    assert!(
+        spec.containers
+            .iter()
+            .all(|c| c.resources.as_ref().is_none_or(|r| r.claims.is_none()))
+    );
+    let args = sidecar_args(&pod);
+    assert!(args.contains(&"--gpu-check=dcgm".to_owned()), "{args:?}");
+    assert!(
+        !args.iter().any(|a| a.starts_with("--dcgm-url")),
+        "{args:?}"
+    );
+    for (name, path) in [
+        ("RESULTITY_HOST_IP", "status.hostIP"),
+        ("RESULTITY_POD_NAME", "metadata.name"),
+        ("RESULTITY_POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        let var = sidecar_env(&pod, name).unwrap_or_else(|| panic!("{name} missing"));
+        let from = var.value_from.as_ref().unwrap().field_ref.as_ref().unwrap();
+        assert_eq!(from.field_path, path);
+    }
+    // An explicit exporter URL (a node-local Service) is passed through.
+    let url = "http://resultity-dcgm-exporter.gpu-operator.svc:9400/metrics";
+    node.spec.gpu.dcgm_url = Some(url.into());
+    let pod = build_pod(&node, &resolved(&node), &node_id(), &Defaults::default()).unwrap();
+    assert!(sidecar_args(&pod).contains(&format!("--dcgm-url={url}")));
+}
+
+#[test]
+fn pod_for_openai_cpu_node() {
+    let node: ResultityNode = fixture("node-openai-cpu.yaml");
+    let pod = build_pod(&node, &resolved(&node), &node_id(), &Defaults::default()).unwrap();
+    let spec = pod.spec.as_ref().unwrap();
+    let runtime = &spec.containers[0];
+    assert_eq!(
+        runtime.image.as_deref(),
+        Some("ghcr.io/ggml-org/llama.cpp:server")
+    );
+    assert_eq!(
+        runtime.args.as_ref().unwrap(),
+        &node.spec.runtime.extra_args
+    );
+    let limits = runtime.resources.as_ref().and_then(|r| r.limits.as_ref());
+    assert!(limits.is_none_or(|l| !l.contains_key("nvidia.com/gpu")));
+    let args = sidecar_args(&pod);
+    assert!(args.contains(&"--runtime=openai".to_owned()), "{args:?}");
+    assert!(args.contains(&"--gpu-check=off".to_owned()), "{args:?}");
+    insta::assert_yaml_snapshot!("pod_openai_cpu", pod);
+}
+
+fn sidecar(pod: &Pod) -> &k8s_openapi::api::core::v1::Container {
+    pod.spec
+        .as_ref()
+        .unwrap()
+        .containers
+        .iter()
+        .find(|c| c.name == "sidecar")
+        .unwrap()
+}
+
+fn sidecar_args(pod: &Pod) -> Vec<String> {
+    sidecar(pod).args.clone().unwrap()
+}
+
+fn sidecar_env<'a>(pod: &'a Pod, name: &str) -> Option<&'a k8s_openapi::api::core::v1::EnvVar> {
+    sidecar(pod).env.as_ref()?.iter().find(|e| e.name == name)
+}
+
+#[test]
 fn pod_invariants() {
-    for name in ["node-vllm.yaml", "node-triton-mig.yaml"] {
+    for name in [
+        "node-vllm.yaml",
+        "node-triton-mig.yaml",
+        "node-vllm-dra.yaml",
+        "node-openai-cpu.yaml",
+    ] {
         let node: ResultityNode = fixture(name);
         let pod = build_pod(&node, &resolved(&node), &node_id(), &Defaults::default()).unwrap();
         let spec = pod.spec.as_ref().unwrap();
@@ -86,11 +193,13 @@ fn pod_invariants() {
         assert!(sidecar.lifecycle.as_ref().unwrap().pre_stop.is_some());
         let runtime = &spec.containers[0];
         assert_eq!(runtime.name, runtime_container_name());
-        let limits = runtime.resources.as_ref().unwrap().limits.as_ref().unwrap();
-        assert_eq!(
-            limits[&node.spec.gpu.resource_name].0,
-            node.spec.gpu.count.to_string()
-        );
+        if node.spec.gpu.visibility == GpuVisibility::DevicePlugin {
+            let limits = runtime.resources.as_ref().unwrap().limits.as_ref().unwrap();
+            assert_eq!(
+                limits[&node.spec.gpu.resource_name].0,
+                node.spec.gpu.count.to_string()
+            );
+        }
         let shm = spec
             .volumes
             .as_ref()
@@ -172,6 +281,16 @@ fn validation_rejects_what_cannot_work() {
     mainnet_only.spec.participation = resultity_operator::crd::Participation::Mainnet;
     let mut wrong_runtime: ResultityNode = fixture("node-triton-mig.yaml");
     wrong_runtime.spec.models = base.spec.models.clone();
+    let mut dra_without_template: ResultityNode = fixture("node-vllm-dra.yaml");
+    dra_without_template.spec.gpu.resource_claim_template_name = None;
+    let mut template_without_dra = base.clone();
+    template_without_dra.spec.gpu.resource_claim_template_name = Some("single-gpu".into());
+    let mut dcgm_url_with_dra: ResultityNode = fixture("node-vllm-dra.yaml");
+    dcgm_url_with_dra.spec.gpu.dcgm_url = Some("http://10.0.0.1:9400/metrics".into());
+    let mut dcgm_url_not_http = base.clone();
+    dcgm_url_not_http.spec.gpu.dcgm_url = Some("10.0.0.1:9400".into());
+    let mut openai_without_image: ResultityNode = fixture("node-openai-cpu.yaml");
+    openai_without_image.spec.runtime.image = None;
 
     let cases = [
         ("unapproved", unapproved),
@@ -179,6 +298,11 @@ fn validation_rejects_what_cannot_work() {
         ("small_gpu", small_gpu),
         ("mainnet_only", mainnet_only),
         ("wrong_runtime", wrong_runtime),
+        ("dra_without_template", dra_without_template),
+        ("template_without_dra", template_without_dra),
+        ("dcgm_url_with_dra", dcgm_url_with_dra),
+        ("dcgm_url_not_http", dcgm_url_not_http),
+        ("openai_without_image", openai_without_image),
     ];
     let mut messages = Vec::new();
     for (name, node) in cases {

@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 pub enum RuntimeKind {
     Vllm,
     Triton,
+    /// Any OpenAI-compatible server (llama.cpp's `llama-server`, SGLang, …); its image and
+    /// flags come from the node spec.
+    Openai,
 }
 
 impl From<RuntimeKind> for resultity_protocol::messages::common::RuntimeKind {
@@ -21,6 +24,7 @@ impl From<RuntimeKind> for resultity_protocol::messages::common::RuntimeKind {
         match k {
             RuntimeKind::Vllm => Self::Vllm,
             RuntimeKind::Triton => Self::Triton,
+            RuntimeKind::Openai => Self::Openai,
         }
     }
 }
@@ -30,6 +34,7 @@ impl RuntimeKind {
         match self {
             Self::Vllm => "vllm",
             Self::Triton => "triton",
+            Self::Openai => "openai",
         }
     }
 }
@@ -75,6 +80,10 @@ pub struct NetworkRef {
 /// The runtime container.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self.kind != 'openai' || has(self.image)",
+    "message": "runtime openai needs runtime.image: the network config maps no image to it"
+}]))]
 pub struct RuntimeSpec {
     pub kind: RuntimeKind,
     /// Overrides the image the network's config maps to this runtime.
@@ -110,9 +119,44 @@ fn default_gpu_resource() -> String {
     "nvidia.com/gpu".into()
 }
 
+/// How the pod gets its GPUs, and so how the sidecar sees them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum GpuVisibility {
+    /// The runtime requests `resourceName` from the device plugin; the sidecar, which holds
+    /// no GPU, reads the pod's GPUs from the node's dcgm-exporter.
+    #[default]
+    DevicePlugin,
+    /// A pod-level ResourceClaim from `resourceClaimTemplateName`, shared by the runtime and
+    /// the sidecar, so the sidecar reads the GPUs through NVML.
+    Dra,
+    /// No GPU: nothing is requested and the sidecar's GPU checks are off (CPU runtimes).
+    None,
+}
+
+impl GpuVisibility {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DevicePlugin => "devicePlugin",
+            Self::Dra => "dra",
+            Self::None => "none",
+        }
+    }
+}
+
 /// GPU needs of the node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.visibility) || self.visibility != 'dra' || has(self.resourceClaimTemplateName)",
+    "message": "gpu.visibility dra needs gpu.resourceClaimTemplateName"
+}, {
+    "rule": "!has(self.resourceClaimTemplateName) || (has(self.visibility) && self.visibility == 'dra')",
+    "message": "gpu.resourceClaimTemplateName is used only with gpu.visibility dra"
+}, {
+    "rule": "!has(self.dcgmUrl) || !has(self.visibility) || self.visibility == 'devicePlugin'",
+    "message": "gpu.dcgmUrl is used only with gpu.visibility devicePlugin"
+}]))]
 pub struct GpuSpec {
     #[serde(default = "default_gpu_count")]
     #[schemars(range(min = 1, max = 16))]
@@ -129,6 +173,20 @@ pub struct GpuSpec {
     /// Minimum total GPU memory the node must report before it is considered healthy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_memory_mib: Option<u64>,
+    /// How the pod gets its GPUs: `devicePlugin` (default), `dra` or `none`.
+    #[serde(default)]
+    pub visibility: GpuVisibility,
+    /// ResourceClaimTemplate (in the node's namespace) each pod's claim is made from; `dra` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub resource_claim_template_name: Option<String>,
+    /// dcgm-exporter metrics URL; defaults to port 9400 on the pod's node (`devicePlugin` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 8, max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
+    pub dcgm_url: Option<String>,
 }
 
 impl Default for GpuSpec {
@@ -137,6 +195,9 @@ impl Default for GpuSpec {
             count: default_gpu_count(),
             resource_name: default_gpu_resource(),
             min_memory_mib: None,
+            visibility: GpuVisibility::default(),
+            resource_claim_template_name: None,
+            dcgm_url: None,
         }
     }
 }
