@@ -11,7 +11,7 @@ use resultity_protocol::config::NetworkConfig;
 use resultity_protocol::messages::{ModelState, NodePhase, RuntimeKind, Timing};
 use resultity_protocol::status::ConnectionState;
 use resultity_protocol::{NetworkId, NetworkKeypair};
-use resultity_runtime_sim::{Faults, SimConfig, SimHandle, generate};
+use resultity_runtime_sim::{Faults, SimConfig, generate};
 use resultity_sidecar::agent::{Agent, Exit, Settings};
 use resultity_sidecar::gpu::GpuSettings;
 use resultity_sidecar::runtime::probe::ProbeSettings;
@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 mod common;
-use common::MODEL;
+use common::{MODEL, Net};
 
 fn payload() -> NetworkConfig {
     common::payload(Timing {
@@ -42,37 +42,8 @@ fn instant_runtime() -> SimConfig {
     }
 }
 
-struct Net {
-    io: IoServiceHandle,
-    sim: SimHandle,
-    key: NetworkKeypair,
-    dir: tempfile::TempDir,
-}
-
 async fn network(sim_cfg: SimConfig) -> Net {
-    let key = NetworkKeypair::generate().unwrap();
-    let mut s = IoSettings::new(NetworkId::parse("testnet").unwrap(), key.clone(), payload());
-    s.scheduler.tick_ms = 20;
-    s.scheduler.attempt_timeout_ms = 5_000;
-    s.scheduler.request_timeout_ms = 10_000;
-    s.limits.node_http_burst = 1000.0;
-    s.limits.node_http_rate_per_s = 1000.0;
-    let io = IoService::start(s).await.unwrap();
-    let sim = resultity_runtime_sim::start(
-        SimConfig {
-            models: vec![MODEL.into()],
-            ..sim_cfg
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
-    Net {
-        io,
-        sim,
-        key,
-        dir: tempfile::tempdir().unwrap(),
-    }
+    common::network(payload(), sim_cfg, 5_000, 10_000).await
 }
 
 fn settings(net: &Net, name: &str) -> Settings {

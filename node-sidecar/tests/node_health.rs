@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::routing::get;
-use resultity_io::{IoService, IoServiceHandle, Settings as IoSettings};
+use resultity_io::IoServiceHandle;
+use resultity_protocol::NetworkId;
 use resultity_protocol::config::NetworkConfig;
 use resultity_protocol::messages::{NodePhase, RuntimeKind, Timing};
-use resultity_protocol::{NetworkId, NetworkKeypair};
-use resultity_runtime_sim::{Faults, SimConfig, SimHandle};
+use resultity_runtime_sim::{Faults, SimConfig};
 use resultity_sidecar::agent::{Agent, Exit, Settings};
 use resultity_sidecar::gpu::{GpuMode, GpuSettings};
 use resultity_sidecar::runtime::probe::ProbeSettings;
@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 mod common;
-use common::MODEL;
+use common::{MODEL, Net};
 
 const FIXTURE: &str = include_str!("fixtures/dcgm-exporter.txt");
 const POD: &str = "resultity-node-a-0";
@@ -38,37 +38,8 @@ fn payload() -> NetworkConfig {
     })
 }
 
-struct Net {
-    io: IoServiceHandle,
-    sim: SimHandle,
-    key: NetworkKeypair,
-    dir: tempfile::TempDir,
-}
-
 async fn network(sim_cfg: SimConfig) -> Net {
-    let key = NetworkKeypair::generate().unwrap();
-    let mut s = IoSettings::new(NetworkId::parse("testnet").unwrap(), key.clone(), payload());
-    s.scheduler.tick_ms = 20;
-    s.scheduler.attempt_timeout_ms = 20_000;
-    s.scheduler.request_timeout_ms = 30_000;
-    s.limits.node_http_burst = 1000.0;
-    s.limits.node_http_rate_per_s = 1000.0;
-    let io = IoService::start(s).await.unwrap();
-    let sim = resultity_runtime_sim::start(
-        SimConfig {
-            models: vec![MODEL.into()],
-            ..sim_cfg
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
-    Net {
-        io,
-        sim,
-        key,
-        dir: tempfile::tempdir().unwrap(),
-    }
+    common::network(payload(), sim_cfg, 20_000, 30_000).await
 }
 
 fn settings(net: &Net, gpu: GpuSettings, probe: ProbeSettings) -> Settings {
