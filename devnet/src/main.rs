@@ -148,10 +148,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     );
     if tty {
         eprintln!(
-            "devnet: IO service at {}, {} nodes ({:?}); waiting for them to serve…",
+            "devnet: IO service at {}, {} nodes ({}); waiting for them to serve…",
             net.base_url(),
             cli.nodes,
-            cli.runtime
+            cli.runtime.kind().as_str()
         );
     }
     net.wait_ready(Duration::from_secs(30)).await?;

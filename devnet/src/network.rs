@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use resultity_io::{IoService, IoServiceHandle, Settings as IoSettings};
 use resultity_protocol::config::{ApprovedModel, NetworkConfig};
+use resultity_protocol::known_answer::KnownAnswer;
 use resultity_protocol::messages::{
-    Environment, ModelRef, ModelState, NodePhase, RuntimeKind, Timing,
+    Environment, JobKind, ModelRef, ModelState, NodePhase, RuntimeKind, Timing,
 };
 use resultity_protocol::status::ConnectionState;
 use resultity_protocol::{NetworkId, NetworkKeypair};
@@ -36,7 +37,7 @@ pub enum RuntimeChoice {
 }
 
 impl RuntimeChoice {
-    fn kind(self) -> RuntimeKind {
+    pub fn kind(self) -> RuntimeKind {
         match self {
             Self::Vllm => RuntimeKind::Vllm,
             Self::Triton => RuntimeKind::Triton,
@@ -139,7 +140,13 @@ impl Node {
             return "killed".into();
         }
         let s = self.agent.api.status();
-        format!("{:?}/{:?}", s.phase, s.connection.state)
+        let connection = match s.connection.state {
+            ConnectionState::Disconnected => "disconnected",
+            ConnectionState::Connecting => "connecting",
+            ConnectionState::Connected => "connected",
+            ConnectionState::Backoff => "backoff",
+        };
+        format!("{}/{connection}", s.phase.as_str())
     }
 }
 
@@ -154,6 +161,19 @@ pub struct Devnet {
     dir: tempfile::TempDir,
 }
 
+/// The devnet's nodes run the simulator, whose deterministic answer is computable: every node
+/// checks it before it serves, as a network would check a model's greedy answer.
+fn known_answer() -> KnownAnswer {
+    const PROMPT: &str = "The capital of France is";
+    const MAX_TOKENS: u32 = 8;
+    let (text, _) = resultity_runtime_sim::generate(MODEL, PROMPT, MAX_TOKENS);
+    KnownAnswer {
+        kind: JobKind::Completion,
+        request: serde_json::json!({"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}),
+        expect: serde_json::json!({"choices": [{"text": text}]}),
+    }
+}
+
 /// Network timing short enough for a devnet: failures are noticed in about a second.
 fn payload(runtime: RuntimeKind) -> NetworkConfig {
     NetworkConfig {
@@ -166,6 +186,7 @@ fn payload(runtime: RuntimeKind) -> NetworkConfig {
             runtimes: vec![runtime],
             min_gpu_memory_mib: 0,
             subclouds: vec![],
+            known_answer: (runtime != RuntimeKind::Triton).then(known_answer),
         }],
         runtime_images: Default::default(),
         sidecar_image: None,

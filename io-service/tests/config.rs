@@ -51,6 +51,7 @@ async fn published_config_reaches_nodes_and_verifies_with_the_network_key() {
         runtimes: vec![RuntimeKind::Triton],
         min_gpu_memory_mib: 0,
         subclouds: vec![],
+        known_answer: None,
     });
     payload.network_keys = vec![st.settings.network_key.id().clone()];
     let c = http();

@@ -177,6 +177,7 @@ async fn eligibility_follows_model_gpu_participation_subcloud_and_health() {
             runtimes: vec![resultity_protocol::messages::RuntimeKind::Vllm],
             min_gpu_memory_mib: 0,
             subclouds: vec!["vault".into()],
+            known_answer: None,
         });
         s.network_config.subclouds.push(SubcloudPolicy {
             name: "vault".into(),
@@ -229,6 +230,7 @@ async fn eligibility_follows_model_gpu_participation_subcloud_and_health() {
         },
         state: resultity_protocol::messages::ModelState::Active,
         reason: None,
+        self_test: None,
     });
     node.post_raw(paths::HEARTBEAT, node.heartbeat_envelope(r))
         .await;

@@ -1,11 +1,16 @@
 //! Model states on this node: pending → active / failed, and inactive when no longer wanted.
 //! A model becomes `active` only after a test inference through the runtime succeeded, so the
-//! network never routes a job to a model that cannot answer.
+//! network never routes a job to a model that cannot answer, and, where the network's config
+//! gives the model a known answer, only after the runtime gave that answer.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use resultity_protocol::config::NetworkConfig;
+use resultity_protocol::known_answer::{self, KnownAnswer};
+use resultity_protocol::messages::common::SelfTest;
 use resultity_protocol::messages::{ModelRef, ModelState, ModelStatus, RuntimeKind};
+use serde_json::Value;
 
 use crate::runtime::Runtime;
 
@@ -88,10 +93,86 @@ pub fn desired_models(
     (want, refused)
 }
 
+/// The known answers the applied config gives, by model.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct KnownAnswers(BTreeMap<ModelRef, KnownAnswer>);
+
+impl KnownAnswers {
+    pub fn from_config(config: &NetworkConfig) -> Self {
+        Self(
+            config
+                .models
+                .iter()
+                .filter_map(|m| Some((m.model.clone(), m.known_answer.clone()?)))
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, model: &ModelRef) -> Option<&KnownAnswer> {
+        self.0.get(model)
+    }
+}
+
+impl FromIterator<(ModelRef, KnownAnswer)> for KnownAnswers {
+    fn from_iter<I: IntoIterator<Item = (ModelRef, KnownAnswer)>>(iter: I) -> Self {
+        Self(iter.into_iter().collect())
+    }
+}
+
+/// A known-answer request gets as long as a job may: a cold runtime can take a while for the
+/// first token, and a timeout here only delays activation to the next pass.
+const KNOWN_ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs `answer` against `model` and says how it went, with the reason for anything but a pass.
+async fn run_known_answer<R: Runtime>(
+    runtime: &R,
+    model: &ModelRef,
+    answer: &KnownAnswer,
+) -> (SelfTest, Option<String>) {
+    let out = match runtime
+        .infer(
+            answer.kind,
+            &model.id,
+            &answer.request,
+            KNOWN_ANSWER_TIMEOUT,
+        )
+        .await
+    {
+        Ok(out) => out,
+        Err(e) => {
+            return (
+                SelfTest::Error,
+                Some(format!("known-answer self-test could not run: {e}")),
+            );
+        }
+    };
+    let body: Value = match serde_json::from_str(&out.body) {
+        Ok(v) => v,
+        Err(e) => {
+            return (
+                SelfTest::Error,
+                Some(format!(
+                    "known-answer self-test: the runtime's answer is not JSON ({e})"
+                )),
+            );
+        }
+    };
+    match known_answer::contains(&body, &answer.expect) {
+        Ok(()) => (SelfTest::Passed, None),
+        Err(m) => (
+            SelfTest::Mismatch,
+            Some(format!("known-answer self-test failed: {m}")),
+        ),
+    }
+}
+
 /// Tracks each model's state and drives the runtime toward the desired set.
 #[derive(Debug, Default, Clone)]
 pub struct Models {
     states: BTreeMap<ModelRef, ModelStatus>,
+    /// The known answer each active model passed (`None`: it had none), so a config that
+    /// changes it tests the model again.
+    tested: BTreeMap<ModelRef, Option<KnownAnswer>>,
 }
 
 impl Models {
@@ -128,31 +209,61 @@ impl Models {
         }
     }
 
-    /// Activates wanted models (load + test inference), deactivates unwanted ones, and marks
-    /// refused ones inactive with their reason. Failed models are retried on each call.
+    /// Activates wanted models (load, test inference, then the known answer if the config
+    /// gives one), deactivates unwanted ones, and marks refused ones inactive with their
+    /// reason. Failed models are retried on each call; an active model whose known answer
+    /// changed is tested again.
     pub async fn reconcile<R: Runtime>(
         &mut self,
         want: &[ModelRef],
         refused: &[Refused],
+        answers: &KnownAnswers,
         runtime: &R,
     ) {
         for model in want {
-            if self.is_active(model) {
+            let answer = answers.get(model);
+            if self.is_active(model) && self.tested.get(model).map(Option::as_ref) == Some(answer) {
                 continue;
             }
-            self.set(model, ModelState::Pending, None);
-            let outcome = match runtime.load_model(&model.id).await {
-                Ok(()) => runtime.test_inference(&model.id).await,
-                Err(e) => Err(e),
-            };
-            match outcome {
-                Ok(()) => self.set(model, ModelState::Active, None),
-                Err(e) => self.set(
-                    model,
-                    ModelState::Failed,
-                    Some(format!("test inference failed: {e}")),
-                ),
+            let was_active = self.is_active(model);
+            self.tested.remove(model);
+            if !was_active {
+                self.set(model, ModelState::Pending, None, None);
+                let outcome = match runtime.load_model(&model.id).await {
+                    Ok(()) => runtime.test_inference(&model.id).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = outcome {
+                    self.set(
+                        model,
+                        ModelState::Failed,
+                        Some(format!("test inference failed: {e}")),
+                        None,
+                    );
+                    continue;
+                }
             }
+            let verdict = match answer {
+                Some(a) => Some(run_known_answer(runtime, model, a).await),
+                None => None,
+            };
+            match verdict {
+                None => self.set(model, ModelState::Active, None, None),
+                Some((SelfTest::Passed, _)) => {
+                    self.set(model, ModelState::Active, None, Some(SelfTest::Passed));
+                }
+                Some((outcome, reason)) => {
+                    tracing::warn!(
+                        model = %model.id,
+                        revision = %model.revision,
+                        reason = reason.as_deref().unwrap_or_default(),
+                        "model not served"
+                    );
+                    self.set(model, ModelState::Failed, reason, Some(outcome));
+                    continue;
+                }
+            }
+            self.tested.insert(model.clone(), answer.cloned());
         }
         let unwanted: Vec<ModelRef> = self
             .states
@@ -170,7 +281,8 @@ impl Models {
                 .find(|r| r.model == model.id)
                 .map(|r| r.reason.clone())
                 .unwrap_or_else(|| "no longer wanted".into());
-            self.set(&model, ModelState::Inactive, Some(reason));
+            self.tested.remove(&model);
+            self.set(&model, ModelState::Inactive, Some(reason), None);
         }
         for r in refused {
             if !self.states.keys().any(|m| m.id == r.model) {
@@ -178,7 +290,7 @@ impl Models {
                     id: r.model.clone(),
                     revision: String::new(),
                 };
-                self.set(&model, ModelState::Inactive, Some(r.reason.clone()));
+                self.set(&model, ModelState::Inactive, Some(r.reason.clone()), None);
             }
         }
     }
@@ -193,13 +305,20 @@ impl Models {
         }
     }
 
-    fn set(&mut self, model: &ModelRef, state: ModelState, reason: Option<String>) {
+    fn set(
+        &mut self,
+        model: &ModelRef,
+        state: ModelState,
+        reason: Option<String>,
+        self_test: Option<SelfTest>,
+    ) {
         self.states.insert(
             model.clone(),
             ModelStatus {
                 model: model.clone(),
                 state,
                 reason,
+                self_test,
             },
         );
     }
@@ -220,6 +339,7 @@ mod tests {
             runtimes: rt,
             min_gpu_memory_mib: mem,
             subclouds: sub.into_iter().map(String::from).collect(),
+            known_answer: None,
         };
         NetworkConfig {
             environment: Environment::Testnet,

@@ -91,6 +91,7 @@ async fn probes_status_metrics_and_drain() {
             model: model.clone(),
             state: ModelState::Inactive,
             reason: Some("needs 8192 MiB of GPU memory, node has 0 MiB".into()),
+            self_test: None,
         }];
     });
     // Everything up but no model servable: not ready, with the model's reason.

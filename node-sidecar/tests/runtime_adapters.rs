@@ -197,7 +197,7 @@ async fn adapter_is_not_the_bottleneck_of_a_batching_runtime() {
 #[tokio::test]
 async fn models_become_active_only_after_a_test_inference() {
     use resultity_protocol::messages::{ModelRef, ModelState};
-    use resultity_sidecar::models::{Models, Refused};
+    use resultity_sidecar::models::{KnownAnswers, Models, Refused};
     let s = sim(fast(&["good", "broken"])).await;
     s.set_faults(Faults {
         failing_models: vec!["broken".into()],
@@ -209,13 +209,14 @@ async fn models_become_active_only_after_a_test_inference() {
         id: id.into(),
         revision: "r".into(),
     };
+    let none = KnownAnswers::default();
     let mut models = Models::default();
     let refused = vec![Refused {
         model: "huge".into(),
         reason: "needs more GPU memory".into(),
     }];
     models
-        .reconcile(&[m("good"), m("broken")], &refused, &rt)
+        .reconcile(&[m("good"), m("broken")], &refused, &none, &rt)
         .await;
     assert!(models.is_active(&m("good")));
     assert!(!models.is_active(&m("broken")));
@@ -233,10 +234,12 @@ async fn models_become_active_only_after_a_test_inference() {
     assert_eq!(huge.state, ModelState::Inactive);
     assert!(models.inactive_reason(&m("broken")).contains("failed"));
     // Still failing on the next pass: stays failed, gets no jobs.
-    models.reconcile(&[m("good"), m("broken")], &[], &rt).await;
+    models
+        .reconcile(&[m("good"), m("broken")], &[], &none, &rt)
+        .await;
     assert!(!models.is_active(&m("broken")));
     // Dropped from the wanted set: inactive.
-    models.reconcile(&[m("broken")], &[], &rt).await;
+    models.reconcile(&[m("broken")], &[], &none, &rt).await;
     assert_eq!(
         models
             .statuses()
@@ -248,8 +251,83 @@ async fn models_become_active_only_after_a_test_inference() {
     );
     // Fixed runtime: the model activates.
     s.set_faults(Faults::default()).await;
-    models.reconcile(&[m("broken")], &[], &rt).await;
+    models.reconcile(&[m("broken")], &[], &none, &rt).await;
     assert!(models.is_active(&m("broken")));
+}
+
+#[tokio::test]
+async fn a_model_is_served_only_after_it_gives_its_known_answer() {
+    use resultity_protocol::known_answer::KnownAnswer;
+    use resultity_protocol::messages::common::SelfTest;
+    use resultity_protocol::messages::{ModelRef, ModelState};
+    use resultity_sidecar::models::{KnownAnswers, Models};
+    let s = sim(fast(&["m1"])).await;
+    let rt = AnyRuntime::new(RuntimeKind::Vllm, &s.url(), T).unwrap();
+    let m1 = ModelRef {
+        id: "m1".into(),
+        revision: "r".into(),
+    };
+    let prompt = "The capital of France is";
+    // What the simulator's deterministic decoder answers, computed, not copied.
+    let (right, _) = generate("m1", prompt, 8);
+    let answers = |text: &str| -> KnownAnswers {
+        [(
+            m1.clone(),
+            KnownAnswer {
+                kind: JobKind::Completion,
+                request: json!({"prompt": prompt, "max_tokens": 8, "temperature": 0}),
+                expect: json!({"choices": [{"text": text}]}),
+            },
+        )]
+        .into_iter()
+        .collect()
+    };
+    let status = |models: &Models| {
+        models
+            .statuses()
+            .into_iter()
+            .find(|s| s.model == m1)
+            .unwrap()
+    };
+    let want = [m1.clone()];
+    let mut models = Models::default();
+    models.reconcile(&want, &[], &answers(&right), &rt).await;
+    assert!(models.is_active(&m1));
+    assert_eq!(status(&models).self_test, Some(SelfTest::Passed));
+    let served = s.stats().requests;
+
+    // Same config again: the model is not tested again.
+    models.reconcile(&want, &[], &answers(&right), &rt).await;
+    assert_eq!(s.stats().requests, served);
+
+    // A config whose known answer the runtime does not give: no more jobs for the model.
+    models.reconcile(&want, &[], &answers(" Paris"), &rt).await;
+    assert!(!models.is_active(&m1));
+    let st = status(&models);
+    assert_eq!(st.state, ModelState::Failed);
+    assert_eq!(st.self_test, Some(SelfTest::Mismatch));
+    let reason = st.reason.unwrap();
+    assert!(reason.contains("choices[0].text is"), "{reason}");
+    assert!(reason.contains(r#"expected " Paris""#), "{reason}");
+
+    // The runtime fails the test request itself: an error, not a mismatch.
+    s.set_faults(Faults {
+        failing_models: vec!["m1".into()],
+        ..Faults::default()
+    })
+    .await;
+    models.reconcile(&want, &[], &answers(&right), &rt).await;
+    assert!(!models.is_active(&m1));
+    s.set_faults(Faults::default()).await;
+
+    // Back to the right answer, then a config without one: served in both cases.
+    models.reconcile(&want, &[], &answers(&right), &rt).await;
+    assert!(models.is_active(&m1));
+    models
+        .reconcile(&want, &[], &KnownAnswers::default(), &rt)
+        .await;
+    assert!(models.is_active(&m1));
+    assert_eq!(status(&models).self_test, None);
 }
 
 #[tokio::test]

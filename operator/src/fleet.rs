@@ -14,6 +14,8 @@ use crate::crd::{
     RolloutStepRecord,
 };
 use crate::rollout::{Halt, NodeFacts, Plan, Strategy, resolve_max_unavailable};
+use crate::status::REASON_KNOWN_ANSWER_MISMATCH;
+use crate::status::types::SELF_TEST_PASSED;
 
 /// When the node entered its rollout step (RFC 3339), written with the step label.
 pub const ANNOTATION_STEP_SINCE: &str = "resultity.com/rollout-step-since";
@@ -142,6 +144,16 @@ pub fn node_facts(fleet: &ResultityFleet, node: &ResultityNode, now: &Time) -> O
         ready: cond_true(node, "Ready"),
         routable: cond_true(node, "NetworkRoutable"),
         failing: matches!(status.phase, NodePhase::Failed | NodePhase::Invalid),
+        self_tested: cond_true(node, SELF_TEST_PASSED),
+        answer_mismatch: status
+            .conditions
+            .iter()
+            .find(|c| {
+                c.type_ == SELF_TEST_PASSED
+                    && c.status == "False"
+                    && c.reason == REASON_KNOWN_ANSWER_MISMATCH
+            })
+            .map(|c| c.message.clone()),
     })
 }
 
@@ -171,10 +183,12 @@ pub fn compute_fleet_status(o: &FleetObserved<'_>) -> ResultityFleetStatus {
     let ready = count(&|n| n.ready);
     let routable = count(&|n| n.routable);
     let updated = count(&|n| n.updated);
-    let unavailable = match o.plan {
+    let unavailable_listed = match o.plan {
         Ok(p) => p.unavailable_after,
         Err(_) => count(&|n| !n.available()),
     };
+    // Members not created yet (a scale-up this round) serve nothing either.
+    let unavailable = unavailable_listed + o.fleet.spec.replicas.saturating_sub(replicas);
     let mut digests: BTreeMap<String, u32> = BTreeMap::new();
     for n in o.nodes {
         if let Some(a) = n.status.as_ref().and_then(|s| s.applied_config.as_ref()) {
@@ -229,7 +243,7 @@ pub fn compute_fleet_status(o: &FleetObserved<'_>) -> ResultityFleetStatus {
             ),
         },
     };
-    let available_nodes = replicas.saturating_sub(unavailable);
+    let available_nodes = replicas.saturating_sub(unavailable_listed);
     let available = if desired.saturating_sub(available_nodes) <= max_unavailable {
         Cond::new(
             types::AVAILABLE,

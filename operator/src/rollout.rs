@@ -31,6 +31,12 @@ pub struct NodeFacts {
     pub routable: bool,
     /// The node's pod is failing (crash loop, image pull) or its spec was rejected.
     pub failing: bool,
+    /// Every model the node serves passed its self-test (SelfTestPassed True): a test
+    /// inference, and the known answer where the network's config gives one.
+    pub self_tested: bool,
+    /// A model answered its known-answer request wrongly, with what differed: the new
+    /// runtime or weights do not do what the network expects, so the rollout stops here.
+    pub answer_mismatch: Option<String>,
 }
 
 impl NodeFacts {
@@ -113,8 +119,13 @@ fn advance(n: &NodeFacts, s: &Strategy) -> Option<(RolloutStep, String)> {
         Replacing if n.updated && n.pod_present => {
             Some((Validating, "the new pod runs the desired spec".into()))
         }
-        Validating if n.updated && n.ready && n.routable => {
-            Some((Done, "Ready and routable with the desired spec".into()))
+        Validating if n.updated && n.ready && n.routable && n.self_tested => Some((
+            Done,
+            "Ready, routable and self-tested with the desired spec".into(),
+        )),
+        // The message already names the model and says the self-test failed.
+        Validating if n.updated && n.answer_mismatch.is_some() => {
+            Some((Failed, n.answer_mismatch.clone().unwrap_or_default()))
         }
         Validating | Replacing if n.failing => Some((
             Failed,
@@ -123,7 +134,7 @@ fn advance(n: &NodeFacts, s: &Strategy) -> Option<(RolloutStep, String)> {
         Validating if n.in_step_for >= s.progress_deadline => Some((
             Failed,
             format!(
-                "not Ready and routable within {}s",
+                "not Ready, routable and self-tested within {}s",
                 s.progress_deadline.as_secs()
             ),
         )),
@@ -136,7 +147,7 @@ fn advance(n: &NodeFacts, s: &Strategy) -> Option<(RolloutStep, String)> {
         Failed if s.retry_failed && !n.updated => {
             Some((Pending, "the fleet changed; retrying".into()))
         }
-        Failed if n.updated && n.ready && n.routable => {
+        Failed if n.updated && n.ready && n.routable && n.self_tested => {
             Some((Done, "recovered: Ready and routable".into()))
         }
         _ => None,
@@ -252,6 +263,83 @@ mod tests {
         assert!(r(IntOrString::String("ten".into()), 10).is_err());
         assert!(r(IntOrString::String("150%".into()), 10).is_err());
         assert!(r(IntOrString::Int(-1), 10).is_err());
+    }
+
+    fn validating(name: &str, ordinal: u32) -> NodeFacts {
+        NodeFacts {
+            name: name.into(),
+            ordinal,
+            step: Some(RolloutStep::Validating),
+            in_step_for: Duration::from_secs(5),
+            pod_present: true,
+            updated: true,
+            ready: true,
+            routable: true,
+            failing: false,
+            self_tested: false,
+            answer_mismatch: None,
+        }
+    }
+
+    fn strategy() -> Strategy {
+        Strategy {
+            max_unavailable: 1,
+            partition: 0,
+            paused: false,
+            progress_deadline: Duration::from_secs(600),
+            retry_failed: false,
+        }
+    }
+
+    fn pending(name: &str, ordinal: u32) -> NodeFacts {
+        NodeFacts {
+            step: Some(RolloutStep::Pending),
+            updated: false,
+            self_tested: true,
+            ..validating(name, ordinal)
+        }
+    }
+
+    #[test]
+    fn validating_waits_for_the_self_test_and_a_wrong_answer_stops_the_rollout() {
+        let s = strategy();
+        // Ready and routable, self-test still running: stays validating, takes the budget.
+        let plan = plan_rollout(&[validating("n-1", 1), pending("n-0", 0)], &s);
+        assert!(plan.transitions.is_empty(), "{:?}", plan.transitions);
+        assert!(!plan.complete);
+
+        let passed = NodeFacts {
+            self_tested: true,
+            ..validating("n-1", 1)
+        };
+        let plan = plan_rollout(&[passed, pending("n-0", 0)], &s);
+        let to: Vec<_> = plan
+            .transitions
+            .iter()
+            .map(|t| (t.node.as_str(), t.to))
+            .collect();
+        assert_eq!(
+            to,
+            vec![("n-1", RolloutStep::Done), ("n-0", RolloutStep::Draining)]
+        );
+
+        let wrong = NodeFacts {
+            answer_mismatch: Some(
+                "qwen@r2: known-answer self-test failed: choices[0].text is \" Lyon\", \
+                 expected \" Paris\""
+                    .into(),
+            ),
+            ..validating("n-1", 1)
+        };
+        let plan = plan_rollout(&[wrong, pending("n-0", 0)], &s);
+        assert_eq!(plan.transitions.len(), 1);
+        assert_eq!(plan.transitions[0].to, RolloutStep::Failed);
+        assert!(
+            plan.transitions[0].message.contains("expected \" Paris\""),
+            "{}",
+            plan.transitions[0].message
+        );
+        assert_eq!(plan.halted, Some(Halt::Failed { node: "n-1".into() }));
     }
 
     #[test]

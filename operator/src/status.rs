@@ -5,7 +5,7 @@
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use resultity_protocol::messages::common::{ModelState, NodePhase as SidecarPhase};
+use resultity_protocol::messages::common::{ModelState, NodePhase as SidecarPhase, SelfTest};
 use resultity_protocol::status::{ConnectionState, NodeStatus};
 
 use crate::build::{runtime_container_name, sidecar_container_name};
@@ -32,6 +32,102 @@ pub mod types {
     pub const NETWORK_ROUTABLE: &str = "NetworkRoutable";
     /// Informational: a drain is under way.
     pub const DRAINING: &str = "Draining";
+    /// Informational, but a fleet rollout waits for it: every model the node serves passed its
+    /// test inference and, where the network's config gives one, its known answer.
+    pub const SELF_TEST_PASSED: &str = "SelfTestPassed";
+}
+
+/// The `SelfTestPassed` reason a fleet rollout treats as final: the runtime answers, wrongly.
+pub const REASON_KNOWN_ANSWER_MISMATCH: &str = "KnownAnswerMismatch";
+
+/// The node's self-test from the models the sidecar reports.
+fn self_test_condition(r: &NodeStatus) -> Cond {
+    use types::SELF_TEST_PASSED;
+    let name = |m: &resultity_protocol::messages::ModelStatus| {
+        format!("{}@{}", m.model.id, m.model.revision)
+    };
+    let why = |m: &resultity_protocol::messages::ModelStatus| match &m.reason {
+        Some(reason) => format!("{}: {reason}", name(m)),
+        None => name(m),
+    };
+    let wanted: Vec<_> = r
+        .models
+        .iter()
+        .filter(|m| m.state != ModelState::Inactive)
+        .collect();
+    let listed = |pick: &dyn Fn(&&resultity_protocol::messages::ModelStatus) -> bool| {
+        wanted
+            .iter()
+            .filter(|m| pick(m))
+            .map(|m| why(m))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let mismatched = listed(&|m| m.self_test == Some(SelfTest::Mismatch));
+    if !mismatched.is_empty() {
+        return Cond::new(
+            SELF_TEST_PASSED,
+            FALSE,
+            REASON_KNOWN_ANSWER_MISMATCH,
+            mismatched,
+        );
+    }
+    let failed = listed(&|m| m.state == ModelState::Failed);
+    if !failed.is_empty() {
+        return Cond::new(SELF_TEST_PASSED, FALSE, "ModelFailed", failed);
+    }
+    let testing = wanted
+        .iter()
+        .filter(|m| m.state != ModelState::Active)
+        .map(|m| name(m))
+        .collect::<Vec<_>>();
+    if !testing.is_empty() {
+        return Cond::new(
+            SELF_TEST_PASSED,
+            UNKNOWN,
+            "Testing",
+            format!("not yet tested: {}", testing.join(", ")),
+        );
+    }
+    if wanted.is_empty() {
+        return Cond::new(
+            SELF_TEST_PASSED,
+            UNKNOWN,
+            "NoModels",
+            "the node serves no model yet",
+        );
+    }
+    let known = wanted
+        .iter()
+        .filter(|m| m.self_test == Some(SelfTest::Passed))
+        .count();
+    let n = wanted.len();
+    if known == 0 {
+        Cond::new(
+            SELF_TEST_PASSED,
+            TRUE,
+            "TestInferencePassed",
+            format!(
+                "every served model answered a test inference ({n}); the network config gives no known answers"
+            ),
+        )
+    } else if known == n {
+        Cond::new(
+            SELF_TEST_PASSED,
+            TRUE,
+            "Passed",
+            format!("every served model gave its known answer ({n})"),
+        )
+    } else {
+        Cond::new(
+            SELF_TEST_PASSED,
+            TRUE,
+            "Passed",
+            format!(
+                "{known} of {n} served models gave their known answer; the others have none and answered a test inference"
+            ),
+        )
+    }
 }
 
 /// What the operator learned from the sidecar this round.
@@ -396,6 +492,10 @@ pub fn compute_node_status(o: &Observed<'_>) -> ResultityNodeStatus {
     } else {
         Cond::new(DRAINING, FALSE, "NotDraining", "")
     });
+    conds.push(match report {
+        Some(r) => self_test_condition(r),
+        None => sidecar_unknown(types::SELF_TEST_PASSED),
+    });
     let phase = match o.blocker {
         Some(Blocker::Invalid(_) | Blocker::Rejected(_)) => NodePhase::Invalid,
         Some(_) => NodePhase::Pending,
@@ -431,6 +531,7 @@ pub fn compute_node_status(o: &Observed<'_>) -> ResultityNodeStatus {
                     }
                     .into(),
                     reason: m.reason.clone(),
+                    self_test: m.self_test.map(|t| t.as_str().to_owned()),
                 })
                 .collect()
         })

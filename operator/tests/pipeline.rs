@@ -457,6 +457,62 @@ fn status_loading_runtime_is_starting() {
 }
 
 #[test]
+fn status_self_test_follows_the_models_known_answers() {
+    use resultity_protocol::messages::ModelState;
+    use resultity_protocol::messages::common::SelfTest;
+    let pod: Pod = fixture("pod-running-ready.yaml");
+    let with = |state: ModelState, test: Option<SelfTest>, reason: Option<&str>| {
+        let mut r = report();
+        r.models[0].state = state;
+        r.models[0].self_test = test;
+        r.models[0].reason = reason.map(str::to_owned);
+        status_for(Some(&pod), SidecarObservation::Report(Box::new(r)))
+    };
+    let s = with(ModelState::Active, None, None);
+    assert_eq!(
+        cond(&s, types::SELF_TEST_PASSED),
+        ("True", "TestInferencePassed")
+    );
+    let s = with(ModelState::Active, Some(SelfTest::Passed), None);
+    assert_eq!(cond(&s, types::SELF_TEST_PASSED), ("True", "Passed"));
+    assert_eq!(s.models[0].self_test.as_deref(), Some("passed"));
+
+    let why = r#"known-answer self-test failed: choices[0].text is " Lyon", expected " Paris""#;
+    let s = with(ModelState::Failed, Some(SelfTest::Mismatch), Some(why));
+    assert_eq!(
+        cond(&s, types::SELF_TEST_PASSED),
+        ("False", "KnownAnswerMismatch")
+    );
+    let c = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == types::SELF_TEST_PASSED)
+        .unwrap();
+    let model = &report().models[0].model;
+    assert_eq!(c.message, format!("{}@{}: {why}", model.id, model.revision));
+    assert_eq!(s.models[0].self_test.as_deref(), Some("mismatch"));
+
+    let s = with(ModelState::Failed, None, Some("test inference failed: 500"));
+    assert_eq!(cond(&s, types::SELF_TEST_PASSED), ("False", "ModelFailed"));
+    let s = with(ModelState::Pending, None, None);
+    assert_eq!(cond(&s, types::SELF_TEST_PASSED), ("Unknown", "Testing"));
+    // A model the node does not serve is no part of its self-test.
+    let s = with(ModelState::Inactive, None, Some("no longer wanted"));
+    assert_eq!(cond(&s, types::SELF_TEST_PASSED), ("Unknown", "NoModels"));
+    let s = status_for(
+        Some(&pod),
+        SidecarObservation::Unreachable {
+            reason: "SidecarUnreachable".into(),
+            message: "sidecar did not answer within 3s".into(),
+        },
+    );
+    assert_eq!(
+        cond(&s, types::SELF_TEST_PASSED),
+        ("Unknown", "SidecarUnreachable")
+    );
+}
+
+#[test]
 fn status_out_of_sync_and_disconnected_is_degraded() {
     let pod: Pod = fixture("pod-running-ready.yaml");
     let mut r = report();

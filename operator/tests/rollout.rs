@@ -87,6 +87,9 @@ impl Sim {
                     ready,
                     routable: ready && n.unroutable_for == 0,
                     failing: false,
+                    // The sidecar reports ready once its models passed their self-tests.
+                    self_tested: ready,
+                    answer_mismatch: None,
                 }
             })
             .collect()

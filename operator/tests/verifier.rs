@@ -1219,7 +1219,11 @@ mod fleets {
                 version: 7,
                 digest: "sha256:aa".into(),
             }),
-            conditions: vec![cond("Ready", "True"), cond("NetworkRoutable", "True")],
+            conditions: vec![
+                cond("Ready", "True"),
+                cond("NetworkRoutable", "True"),
+                cond("SelfTestPassed", "True"),
+            ],
             ..ResultityNodeStatus::default()
         });
         n
@@ -1415,5 +1419,80 @@ mod fleets {
             .run(reconcile_fleet(f))
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn scale_up_adds_the_lowest_free_ordinals_and_keeps_the_rest() {
+        let f = gpu_fleet(3, 2);
+        let nodes = vec![member(&f, 0, "done", true)];
+        let script = vec![
+            Call::get(NODES, list(nodes)),
+            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+            // gpus-0 is as desired: no write; the new members start with no step.
+            apply_member(NODE_PATHS[1], None),
+            apply_member(NODE_PATHS[2], None),
+            Call::event(EVENTS, "ScaledUp").check(|b| {
+                assert_eq!(b["note"], "created nodes gpus-1, gpus-2");
+            }),
+            Call::apply_status(FLEET_STATUS, &f).check(|b| {
+                let s = fleet_status(b);
+                assert_eq!(s.ready, 1);
+                // The two new nodes are not serving yet: 1 of 3 is below 3 - maxUnavailable 1.
+                assert_eq!(s.unavailable, 2);
+                assert_eq!(fcond(&s, "Available"), ("False", "TooFewNodesAvailable"));
+            }),
+        ];
+        world(script, FakeSidecar::answering(vec![]), no_source())
+            .run(reconcile_fleet(f))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_wrong_known_answer_fails_the_rollout_and_stops_it() {
+        let f = gpu_fleet(3, 2);
+        let mut nodes: Vec<_> = (0..2).map(|o| member(&f, o, "pending", false)).collect();
+        // gpus-2 runs the new pod, Ready and routable, but its model answers wrongly.
+        let mut validating = member(&f, 2, "validating", true);
+        let why = r#"qwen@main: known-answer self-test failed: choices[0].text is " Lyon", expected " Paris""#;
+        if let Some(st) = validating.status.as_mut() {
+            st.conditions[2] = Condition {
+                status: "False".into(),
+                reason: "KnownAnswerMismatch".into(),
+                message: why.into(),
+                ..cond("SelfTestPassed", "False")
+            };
+        }
+        nodes.push(validating);
+        let script = vec![
+            Call::get(NODES, list(nodes)),
+            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+            // Only the failing node is written: nobody else is granted a slot.
+            apply_member(NODE_PATHS[2], Some("failed")),
+            Call::apply_status(FLEET_STATUS, &f).check(|b| {
+                let s = fleet_status(b);
+                assert_eq!(fcond(&s, "Progressing"), ("False", "RolloutFailed"));
+                let last = s.last_steps.last().unwrap();
+                assert_eq!(
+                    (last.node.as_str(), last.step),
+                    ("gpus-2", resultity_operator::crd::RolloutStep::Failed)
+                );
+                assert!(
+                    last.message.contains(r#"expected " Paris""#),
+                    "{}",
+                    last.message
+                );
+            }),
+            Call::event(EVENTS, "RolloutFailed").check(move |b| {
+                assert_eq!(b["type"], "Warning");
+                let note = b["note"].as_str().unwrap();
+                assert_eq!(note, format!("node gpus-2: {why}; the rollout stopped"));
+            }),
+        ];
+        let action = world(script, FakeSidecar::answering(vec![]), no_source())
+            .run(reconcile_fleet(f))
+            .await
+            .unwrap();
+        assert_eq!(action, Action::requeue(Duration::from_secs(300)));
     }
 }

@@ -44,6 +44,7 @@ fn heartbeat(node: &NodeKeypair, net: &NetworkId, nonce: u64) -> HeartbeatReques
                 },
                 state: ModelState::Active,
                 reason: None,
+                self_test: None,
             }],
             gpu: GpuReport::default(),
             runtime: RuntimeReport {
@@ -172,6 +173,7 @@ fn benches(c: &mut Criterion) {
                     runtimes: vec![RuntimeKind::Vllm, RuntimeKind::Triton],
                     min_gpu_memory_mib: 16_384,
                     subclouds: vec![],
+                    known_answer: None,
                 })
                 .collect(),
             runtime_images: Default::default(),

@@ -85,6 +85,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 },
                 state: ModelState::Active,
                 reason: None,
+                self_test: None,
             }],
             gpu: GpuReport {
                 present: false,
@@ -123,6 +124,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 runtimes: vec![RuntimeKind::Vllm],
                 min_gpu_memory_mib: 8192,
                 subclouds: vec![],
+                known_answer: None,
             }],
             runtime_images: RuntimeImages {
                 vllm: Some("vllm/vllm-openai:v0.11.0".into()),

@@ -116,6 +116,10 @@ pub struct ApprovedModel {
     /// Subclouds that may serve it; empty means every node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subclouds: Vec<String>,
+    /// A request whose answer a node checks before it serves the model (and a fleet rollout
+    /// before it calls a replaced node done).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known_answer: Option<crate::known_answer::KnownAnswer>,
 }
 
 /// Container images the network pins per runtime; a change rolls the fleet.

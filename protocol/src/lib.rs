@@ -10,6 +10,7 @@
 //! * [`replay`] — bounded nonce store and sequence windows, driven by an injectable [`clock`];
 //! * [`config`] — signed config snapshots, `config_digest`, version/expiry/rollback rules and
 //!   key rotation;
+//! * [`known_answer`] — the known-answer self-test a config may give a model;
 //! * [`session`] — helpers that seal and open post-handshake WebSocket messages;
 //! * [`status`] — the node's `/status` document shared with the operator;
 //! * [`codes`] and [`limits`] — error codes, close codes and the numbers the spec fixes.
@@ -21,6 +22,7 @@ pub mod crypto;
 pub mod envelope;
 pub mod error;
 pub mod ids;
+pub mod known_answer;
 pub mod limits;
 pub mod messages;
 pub mod purpose;

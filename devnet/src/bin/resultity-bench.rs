@@ -198,7 +198,7 @@ async fn load(
     };
     let s = run_load(base, &cfg, Arc::new(Progress::default())).await?;
     if s.jobs_completed != s.jobs_submitted {
-        bail!("load against {base} failed: {:?}", s.failures);
+        bail!("load against {base} failed: {}", s.failures.join("; "));
     }
     Ok(s)
 }
@@ -354,6 +354,7 @@ fn p3_payload() -> NetworkConfig {
             runtimes: vec![RuntimeKind::Vllm],
             min_gpu_memory_mib: 0,
             subclouds: vec![],
+            known_answer: None,
         }],
         runtime_images: Default::default(),
         sidecar_image: None,

@@ -45,6 +45,7 @@ pub fn payload() -> NetworkConfig {
             runtimes: vec![RuntimeKind::Vllm],
             min_gpu_memory_mib: 16_000,
             subclouds: vec![],
+            known_answer: None,
         }],
         runtime_images: Default::default(),
         sidecar_image: None,
@@ -115,6 +116,7 @@ pub fn report(max_concurrency: u32) -> NodeReport {
             model: model(),
             state: ModelState::Active,
             reason: None,
+            self_test: None,
         }],
         gpu: GpuReport {
             present: true,

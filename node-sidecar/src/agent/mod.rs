@@ -39,7 +39,7 @@ use crate::backoff::Backoff;
 use crate::config_store::{ConfigStore, ConfigStoreError, OfferError};
 use crate::gpu::{GpuProbe, GpuSettings};
 use crate::identity::{self, IdentityError};
-use crate::models::{Models, desired_models};
+use crate::models::{KnownAnswers, Models, desired_models};
 pub use crate::outbox::SyncPolicy;
 use crate::outbox::{Outbox, OutboxError};
 use crate::runtime::probe::ProbeSettings;
@@ -515,9 +515,12 @@ impl Agent {
             self.settings.enforce_gpu_memory,
             &self.settings.subclouds,
         );
+        let answers = KnownAnswers::from_config(&payload);
         let _serial = self.reconcile_lock.lock().await;
         let mut models = self.models_snapshot();
-        models.reconcile(&want, &refused, &self.runtime).await;
+        models
+            .reconcile(&want, &refused, &answers, &self.runtime)
+            .await;
         let statuses = models.statuses();
         *self.models.write().unwrap_or_else(|p| p.into_inner()) = models;
         self.api.update(|s| s.models = statuses);

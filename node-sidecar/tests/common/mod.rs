@@ -21,6 +21,7 @@ pub fn payload(timing: Timing) -> NetworkConfig {
             runtimes: vec![RuntimeKind::Vllm],
             min_gpu_memory_mib: 0,
             subclouds: vec![],
+            known_answer: None,
         }],
         runtime_images: Default::default(),
         sidecar_image: None,

@@ -358,6 +358,10 @@ pub struct ModelStateStatus {
     pub state: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Known-answer self-test: `passed`, `mismatch` or `error`; absent when the network's
+    /// config gives the model none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_test: Option<String>,
 }
 
 /// GPUs as the sidecar's NVML probe sees them.

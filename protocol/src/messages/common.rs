@@ -101,6 +101,38 @@ pub struct ModelStatus {
     pub state: ModelState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Outcome of the model's known-answer self-test; absent when the config gives none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_test: Option<SelfTest>,
+}
+
+/// Outcome of a known-answer self-test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[serde(rename_all = "snake_case")]
+pub enum SelfTest {
+    /// The answer contained what the config expects.
+    Passed,
+    /// The runtime answered, differently (the model's reason says where).
+    Mismatch,
+    /// The runtime could not answer the test request.
+    Error,
+    /// A value from a newer peer.
+    #[serde(other)]
+    #[cfg_attr(test, proptest(skip))]
+    Unknown,
+}
+
+impl SelfTest {
+    /// The wire spelling, for logs and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Passed => "passed",
+            Self::Mismatch => "mismatch",
+            Self::Error => "error",
+            Self::Unknown => "unknown",
+        }
+    }
 }
 
 /// A pointer to a config snapshot: its version and digest.
