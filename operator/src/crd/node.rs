@@ -268,7 +268,10 @@ pub struct SidecarSpec {
     pub volume_mounts: Vec<VolumeMount>,
 }
 
-/// Pod-level settings beyond what the operator derives.
+/// Pod-level settings beyond what the operator derives. Keys and names the operator owns are
+/// refused by the validate step (the node turns `Invalid` with the field named), not by CEL:
+/// rules that compare every key or name of an unbounded string would exceed the API server's
+/// estimated CEL cost budget and make the CRD itself uninstallable.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PodOverrides {
@@ -276,21 +279,10 @@ pub struct PodOverrides {
     /// `…/managed-by` and every `resultity.com/` key) are refused.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32))]
-    #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "self.all(k, !k.startsWith('resultity.com/') && !(k in ['app.kubernetes.io/name', 'app.kubernetes.io/instance', 'app.kubernetes.io/managed-by']))",
-        "message": "pod.labels may not set app.kubernetes.io/name, app.kubernetes.io/instance, app.kubernetes.io/managed-by or resultity.com/ keys: the operator sets them"
-    }, {
-        "rule": "self.all(k, k.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$') && self[k].matches('^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$'))",
-        "message": "pod.labels keys must be label keys ([prefix/]name, name at most 63 characters) and values label values (at most 63 characters)"
-    }]))]
     pub labels: BTreeMap<String, String>,
     /// Extra pod annotations; `resultity.com/` keys are the operator's and refused.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32))]
-    #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "self.all(k, !k.startsWith('resultity.com/'))",
-        "message": "pod.annotations may not set resultity.com/ keys: the operator sets them"
-    }]))]
     pub annotations: BTreeMap<String, String>,
     /// RuntimeClass for the pod (for example `nvidia` where the NVIDIA container runtime is
     /// not the default).
@@ -496,9 +488,6 @@ fn default_drain_timeout() -> u32 {
 }, {
     "rule": "self.runtime.kind != 'triton' || has(self.modelCache)",
     "message": "runtime triton needs spec.modelCache: its model repository is read from the cache volume"
-}, {
-    "rule": "!has(self.modelCache) || self.runtime.kind == 'triton' || !has(self.runtime.env) || self.runtime.env.all(e, !(e.name in (self.runtime.kind == 'openai' ? ['HF_HOME', 'HF_HUB_CACHE', 'LLAMA_CACHE'] : ['HF_HOME', 'HF_HUB_CACHE'])))",
-    "message": "spec.runtime.env may not set HF_HOME, HF_HUB_CACHE or (openai) LLAMA_CACHE with a modelCache: the operator points them at the cache"
 }]))]
 pub struct ResultityNodeSpec {
     pub network_ref: NetworkRef,

@@ -40,10 +40,6 @@ pub fn volumes(generator: &mut SchemaGenerator) -> Schema {
         "type": "array",
         "maxItems": 32,
         "items": value,
-        "x-kubernetes-validations": [{
-            "rule": "self.all(v, !(v.name in ['dshm', 'identity', 'state', 'tmp', 'model-cache']))",
-            "message": "pod.volumes may not use the names dshm, identity, state, tmp or model-cache: the operator uses them"
-        }],
     })
 }
 
