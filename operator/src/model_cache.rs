@@ -258,6 +258,19 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn budget_is_monotonic_and_bounded(a in 0u64..4_000_000, b in 0u64..4_000_000) {
+            let (small, large) = (a.min(b), a.max(b));
+            let (s, l) = (startup_budget_seconds(small, None), startup_budget_seconds(large, None));
+            proptest::prop_assert!(s <= l);
+            proptest::prop_assert!((STARTUP_FLOOR_SECONDS..=STARTUP_CAP_SECONDS).contains(&l));
+            let (period, failures) = startup_probe_timing(l);
+            // The probe never gives up before the budget is spent.
+            proptest::prop_assert!(i64::from(period) * i64::from(failures) >= i64::from(l));
+        }
+    }
+
     #[test]
     fn quantities() {
         for ok in ["200Gi", "1", "1.5T", "500M", "1e9", "0.5Gi", "100Mi", "2E"] {
