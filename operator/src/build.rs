@@ -33,6 +33,19 @@ const RUNTIME: &str = "runtime";
 const SIDECAR: &str = "sidecar";
 /// Extra time beyond the drain timeout for the sidecar to flush and exit.
 const GRACE_MARGIN_SECONDS: i64 = 30;
+/// The sidecar's durable state (outbox, applied config).
+pub const SIDECAR_STATE_DIR: &str = "/var/lib/resultity";
+/// Mount paths the operator gives each container; user mounts may not reuse them.
+pub const RUNTIME_MOUNT_PATHS: &[&str] = &["/dev/shm", crate::model_cache::CACHE_DIR];
+pub const SIDECAR_MOUNT_PATHS: &[&str] = &[IDENTITY_DIR, SIDECAR_STATE_DIR, "/tmp"];
+/// Volume names the operator uses in the pod.
+pub const OPERATOR_VOLUMES: &[&str] = &[
+    "dshm",
+    "identity",
+    "state",
+    "tmp",
+    crate::model_cache::CACHE_VOLUME,
+];
 /// Non-root uid of the distroless sidecar image.
 const SIDECAR_UID: i64 = 65532;
 
@@ -166,6 +179,22 @@ fn runtime_container(node: &ResultityNode, resolved: &Resolved, defaults: &Defau
         RuntimeKind::Openai => (None, Vec::new(), "/v1/models", None),
     };
     args.extend(spec.extra_args.iter().cloned());
+    let cache = node.spec.model_cache.as_ref();
+    // The operator's cache variables first: validation refuses user entries of the same name.
+    let mut env = crate::model_cache::cache_env(spec.kind, cache);
+    env.extend(spec.env.iter().cloned());
+    let mut mounts = vec![VolumeMount {
+        name: "dshm".into(),
+        mount_path: "/dev/shm".into(),
+        ..VolumeMount::default()
+    }];
+    mounts.extend(cache.map(crate::model_cache::cache_mount));
+    mounts.extend(spec.volume_mounts.iter().cloned());
+    let (startup_period, startup_failures) =
+        crate::model_cache::startup_probe_timing(crate::model_cache::startup_budget_seconds(
+            resolved.model_memory_mib,
+            spec.startup_timeout_seconds,
+        ));
 
     let mut resources = spec.resources.clone().unwrap_or_default();
     let gpu = &node.spec.gpu;
@@ -191,7 +220,8 @@ fn runtime_container(node: &ResultityNode, resolved: &Resolved, defaults: &Defau
         image: Some(resolved.runtime_image.clone()),
         command,
         args: Some(args),
-        env: (!spec.env.is_empty()).then(|| spec.env.clone()),
+        env: (!env.is_empty()).then_some(env),
+        env_from: (!spec.env_from.is_empty()).then(|| spec.env_from.clone()),
         ports: Some(vec![ContainerPort {
             name: Some("runtime".into()),
             container_port: i32::from(defaults.runtime_port),
@@ -201,14 +231,11 @@ fn runtime_container(node: &ResultityNode, resolved: &Resolved, defaults: &Defau
         resources: Some(resources),
         // Model loading can take many minutes: the startup probe holds liveness off until
         // the engine first answers, instead of killing a pod that is still loading weights.
-        startup_probe: Some(live_probe(live_path, 10, 180)),
+        // Its budget follows the models' size (see `model_cache::startup_budget_seconds`).
+        startup_probe: Some(live_probe(live_path, startup_period, startup_failures)),
         liveness_probe: Some(live_probe(live_path, 15, 4)),
         readiness_probe: Some(http_probe(ready_path, "runtime", 5, 3)),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "dshm".into(),
-            mount_path: "/dev/shm".into(),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(mounts),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             ..SecurityContext::default()
@@ -229,7 +256,7 @@ fn sidecar_container(node: &ResultityNode, resolved: &Resolved, defaults: &Defau
         format!("--identity-file={IDENTITY_DIR}/{SECRET_KEY_FILE}"),
         format!("--admin-token-file={token_file}"),
         format!("--listen=0.0.0.0:{}", defaults.sidecar_port),
-        "--state-dir=/var/lib/resultity".to_owned(),
+        format!("--state-dir={SIDECAR_STATE_DIR}"),
         format!("--participation={}", spec.participation.as_str()),
         format!("--drain-timeout-seconds={}", spec.drain_timeout_seconds),
     ];
@@ -273,6 +300,40 @@ fn sidecar_container(node: &ResultityNode, resolved: &Resolved, defaults: &Defau
     if spec.gpu.visibility == GpuVisibility::DevicePlugin {
         env.push(field("RESULTITY_HOST_IP", "status.hostIP"));
     }
+    let overrides = spec.sidecar.clone().unwrap_or_default();
+    let mut mounts = vec![
+        VolumeMount {
+            name: "identity".into(),
+            mount_path: IDENTITY_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "state".into(),
+            mount_path: SIDECAR_STATE_DIR.into(),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..VolumeMount::default()
+        },
+    ];
+    mounts.extend(overrides.volume_mounts);
+    // A user's resources replace the defaults whole; the GPU claim is the operator's.
+    let mut resources = overrides.resources.unwrap_or_else(|| ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_owned(), Quantity("100m".into())),
+            ("memory".to_owned(), Quantity("128Mi".into())),
+        ])),
+        limits: Some(BTreeMap::from([(
+            "memory".to_owned(),
+            Quantity("512Mi".into()),
+        )])),
+        claims: None,
+    });
+    // A shared claim gives the sidecar's NVML the runtime's GPUs, and only those.
+    resources.claims = (spec.gpu.visibility == GpuVisibility::Dra).then(|| vec![gpu_claim_ref()]);
     Container {
         name: SIDECAR.into(),
         image: Some(resolved.sidecar_image.clone()),
@@ -284,18 +345,7 @@ fn sidecar_container(node: &ResultityNode, resolved: &Resolved, defaults: &Defau
             protocol: Some("TCP".into()),
             ..ContainerPort::default()
         }]),
-        resources: Some(ResourceRequirements {
-            requests: Some(BTreeMap::from([
-                ("cpu".to_owned(), Quantity("100m".into())),
-                ("memory".to_owned(), Quantity("128Mi".into())),
-            ])),
-            limits: Some(BTreeMap::from([(
-                "memory".to_owned(),
-                Quantity("512Mi".into()),
-            )])),
-            // A shared claim gives the sidecar's NVML the runtime's GPUs, and only those.
-            claims: (spec.gpu.visibility == GpuVisibility::Dra).then(|| vec![gpu_claim_ref()]),
-        }),
+        resources: Some(resources),
         liveness_probe: Some(http_probe("/healthz", "admin", 10, 3)),
         readiness_probe: Some(http_probe("/readyz", "admin", 5, 3)),
         // Drain before the kubelet sends SIGTERM: the network stops dispatching and in-flight
@@ -316,24 +366,7 @@ fn sidecar_container(node: &ResultityNode, resolved: &Resolved, defaults: &Defau
             }),
             ..Lifecycle::default()
         }),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "identity".into(),
-                mount_path: IDENTITY_DIR.into(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "state".into(),
-                mount_path: "/var/lib/resultity".into(),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "tmp".into(),
-                mount_path: "/tmp".into(),
-                ..VolumeMount::default()
-            },
-        ]),
+        volume_mounts: Some(mounts),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(SIDECAR_UID),
@@ -365,13 +398,51 @@ pub fn build_pod(
         .controller_owner_ref(&())
         .ok_or(Error::MissingField("ResultityNode metadata.uid"))?;
     let scheduling = node.spec.scheduling.clone().unwrap_or_default();
+    let overrides = node.spec.pod.clone().unwrap_or_default();
+    // The operator's labels last: validation refuses user keys that collide with them.
+    let mut pod_labels = overrides.labels.clone();
+    pod_labels.extend(labels(node, Some(node_id)));
+    let mut volumes = vec![
+        Volume {
+            name: "dshm".into(),
+            // vLLM/NCCL need a large shared memory segment; the container default is 64 MiB.
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                size_limit: overrides.shm_size.clone().map(Quantity),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "identity".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(node.identity_secret_name()),
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "state".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+    ];
+    if let Some(cache) = &node.spec.model_cache {
+        volumes.push(crate::model_cache::cache_volume(node, cache));
+    }
+    volumes.extend(overrides.volumes.iter().cloned());
     let grace = i64::from(node.spec.drain_timeout_seconds) + GRACE_MARGIN_SECONDS;
-    let secret_mode = 0o440;
     let mut pod = Pod {
         metadata: ObjectMeta {
             name: Some(node.pod_name()),
             namespace: node.metadata.namespace.clone(),
-            labels: Some(labels(node, Some(node_id))),
+            labels: Some(pod_labels),
             owner_references: Some(vec![owner]),
             ..ObjectMeta::default()
         },
@@ -386,6 +457,9 @@ pub fn build_pod(
             tolerations: (!scheduling.tolerations.is_empty()).then_some(scheduling.tolerations),
             affinity: scheduling.affinity,
             priority_class_name: scheduling.priority_class_name,
+            runtime_class_name: overrides.runtime_class_name.clone(),
+            image_pull_secrets: (!overrides.image_pull_secrets.is_empty())
+                .then(|| overrides.image_pull_secrets.clone()),
             resource_claims: match (
                 node.spec.gpu.visibility,
                 &node.spec.gpu.resource_claim_template_name,
@@ -405,53 +479,43 @@ pub fn build_pod(
                 runtime_container(node, resolved, defaults),
                 sidecar_container(node, resolved, defaults),
             ],
-            volumes: Some(vec![
-                Volume {
-                    name: "dshm".into(),
-                    // vLLM/NCCL need a large shared memory segment; the container default is 64 MiB.
-                    empty_dir: Some(EmptyDirVolumeSource {
-                        medium: Some("Memory".into()),
-                        ..EmptyDirVolumeSource::default()
-                    }),
-                    ..Volume::default()
-                },
-                Volume {
-                    name: "identity".into(),
-                    secret: Some(SecretVolumeSource {
-                        secret_name: Some(node.identity_secret_name()),
-                        default_mode: Some(secret_mode),
-                        ..SecretVolumeSource::default()
-                    }),
-                    ..Volume::default()
-                },
-                Volume {
-                    name: "state".into(),
-                    empty_dir: Some(EmptyDirVolumeSource::default()),
-                    ..Volume::default()
-                },
-                Volume {
-                    name: "tmp".into(),
-                    empty_dir: Some(EmptyDirVolumeSource::default()),
-                    ..Volume::default()
-                },
-            ]),
+            volumes: Some(volumes),
             ..PodSpec::default()
         }),
         ..Pod::default()
     };
+    // User annotations are part of the hash (a pod is never patched in place), applied
+    // before the hash is added.
+    let mut annotations = overrides.annotations;
+    if !annotations.is_empty() {
+        pod.metadata.annotations = Some(annotations.clone());
+    }
     let hash = spec_hash(&pod)?;
-    pod.metadata.annotations = Some(BTreeMap::from([(ANNOTATION_SPEC_HASH.to_owned(), hash)]));
+    annotations.insert(ANNOTATION_SPEC_HASH.to_owned(), hash);
+    pod.metadata.annotations = Some(annotations);
     Ok(pod)
 }
 
 /// Hash of a desired pod's labels and spec: pods are mostly immutable, so a different hash
 /// means drain and replace rather than patch.
 pub fn spec_hash(pod: &Pod) -> Result<String> {
-    let bytes = serde_json::to_vec(&(&pod.metadata.labels, &pod.spec)).map_err(|source| {
-        Error::Serialize {
-            what: "pod spec",
-            source,
-        }
+    let annotations = pod
+        .metadata
+        .annotations
+        .iter()
+        .flatten()
+        .filter(|(k, _)| k.as_str() != ANNOTATION_SPEC_HASH)
+        .collect::<BTreeMap<_, _>>();
+    // Without user annotations the input is what it always was, so an operator upgrade does
+    // not roll pods whose spec did not change.
+    let bytes = if annotations.is_empty() {
+        serde_json::to_vec(&(&pod.metadata.labels, &pod.spec))
+    } else {
+        serde_json::to_vec(&(&pod.metadata.labels, &pod.spec, &annotations))
+    }
+    .map_err(|source| Error::Serialize {
+        what: "pod spec",
+        source,
     })?;
     let digest = Sha256::digest(&bytes);
     Ok(digest.iter().take(8).map(|b| format!("{b:02x}")).collect())

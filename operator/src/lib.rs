@@ -18,6 +18,7 @@ pub mod fleet;
 pub mod images;
 pub mod leader;
 pub mod metrics;
+pub mod model_cache;
 pub mod rollout;
 pub mod runtime;
 pub mod sidecar;

@@ -35,6 +35,9 @@ pub mod types {
     /// Informational, but a fleet rollout waits for it: every model the node serves passed its
     /// test inference and, where the network's config gives one, its known answer.
     pub const SELF_TEST_PASSED: &str = "SelfTestPassed";
+    /// Informational, not part of Ready: every model of the spec is active; while False with
+    /// reason `Loading`, the message carries the progress.
+    pub const MODELS_LOADED: &str = "ModelsLoaded";
 }
 
 /// The `SelfTestPassed` reason a fleet rollout treats as final: the runtime answers, wrongly.
@@ -126,6 +129,123 @@ fn self_test_condition(r: &NodeStatus) -> Cond {
             format!(
                 "{known} of {n} served models gave their known answer; the others have none and answered a test inference"
             ),
+        )
+    }
+}
+
+/// `4m10s`-style durations for condition messages.
+fn human(d: u64) -> String {
+    match (d / 3600, (d % 3600) / 60, d % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, 0) => format!("{m}m"),
+        (0, m, s) => format!("{m}m{s}s"),
+        (h, 0, _) => format!("{h}h"),
+        (h, m, _) => format!("{h}h{m}m"),
+    }
+}
+
+/// How long the runtime container has been running and its start-up budget (period ×
+/// failureThreshold of its startup probe), both in seconds, when it runs.
+fn runtime_loading_clock(pod: &Pod, now: &Time) -> Option<(u64, u64)> {
+    let started = container(pod, runtime_container_name())?
+        .state
+        .as_ref()?
+        .running
+        .as_ref()?
+        .started_at
+        .as_ref()?;
+    let elapsed =
+        u64::try_from(now.0.as_second().saturating_sub(started.0.as_second())).unwrap_or(0);
+    let probe = pod
+        .spec
+        .as_ref()?
+        .containers
+        .iter()
+        .find(|c| c.name == runtime_container_name())?
+        .startup_probe
+        .as_ref()?;
+    let budget = i64::from(probe.period_seconds.unwrap_or(10))
+        * i64::from(probe.failure_threshold.unwrap_or(3));
+    Some((elapsed, u64::try_from(budget).unwrap_or(0)))
+}
+
+/// The ModelsLoaded condition: from the sidecar's model states when it reports, else from
+/// the runtime container (running, not ready: loading weights).
+fn models_loaded(
+    node: &ResultityNode,
+    pod: Option<&Pod>,
+    report: Option<&NodeStatus>,
+    runtime_running_unready: bool,
+    without_report: Cond,
+    now: &Time,
+) -> Cond {
+    use types::MODELS_LOADED;
+    let total = node.spec.models.len();
+    let clock = pod
+        .and_then(|p| runtime_loading_clock(p, now))
+        .map(|(elapsed, budget)| {
+            format!(
+                "; runtime up {} of a {} start-up budget",
+                human(elapsed),
+                human(budget)
+            )
+        })
+        .unwrap_or_default();
+    let Some(r) = report else {
+        return if runtime_running_unready {
+            Cond::new(
+                MODELS_LOADED,
+                FALSE,
+                "Loading",
+                format!("0/{total} models loaded, the runtime is loading weights{clock}"),
+            )
+        } else {
+            without_report
+        };
+    };
+    let state_of = |id: &str, rev: &str| {
+        r.models
+            .iter()
+            .find(|m| m.model.id == id && m.model.revision == rev)
+    };
+    let mut active = 0usize;
+    let mut unavailable = Vec::new();
+    let mut loading = Vec::new();
+    for m in &node.spec.models {
+        match state_of(&m.id, &m.revision) {
+            Some(s) if s.state == ModelState::Active => active += 1,
+            Some(s) if matches!(s.state, ModelState::Failed | ModelState::Inactive) => {
+                unavailable.push(match &s.reason {
+                    Some(why) => format!("{}@{} {}: {why}", m.id, m.revision, s.state.as_str()),
+                    None => format!("{}@{} {}", m.id, m.revision, s.state.as_str()),
+                });
+            }
+            _ => loading.push(format!("{}@{}", m.id, m.revision)),
+        }
+    }
+    if !unavailable.is_empty() {
+        Cond::new(
+            MODELS_LOADED,
+            FALSE,
+            "ModelsUnavailable",
+            format!("{active}/{total} models active; {}", unavailable.join("; ")),
+        )
+    } else if !loading.is_empty() {
+        Cond::new(
+            MODELS_LOADED,
+            FALSE,
+            "Loading",
+            format!(
+                "{active}/{total} models loaded, loading {}{clock}",
+                loading.join(", ")
+            ),
+        )
+    } else {
+        Cond::new(
+            MODELS_LOADED,
+            TRUE,
+            "Loaded",
+            format!("{active}/{total} models active"),
         )
     }
 }
@@ -253,6 +373,11 @@ pub fn compute_node_status(o: &Observed<'_>) -> ResultityNodeStatus {
     };
 
     let scheduled = pod_scheduled(o.pod);
+    // Running but not ready yet: the runtime is still loading its weights.
+    let runtime_running_unready = o
+        .pod
+        .and_then(|p| container(p, runtime_container_name()))
+        .is_some_and(|cs| !cs.ready && cs.state.as_ref().is_some_and(|s| s.running.is_some()));
     let mut failing: Option<(String, String)> = None;
     let runtime_ready = match o.pod {
         None => Cond::new(RUNTIME_READY, FALSE, "PodMissing", "the pod does not exist"),
@@ -468,6 +593,16 @@ pub fn compute_node_status(o: &Observed<'_>) -> ResultityNodeStatus {
         ),
     };
     conds.push(routable);
+    let loaded = models_loaded(
+        o.node,
+        o.pod,
+        report,
+        runtime_running_unready,
+        sidecar_unknown(MODELS_LOADED),
+        o.now,
+    );
+    let loading = loaded.reason == "Loading";
+    conds.push(loaded);
 
     let draining = o.drain_started.is_some()
         || report.is_some_and(|r| r.draining || r.phase == SidecarPhase::Draining);
@@ -504,6 +639,7 @@ pub fn compute_node_status(o: &Observed<'_>) -> ResultityNodeStatus {
         None if failing.is_some() => NodePhase::Failed,
         None if o.pod.is_none() || !conds[0].is_true() => NodePhase::Pending,
         None if ready_true => NodePhase::Ready,
+        None if loading => NodePhase::Loading,
         None if !conds[1].is_true() => NodePhase::Starting,
         // A sidecar that has not started yet is starting; one that stopped answering is not.
         None if matches!(o.sidecar, SidecarObservation::NotRunning) => NodePhase::Starting,
@@ -524,6 +660,16 @@ pub fn compute_node_status(o: &Observed<'_>) -> ResultityNodeStatus {
                     id: m.model.id.clone(),
                     revision: m.model.revision.clone(),
                     state: match m.state {
+                        // The runtime runs: a pending model is being loaded or tested.
+                        ModelState::Pending
+                            if o.pod.is_some_and(|p| {
+                                container(p, runtime_container_name()).is_some_and(|c| {
+                                    c.state.as_ref().is_some_and(|s| s.running.is_some())
+                                })
+                            }) =>
+                        {
+                            "loading"
+                        }
                         ModelState::Pending => "pending",
                         ModelState::Active => "active",
                         ModelState::Inactive => "inactive",

@@ -76,6 +76,9 @@ pub struct Resolved {
     pub runtime_image: String,
     pub sidecar_image: String,
     pub network_config: ConfigRef,
+    /// GPU memory the node's models need together, per the network's config: the size the
+    /// runtime's start-up budget follows.
+    pub model_memory_mib: u64,
 }
 
 /// Validates `node` against `network` (the object `spec.networkRef` names, if it exists).
@@ -112,6 +115,7 @@ pub fn validate_node(
         problems.push("spec.models must name at least one model".into());
     }
     let mut seen = std::collections::BTreeSet::new();
+    let mut model_memory_mib = 0u64;
     for m in &spec.models {
         if !seen.insert(m) {
             problems.push(format!("model {}@{} is listed twice", m.id, m.revision));
@@ -127,6 +131,7 @@ pub fn validate_node(
                 m.id, m.revision, network.spec.network_id
             )),
             Some(a) => {
+                model_memory_mib = model_memory_mib.saturating_add(a.min_gpu_memory_mib);
                 if !a.runtimes.iter().any(|r| r == kind.as_str()) {
                     problems.push(format!(
                         "model {}@{} is not approved for runtime {}",
@@ -183,6 +188,7 @@ pub fn validate_node(
             ));
         }
     }
+    problems.extend(spec_problems(node));
     let env = network.spec.environment;
     let accepts = matches!(
         (spec.participation, env),
@@ -251,7 +257,184 @@ pub fn validate_node(
         runtime_image: runtime_image.unwrap_or_default(),
         sidecar_image,
         network_config,
+        model_memory_mib,
     })
+}
+
+/// Problems of the spec alone (model cache and the pod escape hatches): what the CRD's CEL
+/// rules refuse, checked again here because an API server may not evaluate them, plus what
+/// CEL cannot express (mounts that name a volume, literal secrets).
+pub fn spec_problems(node: &ResultityNode) -> Vec<String> {
+    use crate::build::{OPERATOR_VOLUMES, RUNTIME_MOUNT_PATHS, SIDECAR_MOUNT_PATHS};
+    use crate::model_cache::{cache_env_names, is_positive_quantity};
+    let spec = &node.spec;
+    let kind = spec.runtime.kind;
+    let mut problems = Vec::new();
+    let cache = spec.model_cache.as_ref();
+    match cache {
+        None if kind == RuntimeKind::Triton => problems.push(
+            "runtime triton needs spec.modelCache: its model repository is read from the cache volume"
+                .to_owned(),
+        ),
+        None => {}
+        Some(c) => {
+            let sources = [
+                c.volume_claim_template.is_some(),
+                c.existing_claim.is_some(),
+                c.host_path.is_some(),
+                c.empty_dir.is_some(),
+            ];
+            if sources.iter().filter(|s| **s).count() != 1 {
+                problems.push(
+                    "spec.modelCache needs exactly one of volumeClaimTemplate, existingClaim, hostPath or emptyDir"
+                        .to_owned(),
+                );
+            }
+            if let Some(t) = &c.volume_claim_template {
+                if !is_positive_quantity(&t.size) {
+                    problems.push(format!(
+                        "spec.modelCache.volumeClaimTemplate.size {} is not a positive quantity such as 200Gi",
+                        t.size
+                    ));
+                }
+                if t.access_modes.is_empty() {
+                    problems.push(
+                        "spec.modelCache.volumeClaimTemplate.accessModes must name at least one mode"
+                            .to_owned(),
+                    );
+                }
+            }
+            if let Some(h) = &c.host_path
+                && (!h.path.starts_with('/') || h.path.split('/').any(|p| p == ".."))
+            {
+                problems.push(format!(
+                    "spec.modelCache.hostPath.path {} must be an absolute path without '..'",
+                    h.path
+                ));
+            }
+            if let Some(d) = &c.empty_dir
+                && !is_positive_quantity(&d.size_limit)
+            {
+                problems.push(format!(
+                    "spec.modelCache.emptyDir.sizeLimit {} is not a positive quantity such as 100Gi",
+                    d.size_limit
+                ));
+            }
+        }
+    }
+
+    let owned_env = cache_env_names(kind, cache);
+    for e in &spec.runtime.env {
+        if owned_env.contains(&e.name.as_str()) {
+            problems.push(format!(
+                "spec.runtime.env may not set {}: the operator points it at the model cache",
+                e.name
+            ));
+        }
+        if e.value.as_deref().is_some_and(|v| !v.is_empty()) && looks_secret(&e.name) {
+            problems.push(format!(
+                "spec.runtime.env {} holds a literal value; take it from a Secret (valueFrom.secretKeyRef or envFrom) so it is not stored in the resource",
+                e.name
+            ));
+        }
+    }
+    for (i, e) in spec.runtime.env_from.iter().enumerate() {
+        if e.secret_ref.is_some() == e.config_map_ref.is_some() {
+            problems.push(format!(
+                "spec.runtime.envFrom[{i}] must name exactly one of secretRef or configMapRef"
+            ));
+        }
+    }
+
+    let overrides = spec.pod.clone().unwrap_or_default();
+    let mut names = std::collections::BTreeSet::new();
+    for v in &overrides.volumes {
+        if OPERATOR_VOLUMES.contains(&v.name.as_str()) {
+            problems.push(format!(
+                "spec.pod.volumes may not use the name {}: the operator uses it",
+                v.name
+            ));
+        } else if !names.insert(v.name.as_str()) {
+            problems.push(format!("spec.pod.volumes lists {} twice", v.name));
+        }
+    }
+    let sidecar = spec.sidecar.clone().unwrap_or_default();
+    let runtime_paths: &[&str] = if cache.is_some() {
+        RUNTIME_MOUNT_PATHS
+    } else {
+        &RUNTIME_MOUNT_PATHS[..1]
+    };
+    for (field, mounts, owned) in [
+        (
+            "spec.runtime.volumeMounts",
+            &spec.runtime.volume_mounts,
+            runtime_paths,
+        ),
+        (
+            "spec.sidecar.volumeMounts",
+            &sidecar.volume_mounts,
+            SIDECAR_MOUNT_PATHS,
+        ),
+    ] {
+        let mut paths = std::collections::BTreeSet::new();
+        for m in mounts {
+            let path = m.mount_path.trim_end_matches('/');
+            if !names.contains(m.name.as_str()) {
+                problems.push(format!(
+                    "{field} mounts volume {}, which spec.pod.volumes does not define",
+                    m.name
+                ));
+            }
+            if !m.mount_path.starts_with('/') {
+                problems.push(format!("{field} path {} must be absolute", m.mount_path));
+            } else if owned.contains(&path) {
+                problems.push(format!(
+                    "{field} may not mount at {}: the operator mounts there",
+                    m.mount_path
+                ));
+            } else if !paths.insert(path) {
+                problems.push(format!("{field} mounts {} twice", m.mount_path));
+            }
+        }
+    }
+    for key in overrides.labels.keys() {
+        if is_operator_label(key) {
+            problems.push(format!(
+                "spec.pod.labels may not set {key}: the operator sets it"
+            ));
+        }
+    }
+    for key in overrides.annotations.keys() {
+        if key.starts_with("resultity.com/") {
+            problems.push(format!(
+                "spec.pod.annotations may not set {key}: resultity.com/ annotations are the operator's"
+            ));
+        }
+    }
+    if let Some(shm) = &overrides.shm_size
+        && !is_positive_quantity(shm)
+    {
+        problems.push(format!(
+            "spec.pod.shmSize {shm} is not a positive quantity such as 16Gi"
+        ));
+    }
+    problems
+}
+
+/// Label keys the operator sets on the pod (and selects it by).
+fn is_operator_label(key: &str) -> bool {
+    use crate::crd::{LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAME};
+    key.starts_with("resultity.com/")
+        || [LABEL_NAME, LABEL_INSTANCE, LABEL_MANAGED_BY].contains(&key)
+}
+
+/// Names that conventionally carry credentials (`HF_TOKEN`, `NGC_API_KEY`, …): a literal
+/// value there would sit in the resource for anyone who can read it.
+fn looks_secret(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase();
+    ["TOKEN", "_KEY", "SECRET", "PASSWORD", "CREDENTIALS"]
+        .iter()
+        .any(|s| upper.ends_with(s))
 }
 
 /// Runtime flags the operator sets itself (ports the probes and the sidecar rely on, the model

@@ -53,6 +53,18 @@ fn examples_pass_every_rule() {
         failures(NETWORKS, &example("network.yaml")),
         Vec::<String>::new()
     );
+    for name in ["node-model-cache.yaml", "node-llamacpp-cpu.yaml"] {
+        assert_eq!(
+            failures(NODES, &example(name)),
+            Vec::<String>::new(),
+            "{name}"
+        );
+    }
+    let fleet = example("fleet.yaml");
+    assert_eq!(
+        failures("resultityfleets.resultity.com", &fleet),
+        Vec::<String>::new()
+    );
 }
 
 #[test]
@@ -64,8 +76,9 @@ fn vllm_takes_exactly_one_model() {
         .push(json!({"id": "other", "revision": "1"}));
     let f = failures(NODES, &node);
     assert!(f.iter().any(|m| m.contains("exactly one model")), "{f:?}");
-    // The same list is fine for Triton.
+    // The same list is fine for Triton (which reads its repository from a cache).
     node["spec"]["runtime"]["kind"] = json!("triton");
+    node["spec"]["modelCache"] = json!({"existingClaim": "triton-repository"});
     assert_eq!(failures(NODES, &node), Vec::<String>::new());
 }
 
@@ -227,4 +240,120 @@ fn openai_runtime_needs_an_image() {
     );
     node["spec"]["runtime"]["image"] = json!("ghcr.io/ggml-org/llama.cpp:server");
     assert_eq!(failures(NODES, &node), Vec::<String>::new());
+}
+
+fn node_with(path: &[&str], value: Value) -> Vec<String> {
+    let mut node = example("node.yaml");
+    let mut at = &mut node["spec"];
+    for p in path {
+        at = &mut at[*p];
+    }
+    *at = value;
+    failures(NODES, &node)
+}
+
+#[test]
+fn model_cache_has_exactly_one_source_with_quantities() {
+    for ok in [
+        json!({"volumeClaimTemplate": {"size": "200Gi"}}),
+        json!({"volumeClaimTemplate": {"size": "1.5Ti", "storageClassName": "fast", "accessModes": ["ReadWriteMany"]}}),
+        json!({"existingClaim": "weights"}),
+        json!({"hostPath": {"path": "/var/lib/models", "type": "Directory"}}),
+        json!({"emptyDir": {"sizeLimit": "100Gi"}, "readOnly": false}),
+    ] {
+        assert_eq!(
+            node_with(&["modelCache"], ok.clone()),
+            Vec::<String>::new(),
+            "{ok}"
+        );
+    }
+    let f = node_with(&["modelCache"], json!({}));
+    assert!(
+        f.iter()
+            .any(|m| m.contains("exactly one of volumeClaimTemplate")),
+        "{f:?}"
+    );
+    let f = node_with(
+        &["modelCache"],
+        json!({"existingClaim": "weights", "emptyDir": {"sizeLimit": "1Gi"}}),
+    );
+    assert!(
+        f.iter()
+            .any(|m| m.contains("exactly one of volumeClaimTemplate")),
+        "{f:?}"
+    );
+    for bad in ["0", "ten", "10GB", "-5Gi"] {
+        let f = node_with(
+            &["modelCache"],
+            json!({"volumeClaimTemplate": {"size": bad}}),
+        );
+        assert!(
+            f.iter()
+                .any(|m| m.contains("positive quantity such as 200Gi")),
+            "{bad}: {f:?}"
+        );
+        let f = node_with(&["modelCache"], json!({"emptyDir": {"sizeLimit": bad}}));
+        assert!(
+            f.iter()
+                .any(|m| m.contains("positive quantity such as 100Gi")),
+            "{bad}: {f:?}"
+        );
+    }
+    let f = node_with(
+        &["modelCache"],
+        json!({"hostPath": {"path": "/var/../etc"}}),
+    );
+    assert!(
+        f.iter().any(|m| m.contains("must not contain '..'")),
+        "{f:?}"
+    );
+}
+
+#[test]
+fn triton_needs_a_model_cache() {
+    let mut node = example("node.yaml");
+    node["spec"]["runtime"]["kind"] = json!("triton");
+    let f = failures(NODES, &node);
+    assert!(
+        f.iter()
+            .any(|m| m.contains("runtime triton needs spec.modelCache")),
+        "{f:?}"
+    );
+}
+
+#[test]
+fn pod_overrides_are_checked_where_cel_is_cheap() {
+    // Operator-owned labels, annotations, volume names and env names are refused by the
+    // validate step (tests/models.rs): CEL over unbounded keys would blow the API server's
+    // cost budget.
+    let f = node_with(&["pod", "shmSize"], json!("lots"));
+    assert!(
+        f.iter()
+            .any(|m| m.contains("pod.shmSize must be a positive quantity")),
+        "{f:?}"
+    );
+    let f = node_with(
+        &["runtime", "envFrom"],
+        json!([{"secretRef": {"name": "a"}, "configMapRef": {"name": "b"}}]),
+    );
+    assert!(
+        f.iter()
+            .any(|m| m.contains("exactly one of secretRef or configMapRef")),
+        "{f:?}"
+    );
+    let f = node_with(
+        &["sidecar", "resources"],
+        json!({"limits": {"memory": "lots"}}),
+    );
+    assert!(f.iter().any(|m| m.contains("sidecar.resources")), "{f:?}");
+    assert_eq!(
+        node_with(
+            &["pod"],
+            json!({"labels": {"team": "inference"}, "annotations": {"example.com/a": "b"},
+                   "shmSize": "16Gi", "runtimeClassName": "nvidia",
+                   "imagePullSecrets": [{"name": "regcred"}],
+                   "volumes": [{"name": "extra", "configMap": {"name": "cfg"}}]})
+        ),
+        Vec::<String>::new()
+    );
 }

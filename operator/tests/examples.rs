@@ -52,6 +52,14 @@ fn examples_deserialize_and_round_trip() {
             serde_json::to_value(&dra_node).unwrap(),
         ),
         (read("fleet.yaml"), serde_json::to_value(&fleet).unwrap()),
+        (
+            read("node-model-cache.yaml"),
+            serde_json::to_value(strict::<ResultityNode>(&read("node-model-cache.yaml"))).unwrap(),
+        ),
+        (
+            read("node-llamacpp-cpu.yaml"),
+            serde_json::to_value(strict::<ResultityNode>(&read("node-llamacpp-cpu.yaml"))).unwrap(),
+        ),
     ] {
         let original: serde_json::Value = serde_norway::from_str(&text).unwrap();
         assert_subset(&original, &back, "");

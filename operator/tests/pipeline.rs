@@ -442,13 +442,15 @@ fn status_crashlooping_runtime_says_why() {
 }
 
 #[test]
-fn status_loading_runtime_is_starting() {
+fn status_loading_runtime_is_loading() {
     let pod: Pod = fixture("pod-loading.yaml");
     let mut r = report();
     r.runtime.ready = false;
     r.models[0].state = resultity_protocol::messages::ModelState::Pending;
     let s = status_for(Some(&pod), SidecarObservation::Report(Box::new(r)));
-    assert_eq!(s.phase, NodePhase::Starting);
+    assert_eq!(s.phase, NodePhase::Loading);
+    assert_eq!(cond(&s, types::MODELS_LOADED), ("False", "Loading"));
+    assert_eq!(s.models[0].state, "loading");
     assert_eq!(
         cond(&s, types::RUNTIME_READY),
         ("False", "ContainerNotReady")

@@ -1063,6 +1063,135 @@ async fn api_rejection_becomes_a_condition_and_a_warning() {
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
 }
 
+const CACHE_CLAIM: &str = "/api/v1/namespaces/fleet/persistentvolumeclaims/gpu-a-model-cache";
+
+fn cached_node() -> ResultityNode {
+    let mut n = finalized_node();
+    n.spec.model_cache = Some(
+        serde_json::from_value(
+            json!({"volumeClaimTemplate": {"size": "200Gi", "storageClassName": "fast-ssd"}}),
+        )
+        .unwrap(),
+    );
+    n
+}
+
+#[tokio::test]
+async fn model_cache_claim_is_created_by_apply_owned_by_the_node_before_the_pod() {
+    let n = cached_node();
+    let uid = n.metadata.uid.clone().unwrap();
+    let script = vec![
+        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        Call::get(SECRET, secret(&n)),
+        Call::get_missing(POD),
+        Call::get_missing(CACHE_CLAIM),
+        Call::apply(CACHE_CLAIM).check(move |b| {
+            assert_eq!(b["kind"], "PersistentVolumeClaim");
+            assert_eq!(b["metadata"]["name"], "gpu-a-model-cache");
+            let owner = &b["metadata"]["ownerReferences"][0];
+            assert_eq!(owner["kind"], "ResultityNode");
+            assert_eq!(owner["name"], "gpu-a");
+            assert_eq!(owner["uid"], uid.as_str());
+            assert_eq!(owner["controller"], true);
+            assert_eq!(b["spec"]["resources"]["requests"]["storage"], "200Gi");
+            assert_eq!(b["spec"]["storageClassName"], "fast-ssd");
+            assert_eq!(b["spec"]["accessModes"], json!(["ReadWriteOnce"]));
+        }),
+        Call::event(EVENTS, "CacheClaimCreated"),
+        Call::apply(POD).check(|b| {
+            let volumes = b["spec"]["volumes"].as_array().unwrap();
+            let cache = volumes.iter().find(|v| v["name"] == "model-cache").unwrap();
+            assert_eq!(
+                cache["persistentVolumeClaim"]["claimName"],
+                "gpu-a-model-cache"
+            );
+        }),
+        Call::event(EVENTS, "PodCreated"),
+        Call::apply_status(NODE_STATUS, &n)
+            .check(|b| assert_eq!(status_of(b).phase, NodePhase::Pending)),
+    ];
+    world(script, FakeSidecar::answering(vec![]), no_source())
+        .run(reconcile_node(n))
+        .await
+        .unwrap();
+
+    // The next pass finds the claim it owns and leaves it alone (no write).
+    let n = cached_node();
+    let owned = resultity_operator::model_cache::build_cache_claim(&n).unwrap();
+    let script = vec![
+        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        Call::get(SECRET, secret(&n)),
+        Call::get_missing(POD),
+        Call::get(CACHE_CLAIM, &owned),
+        Call::apply(POD),
+        Call::event(EVENTS, "PodCreated"),
+        Call::apply_status(NODE_STATUS, &n),
+    ];
+    world(script, FakeSidecar::answering(vec![]), no_source())
+        .run(reconcile_node(n))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_foreign_claim_of_the_cache_name_is_refused_not_adopted() {
+    let n = cached_node();
+    let mut foreign = resultity_operator::model_cache::build_cache_claim(&n).unwrap();
+    foreign.metadata.owner_references = None;
+    let script = vec![
+        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        Call::get(SECRET, secret(&n)),
+        Call::get_missing(POD),
+        Call::get(CACHE_CLAIM, &foreign),
+        // No claim write and no pod: the node is Invalid with the reason.
+        Call::apply_status(NODE_STATUS, &n).check(|b| {
+            let s = status_of(b);
+            assert_eq!(s.phase, NodePhase::Invalid);
+            let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+            assert_eq!(ready.reason, "InvalidSpec");
+            assert!(
+                ready.message.contains("PersistentVolumeClaim gpu-a-model-cache exists and does not belong to this node"),
+                "{}",
+                ready.message
+            );
+        }),
+        Call::event(EVENTS, "Invalid"),
+    ];
+    world(script, FakeSidecar::answering(vec![]), no_source())
+        .run(reconcile_node(n))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_claim_the_api_server_refuses_is_a_condition() {
+    let n = cached_node();
+    let script = vec![
+        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        Call::get(SECRET, secret(&n)),
+        Call::get_missing(POD),
+        Call::get_missing(CACHE_CLAIM),
+        Call::apply(CACHE_CLAIM).reply(|_| {
+            (
+                422,
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                       "reason": "Invalid", "code": 422,
+                       "message": "storageclass.storage.k8s.io \"fast-ssd\" not found"}),
+            )
+        }),
+        Call::apply_status(NODE_STATUS, &n).check(|b| {
+            let s = status_of(b);
+            assert_eq!(s.phase, NodePhase::Invalid);
+            assert_eq!(cond(&s, "Ready"), ("False", "RejectedByAPIServer"));
+        }),
+        Call::event(EVENTS, "Invalid"),
+    ];
+    world(script, FakeSidecar::answering(vec![]), no_source())
+        .run(reconcile_node(n))
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn fleet_member_waits_for_its_rollout_slot() {
     let mut held = finalized_node();

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -105,6 +105,70 @@ async fn ensure_identity(
         Err(e) => match Rejection::from_kube("Secret", &name, &e) {
             Some(r) => Ok(Err(Blocker::Rejected(r))),
             None => Err(DereferenceError::CreateIdentity { name, source: e }),
+        },
+    }
+}
+
+/// Apply step for the model cache: creates the node's claim when its `volumeClaimTemplate`
+/// asks for one and it is absent. An existing claim is left as it is (a claim's class and
+/// access modes are immutable, and it may hold hundreds of GiB of weights); one that another
+/// owner holds is refused rather than adopted. `Ok(Err(..))`: a blocker for the status.
+async fn ensure_cache_claim(
+    node: &ResultityNode,
+    ctx: &Context,
+    ns: &str,
+) -> Result<Result<(), Blocker>, ApplyError> {
+    let Some(desired) = crate::model_cache::build_cache_claim(node) else {
+        return Ok(Ok(()));
+    };
+    let name = crate::model_cache::cache_claim_name(node);
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    let write = |action: &'static str| {
+        let name = name.clone();
+        move |source| ApplyError::Write {
+            action,
+            kind: "PersistentVolumeClaim",
+            name,
+            source,
+        }
+    };
+    if let Some(existing) = claims.get_opt(&name).await.map_err(write("read"))? {
+        let ours = existing
+            .owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == node.metadata.uid.as_ref());
+        return Ok(if ours {
+            Ok(())
+        } else {
+            Err(Blocker::Invalid(vec![format!(
+                "PersistentVolumeClaim {name} exists and does not belong to this node; delete it, or name it in spec.modelCache.existingClaim"
+            )]))
+        });
+    }
+    match claims
+        .patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&desired),
+        )
+        .await
+    {
+        Ok(_) => {
+            ctx.publish(
+                &node.object_ref(&()),
+                event(
+                    EventType::Normal,
+                    "CacheClaimCreated",
+                    "CreateCacheClaim",
+                    format!("created model cache claim {name}"),
+                ),
+            )
+            .await;
+            Ok(Ok(()))
+        }
+        Err(e) => match Rejection::from_kube("PersistentVolumeClaim", &name, &e) {
+            Some(r) => Ok(Err(Blocker::Rejected(r))),
+            None => Err(write("apply")(e)),
         },
     }
 }
@@ -481,6 +545,12 @@ async fn apply(node: &ResultityNode, ctx: &Context) -> Result<Action> {
         .as_ref()
         .map_err(Clone::clone)
         .and_then(|_| validate_node(node, refs.network.as_ref(), &ctx.defaults));
+    // The cache claim before the pod that mounts it; a claim that cannot be made blocks the
+    // pod as an invalid spec does.
+    let resolved = match resolved {
+        Ok(r) => ensure_cache_claim(node, ctx, &ns).await?.map(|()| r),
+        Err(b) => Err(b),
+    };
     let network_config = refs
         .network
         .as_ref()

@@ -2,7 +2,10 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{
+    Affinity, EnvFromSource, EnvVar, LocalObjectReference, ResourceRequirements, Toleration,
+    Volume, VolumeMount,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -91,8 +94,24 @@ pub struct RuntimeSpec {
     pub image: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_args: Vec<String>,
+    /// Environment of the runtime container. Names the operator sets (the model cache's
+    /// `HF_HOME`, …) are refused; take secrets (a model hub token) from a Secret with
+    /// `valueFrom.secretKeyRef` or `envFrom`, never as a literal value.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 128))]
     pub env: Vec<EnvVar>,
+    /// Whole Secrets or ConfigMaps as environment of the runtime container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.all(e, has(e.secretRef) != has(e.configMapRef))",
+        "message": "envFrom: each entry names exactly one of secretRef or configMapRef"
+    }]))]
+    pub env_from: Vec<EnvFromSource>,
+    /// Extra mounts of `spec.pod.volumes` into the runtime container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub volume_mounts: Vec<VolumeMount>,
     /// CPU and memory; GPU limits come from `spec.gpu`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-kubernetes-validations" = [{
@@ -100,6 +119,198 @@ pub struct RuntimeSpec {
         "message": "resources: every request and limit must be a quantity such as 500m, 8 or 64Gi"
     }]))]
     pub resources: Option<ResourceRequirements>,
+    /// How long the runtime may take to first answer (download and load its weights) before
+    /// the kubelet restarts it. Defaults to a budget that follows the models' size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 60, max = 86400))]
+    pub startup_timeout_seconds: Option<u32>,
+}
+
+/// Access modes a model cache claim may ask for.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+pub enum CacheAccessMode {
+    ReadWriteOnce,
+    ReadWriteOncePod,
+    ReadWriteMany,
+    ReadOnlyMany,
+}
+
+impl CacheAccessMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ReadWriteOnce => "ReadWriteOnce",
+            Self::ReadWriteOncePod => "ReadWriteOncePod",
+            Self::ReadWriteMany => "ReadWriteMany",
+            Self::ReadOnlyMany => "ReadOnlyMany",
+        }
+    }
+}
+
+fn default_access_modes() -> Vec<CacheAccessMode> {
+    vec![CacheAccessMode::ReadWriteOnce]
+}
+
+/// A PersistentVolumeClaim the operator creates for the node and deletes with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheClaimTemplate {
+    /// Storage class of the claim; the cluster's default class when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub storage_class_name: Option<String>,
+    /// Requested capacity, a quantity such as `200Gi`.
+    #[schemars(length(min = 1, max = 64))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))",
+        "message": "modelCache.volumeClaimTemplate.size must be a positive quantity such as 200Gi"
+    }]))]
+    pub size: String,
+    #[serde(default = "default_access_modes")]
+    #[schemars(length(min = 1, max = 4))]
+    pub access_modes: Vec<CacheAccessMode>,
+}
+
+/// What a hostPath cache expects at its path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum CacheHostPathType {
+    /// Created (mode 0755, owned by the kubelet) when absent.
+    #[default]
+    DirectoryOrCreate,
+    /// Must already exist.
+    Directory,
+}
+
+impl CacheHostPathType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DirectoryOrCreate => "DirectoryOrCreate",
+            Self::Directory => "Directory",
+        }
+    }
+}
+
+/// A directory on the Kubernetes node: kept across pods and nodes' replacements alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheHostPath {
+    /// Absolute path on the Kubernetes node.
+    #[schemars(length(min = 2, max = 4096), regex(pattern = r"^/"))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "!self.split('/').exists(p, p == '..')",
+        "message": "modelCache.hostPath.path must not contain '..'"
+    }]))]
+    pub path: String,
+    #[serde(default, rename = "type")]
+    pub type_: CacheHostPathType,
+}
+
+/// A scratch volume that lives as long as the pod: weights are downloaded again on every
+/// pod replacement, but never fill the node's disk past `sizeLimit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheEmptyDir {
+    #[schemars(length(min = 1, max = 64))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))",
+        "message": "modelCache.emptyDir.sizeLimit must be a positive quantity such as 100Gi"
+    }]))]
+    pub size_limit: String,
+}
+
+/// Where the runtime keeps model weights; exactly one source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "(has(self.volumeClaimTemplate) ? 1 : 0) + (has(self.existingClaim) ? 1 : 0) + (has(self.hostPath) ? 1 : 0) + (has(self.emptyDir) ? 1 : 0) == 1",
+    "message": "modelCache needs exactly one of volumeClaimTemplate, existingClaim, hostPath or emptyDir"
+}]))]
+pub struct ModelCacheSpec {
+    /// A claim per node, `<node>-model-cache`, created by the operator and deleted with the
+    /// ResultityNode (it survives pod replacement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_claim_template: Option<CacheClaimTemplate>,
+    /// A PersistentVolumeClaim in the node's namespace that someone else manages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub existing_claim: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<CacheHostPath>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub empty_dir: Option<CacheEmptyDir>,
+    /// Mount the cache read-only (a repository filled by someone else; vLLM then needs
+    /// `HF_HUB_OFFLINE=1`).
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// The sidecar container's settings a user may change.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarSpec {
+    /// Replaces the default (100m CPU and 128Mi requested, 512Mi memory limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "(!has(self.limits) || self.limits.all(k, isQuantity(self.limits[k]))) && (!has(self.requests) || self.requests.all(k, isQuantity(self.requests[k])))",
+        "message": "sidecar.resources: every request and limit must be a quantity such as 500m, 8 or 64Gi"
+    }]))]
+    pub resources: Option<ResourceRequirements>,
+    /// Extra mounts of `spec.pod.volumes` into the sidecar container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub volume_mounts: Vec<VolumeMount>,
+}
+
+/// Pod-level settings beyond what the operator derives. Keys and names the operator owns are
+/// refused by the validate step (the node turns `Invalid` with the field named), not by CEL:
+/// rules that compare every key or name of an unbounded string would exceed the API server's
+/// estimated CEL cost budget and make the CRD itself uninstallable.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodOverrides {
+    /// Extra pod labels; keys the operator sets (`app.kubernetes.io/name`, `…/instance`,
+    /// `…/managed-by` and every `resultity.com/` key) are refused.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub labels: BTreeMap<String, String>,
+    /// Extra pod annotations; `resultity.com/` keys are the operator's and refused.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub annotations: BTreeMap<String, String>,
+    /// RuntimeClass for the pod (for example `nvidia` where the NVIDIA container runtime is
+    /// not the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub runtime_class_name: Option<String>,
+    /// Secrets to pull the runtime's (and sidecar's) images from a private registry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    /// Size of `/dev/shm` (a memory-backed volume that counts against the pod's memory);
+    /// unbounded up to the memory limit when absent. NCCL and vLLM's tensor parallelism need
+    /// more than the container runtime's 64 MiB default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))",
+        "message": "pod.shmSize must be a positive quantity such as 16Gi"
+    }]))]
+    pub shm_size: Option<String>,
+    /// Extra volumes for `runtime.volumeMounts` and `sidecar.volumeMounts`. The operator's
+    /// own volume names (`dshm`, `identity`, `state`, `tmp`, `model-cache`) are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::crd::schema::volumes")]
+    pub volumes: Vec<Volume>,
 }
 
 /// A model and the exact weights revision to serve.
@@ -274,6 +485,9 @@ fn default_drain_timeout() -> u32 {
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "self.runtime.kind != 'vllm' || size(self.models) == 1",
     "message": "runtime vllm serves exactly one model per pod"
+}, {
+    "rule": "self.runtime.kind != 'triton' || has(self.modelCache)",
+    "message": "runtime triton needs spec.modelCache: its model repository is read from the cache volume"
 }]))]
 pub struct ResultityNodeSpec {
     pub network_ref: NetworkRef,
@@ -289,6 +503,13 @@ pub struct ResultityNodeSpec {
     pub gpu: GpuSpec,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduling: Option<SchedulingSpec>,
+    /// Where model weights are kept; required for Triton (its model repository).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_cache: Option<ModelCacheSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar: Option<SidecarSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodOverrides>,
     #[serde(default)]
     pub identity: IdentitySpec,
     /// How long a drain may take before the pod is replaced or deleted anyway.
@@ -313,6 +534,8 @@ pub enum NodePhase {
     Pending,
     /// Pod running, runtime or sidecar not ready yet.
     Starting,
+    /// The runtime is running and loading its models (see the ModelsLoaded condition).
+    Loading,
     Ready,
     /// Running but something is wrong (not connected, config out of sync, GPU unhealthy).
     Degraded,
@@ -330,6 +553,7 @@ impl NodePhase {
         match self {
             Self::Pending => "Pending",
             Self::Starting => "Starting",
+            Self::Loading => "Loading",
             Self::Ready => "Ready",
             Self::Degraded => "Degraded",
             Self::Draining => "Draining",
@@ -354,7 +578,8 @@ pub struct ConfigRef {
 pub struct ModelStateStatus {
     pub id: String,
     pub revision: String,
-    /// `pending`, `active`, `inactive` or `failed`.
+    /// `pending`, `loading` (the runtime is running and the model not yet servable),
+    /// `active`, `inactive` or `failed`.
     pub state: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,

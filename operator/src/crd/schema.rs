@@ -28,3 +28,39 @@ pub fn int_or_percent(_: &mut SchemaGenerator) -> Schema {
         }],
     })
 }
+
+/// Pod volumes, in the pod API's own shape but without its field descriptions: the full
+/// `Volume` schema would more than double the CRDs (past what `kubectl apply` can store in its
+/// last-applied annotation), and the pod API documents those fields already.
+pub fn volumes(generator: &mut SchemaGenerator) -> Schema {
+    let item = generator.subschema_for::<k8s_openapi::api::core::v1::Volume>();
+    let mut value = serde_json::Value::from(item);
+    strip_descriptions(&mut value);
+    json_schema!({
+        "type": "array",
+        "maxItems": 32,
+        "items": value,
+    })
+}
+
+fn strip_descriptions(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            map.remove("description");
+            for (key, child) in map.iter_mut() {
+                // A property may itself be called `description`; only schema keywords go.
+                if key == "properties" {
+                    if let serde_json::Value::Object(props) = child {
+                        for prop in props.values_mut() {
+                            strip_descriptions(prop);
+                        }
+                    }
+                } else {
+                    strip_descriptions(child);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_descriptions),
+        _ => {}
+    }
+}
