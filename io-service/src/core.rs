@@ -780,7 +780,21 @@ impl Core {
         now: u64,
     ) -> Result<(StreamSink, Vec<String>), Refusal> {
         let job = self.jobs.get(job_id).ok_or_else(|| not_assigned(job_id))?;
-        self.lease_check(job, node, epoch)?;
+        if let Err(refusal) = self.lease_check(job, node, epoch) {
+            if refusal.0 == ErrorCode::StaleLease {
+                // Still streaming a lease that was taken back (e.g. across a reconnect, when
+                // the first cancel had no session to go to): stop it.
+                self.send(
+                    node,
+                    NetworkMessage::JobCancel {
+                        job_id: job_id.clone(),
+                        lease_epoch: epoch,
+                        reason: "stale lease: the stream was taken back".into(),
+                    },
+                );
+            }
+            return Err(refusal);
+        }
         let max_out = self.sched.max_output_bytes;
         let Some(job) = self.jobs.get_mut(job_id) else {
             return Err(not_assigned(job_id));

@@ -347,6 +347,11 @@ impl axum::serve::Listener for StallingListener {
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         let conn = axum::serve::Listener::accept(&mut self.inner).await;
+        // As vLLM's server (uvicorn) does: without it, a streamed token written right after
+        // the previous one waits for the client's delayed ACK (up to 40 ms on Linux).
+        if let Err(e) = conn.0.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
         let stall_ms = self.shared.faults.lock().await.stall_new_connections_ms;
         let busy =
             |s: &Shared| s.running.load(Ordering::Relaxed) + s.waiting.load(Ordering::Relaxed) > 0;
