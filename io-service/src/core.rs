@@ -1505,8 +1505,14 @@ impl Core {
         let tried = |id: &NodeId| job.leases.iter().any(|(n, _)| n == id);
         let mut untried_candidates = 0usize;
         let mut best: Option<(u32, u32, &NodeId)> = None;
+        // Triton answers KServe v2 only: OpenAI jobs (and so every stream) go to the other
+        // nodes of a mixed network.
+        let openai_job = matches!(job.spec.kind, JobKind::ChatCompletion | JobKind::Completion);
         for rec in self.nodes.values() {
             if self.eligible_for(rec, &job.spec.model, now).is_err() {
+                continue;
+            }
+            if openai_job && rec.capabilities.runtime == RuntimeKind::Triton {
                 continue;
             }
             if tried(&rec.id) {

@@ -199,3 +199,89 @@ async fn chunks_out_of_order_or_for_an_unstreamed_job_are_refused() {
     assert!(got[1].contains("\"error\""), "{got:?}");
     io.shutdown().await;
 }
+
+/// A network with Triton and vLLM nodes for one model: OpenAI jobs, streamed or not, go to
+/// the vLLM node even when the Triton node has more free slots; KServe jobs may go anywhere.
+#[tokio::test]
+async fn a_mixed_network_sends_openai_jobs_and_streams_only_to_openai_runtimes() {
+    use resultity_protocol::Purpose;
+    use resultity_protocol::messages::RuntimeKind;
+    use resultity_protocol::messages::http::paths;
+    let io = start(|s| {
+        s.network_config.models[0]
+            .runtimes
+            .push(RuntimeKind::Triton)
+    })
+    .await;
+    let triton = TestNode::new(&io, 8);
+    let ch = triton.challenge().await;
+    let mut req = triton.register_request(ch.challenge);
+    req.capabilities.runtime = RuntimeKind::Triton;
+    let (status, text) = triton
+        .post_raw(paths::REGISTER, triton.seal(Purpose::HttpRegister, &req))
+        .await;
+    assert_eq!(status, 200, "{text}");
+    let mut rep = report(8);
+    rep.runtime.kind = RuntimeKind::Triton;
+    let (status, text) = triton
+        .post_raw(paths::HEARTBEAT, triton.heartbeat_envelope(rep))
+        .await;
+    assert_eq!(status, 200, "{text}");
+    let mut tws = WsClient::connect(&triton, 8).await;
+    let vllm = TestNode::new(&io, 1);
+    let mut ws = vllm.join().await;
+
+    let plain = call(&io);
+    let job = ws.recv_job().await;
+    assert!(!job.stream);
+    ws.send(NodeMessage::JobResult(result_for(
+        &ws.node_id.clone(),
+        &job,
+    )))
+    .await;
+    let resp = plain.await.unwrap();
+    assert_eq!(
+        resp.headers()["x-resultity-node-id"],
+        vllm.key.id().as_str()
+    );
+
+    let streamed = stream_call(&io);
+    let job = ws.recv_job().await;
+    assert!(job.stream);
+    let events = vec![event(0, "t")];
+    chunk(&mut ws, &job, 0, &events).await;
+    ws.send(NodeMessage::JobResult(streamed_result(
+        &ws.node_id.clone(),
+        &job,
+        &events,
+    )))
+    .await;
+    let got = read_events(streamed.await.unwrap()).await;
+    assert_eq!(got.last().map(String::as_str), Some("[DONE]"));
+
+    // KServe inference is the Triton node's (the vLLM node is busy with nothing, but has
+    // fewer free slots).
+    let base = io.base_url();
+    let kserve = tokio::spawn(async move {
+        http()
+            .post(format!("{base}/v2/models/{MODEL}/infer"))
+            .json(&serde_json::json!({"inputs": []}))
+            .send()
+            .await
+            .unwrap()
+    });
+    // The first assignment the Triton node ever saw is this one.
+    let job = tws.recv_job().await;
+    assert_eq!(
+        job.kind,
+        resultity_protocol::messages::JobKind::Infer,
+        "an OpenAI job reached the Triton node"
+    );
+    tws.send(NodeMessage::JobResult(result_for(
+        &tws.node_id.clone(),
+        &job,
+    )))
+    .await;
+    assert_eq!(kserve.await.unwrap().status(), 200);
+    io.shutdown().await;
+}
