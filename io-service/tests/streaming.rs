@@ -285,3 +285,49 @@ async fn a_mixed_network_sends_openai_jobs_and_streams_only_to_openai_runtimes()
     assert_eq!(kserve.await.unwrap().status(), 200);
     io.shutdown().await;
 }
+
+/// A caller that goes away mid-stream: the job is cancelled on its node (freeing the slot)
+/// instead of streaming into the void.
+#[tokio::test]
+async fn a_caller_that_disconnects_mid_stream_gets_its_job_cancelled() {
+    let io = start(|_| {}).await;
+    let node = TestNode::new(&io, 2);
+    let mut ws = node.join().await;
+    let caller = stream_call(&io);
+    let job = ws.recv_job().await;
+    chunk(&mut ws, &job, 0, &[event(0, "t")]).await;
+    drop(caller.await.unwrap());
+    // The next chunks find no reader; the network cancels the lease.
+    let mut index = 1;
+    let cancelled = loop {
+        chunk(&mut ws, &job, index, &[event(index as usize, "t")]).await;
+        index += 1;
+        let next = tokio::time::timeout(Duration::from_millis(200), ws.recv()).await;
+        match next {
+            Ok(Ok(NetworkMessage::JobCancel {
+                job_id,
+                lease_epoch,
+                ..
+            })) => break (job_id, lease_epoch),
+            Ok(Ok(NetworkMessage::Error { code, message, .. })) => {
+                // Chunks after the cancel are for a job that no longer exists.
+                panic!("refused before the cancel: {code} {message}")
+            }
+            Ok(Ok(_)) | Err(_) => {
+                assert!(index < 200, "no cancel after {index} chunks");
+            }
+            Ok(Err(c)) => panic!("session closed ({c:?})"),
+        }
+    };
+    assert_eq!(cancelled, (job.job_id.clone(), job.lease_epoch));
+    let view: serde_json::Value = http()
+        .get(format!("{}/v1/jobs/{}", io.base_url(), job.job_id.as_str()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["state"], "failed", "{view}");
+    io.shutdown().await;
+}
