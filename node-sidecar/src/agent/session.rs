@@ -534,7 +534,12 @@ impl Agent {
             let msg = agent.run_job(a).await;
             agent.api.metrics.job_latency(&msg, started.elapsed());
             slot.release();
-            agent.send(msg);
+            // Waits for room rather than dropping the message when the session's queue is
+            // full (a streamed job's chunks may just have filled it); without a session,
+            // `send` keeps a failure for the next one (results are in the outbox).
+            if !agent.send_wait(msg.clone()).await {
+                agent.send(msg);
+            }
             // The network frees a credit for every job that ends; a node that takes no jobs
             // (or has no free slot) says so again, after the job's message.
             if agent.credits() == 0 {
