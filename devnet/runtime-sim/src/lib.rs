@@ -7,14 +7,20 @@
 //! * a latency model: prefill time plus per-token decode time, with continuous batching of up to
 //!   `max_batch` sequences whose per-token time grows mildly with the batch, so throughput grows
 //!   with concurrency the way vLLM's does;
-//! * deterministic outputs derived from model and prompt ([`generate`]), so results are checkable;
+//! * deterministic outputs derived from model and prompt ([`generate`]), so results are checkable,
+//!   ending on a prompt-dependent natural stop (`finish_reason: "stop"`) or at `max_tokens`
+//!   (`"length"`); `n` choices; OpenAI's `context_length_exceeded` past a 4096-token context;
+//! * `"stream": true`: OpenAI server-sent events, one token per event after each per-token
+//!   decode delay, `stream_options.include_usage`, `[DONE]` (a crash cuts the stream without it);
 //! * fault injection: error rate, hangs, down, per-model failures, crash after N requests, and
 //!   new connections stalled while requests are in progress (llama.cpp's `llama-server` serves
 //!   a fixed pool of connections: a new one waits until a busy keep-alive one frees) —
 //!   settable at start or live through `POST /sim/faults`;
 //! * other OpenAI-compatible servers' faces ([`Flavor`]): llama.cpp's metric names and
 //!   `GET /props` slots, or no `/health` endpoint at all (llama-cpp-python);
-//! * `GET /sim/stats` with the peak concurrency seen, so tests can assert parallelism.
+//! * `GET /sim/stats` with the peak concurrency seen, so tests can assert parallelism, and the
+//!   streams still open (with the `hold_streams_after_tokens` fault, a test sees a stream
+//!   mid-generation as a condition rather than a race).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
