@@ -64,6 +64,14 @@ enum Command {
             default_value = "127.0.0.1:8080"
         )]
         listen: SocketAddr,
+        /// Simulated decode time per output token, microseconds: the pace a streamed answer
+        /// arrives at.
+        #[arg(
+            long,
+            env = "RESULTITY_DEVNET_DECODE_US_PER_TOKEN",
+            default_value_t = 0
+        )]
+        decode_us_per_token: u64,
     },
 }
 
@@ -90,7 +98,8 @@ fn main() -> ExitCode {
                 runtime,
                 latency_ms,
                 listen,
-            }) => serve(nodes, runtime, latency_ms, listen).await,
+                decode_us_per_token,
+            }) => serve(nodes, runtime, latency_ms, listen, decode_us_per_token).await,
             None => run(cli).await,
         }
     });
@@ -111,18 +120,29 @@ async fn serve(
     runtime: RuntimeChoice,
     latency_ms: u64,
     listen: SocketAddr,
+    decode_us_per_token: u64,
 ) -> anyhow::Result<bool> {
     let net = Devnet::start(DevnetConfig {
         nodes,
         runtime,
         latency_ms,
         listen,
+        decode_us_per_token,
         ..DevnetConfig::default()
     })
     .await
     .context("starting the devnet")?;
     net.wait_ready(Duration::from_secs(30)).await?;
-    println!("OpenAI-compatible endpoint: {}", net.openai_base_url());
+    // Advertise only what the nodes serve: Triton answers KServe v2, not OpenAI completions
+    // (the IO service refuses those for models only Triton nodes serve).
+    match runtime {
+        RuntimeChoice::Vllm => println!("OpenAI-compatible endpoint: {}", net.openai_base_url()),
+        RuntimeChoice::Triton => println!(
+            "KServe v2 endpoint: {}/v2/models/{}/infer",
+            net.base_url(),
+            resultity_devnet::MODEL
+        ),
+    }
     std::io::stdout().flush().ok();
     tokio::signal::ctrl_c()
         .await

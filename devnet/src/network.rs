@@ -50,7 +50,7 @@ impl RuntimeChoice {
 pub struct DevnetConfig {
     pub nodes: usize,
     pub runtime: RuntimeChoice,
-    /// Simulated prefill time of every request (the simulator's decode time is zero, so this
+    /// Simulated prefill time of every request (with `decode_us_per_token` 0, the default, this
     /// is the runtime's whole latency at low load).
     pub latency_ms: u64,
     /// Jobs one node runs at once (its credits).
@@ -62,6 +62,8 @@ pub struct DevnetConfig {
     pub resume_window_ms: u64,
     /// When sidecars fsync their outboxes (see `resultity_sidecar::outbox`).
     pub outbox_sync: resultity_sidecar::agent::SyncPolicy,
+    /// Simulated decode time per output token (microseconds): the pace of streamed tokens.
+    pub decode_us_per_token: u64,
 }
 
 impl Default for DevnetConfig {
@@ -74,6 +76,7 @@ impl Default for DevnetConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             resume_window_ms: 1_000,
             outbox_sync: resultity_sidecar::agent::SyncPolicy::Deferred,
+            decode_us_per_token: 0,
         }
     }
 }
@@ -262,7 +265,7 @@ impl Devnet {
         let sim_cfg = SimConfig {
             models: vec![MODEL.into()],
             prefill_ms: self.cfg.latency_ms,
-            decode_us_per_token: 0,
+            decode_us_per_token: self.cfg.decode_us_per_token,
             max_batch: 256,
             ..SimConfig::default()
         };

@@ -131,3 +131,65 @@ async fn serve_prints_its_endpoint_and_answers_an_openai_chat_completion() {
     assert!(body["choices"][0]["message"]["content"].is_string());
     drop(child);
 }
+
+/// A Triton network advertises the KServe v2 route its nodes answer, not an OpenAI endpoint,
+/// and that route serves.
+#[tokio::test]
+async fn serve_with_triton_prints_the_kserve_endpoint_it_serves() {
+    let mut child = Kill(
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--nodes",
+                "1",
+                "--runtime",
+                "triton",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("KServe v2 endpoint: ")
+        .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+        .to_owned();
+    assert!(
+        url.starts_with("http://127.0.0.1:") && url.ends_with("/v2/models/tiny-chat/infer"),
+        "{url}"
+    );
+    let c = reqwest::Client::new();
+    let r = c
+        .post(&url)
+        .json(&json!({"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-resultity-verified"], "true");
+    // The OpenAI route is refused clearly, naming the model and the route that works.
+    let base = url.split("/v2/").next().unwrap();
+    let r = c
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&json!({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]}))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["param"], "model", "{e}");
+    drop(child);
+}

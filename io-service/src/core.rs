@@ -21,9 +21,9 @@ use ed25519_dalek::VerifyingKey;
 use resultity_protocol::config::{ConfigDigest, NetworkConfig};
 use resultity_protocol::messages::http::NodeReport;
 use resultity_protocol::messages::http::{Capabilities, RegisterRequest};
-use resultity_protocol::messages::ws::{JobAssignment, JobResult, NetworkMessage};
+use resultity_protocol::messages::ws::{JobAssignment, JobResult, NetworkMessage, RuntimeRefusal};
 use resultity_protocol::messages::{
-    ConfigPointer, FailCode, JobKind, ModelRef, ModelState, Usage, Verdict,
+    ConfigPointer, FailCode, JobKind, ModelRef, ModelState, RuntimeKind, Usage, Verdict,
 };
 use resultity_protocol::replay::NonceStore;
 use resultity_protocol::{ErrorCode, JobId, NodeId, ProtocolError};
@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
 use crate::settings::{Limits, SchedulerSettings};
+use crate::stream::{StreamSink, StreamState};
 
 /// A message the core wants a session task to seal and send, or a request to close it.
 #[derive(Debug, Clone)]
@@ -75,6 +76,11 @@ impl RateLimiter {
     }
 
     /// Takes one token; false when the bucket is empty.
+    /// Gives back the token of a message that turned out to be bounded otherwise.
+    pub fn refund(&mut self) {
+        self.tokens = (self.tokens + 1.0).min(self.burst);
+    }
+
     pub fn allow(&mut self, now_ms: u64) -> bool {
         let elapsed = now_ms.saturating_sub(self.last_ms) as f64;
         self.last_ms = self.last_ms.max(now_ms);
@@ -207,13 +213,20 @@ pub struct JobSpec {
     pub model: ModelRef,
     pub kind: JobKind,
     pub request: serde_json::Value,
+    /// Where a streamed job's events go as they arrive (`None`: answered once).
+    pub stream: Option<StreamSink>,
 }
 
 /// What the caller gets back.
 #[derive(Debug, Clone)]
 pub enum JobOutcome {
     Completed(CompletedJob),
-    Failed { code: ErrorCode, reason: String },
+    Failed {
+        code: ErrorCode,
+        reason: String,
+        /// The runtime's own refusal, answered to the caller as is.
+        refusal: Option<RuntimeRefusal>,
+    },
 }
 
 /// A verified result.
@@ -263,6 +276,10 @@ struct Job {
     waiter: Option<oneshot::Sender<JobOutcome>>,
     finished_ms: Option<u64>,
     last_error: Option<String>,
+    /// A streamed job's chunk state (dropped when the job finishes, which ends the stream).
+    stream: Option<StreamState>,
+    /// The runtime's refusal that failed the job, for the caller.
+    refusal: Option<RuntimeRefusal>,
 }
 
 /// `GET /v1/nodes` entry.
@@ -733,9 +750,87 @@ impl Core {
         {
             rec.session = None;
             rec.disconnected_at_ms = Some(now);
+            // Chunks sent while the session is down are lost, so a streamed lease cannot
+            // resume: it restarts elsewhere, or fails if the caller already has a part.
+            let streamed: Vec<JobId> = rec
+                .outstanding
+                .iter()
+                .filter(|j| self.jobs.get(*j).is_some_and(|j| j.stream.is_some()))
+                .cloned()
+                .collect();
+            for job_id in streamed {
+                self.take_back(&job_id, Some(node), "node session ended mid-stream", now);
+            }
+            self.dispatch(now);
         }
         self.refresh_gauges(now);
         self.refresh_eligible_gauge(now);
+    }
+
+    /// A chunk of a streamed job arrived on the node's session. Returns the caller's sink and
+    /// the events to forward (the session sends them outside the lock, waiting for room).
+    /// A chunk that breaks the stream (order, limits) takes the lease back.
+    pub fn on_chunk(
+        &mut self,
+        node: &NodeId,
+        job_id: &JobId,
+        epoch: u64,
+        index: u32,
+        events: Vec<String>,
+        now: u64,
+    ) -> Result<(StreamSink, Vec<String>), Refusal> {
+        let job = self.jobs.get(job_id).ok_or_else(|| not_assigned(job_id))?;
+        if let Err(refusal) = self.lease_check(job, node, epoch) {
+            if refusal.0 == ErrorCode::StaleLease {
+                // Still streaming a lease that was taken back (e.g. across a reconnect, when
+                // the first cancel had no session to go to): stop it.
+                self.send(
+                    node,
+                    NetworkMessage::JobCancel {
+                        job_id: job_id.clone(),
+                        lease_epoch: epoch,
+                        reason: "stale lease: the stream was taken back".into(),
+                    },
+                );
+            }
+            return Err(refusal);
+        }
+        let max_out = self.sched.max_output_bytes;
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return Err(not_assigned(job_id));
+        };
+        let Some(stream) = job.stream.as_mut() else {
+            return Err((
+                ErrorCode::Malformed,
+                format!("job {job_id} was not assigned as a stream"),
+            ));
+        };
+        if let Err((code, why)) = stream.accept(job_id, index, &events, max_out) {
+            if let Some(rec) = self.nodes.get_mut(node) {
+                rec.job_finished(job_id);
+            }
+            self.penalize(
+                node,
+                PENALTY_INVALID_RESULT,
+                &why,
+                Some(FailureCause::InvalidResult),
+                now,
+            );
+            self.take_back(job_id, Some(node), &why, now);
+            self.dispatch(now);
+            return Err((code, why));
+        }
+        stream.delivered = true;
+        Ok((stream.sink.clone(), events))
+    }
+
+    /// The caller of a streamed job stopped reading (disconnected or too slow): the job is
+    /// failed and cancelled on its node.
+    pub fn caller_gone(&mut self, job_id: &JobId, why: &str, now: u64) {
+        if let Some(node) = self.holder(job_id) {
+            self.cancel_on(&node, job_id, why);
+        }
+        self.finish_failed(job_id, ErrorCode::Unavailable, why.to_owned(), now);
     }
 
     fn send(&self, node: &NodeId, msg: NetworkMessage) {
@@ -846,6 +941,12 @@ impl Core {
         let invalid = match &job.state {
             JobState::Assigned(lease) => {
                 check_result_binding(lease, &job.spec.model, &result, self.sched.max_output_bytes)
+                    .and_then(|()| {
+                        let received = job.stream.as_ref().map(StreamState::summary);
+                        result
+                            .check_stream(received.as_ref())
+                            .map_err(|e| (ErrorCode::ResultMismatch, e.to_string()))
+                    })
                     .err()
             }
             _ => Some(not_assigned(&result.job_id)),
@@ -877,6 +978,7 @@ impl Core {
             epoch: result.lease_epoch,
         };
         job.finished_ms = Some(now);
+        job.stream = None;
         let outcome = CompletedJob {
             job_id: job.id.clone(),
             node_id: node.clone(),
@@ -917,6 +1019,8 @@ impl Core {
         Ok(())
     }
 
+    // The fields of one `job.fail` message, as the session unpacked them.
+    #[allow(clippy::too_many_arguments)]
     pub fn on_fail(
         &mut self,
         node: &NodeId,
@@ -924,6 +1028,7 @@ impl Core {
         epoch: u64,
         code: FailCode,
         reason: &str,
+        refusal: Option<RuntimeRefusal>,
         now: u64,
     ) -> Result<(), Refusal> {
         let job = self.jobs.get(job_id).ok_or_else(|| not_assigned(job_id))?;
@@ -964,6 +1069,9 @@ impl Core {
             } else {
                 ErrorCode::Malformed
             };
+            if let Some(job) = self.jobs.get_mut(job_id) {
+                job.refusal = refusal;
+            }
             self.finish_failed(job_id, wire, why, now);
         }
         self.dispatch(now);
@@ -1044,6 +1152,8 @@ impl Core {
             ));
         }
         let (tx, rx) = oneshot::channel();
+        let mut spec = spec;
+        let stream = spec.stream.take().map(StreamState::new);
         let job = Job {
             id: id.clone(),
             spec,
@@ -1056,6 +1166,8 @@ impl Core {
             waiter: Some(tx),
             finished_ms: None,
             last_error: None,
+            stream,
+            refusal: None,
         };
         self.jobs.insert(id.clone(), job);
         self.queue.push_back(id);
@@ -1090,6 +1202,19 @@ impl Core {
             })
             .map(|m| m.model.clone())
             .collect()
+    }
+
+    /// Runtime kinds of the eligible nodes serving `model` now (each kind once): what decides
+    /// which APIs the network can answer for it (KServe v2 only on Triton, OpenAI on the rest).
+    pub fn runtimes_serving(&self, model: &ModelRef, now: u64) -> Vec<RuntimeKind> {
+        let mut kinds: Vec<RuntimeKind> = Vec::new();
+        for n in self.nodes.values() {
+            if self.eligible_for(n, model, now).is_ok() && !kinds.contains(&n.capabilities.runtime)
+            {
+                kinds.push(n.capabilities.runtime);
+            }
+        }
+        kinds
     }
 
     /// Timeouts, resume-window expiry, caller deadlines, exclusion ends; then dispatch.
@@ -1223,6 +1348,12 @@ impl Core {
             return;
         };
         job.last_error = Some(why.to_owned());
+        if job.stream.as_ref().is_some_and(|s| s.delivered) {
+            // Part of the answer reached the caller: a rerun would repeat it.
+            let reason = format!("the stream broke after part of the answer was sent: {why}");
+            self.finish_failed(job_id, ErrorCode::Unavailable, reason, now);
+            return;
+        }
         if job.attempts >= max_attempts {
             let reason = format!("gave up after {} attempts; last: {why}", job.attempts);
             self.finish_failed(job_id, ErrorCode::Timeout, reason, now);
@@ -1251,8 +1382,14 @@ impl Core {
             reason: reason.clone(),
         };
         job.finished_ms = Some(now);
+        job.stream = None;
+        let refusal = job.refusal.take();
         if let Some(w) = job.waiter.take() {
-            let _ = w.send(JobOutcome::Failed { code, reason });
+            let _ = w.send(JobOutcome::Failed {
+                code,
+                reason,
+                refusal,
+            });
         }
         self.queue.retain(|j| j != job_id);
         self.metrics.jobs_failed.inc();
@@ -1368,8 +1505,14 @@ impl Core {
         let tried = |id: &NodeId| job.leases.iter().any(|(n, _)| n == id);
         let mut untried_candidates = 0usize;
         let mut best: Option<(u32, u32, &NodeId)> = None;
+        // Triton answers KServe v2 only: OpenAI jobs (and so every stream) go to the other
+        // nodes of a mixed network.
+        let openai_job = matches!(job.spec.kind, JobKind::ChatCompletion | JobKind::Completion);
         for rec in self.nodes.values() {
             if self.eligible_for(rec, &job.spec.model, now).is_err() {
+                continue;
+            }
+            if openai_job && rec.capabilities.runtime == RuntimeKind::Triton {
                 continue;
             }
             if tried(&rec.id) {
@@ -1414,6 +1557,9 @@ impl Core {
         job.lease_epoch += 1;
         job.attempts += 1;
         job.leases.push((node.clone(), job.lease_epoch));
+        if let Some(stream) = &mut job.stream {
+            stream.new_lease();
+        }
         if job.attempts == 1 {
             self.metrics
                 .dispatch_latency
@@ -1694,6 +1840,7 @@ fn assignment(
         request: job.spec.request.clone(),
         deadline_ms,
         max_output_bytes,
+        stream: job.stream.is_some(),
     })
 }
 

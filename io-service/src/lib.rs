@@ -11,6 +11,7 @@
 //! * [`session`] — the WebSocket handshake and the per-node session loop;
 //! * [`core`] — node registry, job table and scheduler (eligibility, scoring, credits,
 //!   timeouts, reassignment, penalties), one state machine behind one lock;
+//! * [`stream`] — streamed jobs: chunk order, limits and digest, the caller's channel;
 //! * [`api`] — job entry points and JSON views for people and tests;
 //! * [`publish`] — signing and publishing config snapshots;
 //! * [`listener`] — the TCP listener with a connection bound;
@@ -29,6 +30,7 @@ pub mod publish;
 pub mod server;
 pub mod session;
 pub mod settings;
+pub mod stream;
 
 pub use error::{ApiError, IoError};
 pub use server::{IoService, IoServiceHandle};

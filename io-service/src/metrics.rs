@@ -50,6 +50,7 @@ pub struct Metrics {
     pub jobs_reassigned: Counter,
     pub stale_results: Counter,
     pub duplicate_results: Counter,
+    pub stream_chunks: Counter,
     pub configs_published: Counter,
     rejections: Family<RejectLabels, Counter>,
     /// Submission to first assignment, seconds.
@@ -80,6 +81,7 @@ impl Metrics {
             jobs_reassigned: Counter::default(),
             stale_results: Counter::default(),
             duplicate_results: Counter::default(),
+            stream_chunks: Counter::default(),
             configs_published: Counter::default(),
             rejections: Family::default(),
             dispatch_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
@@ -139,6 +141,11 @@ impl Metrics {
             "duplicate_results",
             "Results received again after confirmation (confirmed again)",
             m.duplicate_results.clone(),
+        );
+        r.register(
+            "stream_chunks",
+            "Stream chunks accepted from nodes and forwarded to callers",
+            m.stream_chunks.clone(),
         );
         r.register(
             "configs_published",

@@ -388,6 +388,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(api::chat_completions))
         .route("/v1/completions", post(api::completions))
         .route("/v1/models", get(api::models))
+        .route("/v1/models/{*id}", get(api::model))
         .route("/v1/jobs", post(api::submit_job))
         .route("/v1/jobs/{id}", get(api::job))
         .route("/v2/models/{*model_infer}", post(api::kserve_infer))

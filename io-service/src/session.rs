@@ -383,6 +383,17 @@ impl Live {
             }
         };
         let seq = opened.seq;
+        if let NodeMessage::JobChunk {
+            job_id,
+            lease_epoch,
+            index,
+            events,
+        } = opened.msg
+        {
+            return self
+                .on_chunk(socket, job_id, lease_epoch, index, events, seq, now)
+                .await;
+        }
         let outcome = {
             let mut core = self.state.core();
             match opened.msg {
@@ -396,7 +407,18 @@ impl Live {
                     lease_epoch,
                     code,
                     reason,
-                } => core.on_fail(&self.node_id, &job_id, lease_epoch, code, &reason, now),
+                    refusal,
+                } => core.on_fail(
+                    &self.node_id,
+                    &job_id,
+                    lease_epoch,
+                    code,
+                    &reason,
+                    refusal,
+                    now,
+                ),
+                // Handled above.
+                NodeMessage::JobChunk { .. } => Ok(()),
                 NodeMessage::Credits { credits, in_flight } => {
                     core.on_credits(&self.node_id, credits, in_flight, now);
                     Ok(())
@@ -415,5 +437,45 @@ impl Live {
             Ok(()) => Next::Continue,
             Err((code, message)) => self.refuse(socket, code, message, Some(seq)).await,
         }
+    }
+
+    /// A verified chunk: the core checks it against the lease and the stream so far; its
+    /// events then go to the caller, waiting for room (backpressure: this session reads no
+    /// further frame meanwhile). An accepted chunk costs no rate-limit token, since the
+    /// stream's own limits bound it.
+    #[allow(clippy::too_many_arguments)]
+    async fn on_chunk(
+        &mut self,
+        socket: &mut WebSocket,
+        job_id: resultity_protocol::JobId,
+        lease_epoch: u64,
+        index: u32,
+        events: Vec<String>,
+        seq: u64,
+        now: u64,
+    ) -> Next {
+        let accepted =
+            self.state
+                .core()
+                .on_chunk(&self.node_id, &job_id, lease_epoch, index, events, now);
+        let (sink, events) = match accepted {
+            Ok(x) => x,
+            Err((code, message)) => return self.refuse(socket, code, message, Some(seq)).await,
+        };
+        self.rate.refund();
+        self.state.metrics.stream_chunks.inc();
+        let sent =
+            tokio::time::timeout(crate::stream::CALLER_SEND_TIMEOUT, sink.send(events)).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            let why = if sent.is_err() {
+                "the caller stopped reading the stream"
+            } else {
+                "the caller closed the stream"
+            };
+            self.state
+                .core()
+                .caller_gone(&job_id, why, self.state.now());
+        }
+        Next::Continue
     }
 }

@@ -227,8 +227,29 @@ async fn wrong_methods_and_plain_gets_on_the_session_path_get_json_errors() {
         .await
         .unwrap();
     assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "POST");
     let e: ErrorResponse = r.json().await.unwrap();
-    assert_eq!(e.error.code, ErrorCode::NotFound);
+    assert_eq!(e.error.code, ErrorCode::MethodNotAllowed);
+    // Every route: the caller API too, with the OpenAI error shape.
+    for (method, path, allow) in [
+        (reqwest::Method::GET, "/v1/chat/completions", "POST"),
+        (reqwest::Method::DELETE, "/v1/completions", "POST"),
+        (reqwest::Method::POST, "/v1/models", "GET,HEAD"),
+        (reqwest::Method::PUT, "/v1/jobs", "POST"),
+        (reqwest::Method::POST, "/healthz", "GET,HEAD"),
+    ] {
+        let r = c
+            .request(method.clone(), format!("{}{path}", io.base_url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "{method} {path}");
+        assert_eq!(r.headers()["allow"], allow, "{method} {path}");
+        let e: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["code"], "method_not_allowed", "{e}");
+        assert_eq!(e["error"]["type"], "invalid_request_error", "{e}");
+        assert!(e["error"]["message"].is_string() && e["error"].get("param").is_some());
+    }
     let r = c
         .get(format!("{}/v1/node/session", io.base_url()))
         .send()

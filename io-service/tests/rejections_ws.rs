@@ -333,7 +333,13 @@ async fn late_result_of_a_reassigned_job_is_refused_by_lease_epoch() {
 
 #[tokio::test]
 async fn full_queue_answers_429_with_retry_after() {
-    let io = start(|s| s.limits.max_queue = 1).await;
+    // A silent node holds the first job; the ack timeout must not take it back while the
+    // test runs on a loaded machine (this test is about the queue, not reassignment).
+    let io = start(|s| {
+        s.limits.max_queue = 1;
+        s.network_config.timing.ack_timeout_ms = 30_000;
+    })
+    .await;
     let node = TestNode::new(&io, 1);
     let _silent = spawn_runtime(
         node.join().await,

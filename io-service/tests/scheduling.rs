@@ -256,19 +256,37 @@ async fn repeated_failures_suspend_a_node_until_cooldown() {
             lease_epoch: job.lease_epoch,
             code: FailCode::RuntimeError,
             reason: "CUDA error".into(),
+            refusal: None,
         })
         .await;
-        // Only node, and it failed the job: the caller gets a reason.
+        // Only node, and it failed the job: the caller gets an OpenAI-shaped error without
+        // the network's job text; the reason stays in the job's view.
         let resp = caller.await.unwrap();
         let status = resp.status();
+        let job_id = resp.headers()["x-resultity-job-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
         let err: serde_json::Value = resp.json().await.unwrap();
         assert_eq!(status, 503, "{err}");
+        assert_eq!(err["error"]["type"], "server_error", "{err}");
+        assert!(err["error"].get("param").is_some(), "{err}");
+        let message = err["error"]["message"].as_str().unwrap();
         assert!(
-            err["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("CUDA error"),
+            !message.contains("CUDA error") && !message.contains(&job_id),
             "{err}"
+        );
+        let view: serde_json::Value = http()
+            .get(format!("{}/v1/jobs/{job_id}", io.base_url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(
+            view["error"].as_str().unwrap().contains("CUDA error"),
+            "{view}"
         );
     }
     let hb = node.heartbeat().await;

@@ -700,6 +700,7 @@ mod tests {
             lease_epoch: 1,
             code,
             reason: "x".into(),
+            refusal: None,
         };
         m.job_latency(&fail(FailCode::HandedBack), Duration::from_millis(30));
         m.job_latency(&fail(FailCode::RuntimeError), Duration::from_secs(2));

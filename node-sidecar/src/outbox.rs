@@ -320,6 +320,7 @@ mod tests {
             usage: Usage::default(),
             runtime_ms: 1,
             completed_at_ms: 2,
+            stream: None,
         }
     }
 

@@ -38,6 +38,7 @@ fn check_node_example(yaml: &str, gpu_check: &str) {
             version: 1,
             digest: format!("sha256:{}", "0".repeat(64)),
         },
+        model_memory_mib: 8192,
     };
     let node_id = NodeKeypair::from_seed(&[5; 32]).id().to_string();
     let pod = build_pod(&node, &resolved, &node_id, &Defaults::default()).unwrap();

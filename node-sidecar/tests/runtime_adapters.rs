@@ -54,6 +54,44 @@ async fn vllm_adapter_runs_jobs_and_reports_load() {
         .await
         .unwrap();
     assert!(out.body.contains("chat.completion"));
+
+    // Streamed: every event reaches the receiver in order, and their text is the answer.
+    let streamed = json!({"prompt": "hello there", "max_tokens": 5, "stream_options": {"include_usage": true}});
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let run = rt.infer_stream(JobKind::Completion, "m1", &streamed, T, tx);
+    let collect = async {
+        let mut events = Vec::new();
+        while let Some(e) = rx.recv().await {
+            events.push(e);
+        }
+        events
+    };
+    let (usage, events) = tokio::join!(run, collect);
+    let usage = usage.unwrap();
+    let (want, n) = generate("m1", "hello there", 5);
+    let text: String = events
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|v| v["choices"][0]["text"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(text, want);
+    assert!(events.len() > 2, "{events:?}");
+    assert_eq!(usage.completion_tokens, u64::from(n));
+    // A runtime's own refusal keeps its type, param and code.
+    let too_long = json!({"prompt": "hi", "max_tokens": 100_000});
+    let Err(RuntimeError::Rejected {
+        status, refusal, ..
+    }) = rt.infer(JobKind::Completion, "m1", &too_long, T).await
+    else {
+        panic!("an oversize request was not refused");
+    };
+    assert_eq!(status, 400);
+    let refusal = refusal.unwrap();
+    assert_eq!(refusal.param.as_deref(), Some("prompt"));
+    assert_eq!(
+        refusal.code,
+        Some(Value::String("context_length_exceeded".into()))
+    );
     assert!(matches!(
         rt.infer(JobKind::Infer, "m1", &chat, T).await,
         Err(RuntimeError::Unsupported { .. })
@@ -157,6 +195,12 @@ async fn triton_adapter_loads_checks_and_infers() {
     assert!(matches!(
         rt.infer(JobKind::ChatCompletion, "llm", &req, T).await,
         Err(RuntimeError::Unsupported { .. })
+    ));
+    // KServe v2 answers once: a stream is refused, never faked.
+    let (tx, _rx) = tokio::sync::mpsc::channel(1);
+    assert!(matches!(
+        rt.infer_stream(JobKind::Infer, "llm", &req, T, tx).await,
+        Err(RuntimeError::StreamUnsupported { .. })
     ));
     assert!(rt.report().await.ready);
 }
@@ -423,7 +467,8 @@ async fn llama_cpp_metric_names_give_running_and_waiting() {
 async fn unknown_model_errors_name_the_runtime_kind() {
     let s = sim(fast(&["m1"])).await;
     let generic = AnyRuntime::new(RuntimeKind::Openai, &s.url(), T).unwrap();
-    let Err(RuntimeError::Rejected { status, reason }) = generic.load_model("ghost").await else {
+    let Err(RuntimeError::Rejected { status, reason, .. }) = generic.load_model("ghost").await
+    else {
         panic!("an unknown model must be refused");
     };
     assert_eq!(status, 404);

@@ -118,6 +118,7 @@ fn benches(c: &mut Criterion) {
         usage: Usage::default(),
         runtime_ms: 1,
         completed_at_ms: NOW,
+        stream: None,
     });
     let mut g = c.benchmark_group("ws");
     g.bench_function("seal job.result (2 KiB output)", |b| {

@@ -13,7 +13,7 @@ use resultity_protocol::messages::http::{
     HeartbeatRequest, NodeReport, PingRequest, RequestHeader,
 };
 use resultity_protocol::messages::ws::{
-    JobAssignment, JobResult, NetworkMessage, NodeMessage, Sequenced,
+    JobAssignment, JobResult, NetworkMessage, NodeMessage, Sequenced, StreamDigest,
 };
 use resultity_protocol::messages::*;
 use resultity_protocol::{NetworkKeypair, NodeKeypair, Purpose};
@@ -156,6 +156,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         request: json!({"model": "qwen2.5-0.5b-instruct", "prompt": "2+2=", "max_tokens": 1}),
         deadline_ms: TS + 120_000,
         max_output_bytes: 524_288,
+        stream: false,
     };
     let assign = serde_json::to_string(&Sequenced {
         network_id: network_id.clone(),
@@ -178,6 +179,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
         runtime_ms: 12,
         completed_at_ms: TS + 50,
+        stream: None,
     };
     let result = serde_json::to_string(&Sequenced {
         network_id: network_id.clone(),
@@ -240,6 +242,86 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
+    // A streamed job: two chunks of OpenAI chunk events, then a result binding them.
+    let stream_assignment = JobAssignment {
+        job_id: JobId::parse("j-0002")?,
+        lease_epoch: 1,
+        kind: JobKind::ChatCompletion,
+        request: json!({"model": "qwen2.5-0.5b-instruct", "messages": [{"role": "user", "content": "2+2="}], "stream": true}),
+        stream: true,
+        ..assignment.clone()
+    };
+    let events = [
+        r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1767225600,"model":"qwen2.5-0.5b-instruct","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#,
+        r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1767225600,"model":"qwen2.5-0.5b-instruct","choices":[{"index":0,"delta":{"content":"4"},"finish_reason":null}]}"#,
+        r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1767225600,"model":"qwen2.5-0.5b-instruct","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+    ];
+    let chunks: [Vec<String>; 2] = [
+        vec![events[0].to_owned()],
+        vec![events[1].to_owned(), events[2].to_owned()],
+    ];
+    let mut chunk_vectors = Vec::new();
+    for (i, c) in chunks.iter().enumerate() {
+        let body = serde_json::to_string(&Sequenced {
+            network_id: network_id.clone(),
+            node_id: node.id().clone(),
+            session_id: crypto::b64(&[9u8; 16]),
+            seq: 5 + i as u64,
+            msg: NodeMessage::JobChunk {
+                job_id: stream_assignment.job_id.clone(),
+                lease_epoch: stream_assignment.lease_epoch,
+                index: u32::try_from(i)?,
+                events: c.clone(),
+            },
+        })?;
+        chunk_vectors.push(envelope_vector(
+            &format!("ws job.chunk {i}"),
+            "node",
+            &node,
+            Purpose::WsJobChunk,
+            &body,
+        ));
+    }
+    let digest_of = |evs: &[&str]| {
+        let mut d = StreamDigest::new();
+        for e in evs {
+            d.push(e);
+        }
+        d.summary()
+    };
+    let summary = digest_of(&events);
+    let stream_result = JobResult {
+        job_id: stream_assignment.job_id.clone(),
+        lease_epoch: stream_assignment.lease_epoch,
+        output: String::new(),
+        output_digest: JobResult::digest_output(""),
+        stream: Some(summary.clone()),
+        ..job_result.clone()
+    };
+    let tampered = events[1].replace("\"4\"", "\"5\"");
+    let stream_cases = [
+        ("every chunk received in order", events.to_vec(), None),
+        (
+            "two events reordered",
+            vec![events[0], events[2], events[1]],
+            Some("result_mismatch"),
+        ),
+        (
+            "last event missing",
+            events[..2].to_vec(),
+            Some("result_mismatch"),
+        ),
+        (
+            "an event tampered",
+            vec![events[0], &tampered, events[2]],
+            Some("result_mismatch"),
+        ),
+    ];
+    let stream_cases: Vec<Value> = stream_cases
+        .iter()
+        .map(|(name, evs, err)| json!({"name": name, "received_events": evs, "error": err}))
+        .collect();
+
     let flipped_purpose = envelope::seal_bytes(&node, Purpose::HttpPing, &ping).replace(
         "\"purpose\":\"http/ping\"",
         "\"purpose\":\"http/heartbeat\"",
@@ -264,10 +346,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             envelope_vector("http heartbeat", "node", &node, Purpose::HttpHeartbeat, &heartbeat),
             envelope_vector("ws job.result", "node", &node, Purpose::WsJobResult, &result),
             envelope_vector("ws job.assign", "network", &network, Purpose::WsJobAssign, &assign),
+            chunk_vectors[0].clone(),
+            chunk_vectors[1].clone(),
         ],
         "result_binding": {
             "assignment": serde_json::to_string(&assignment)?,
             "results": binding,
+        },
+        "stream_binding": {
+            "assignment": serde_json::to_string(&stream_assignment)?,
+            "events": events,
+            "summary": summary,
+            "result": serde_json::to_string(&stream_result)?,
+            "cases": stream_cases,
         },
         "configs": [{
             "name": "config v1",

@@ -38,6 +38,8 @@ pub enum ErrorCode {
     /// A result whose signed body disagrees with its assignment (config digest, model, or
     /// output digest).
     ResultMismatch,
+    /// The path exists but not for this HTTP method (answered 405 with an `Allow` header).
+    MethodNotAllowed,
     /// A code this build does not know (a newer peer's): read as a generic refusal instead of
     /// failing the whole message.
     #[serde(other)]
@@ -46,7 +48,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in spec order (used by metrics to pre-register label values).
-    pub const ALL: [ErrorCode; 29] = [
+    pub const ALL: [ErrorCode; 30] = [
         Self::Malformed,
         Self::TooLarge,
         Self::UnsupportedVersion,
@@ -75,6 +77,7 @@ impl ErrorCode {
         Self::Unavailable,
         Self::Internal,
         Self::ResultMismatch,
+        Self::MethodNotAllowed,
         Self::Unknown,
     ];
 
@@ -109,6 +112,7 @@ impl ErrorCode {
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
             Self::ResultMismatch => "result_mismatch",
+            Self::MethodNotAllowed => "method_not_allowed",
             Self::Unknown => "unknown",
         }
     }
@@ -129,6 +133,7 @@ impl ErrorCode {
             | Self::NotRegistered => 401,
             Self::Revoked | Self::Excluded => 403,
             Self::NotFound => 404,
+            Self::MethodNotAllowed => 405,
             Self::Replayed
             | Self::NotAssigned
             | Self::StaleLease

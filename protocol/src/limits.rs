@@ -26,6 +26,13 @@ pub const AUTH_TIMEOUT_MS: u64 = 10_000;
 /// Protocol versions this crate implements.
 pub const PROTOCOL_VERSIONS: &[u32] = &[1];
 
+/// Largest single stream event (one runtime SSE `data:` payload) in a `job.chunk`.
+pub const MAX_STREAM_EVENT_BYTES: usize = 64 * 1024;
+/// Most events one `job.chunk` frame carries (a node coalesces what is ready into one frame).
+pub const MAX_EVENTS_PER_CHUNK: usize = 256;
+/// Most stream events one job may produce (its bytes are bounded by `max_output_bytes`).
+pub const MAX_STREAM_EVENTS: u32 = 65_536;
+
 /// Longest piece of peer-supplied text quoted in an error message.
 pub const QUOTE_MAX_CHARS: usize = 128;
 

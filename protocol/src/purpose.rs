@@ -66,6 +66,8 @@ purposes! {
     WsJobAck = "ws/job.ack", Node;
     WsJobResult = "ws/job.result", Node;
     WsJobFail = "ws/job.fail", Node;
+    /// One sequenced piece of a streamed job's output.
+    WsJobChunk = "ws/job.chunk", Node;
     WsCredits = "ws/credits", Node;
     WsDraining = "ws/draining", Node;
     WsDrained = "ws/drained", Node;

@@ -247,3 +247,46 @@ fn flipping_any_byte_breaks_verification() {
         }
     }
 }
+
+#[test]
+fn stream_binding_vectors() {
+    use resultity_protocol::messages::ws::{JobAssignment, JobResult, StreamDigest, StreamSummary};
+    let (v, _) = load();
+    let b = &v["stream_binding"];
+    let assignment: JobAssignment = serde_json::from_str(s(b, "assignment")).unwrap();
+    assert!(assignment.stream);
+    let result: JobResult = serde_json::from_str(s(b, "result")).unwrap();
+    let summary: StreamSummary = serde_json::from_value(b["summary"].clone()).unwrap();
+    // The node's digest over the events is the summary the result signs.
+    let mut d = StreamDigest::new();
+    for e in b["events"].as_array().unwrap() {
+        d.push(e.as_str().unwrap());
+    }
+    assert_eq!(d.summary(), summary);
+    assert_eq!(result.stream.as_ref(), Some(&summary));
+    // Everything a non-streamed result binds still holds.
+    result
+        .check_binding(&assignment.config_digest, &assignment.model)
+        .unwrap();
+    let cases = b["cases"].as_array().unwrap();
+    assert!(cases.len() >= 4);
+    for case in cases {
+        let mut got = StreamDigest::new();
+        for e in case["received_events"].as_array().unwrap() {
+            got.push(e.as_str().unwrap());
+        }
+        let code = result
+            .check_stream(Some(&got.summary()))
+            .err()
+            .map(|_| ErrorCode::ResultMismatch);
+        let want: Option<ErrorCode> = serde_json::from_value(case["error"].clone()).unwrap();
+        assert_eq!(code, want, "{}", s(case, "name"));
+    }
+    // A streamed result where none was expected, and the reverse, are refused too.
+    assert!(result.check_stream(None).is_err());
+    let plain = JobResult {
+        stream: None,
+        ..result.clone()
+    };
+    assert!(plain.check_stream(Some(&summary)).is_err());
+}

@@ -1013,6 +1013,7 @@ async fn sidecar_metric_names() -> BTreeSet<String> {
             lease_epoch: 1,
             code: resultity_protocol::messages::FailCode::HandedBack,
             reason: "runtime unavailable".into(),
+            refusal: None,
         },
         std::time::Duration::from_millis(20),
     );

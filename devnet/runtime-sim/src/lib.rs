@@ -7,14 +7,20 @@
 //! * a latency model: prefill time plus per-token decode time, with continuous batching of up to
 //!   `max_batch` sequences whose per-token time grows mildly with the batch, so throughput grows
 //!   with concurrency the way vLLM's does;
-//! * deterministic outputs derived from model and prompt ([`generate`]), so results are checkable;
+//! * deterministic outputs derived from model and prompt ([`generate`]), so results are checkable,
+//!   ending on a prompt-dependent natural stop (`finish_reason: "stop"`) or at `max_tokens`
+//!   (`"length"`); `n` choices; OpenAI's `context_length_exceeded` past a 4096-token context;
+//! * `"stream": true`: OpenAI server-sent events, one token per event after each per-token
+//!   decode delay, `stream_options.include_usage`, `[DONE]` (a crash cuts the stream without it);
 //! * fault injection: error rate, hangs, down, per-model failures, crash after N requests, and
 //!   new connections stalled while requests are in progress (llama.cpp's `llama-server` serves
 //!   a fixed pool of connections: a new one waits until a busy keep-alive one frees) —
 //!   settable at start or live through `POST /sim/faults`;
 //! * other OpenAI-compatible servers' faces ([`Flavor`]): llama.cpp's metric names and
 //!   `GET /props` slots, or no `/health` endpoint at all (llama-cpp-python);
-//! * `GET /sim/stats` with the peak concurrency seen, so tests can assert parallelism.
+//! * `GET /sim/stats` with the peak concurrency seen, so tests can assert parallelism, and the
+//!   streams still open (with the `hold_streams_after_tokens` fault, a test sees a stream
+//!   mid-generation as a condition rather than a race).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,6 +54,9 @@ pub struct Faults {
     /// While any inference request is in progress, a newly accepted connection is not served
     /// until none is or this many ms passed (0 = off). Connections already open are unaffected.
     pub stall_new_connections_ms: u64,
+    /// Streams pause after emitting this many tokens (per choice) until the field is cleared:
+    /// lets a test observe a stream mid-generation without relying on timing.
+    pub hold_streams_after_tokens: Option<u32>,
 }
 
 /// Which OpenAI-compatible server the simulator imitates beyond the shared API.
@@ -123,6 +132,10 @@ pub struct SimStats {
     pub prompt_tokens_total: u64,
     /// Connections that waited because of `stall_new_connections_ms`.
     pub stalled_connections: u64,
+    /// Streamed answers still generating.
+    pub streams_open: u64,
+    /// Tokens sent on streams so far.
+    pub streamed_tokens: u64,
 }
 
 /// Errors starting the simulator.
@@ -142,8 +155,12 @@ struct Shared {
     faults: Mutex<Faults>,
     /// Loaded models (Triton load/unload changes it).
     loaded: Mutex<Vec<String>>,
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
     unhang: Notify,
+    /// Mirrors `faults.hold_streams_after_tokens`, so streams wait for it to change.
+    hold: watch::Sender<Option<u32>>,
+    streams_open: AtomicU64,
+    streamed_tokens: AtomicU64,
     rng: AtomicU64,
     requests: AtomicU64,
     completed: AtomicU64,
@@ -169,6 +186,8 @@ impl Shared {
             generation_tokens_total: self.gen_tokens.load(Ordering::Relaxed),
             prompt_tokens_total: self.prompt_tokens.load(Ordering::Relaxed),
             stalled_connections: self.stalled.load(Ordering::Relaxed),
+            streams_open: self.streams_open.load(Ordering::Relaxed),
+            streamed_tokens: self.streamed_tokens.load(Ordering::Relaxed),
         }
     }
 
@@ -247,6 +266,7 @@ impl SimHandle {
 
 async fn set_faults(shared: &Shared, faults: Faults) {
     let unhang = !faults.hang;
+    shared.hold.send_replace(faults.hold_streams_after_tokens);
     *shared.faults.lock().await = faults;
     if unhang {
         shared.unhang.notify_waiters();
@@ -268,8 +288,11 @@ pub async fn start(cfg: SimConfig, addr: SocketAddr) -> Result<SimHandle, SimErr
     let shared = Arc::new(Shared {
         faults: Mutex::new(cfg.faults.clone()),
         loaded: Mutex::new(cfg.models.clone()),
-        slots: Semaphore::new(cfg.max_batch),
+        slots: Arc::new(Semaphore::new(cfg.max_batch)),
         unhang: Notify::new(),
+        hold: watch::channel(cfg.faults.hold_streams_after_tokens).0,
+        streams_open: AtomicU64::new(0),
+        streamed_tokens: AtomicU64::new(0),
         rng: AtomicU64::new(cfg.seed.max(1)),
         requests: AtomicU64::new(0),
         completed: AtomicU64::new(0),
@@ -330,6 +353,11 @@ impl axum::serve::Listener for StallingListener {
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         let conn = axum::serve::Listener::accept(&mut self.inner).await;
+        // As vLLM's server (uvicorn) does: without it, a streamed token written right after
+        // the previous one waits for the client's delayed ACK (up to 40 ms on Linux).
+        if let Err(e) = conn.0.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
         let stall_ms = self.shared.faults.lock().await.stall_new_connections_ms;
         let busy =
             |s: &Shared| s.running.load(Ordering::Relaxed) + s.waiting.load(Ordering::Relaxed) > 0;
@@ -381,6 +409,17 @@ fn router(shared: Arc<Shared>) -> Router {
 /// Deterministic output for `prompt` on `model`: the text and its token count (at most
 /// `max_tokens`, at least 1). Clients use it to check results.
 pub fn generate(model: &str, prompt: &str, max_tokens: u32) -> (String, u32) {
+    let (text, n, _) = generate_choice(model, prompt, max_tokens);
+    (text, n)
+}
+
+/// Longest context (prompt plus completion tokens) the simulated model accepts.
+pub const MAX_MODEL_LEN: u32 = 4096;
+
+/// [`generate`] with the finish reason: each prompt has a natural length (4 to 15 tokens, then
+/// end of sequence), so the answer ends with `"stop"` when that fits in `max_tokens` and with
+/// `"length"` when `max_tokens` cuts it.
+pub fn generate_choice(model: &str, prompt: &str, max_tokens: u32) -> (String, u32, &'static str) {
     const WORDS: [&str; 16] = [
         "alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa",
         "lambda", "mu", "nu", "xi", "omicron", "pi",
@@ -390,12 +429,45 @@ pub fn generate(model: &str, prompt: &str, max_tokens: u32) -> (String, u32) {
     h.update([0]);
     h.update(prompt.as_bytes());
     let d = h.finalize();
-    let n = (4 + u32::from(d[0] % 12)).min(max_tokens.max(1));
+    let natural = 4 + u32::from(d[0] % 12);
+    let n = natural.min(max_tokens.max(1));
     let text = (0..n as usize)
         .map(|i| WORDS[usize::from(d[(i + 1) % 32] % 16)])
         .collect::<Vec<_>>()
         .join(" ");
-    (format!(" {text}"), n)
+    let finish = if natural <= max_tokens {
+        "stop"
+    } else {
+        "length"
+    };
+    (format!(" {text}"), n, finish)
+}
+
+/// The prompt choice `i` of a request with `n` choices is generated from: choice 0 is the
+/// answer an `n`-less request gets, the others differ deterministically.
+fn choice_prompt(prompt: &str, i: u32) -> String {
+    if i == 0 {
+        prompt.to_owned()
+    } else {
+        format!("{prompt}\u{1f}{i}")
+    }
+}
+
+/// An OpenAI error with `param` and a string `code`, as OpenAI answers request errors.
+fn openai_error_full(
+    status: StatusCode,
+    kind: &str,
+    message: String,
+    param: Option<&str>,
+    code: Option<&str>,
+) -> Response {
+    (
+        status,
+        axum::Json(
+            json!({"error": {"message": message, "type": kind, "param": param, "code": code}}),
+        ),
+    )
+        .into_response()
 }
 
 fn openai_error(status: StatusCode, kind: &str, message: String) -> Response {
@@ -474,6 +546,14 @@ impl Refusal {
     }
 }
 
+/// An admitted request: it holds a decode slot until dropped.
+struct Admitted {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _guard: RunningGuard,
+    /// Decode time per token at the batch occupancy it was admitted at.
+    per_token_us: u64,
+}
+
 /// Admission, batching and latency for one inference request. Returns when the simulated
 /// decode is done.
 async fn run_inference(
@@ -482,6 +562,31 @@ async fn run_inference(
     prompt_tokens: u32,
     output_tokens: u32,
 ) -> Result<(), Refusal> {
+    let admitted = admit(s, model).await?;
+    let total = Duration::from_millis(s.cfg.prefill_ms)
+        + Duration::from_micros(admitted.per_token_us * u64::from(output_tokens));
+    if !total.is_zero() {
+        let mut crash = s.crash.subscribe();
+        tokio::select! {
+            _ = tokio::time::sleep(total) => {}
+            // A crashed runtime does not finish what it was decoding.
+            _ = crash.wait_for(|c| *c) => return Err(Refusal::Crashed),
+        }
+    }
+    account(s, prompt_tokens, output_tokens);
+    Ok(())
+}
+
+fn account(s: &Shared, prompt_tokens: u32, output_tokens: u32) {
+    s.gen_tokens
+        .fetch_add(u64::from(output_tokens), Ordering::Relaxed);
+    s.prompt_tokens
+        .fetch_add(u64::from(prompt_tokens), Ordering::Relaxed);
+    s.completed.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Faults, model check and a decode slot (waiting while the batch is full).
+async fn admit(s: &Arc<Shared>, model: &str) -> Result<Admitted, Refusal> {
     let n = s.requests.fetch_add(1, Ordering::Relaxed) + 1;
     if *s.crash.borrow() {
         return Err(Refusal::Crashed);
@@ -516,34 +621,23 @@ async fn run_inference(
         }
     }
     s.waiting.fetch_add(1, Ordering::Relaxed);
-    let permit = s.slots.acquire().await;
+    let permit = s.slots.clone().acquire_owned().await;
     s.waiting.fetch_sub(1, Ordering::Relaxed);
-    let Ok(_permit) = permit else {
+    let Ok(permit) = permit else {
         return Err(Refusal::Crashed);
     };
     let running = s.running.fetch_add(1, Ordering::Relaxed) + 1;
     s.max_running.fetch_max(running, Ordering::Relaxed);
-    let _guard = RunningGuard(s.clone());
+    let guard = RunningGuard(s.clone());
     let cfg = &s.cfg;
     // Per-token time grows linearly with batch occupancy up to batch_slowdown_pct at full.
     let per_token_us = cfg.decode_us_per_token
         + cfg.decode_us_per_token * cfg.batch_slowdown_pct * running / (100 * cfg.max_batch as u64);
-    let total = Duration::from_millis(cfg.prefill_ms)
-        + Duration::from_micros(per_token_us * u64::from(output_tokens));
-    if !total.is_zero() {
-        let mut crash = s.crash.subscribe();
-        tokio::select! {
-            _ = tokio::time::sleep(total) => {}
-            // A crashed runtime does not finish what it was decoding.
-            _ = crash.wait_for(|c| *c) => return Err(Refusal::Crashed),
-        }
-    }
-    s.gen_tokens
-        .fetch_add(u64::from(output_tokens), Ordering::Relaxed);
-    s.prompt_tokens
-        .fetch_add(u64::from(prompt_tokens), Ordering::Relaxed);
-    s.completed.fetch_add(1, Ordering::Relaxed);
-    Ok(())
+    Ok(Admitted {
+        _permit: permit,
+        _guard: guard,
+        per_token_us,
+    })
 }
 
 struct RunningGuard(Arc<Shared>);
@@ -609,58 +703,282 @@ fn completion_prompt(req: &Value) -> Option<String> {
     }
 }
 
+/// One OpenAI request's choices: text pieces (tokens) and finish reason per choice.
+struct Choices {
+    model: String,
+    prompt_tokens: u32,
+    /// Per choice: its tokens (the first keeps its leading space) and finish reason.
+    choices: Vec<(Vec<String>, &'static str)>,
+}
+
+impl Choices {
+    fn completion_tokens(&self) -> u32 {
+        self.choices
+            .iter()
+            .map(|(t, _)| u32::try_from(t.len()).unwrap_or(u32::MAX))
+            .sum()
+    }
+}
+
+/// Parses and checks an OpenAI request (model, prompt, `n`, context length) and generates its
+/// choices; an error is the runtime's OpenAI error answer.
+fn plan_openai(req: &Value, kind: OpenAiKind, default_max: u32) -> Result<Choices, Box<Response>> {
+    let model = model_of(req)?;
+    let (prompt, shape_error, prompt_param) = match kind {
+        OpenAiKind::Completion => (
+            completion_prompt(req),
+            "`prompt` must be a string or an array of strings",
+            "prompt",
+        ),
+        OpenAiKind::Chat => (
+            chat_prompt(req),
+            "`messages` must be an array of {role, content}",
+            "messages",
+        ),
+    };
+    let Some(prompt) = prompt else {
+        return Err(Box::new(openai_error(
+            StatusCode::BAD_REQUEST,
+            "BadRequestError",
+            shape_error.into(),
+        )));
+    };
+    let n = match req.get("n") {
+        None | Some(Value::Null) => 1,
+        Some(v) => match v.as_u64().filter(|n| (1..=128).contains(n)) {
+            Some(n) => n as u32,
+            None => {
+                return Err(Box::new(openai_error_full(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "`n` must be an integer from 1 to 128".into(),
+                    Some("n"),
+                    None,
+                )));
+            }
+        },
+    };
+    let max = max_tokens(req, default_max);
+    let prompt_tokens = count_tokens(&prompt);
+    if u64::from(prompt_tokens) + u64::from(max) > u64::from(MAX_MODEL_LEN) {
+        // What OpenAI (and vLLM's OpenAI layer) answer for a request that cannot fit.
+        return Err(Box::new(openai_error_full(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            format!(
+                "This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you requested {} tokens ({prompt_tokens} in the {prompt_param}, {max} in the completion). Please reduce the length of the {prompt_param} or completion.",
+                u64::from(prompt_tokens) + u64::from(max)
+            ),
+            Some(prompt_param),
+            Some("context_length_exceeded"),
+        )));
+    }
+    let choices = (0..n)
+        .map(|i| {
+            let (text, _, finish) = generate_choice(&model, &choice_prompt(&prompt, i), max);
+            let tokens = text.split(' ').skip(1).map(|w| format!(" {w}")).collect();
+            (tokens, finish)
+        })
+        .collect();
+    Ok(Choices {
+        model,
+        prompt_tokens,
+        choices,
+    })
+}
+
 async fn openai_inference(s: &Arc<Shared>, body: &[u8], kind: OpenAiKind) -> Response {
     let req = match parse_json(body) {
         Ok(v) => v,
         Err(r) => return *r,
     };
-    let model = match model_of(&req) {
-        Ok(m) => m,
+    let plan = match plan_openai(&req, kind, s.cfg.default_max_tokens) {
+        Ok(p) => p,
         Err(r) => return *r,
     };
-    let (prompt, shape_error) = match kind {
-        OpenAiKind::Completion => (
-            completion_prompt(&req),
-            "`prompt` must be a string or an array of strings",
-        ),
-        OpenAiKind::Chat => (
-            chat_prompt(&req),
-            "`messages` must be an array of {role, content}",
-        ),
-    };
-    let Some(prompt) = prompt else {
-        return openai_error(
-            StatusCode::BAD_REQUEST,
-            "BadRequestError",
-            shape_error.into(),
-        );
-    };
-    let (text, n) = generate(&model, &prompt, max_tokens(&req, s.cfg.default_max_tokens));
-    let prompt_tokens = count_tokens(&prompt);
-    if let Err(r) = run_inference(s, &model, prompt_tokens, n).await {
+    if req.get("stream").and_then(Value::as_bool) == Some(true) {
+        let include_usage = req
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            == Some(true);
+        return stream_inference(s, plan, kind, include_usage).await;
+    }
+    let n = plan.completion_tokens();
+    if let Err(r) = run_inference(s, &plan.model, plan.prompt_tokens, n).await {
         return r.into_response(true);
     }
     let seq = s.requests.load(Ordering::Relaxed);
+    let prompt_tokens = plan.prompt_tokens;
     let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n});
-    let body = match kind {
-        OpenAiKind::Completion => json!({
-            "id": format!("cmpl-{seq}"),
-            "object": "text_completion",
-            "created": unix_s(),
-            "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": "length"}],
-            "usage": usage,
-        }),
-        OpenAiKind::Chat => json!({
-            "id": format!("chatcmpl-{seq}"),
-            "object": "chat.completion",
-            "created": unix_s(),
-            "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text.trim_start()}, "finish_reason": "length"}],
-            "usage": usage,
-        }),
+    let choices: Vec<Value> = plan
+        .choices
+        .iter()
+        .enumerate()
+        .map(|(i, (tokens, finish))| {
+            let text = tokens.concat();
+            match kind {
+                OpenAiKind::Completion => json!({"index": i, "text": text, "logprobs": null, "finish_reason": finish}),
+                OpenAiKind::Chat => json!({"index": i, "message": {"role": "assistant", "content": text.trim_start()}, "finish_reason": finish}),
+            }
+        })
+        .collect();
+    let (id, object) = match kind {
+        OpenAiKind::Completion => (format!("cmpl-{seq}"), "text_completion"),
+        OpenAiKind::Chat => (format!("chatcmpl-{seq}"), "chat.completion"),
     };
-    axum::Json(body).into_response()
+    axum::Json(json!({
+        "id": id,
+        "object": object,
+        "created": unix_s(),
+        "model": plan.model,
+        "choices": choices,
+        "usage": usage,
+    }))
+    .into_response()
+}
+
+/// Streams a request as OpenAI server-sent events: (chat) a role chunk per choice, one chunk
+/// per token after each per-token delay, a finish chunk per choice, the usage chunk when
+/// asked, `data: [DONE]`. A crash ends the body without `[DONE]`, as a killed server does.
+async fn stream_inference(
+    s: &Arc<Shared>,
+    plan: Choices,
+    kind: OpenAiKind,
+    include_usage: bool,
+) -> Response {
+    let admitted = match admit(s, &plan.model).await {
+        Ok(a) => a,
+        Err(r) => return r.into_response(true),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(4);
+    let s = s.clone();
+    tokio::spawn(async move {
+        s.streams_open.fetch_add(1, Ordering::Relaxed);
+        let ok = emit_stream(&s, &plan, kind, include_usage, admitted.per_token_us, &tx).await;
+        s.streams_open.fetch_sub(1, Ordering::Relaxed);
+        if ok {
+            account(&s, plan.prompt_tokens, plan.completion_tokens());
+        }
+        drop(admitted);
+    });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|e| (Ok::<_, std::convert::Infallible>(e), rx))
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/event-stream")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// Writes one stream's events; `false` when it was cut (crash, or the client went away).
+async fn emit_stream(
+    s: &Arc<Shared>,
+    plan: &Choices,
+    kind: OpenAiKind,
+    include_usage: bool,
+    per_token_us: u64,
+    tx: &tokio::sync::mpsc::Sender<String>,
+) -> bool {
+    let seq = s.requests.load(Ordering::Relaxed);
+    let created = unix_s();
+    let (id, object) = match kind {
+        OpenAiKind::Completion => (format!("cmpl-{seq}"), "text_completion"),
+        OpenAiKind::Chat => (format!("chatcmpl-{seq}"), "chat.completion.chunk"),
+    };
+    let usage_field = |v: Value| {
+        if include_usage { Some(v) } else { None }
+    };
+    let chunk = |choices: Value, usage: Option<Value>| {
+        let mut c = json!({"id": id, "object": object, "created": created, "model": plan.model, "choices": choices});
+        if let (Some(u), Some(o)) = (usage, c.as_object_mut()) {
+            o.insert("usage".into(), u);
+        }
+        format!("data: {c}\n\n")
+    };
+    let mut crash = s.crash.subscribe();
+    let mut hold = s.hold.subscribe();
+    if let OpenAiKind::Chat = kind {
+        for i in 0..plan.choices.len() {
+            let c = chunk(
+                json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+                usage_field(Value::Null),
+            );
+            if tx.send(c).await.is_err() {
+                return false;
+            }
+        }
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_millis(s.cfg.prefill_ms)) => {}
+        _ = crash.wait_for(|c| *c) => return false,
+    }
+    let longest = plan.choices.iter().map(|(t, _)| t.len()).max().unwrap_or(0);
+    for k in 0..longest {
+        let held = hold.wait_for(|h| h.is_none_or(|h| (k as u64) < u64::from(h)));
+        tokio::select! {
+            r = held => if r.is_err() { return false },
+            _ = crash.wait_for(|c| *c) => return false,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_micros(per_token_us)) => {}
+            _ = crash.wait_for(|c| *c) => return false,
+        }
+        for (i, (tokens, _)) in plan.choices.iter().enumerate() {
+            let Some(tok) = tokens.get(k) else { continue };
+            let piece = match kind {
+                OpenAiKind::Completion => {
+                    json!({"index": i, "text": tok, "logprobs": null, "finish_reason": null})
+                }
+                // The first token carries no leading space, as in the non-streamed content.
+                OpenAiKind::Chat => {
+                    let text = if k == 0 {
+                        tok.trim_start()
+                    } else {
+                        tok.as_str()
+                    };
+                    json!({"index": i, "delta": {"content": text}, "logprobs": null, "finish_reason": null})
+                }
+            };
+            // Counted before it leaves, so a client that sees the token sees the count.
+            s.streamed_tokens.fetch_add(1, Ordering::Relaxed);
+            if tx
+                .send(chunk(json!([piece]), usage_field(Value::Null)))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+    }
+    for (i, (_, finish)) in plan.choices.iter().enumerate() {
+        let piece = match kind {
+            OpenAiKind::Completion => {
+                json!({"index": i, "text": "", "logprobs": null, "finish_reason": finish})
+            }
+            OpenAiKind::Chat => {
+                json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": finish})
+            }
+        };
+        if tx
+            .send(chunk(json!([piece]), usage_field(Value::Null)))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+    }
+    if include_usage {
+        let n = plan.completion_tokens();
+        let p = plan.prompt_tokens;
+        let usage = json!({"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n});
+        if tx.send(chunk(json!([]), Some(usage))).await.is_err() {
+            return false;
+        }
+    }
+    tx.send("data: [DONE]\n\n".to_owned()).await.is_ok()
 }
 
 async fn completions(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {

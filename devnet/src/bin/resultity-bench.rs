@@ -6,7 +6,10 @@
 //! * P2 IO throughput — end-to-end jobs/s with a zero-latency simulator vs the crypto-bound
 //!   limit (the same seal + open work per job as the real sessions, in a tight loop);
 //! * P3 idle sessions — N authenticated idle WebSocket sessions on one IO service, which runs
-//!   in a child process so its resident memory is measured alone; RSS per session.
+//!   in a child process so its resident memory is measured alone; RSS per session;
+//! * P4 time to first token — streamed chat completions at concurrency 1, directly from the
+//!   simulator vs through the IO service and a sidecar (chunks as signed session frames):
+//!   p50/p99 time to the first content token and the added TTFT.
 //!
 //! Every flag also reads an environment variable (`RESULTITY_BENCH_*`).
 
@@ -47,14 +50,17 @@ use tokio_tungstenite::tungstenite::Message;
 struct Cli {
     #[command(subcommand)]
     command: Option<Cmd>,
-    /// Benchmarks to run, comma-separated (p1,p2,p3).
+    /// Benchmarks to run, comma-separated (p1,p2,p3,p4).
     #[arg(
         long,
         env = "RESULTITY_BENCH_ONLY",
-        default_value = "p1,p2,p3",
+        default_value = "p1,p2,p3,p4",
         value_delimiter = ','
     )]
     only: Vec<String>,
+    /// P4: streamed requests per path (direct and through the network).
+    #[arg(long, env = "RESULTITY_BENCH_P4_REQUESTS", default_value_t = 300)]
+    p4_requests: usize,
     /// P1: simulated runtime latency per request, ms.
     #[arg(long, env = "RESULTITY_BENCH_P1_LATENCY_MS", default_value_t = 10)]
     p1_latency_ms: u64,
@@ -94,6 +100,23 @@ struct Report {
     p2: Option<P2>,
     #[serde(skip_serializing_if = "Option::is_none")]
     p3: Option<P3>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p4: Option<P4>,
+}
+
+#[derive(Debug, Serialize)]
+struct P4 {
+    requests: usize,
+    prefill_ms: u64,
+    decode_us_per_token: u64,
+    direct_ttft_p50_ms: f64,
+    direct_ttft_p99_ms: f64,
+    network_ttft_p50_ms: f64,
+    network_ttft_p99_ms: f64,
+    added_ttft_p50_ms: f64,
+    added_ttft_p99_ms: f64,
+    /// Every streamed answer through the network ended with `[DONE]` (its digest verified).
+    all_verified: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -173,6 +196,11 @@ fn main() -> anyhow::Result<()> {
             eprintln!("P3: {r:?}");
             report.p3 = Some(r);
         }
+        if cli.only.iter().any(|o| o == "p4") {
+            let r = p4(cli.p4_requests).await?;
+            eprintln!("P4: {r:?}");
+            report.p4 = Some(r);
+        }
         print_table(&report);
         if cli.json {
             println!("{}", serde_json::to_string(&report)?);
@@ -234,6 +262,109 @@ async fn p1(concurrency: usize, jobs: usize, latency_ms: u64) -> anyhow::Result<
         throughput_ratio: round(network.jobs_per_s / direct.jobs_per_s.max(1e-9)),
         all_verified: network.all_verified(),
     })
+}
+
+/// P4: one node; the same streamed chat completion at concurrency 1, directly from the
+/// simulator and through IO service + sidecar, alternating so drift hits both alike.
+async fn p4(requests: usize) -> anyhow::Result<P4> {
+    const PREFILL_MS: u64 = 10;
+    const DECODE_US: u64 = 2_000;
+    let net = Devnet::start(DevnetConfig {
+        nodes: 1,
+        latency_ms: PREFILL_MS,
+        decode_us_per_token: DECODE_US,
+        ..DevnetConfig::default()
+    })
+    .await?;
+    net.wait_ready(Duration::from_secs(30)).await?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let direct_url = format!("{}/v1/chat/completions", net.nodes[0].sim.url());
+    let network_url = format!("{}/chat/completions", net.openai_base_url());
+    let (mut direct, mut network) = (Vec::new(), Vec::new());
+    let mut all_verified = true;
+    for i in 0..requests + 20 {
+        let req = json!({
+            "model": resultity_devnet::MODEL,
+            "messages": [{"role": "user", "content": format!("ttft {i}")}],
+            "max_tokens": 16,
+            "stream": true,
+        });
+        let (d, _) = time_to_first_token(&http, &direct_url, &req).await?;
+        let (n, done) = time_to_first_token(&http, &network_url, &req).await?;
+        all_verified &= done;
+        // The first 20 warm connection pools and allocators.
+        if i >= 20 {
+            direct.push(d);
+            network.push(n);
+        }
+    }
+    net.shutdown().await;
+    let (dp50, dp99) = (percentile(&mut direct, 0.50), percentile(&mut direct, 0.99));
+    let (np50, np99) = (
+        percentile(&mut network, 0.50),
+        percentile(&mut network, 0.99),
+    );
+    Ok(P4 {
+        requests,
+        prefill_ms: PREFILL_MS,
+        decode_us_per_token: DECODE_US,
+        direct_ttft_p50_ms: round(dp50),
+        direct_ttft_p99_ms: round(dp99),
+        network_ttft_p50_ms: round(np50),
+        network_ttft_p99_ms: round(np99),
+        added_ttft_p50_ms: round(np50 - dp50),
+        added_ttft_p99_ms: round(np99 - dp99),
+        all_verified,
+    })
+}
+
+/// Milliseconds from sending `req` to the first event with content, and whether the stream
+/// then ended with `[DONE]`.
+async fn time_to_first_token(
+    http: &reqwest::Client,
+    url: &str,
+    req: &serde_json::Value,
+) -> anyhow::Result<(f64, bool)> {
+    let start = Instant::now();
+    let mut resp = http.post(url).json(req).send().await?;
+    if !resp.status().is_success() {
+        bail!("{url} answered {}", resp.status());
+    }
+    let mut buf = String::new();
+    let mut first = None;
+    while let Some(bytes) = resp.chunk().await? {
+        buf.push_str(std::str::from_utf8(&bytes)?);
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            let Some(data) = event.trim().strip_prefix("data: ") else {
+                continue;
+            };
+            if data == "[DONE]" {
+                let ttft = first.ok_or_else(|| anyhow!("{url}: no content before [DONE]"))?;
+                return Ok((ttft, true));
+            }
+            let v: serde_json::Value = serde_json::from_str(data)?;
+            let content = v
+                .pointer("/choices/0/delta/content")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("");
+            if first.is_none() && !content.is_empty() {
+                first = Some(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    Ok((first.ok_or_else(|| anyhow!("{url}: no content"))?, false))
+}
+
+fn percentile(xs: &mut [f64], q: f64) -> f64 {
+    if xs.is_empty() {
+        return 0.0;
+    }
+    xs.sort_by(f64::total_cmp);
+    let i = ((xs.len() as f64 - 1.0) * q).round() as usize;
+    xs[i.min(xs.len() - 1)]
 }
 
 /// P2: zero-latency simulators; the IO service and sidecars are the only cost.
@@ -303,6 +434,7 @@ fn crypto_loop(jobs: usize) -> anyhow::Result<f64> {
                 request: request.clone(),
                 deadline_ms: 0,
                 max_output_bytes: 1 << 20,
+                stream: false,
             }),
         )?;
         node.open(assign.as_bytes())?;
@@ -324,6 +456,7 @@ fn crypto_loop(jobs: usize) -> anyhow::Result<f64> {
             },
             runtime_ms: 0,
             completed_at_ms: 0,
+            stream: None,
         }))?;
         let opened = io.open(result.as_bytes())?;
         if let NodeMessage::JobResult(r) = opened.msg
@@ -653,6 +786,23 @@ fn print_table(r: &Report) {
             p.crypto_jobs_per_s_one_core,
             p.cores,
             p.ratio
+        );
+    }
+    if let Some(p) = &r.p4 {
+        println!(
+            "P4 time to first token, concurrency 1 ({} streams, prefill {} ms, {} us/token): \
+             direct p50 {:.2} / p99 {:.2} ms; through IO+sidecar p50 {:.2} / p99 {:.2} ms; \
+             added p50 {:+.2} ms, p99 {:+.2} ms; every stream verified: {}",
+            p.requests,
+            p.prefill_ms,
+            p.decode_us_per_token,
+            p.direct_ttft_p50_ms,
+            p.direct_ttft_p99_ms,
+            p.network_ttft_p50_ms,
+            p.network_ttft_p99_ms,
+            p.added_ttft_p50_ms,
+            p.added_ttft_p99_ms,
+            p.all_verified
         );
     }
     if let Some(p) = &r.p3 {

@@ -430,6 +430,7 @@ pub fn result_for(node: &resultity_protocol::NodeId, job: &JobAssignment) -> Job
         },
         runtime_ms: 1,
         completed_at_ms: now_ms(),
+        stream: None,
     }
 }
 

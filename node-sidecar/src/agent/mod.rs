@@ -603,6 +603,17 @@ impl Agent {
         }
     }
 
+    /// Sends `msg` on the current session, waiting while its queue is full (stream chunks:
+    /// backpressure reaches the runtime instead of growing a buffer). `false` when there is no
+    /// session or it ended: the chunk cannot be delivered in order any more.
+    async fn send_wait(&self, msg: NodeMessage) -> bool {
+        let tx = lock(&self.sender).clone();
+        match tx {
+            Some(tx) => tx.send(msg).await.is_ok(),
+            None => false,
+        }
+    }
+
     /// Writes a result durably (off the async threads: fsync blocks). A failed write stops
     /// intake until [`Agent::outbox_watch`] sees a write succeed.
     async fn persist_result(&self, result: JobResult) -> Result<(), OutboxError> {

@@ -167,6 +167,7 @@ impl Agent {
                 lease_epoch,
                 code: FailCode::HandedBack,
                 reason: reason.to_owned(),
+                refusal: None,
             });
             self.api.update(|s| s.jobs.handed_back += 1);
             self.api.metrics.job("handed_back");

@@ -9,9 +9,11 @@ use futures_util::{SinkExt, StreamExt};
 use resultity_protocol::codes::close;
 use resultity_protocol::envelope;
 use resultity_protocol::messages::FailCode;
+use resultity_protocol::messages::Usage;
 use resultity_protocol::messages::http::paths;
 use resultity_protocol::messages::ws::{
-    Auth, Hello, JobAssignment, JobResult, NetworkMessage, NodeMessage, Welcome,
+    Auth, Hello, JobAssignment, JobResult, NetworkMessage, NodeMessage, RuntimeRefusal,
+    StreamDigest, StreamSummary, Welcome,
 };
 use resultity_protocol::session::{NodeSession, check_addressing};
 use resultity_protocol::status::ConnectionState;
@@ -24,6 +26,13 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use super::{Agent, Exit, lock, set_connection};
 use crate::backoff::Backoff;
 use crate::runtime::{Runtime, RuntimeError};
+
+/// Stream events buffered between the runtime reader and the session before the reader
+/// waits (and with it, the runtime's socket).
+const STREAM_BUFFER_EVENTS: usize = 64;
+/// Raw event bytes one `job.chunk` frame carries at most (plus one event of at most
+/// `MAX_STREAM_EVENT_BYTES`): even fully escaped twice, the frame stays under 1 MiB.
+const CHUNK_FRAME_BUDGET: usize = 128 * 1024;
 
 /// How one session ended.
 #[derive(Debug)]
@@ -149,6 +158,7 @@ impl Agent {
                 lease_epoch,
                 code: FailCode::HandedBack,
                 reason: "drain grace period ended".into(),
+                refusal: None,
             });
             self.api.update(|s| s.jobs.handed_back += 1);
             self.api.metrics.job("handed_back");
@@ -428,6 +438,7 @@ impl Agent {
             lease_epoch: a.lease_epoch,
             code,
             reason,
+            refusal: None,
         });
     }
 
@@ -523,7 +534,12 @@ impl Agent {
             let msg = agent.run_job(a).await;
             agent.api.metrics.job_latency(&msg, started.elapsed());
             slot.release();
-            agent.send(msg);
+            // Waits for room rather than dropping the message when the session's queue is
+            // full (a streamed job's chunks may just have filled it); without a session,
+            // `send` keeps a failure for the next one (results are in the outbox).
+            if !agent.send_wait(msg.clone()).await {
+                agent.send(msg);
+            }
             // The network frees a credit for every job that ends; a node that takes no jobs
             // (or has no free slot) says so again, after the job's message.
             if agent.credits() == 0 {
@@ -533,24 +549,105 @@ impl Agent {
         jobs.insert(key, task.abort_handle());
     }
 
+    /// Streams one job: runtime events are coalesced into `job.chunk` frames (whatever is
+    /// ready when the session can take the next frame) and digested in order. Returns the
+    /// usage the stream reported and the summary the result binds.
+    async fn stream_job(
+        &self,
+        a: &JobAssignment,
+        left: Duration,
+    ) -> Result<(Usage, StreamSummary), RuntimeError> {
+        let (tx, mut rx) = mpsc::channel::<String>(STREAM_BUFFER_EVENTS);
+        let runtime = self
+            .runtime
+            .infer_stream(a.kind, &a.model.id, &a.request, left, tx);
+        let forward = async {
+            let mut digest = StreamDigest::new();
+            let mut index = 0u32;
+            let mut carry: Option<String> = None;
+            loop {
+                let first = match carry.take() {
+                    Some(e) => e,
+                    None => match rx.recv().await {
+                        Some(e) => e,
+                        None => break,
+                    },
+                };
+                let mut size = first.len();
+                let mut events = vec![first];
+                while events.len() < limits::MAX_EVENTS_PER_CHUNK {
+                    match rx.try_recv() {
+                        Ok(e) if size + e.len() > CHUNK_FRAME_BUDGET => {
+                            carry = Some(e);
+                            break;
+                        }
+                        Ok(e) => {
+                            size += e.len();
+                            events.push(e);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                for e in &events {
+                    digest.push(e);
+                }
+                if digest.bytes() > u64::from(a.max_output_bytes) {
+                    return Err(RuntimeError::TooLarge {
+                        size: usize::try_from(digest.bytes()).unwrap_or(usize::MAX),
+                        max: a.max_output_bytes as usize,
+                    });
+                }
+                let chunk = NodeMessage::JobChunk {
+                    job_id: a.job_id.clone(),
+                    lease_epoch: a.lease_epoch,
+                    index,
+                    events,
+                };
+                if !self.send_wait(chunk).await {
+                    return Err(RuntimeError::StreamAbandoned);
+                }
+                index += 1;
+            }
+            Ok(digest)
+        };
+        let (usage, digest) = tokio::join!(runtime, forward);
+        // The forwarder's error is the cause when both failed: the runtime only saw its
+        // reader stop.
+        let digest = digest?;
+        Ok((usage?, digest.summary()))
+    }
+
     /// Runs one job and returns the message that reports it (result or failure).
     async fn run_job(&self, a: JobAssignment) -> NodeMessage {
         let started = Instant::now();
         let left = Duration::from_millis(a.deadline_ms.saturating_sub(self.clock.now_ms()));
-        let out = self
-            .runtime
-            .infer(a.kind, &a.model.id, &a.request, left)
-            .await;
-        let (code, reason) = match out {
-            Ok(o) if o.body.len() > a.max_output_bytes as usize => (
+        let out = if a.stream {
+            self.stream_job(&a, left).await.map(|(usage, summary)| {
+                (
+                    crate::runtime::RuntimeOutput {
+                        body: String::new(),
+                        usage,
+                    },
+                    Some(summary),
+                )
+            })
+        } else {
+            self.runtime
+                .infer(a.kind, &a.model.id, &a.request, left)
+                .await
+                .map(|o| (o, None))
+        };
+        let (code, reason, refusal) = match out {
+            Ok((o, _)) if o.body.len() > a.max_output_bytes as usize => (
                 FailCode::OutputTooLarge,
                 format!(
                     "output of {} bytes exceeds the job's limit of {}",
                     o.body.len(),
                     a.max_output_bytes
                 ),
+                None,
             ),
-            Ok(o) => {
+            Ok((o, stream)) => {
                 let result = JobResult {
                     job_id: a.job_id.clone(),
                     lease_epoch: a.lease_epoch,
@@ -563,6 +660,7 @@ impl Agent {
                     usage: o.usage,
                     runtime_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                     completed_at_ms: self.clock.now_ms(),
+                    stream,
                 };
                 // Durable before sent: a crash after this point resends it on restart.
                 match self.persist_result(result.clone()).await {
@@ -574,22 +672,56 @@ impl Agent {
                     Err(e) => (
                         FailCode::OutboxUnavailable,
                         format!("cannot persist the result: {e}"),
+                        None,
                     ),
                 }
             }
             Err(e) => {
                 let code = match &e {
-                    RuntimeError::Rejected { .. } | RuntimeError::Unsupported { .. } => {
-                        FailCode::RuntimeRejected
-                    }
+                    RuntimeError::Rejected { .. }
+                    | RuntimeError::Unsupported { .. }
+                    | RuntimeError::StreamUnsupported { .. } => FailCode::RuntimeRejected,
                     RuntimeError::TooLarge { .. } => FailCode::OutputTooLarge,
                     RuntimeError::Timeout(_) if a.deadline_ms <= self.clock.now_ms() => {
                         FailCode::DeadlineExceeded
                     }
                     RuntimeError::Unavailable(_) => FailCode::RuntimeUnavailable,
+                    // The session ended under the stream: the network decides what its caller
+                    // sees (nothing sent yet: another node runs it).
+                    RuntimeError::StreamAbandoned => FailCode::HandedBack,
                     RuntimeError::Timeout(_) | RuntimeError::Failed(_) => FailCode::RuntimeError,
                 };
-                (code, e.to_string())
+                let refusal = match &e {
+                    // Without an OpenAI error object, the runtime's message is still the
+                    // caller's answer (the network never shows its own job text).
+                    RuntimeError::Rejected {
+                        refusal,
+                        status,
+                        reason,
+                    } => Some(refusal.as_deref().cloned().unwrap_or(RuntimeRefusal {
+                        status: *status,
+                        message: reason.clone(),
+                        kind: None,
+                        param: None,
+                        code: None,
+                    })),
+                    RuntimeError::Unsupported { .. } => Some(RuntimeRefusal {
+                        status: 400,
+                        message: e.to_string(),
+                        kind: Some("invalid_request_error".into()),
+                        param: Some("model".into()),
+                        code: None,
+                    }),
+                    RuntimeError::StreamUnsupported { .. } => Some(RuntimeRefusal {
+                        status: 400,
+                        message: e.to_string(),
+                        kind: Some("invalid_request_error".into()),
+                        param: Some("stream".into()),
+                        code: Some(serde_json::Value::String("stream_unsupported".into())),
+                    }),
+                    _ => None,
+                };
+                (code, e.to_string(), refusal)
             }
         };
         if matches!(code, FailCode::HandedBack | FailCode::RuntimeUnavailable) {
@@ -604,6 +736,7 @@ impl Agent {
             lease_epoch: a.lease_epoch,
             code,
             reason,
+            refusal,
         }
     }
 }

@@ -9,8 +9,10 @@
 use std::future::Future;
 use std::time::Duration;
 
+use resultity_protocol::messages::ws::RuntimeRefusal;
 use resultity_protocol::messages::{JobKind, RuntimeKind, RuntimeReport, Usage};
 use serde_json::Value;
+use tokio::sync::mpsc;
 
 mod metrics;
 mod openai;
@@ -30,7 +32,13 @@ pub const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 pub enum RuntimeError {
     /// The runtime refused the request (HTTP 4xx): another node would refuse it too.
     #[error("runtime rejected the request (HTTP {status}): {reason}")]
-    Rejected { status: u16, reason: String },
+    Rejected {
+        status: u16,
+        reason: String,
+        /// The runtime's own OpenAI-style error object, when it sent one: handed to the caller
+        /// unchanged (type, param and code such as `context_length_exceeded`).
+        refusal: Option<Box<RuntimeRefusal>>,
+    },
     /// The runtime failed (HTTP 5xx or a malformed answer): retriable elsewhere.
     #[error("runtime failed: {0}")]
     Failed(String),
@@ -49,6 +57,12 @@ pub enum RuntimeError {
         runtime: &'static str,
         kind: JobKind,
     },
+    /// This runtime kind answers once; it cannot stream.
+    #[error("{runtime} cannot stream its output; send the request without \"stream\": true")]
+    StreamUnsupported { runtime: &'static str },
+    /// Whoever consumed the stream stopped (the job was cancelled or its session ended).
+    #[error("the stream's consumer stopped reading")]
+    StreamAbandoned,
 }
 
 /// A job kind as users know it (the wire name).
@@ -92,6 +106,18 @@ pub trait Runtime: Send + Sync {
     fn unload_model(&self, model: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// A minimal inference proving `model` works end to end.
     fn test_inference(&self, model: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Runs one job's request streamed: every runtime stream event (an OpenAI SSE `data:`
+    /// payload, `[DONE]` excluded) is sent to `events` as it arrives, waiting while the
+    /// receiver is full (backpressure up to the runtime's socket). Returns the usage the stream
+    /// reported (zeros when it reported none).
+    fn infer_stream(
+        &self,
+        kind: JobKind,
+        model: &str,
+        request: &Value,
+        timeout: Duration,
+        events: mpsc::Sender<String>,
+    ) -> impl Future<Output = Result<Usage, RuntimeError>> + Send;
     /// Runs one job's request.
     fn infer(
         &self,
@@ -243,6 +269,16 @@ impl Runtime for AnyRuntime {
     ) -> Result<RuntimeOutput, RuntimeError> {
         delegate!(self, r => r.infer(kind, model, request, timeout).await)
     }
+    async fn infer_stream(
+        &self,
+        kind: JobKind,
+        model: &str,
+        request: &Value,
+        timeout: Duration,
+        events: mpsc::Sender<String>,
+    ) -> Result<Usage, RuntimeError> {
+        delegate!(self, r => r.infer_stream(kind, model, request, timeout, events).await)
+    }
     async fn report(&self) -> RuntimeReport {
         delegate!(self, r => r.report().await)
     }
@@ -307,10 +343,149 @@ async fn send(
         400..=499 => Err(RuntimeError::Rejected {
             status,
             reason: error_reason(&text),
+            refusal: openai_refusal(status, &text).map(Box::new),
         }),
         _ => Err(RuntimeError::Failed(format!(
             "HTTP {status}: {}",
             error_reason(&text)
+        ))),
+    }
+}
+
+/// The runtime's OpenAI error object (`{"error":{"message","type","param","code"}}`), with the
+/// message bounded; `None` for any other body (Triton's `{"error":"…"}`, plain text).
+fn openai_refusal(status: u16, body: &str) -> Option<RuntimeRefusal> {
+    let v: Value = serde_json::from_str(body).ok()?;
+    let e = v.get("error")?.as_object()?;
+    let text = |k: &str| {
+        e.get(k)
+            .and_then(Value::as_str)
+            .map(resultity_protocol::limits::clip_text)
+    };
+    Some(RuntimeRefusal {
+        status,
+        message: text("message").unwrap_or_else(|| error_reason(body)),
+        kind: text("type"),
+        param: text("param"),
+        code: e
+            .get("code")
+            .filter(|c| c.is_string() || c.is_number())
+            .map(|c| match c.as_str() {
+                Some(s) => Value::String(resultity_protocol::limits::clip_text(s)),
+                None => c.clone(),
+            }),
+    })
+}
+
+/// Reads a runtime's server-sent events and forwards each `data:` payload to `events`
+/// (`[DONE]` ends the stream). Lines and events are bounded; the usage of the last event that
+/// reports one is returned.
+async fn forward_sse(
+    mut resp: reqwest::Response,
+    timeout: Duration,
+    events: &mpsc::Sender<String>,
+) -> Result<Usage, RuntimeError> {
+    use resultity_protocol::limits::{MAX_STREAM_EVENT_BYTES, MAX_STREAM_EVENTS};
+    let mut pending: Vec<u8> = Vec::new();
+    let mut data: Option<String> = None;
+    let mut count: u32 = 0;
+    let mut usage = Usage::default();
+    while let Some(bytes) = resp
+        .chunk()
+        .await
+        .map_err(|e| transport_error(e, timeout))?
+    {
+        pending.extend_from_slice(&bytes);
+        while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+            let mut line: Vec<u8> = pending.drain(..=nl).collect();
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            let line = String::from_utf8(line)
+                .map_err(|_| RuntimeError::Failed("runtime streamed non-UTF-8 bytes".into()))?;
+            if line.is_empty() {
+                // A blank line ends one event.
+                let Some(event) = data.take() else { continue };
+                if event == "[DONE]" {
+                    return Ok(usage);
+                }
+                count += 1;
+                if count > MAX_STREAM_EVENTS {
+                    return Err(RuntimeError::TooLarge {
+                        size: count as usize,
+                        max: MAX_STREAM_EVENTS as usize,
+                    });
+                }
+                if event.contains("\"usage\"") {
+                    let u = openai::openai_usage(&event);
+                    if u != Usage::default() {
+                        usage = u;
+                    }
+                }
+                events
+                    .send(event)
+                    .await
+                    .map_err(|_| RuntimeError::StreamAbandoned)?;
+            } else if let Some(rest) = line.strip_prefix("data:") {
+                let rest = rest.strip_prefix(' ').unwrap_or(rest);
+                let event = data.get_or_insert_with(String::new);
+                if !event.is_empty() {
+                    event.push('\n');
+                }
+                event.push_str(rest);
+                if event.len() > MAX_STREAM_EVENT_BYTES {
+                    return Err(RuntimeError::TooLarge {
+                        size: event.len(),
+                        max: MAX_STREAM_EVENT_BYTES,
+                    });
+                }
+            }
+            // Comments (`:`), `event:`, `id:` and `retry:` lines carry nothing we forward.
+        }
+        if pending.len() > MAX_STREAM_EVENT_BYTES + 64 {
+            return Err(RuntimeError::TooLarge {
+                size: pending.len(),
+                max: MAX_STREAM_EVENT_BYTES,
+            });
+        }
+    }
+    // The body ended without `[DONE]`: the runtime died or cut the stream.
+    Err(RuntimeError::Unavailable(
+        "runtime ended the stream before [DONE]".into(),
+    ))
+}
+
+/// Sends a streaming request; a non-2xx answer is read whole and mapped like [`send`].
+async fn send_stream(
+    req: reqwest::RequestBuilder,
+    timeout: Duration,
+    events: &mpsc::Sender<String>,
+) -> Result<Usage, RuntimeError> {
+    let resp = req
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| transport_error(e, timeout))?;
+    let status = resp.status().as_u16();
+    if (200..300).contains(&status) {
+        return forward_sse(resp, timeout, events).await;
+    }
+    let text = resp.text().await.map_err(|e| transport_error(e, timeout))?;
+    let mut end = text.len().min(MAX_RESPONSE_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let text = &text[..end];
+    match status {
+        400..=499 => Err(RuntimeError::Rejected {
+            status,
+            reason: error_reason(text),
+            refusal: openai_refusal(status, text).map(Box::new),
+        }),
+        _ => Err(RuntimeError::Failed(format!(
+            "HTTP {status}: {}",
+            error_reason(text)
         ))),
     }
 }
@@ -352,11 +527,78 @@ mod tests {
     }
 
     #[test]
+    fn openai_errors_keep_type_param_and_code() {
+        let body = r#"{"error":{"message":"too long","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#;
+        let r = openai_refusal(400, body).unwrap();
+        assert_eq!(r.message, "too long");
+        assert_eq!(r.kind.as_deref(), Some("invalid_request_error"));
+        assert_eq!(r.param.as_deref(), Some("messages"));
+        assert_eq!(
+            r.code,
+            Some(Value::String("context_length_exceeded".into()))
+        );
+        assert_eq!(openai_refusal(400, r#"{"error":"triton says no"}"#), None);
+        assert_eq!(openai_refusal(400, "plain"), None);
+    }
+
+    /// SSE framing: CRLF lines, multi-line data, comments and a payload split across reads.
+    #[tokio::test]
+    async fn sse_events_are_forwarded_in_order_until_done() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = sock.read(&mut buf).await;
+            let parts: [&[u8]; 4] = [
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n: ping\r\n\r\ndata: {\"a\"",
+                b":1}\r\n\r\ndata: line1\ndata: line2\n\n",
+                b"data: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\n",
+                b"data: [DONE]\n\n",
+            ];
+            for p in parts {
+                sock.write_all(p).await.unwrap();
+                sock.flush().await.unwrap();
+            }
+        });
+        let timeout = Duration::from_secs(10);
+        let client = http_client(timeout).unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let usage = send_stream(
+            client
+                .post(format!("http://{addr}/v1/completions"))
+                .body("{}"),
+            timeout,
+            &tx,
+        )
+        .await
+        .unwrap();
+        drop(tx);
+        let mut got = Vec::new();
+        while let Some(e) = rx.recv().await {
+            got.push(e);
+        }
+        server.await.unwrap();
+        assert_eq!(
+            got,
+            [
+                r#"{"a":1}"#,
+                "line1\nline2",
+                r#"{"usage":{"prompt_tokens":3,"completion_tokens":2}}"#
+            ]
+        );
+        assert_eq!(usage.prompt_tokens, 3);
+        assert_eq!(usage.completion_tokens, 2);
+    }
+
+    #[test]
     fn retriable_classes() {
         assert!(
             !RuntimeError::Rejected {
                 status: 400,
-                reason: String::new()
+                reason: String::new(),
+                refusal: None,
             }
             .retriable()
         );

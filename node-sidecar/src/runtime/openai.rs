@@ -9,7 +9,8 @@ use std::time::Duration;
 use resultity_protocol::messages::{JobKind, RuntimeKind, RuntimeReport, Usage};
 use serde_json::{Value, json};
 
-use super::{LoadMetrics, Runtime, RuntimeError, RuntimeOutput, send};
+use super::{LoadMetrics, Runtime, RuntimeError, RuntimeOutput, send, send_stream};
+use tokio::sync::mpsc;
 
 /// Health path when none is configured.
 pub const DEFAULT_HEALTH_PATH: &str = "/health";
@@ -93,6 +94,44 @@ impl OpenAiRuntime {
     }
 }
 
+impl OpenAiRuntime {
+    /// The endpoint and body for one job: the model the signed result names is forced, and
+    /// `stream` is what the assignment asked for, not what the caller wrote.
+    fn job_request(
+        &self,
+        kind: JobKind,
+        model: &str,
+        request: &Value,
+        stream: bool,
+    ) -> Result<(&'static str, Value), RuntimeError> {
+        let path = match kind {
+            JobKind::ChatCompletion => "/v1/chat/completions",
+            JobKind::Completion => "/v1/completions",
+            JobKind::Infer => {
+                return Err(RuntimeError::Unsupported {
+                    runtime: self.display_name(),
+                    kind,
+                });
+            }
+        };
+        let mut body = request.clone();
+        let Some(obj) = body.as_object_mut() else {
+            return Err(RuntimeError::Rejected {
+                status: 400,
+                reason: "request must be a JSON object".into(),
+                refusal: None,
+            });
+        };
+        obj.insert("model".into(), Value::String(model.to_owned()));
+        obj.insert("stream".into(), Value::Bool(stream));
+        if !stream {
+            // Only meaningful with a stream; servers refuse it otherwise.
+            obj.remove("stream_options");
+        }
+        Ok((path, body))
+    }
+}
+
 /// `usage` of an OpenAI answer (zeros when absent).
 pub(super) fn openai_usage(body: &str) -> Usage {
     let v: Option<Value> = serde_json::from_str(body).ok();
@@ -165,6 +204,7 @@ impl Runtime for OpenAiRuntime {
                 "{} does not serve model {model} (it serves: {listed})",
                 self.display_name()
             ),
+            refusal: None,
         })
     }
 
@@ -186,28 +226,7 @@ impl Runtime for OpenAiRuntime {
         request: &Value,
         timeout: Duration,
     ) -> Result<RuntimeOutput, RuntimeError> {
-        let path = match kind {
-            JobKind::ChatCompletion => "/v1/chat/completions",
-            JobKind::Completion => "/v1/completions",
-            JobKind::Infer => {
-                return Err(RuntimeError::Unsupported {
-                    runtime: self.display_name(),
-                    kind,
-                });
-            }
-        };
-        let mut body = request.clone();
-        if let Some(obj) = body.as_object_mut() {
-            // The signed result names the model; the runtime must run exactly that one, and
-            // the network expects one answer, not a stream.
-            obj.insert("model".into(), Value::String(model.to_owned()));
-            obj.insert("stream".into(), Value::Bool(false));
-        } else {
-            return Err(RuntimeError::Rejected {
-                status: 400,
-                reason: "request must be a JSON object".into(),
-            });
-        }
+        let (path, body) = self.job_request(kind, model, request, false)?;
         let (_, text) = send(
             self.http.post(format!("{}{path}", self.base)).json(&body),
             timeout,
@@ -217,6 +236,23 @@ impl Runtime for OpenAiRuntime {
             usage: openai_usage(&text),
             body: text,
         })
+    }
+
+    async fn infer_stream(
+        &self,
+        kind: JobKind,
+        model: &str,
+        request: &Value,
+        timeout: Duration,
+        events: mpsc::Sender<String>,
+    ) -> Result<Usage, RuntimeError> {
+        let (path, body) = self.job_request(kind, model, request, true)?;
+        send_stream(
+            self.http.post(format!("{}{path}", self.base)).json(&body),
+            timeout,
+            &events,
+        )
+        .await
     }
 
     async fn report(&self) -> RuntimeReport {

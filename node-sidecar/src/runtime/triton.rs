@@ -37,6 +37,7 @@ impl TritonRuntime {
             return Err(RuntimeError::Rejected {
                 status: 400,
                 reason: format!("{model:?} is not a valid Triton model name"),
+                refusal: None,
             });
         }
         Ok(format!("{}/v2/models/{model}{suffix}", self.base))
@@ -133,8 +134,22 @@ impl Runtime for TritonRuntime {
             Err(RuntimeError::Rejected {
                 status: 400,
                 reason: format!("model {model} is not ready"),
+                refusal: None,
             })
         }
+    }
+
+    async fn infer_stream(
+        &self,
+        _kind: JobKind,
+        _model: &str,
+        _request: &Value,
+        _timeout: Duration,
+        _events: tokio::sync::mpsc::Sender<String>,
+    ) -> Result<Usage, RuntimeError> {
+        // KServe v2 `infer` answers once; Triton's generate_stream extension is not part of
+        // the v2 protocol this adapter speaks, so a stream is refused, never faked.
+        Err(RuntimeError::StreamUnsupported { runtime: "Triton" })
     }
 
     async fn infer(
@@ -154,6 +169,7 @@ impl Runtime for TritonRuntime {
             return Err(RuntimeError::Rejected {
                 status: 400,
                 reason: "request must be a JSON object".into(),
+                refusal: None,
             });
         }
         let (_, body) = send(

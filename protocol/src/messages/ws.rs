@@ -74,8 +74,92 @@ pub struct JobAssignment {
     pub request: serde_json::Value,
     /// Absolute deadline, unix ms (network clock).
     pub deadline_ms: u64,
-    /// Largest output the network accepts in the result.
+    /// Largest output the network accepts in the result (for a streamed job: the sum of its
+    /// stream events' bytes).
     pub max_output_bytes: u32,
+    /// Stream the output: the node sends it as `job.chunk` frames while the runtime produces
+    /// it, then a `job.result` whose `stream` binds every chunk. Absent means `false`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
+}
+
+/// What a streamed job's result binds about its chunks: how many events, their total bytes,
+/// and `stream_digest` over all of them in order (spec §7.5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct StreamSummary {
+    pub events: u32,
+    pub bytes: u64,
+    /// `sha256:` + hex of SHA-256 over every event in order, each as
+    /// `u32be(len(event)) ‖ event` (see [`StreamDigest`]).
+    pub digest: String,
+}
+
+/// Running digest over a job's stream events, kept by the node while it sends chunks and by
+/// the network while it receives them; equal summaries mean the same events in the same order.
+#[derive(Debug, Clone, Default)]
+pub struct StreamDigest {
+    sha: sha2::Sha256,
+    events: u32,
+    bytes: u64,
+}
+
+impl StreamDigest {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Adds the next event. The length prefix keeps event boundaries in the digest, so
+    /// splitting or merging events changes it.
+    pub fn push(&mut self, event: &str) {
+        use sha2::Digest;
+        let len = u32::try_from(event.len()).unwrap_or(u32::MAX);
+        self.sha.update(len.to_be_bytes());
+        self.sha.update(event.as_bytes());
+        self.events = self.events.saturating_add(1);
+        self.bytes = self.bytes.saturating_add(event.len() as u64);
+    }
+    pub fn events(&self) -> u32 {
+        self.events
+    }
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+    pub fn summary(&self) -> StreamSummary {
+        use sha2::Digest;
+        let d = self.sha.clone().finalize();
+        let mut digest = String::with_capacity(71);
+        digest.push_str("sha256:");
+        for b in d {
+            digest.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+            digest.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+        }
+        StreamSummary {
+            events: self.events,
+            bytes: self.bytes,
+            digest,
+        }
+    }
+}
+
+/// A runtime's own refusal of a request (HTTP 4xx with an OpenAI-style error object), carried
+/// in `job.fail` so the caller sees the runtime's error type, parameter and code unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct RuntimeRefusal {
+    /// The runtime's HTTP status (400–499).
+    pub status: u16,
+    pub message: String,
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param: Option<String>,
+    /// OpenAI codes are strings (`context_length_exceeded`); some servers send numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        test,
+        proptest(strategy = "proptest::option::of(crate::messages::arb::json_value())")
+    )]
+    pub code: Option<serde_json::Value>,
 }
 
 /// A signed result, inside `job.result`. Everything that produced the output is bound into the
@@ -98,6 +182,10 @@ pub struct JobResult {
     pub usage: Usage,
     pub runtime_ms: u64,
     pub completed_at_ms: u64,
+    /// For a streamed job: the summary of every chunk sent for this lease (then `output` is
+    /// empty). The network refuses the result unless it equals what it received.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamSummary>,
 }
 
 impl JobResult {
@@ -148,6 +236,22 @@ impl JobResult {
         }
         Ok(())
     }
+
+    /// The stream-binding rule (spec §7.5): a streamed job's result must carry the summary of
+    /// exactly the chunks the receiver got for this lease, in order; a job that was not
+    /// streamed must carry none.
+    pub fn check_stream(&self, received: Option<&StreamSummary>) -> Result<(), ResultMismatch> {
+        match (received, &self.stream) {
+            (None, None) => Ok(()),
+            (Some(got), Some(signed)) if got == signed => Ok(()),
+            (Some(_), None) => Err(ResultMismatch::NoStreamSummary),
+            (None, Some(_)) => Err(ResultMismatch::UnexpectedStream),
+            (Some(got), Some(signed)) => Err(ResultMismatch::StreamDigest {
+                received: got.events,
+                signed: signed.events,
+            }),
+        }
+    }
 }
 
 /// How a result disagrees with its assignment (wire code `result_mismatch`).
@@ -164,6 +268,14 @@ pub enum ResultMismatch {
     Model { expected: String, got: String },
     #[error("output_digest is not the digest of output")]
     OutputDigest,
+    #[error("the job was streamed but its result binds no stream summary")]
+    NoStreamSummary,
+    #[error("the result binds a stream, but the job was not streamed")]
+    UnexpectedStream,
+    #[error(
+        "the signed stream summary ({signed} events) differs from the {received} events received"
+    )]
+    StreamDigest { received: u32, signed: u32 },
 }
 
 /// Node → network messages after the handshake.
@@ -183,6 +295,18 @@ pub enum NodeMessage {
         lease_epoch: u64,
         code: FailCode,
         reason: String,
+        /// With `runtime_rejected`: the runtime's own error, answered to the caller as is.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        refusal: Option<RuntimeRefusal>,
+    },
+    /// The next piece of a streamed job's output: `events` are runtime stream events (one
+    /// OpenAI SSE `data:` payload each), `index` counts this job's chunks from 0 per lease.
+    #[serde(rename = "job.chunk")]
+    JobChunk {
+        job_id: JobId,
+        lease_epoch: u64,
+        index: u32,
+        events: Vec<String>,
     },
     /// Free slots now; the network never has more unacked jobs on the node than this.
     #[serde(rename = "credits")]
@@ -205,6 +329,7 @@ impl NodeMessage {
             Self::JobAck { .. } => Purpose::WsJobAck,
             Self::JobResult(_) => Purpose::WsJobResult,
             Self::JobFail { .. } => Purpose::WsJobFail,
+            Self::JobChunk { .. } => Purpose::WsJobChunk,
             Self::Credits { .. } => Purpose::WsCredits,
             Self::Draining { .. } => Purpose::WsDraining,
             Self::Drained {} => Purpose::WsDrained,
