@@ -1782,6 +1782,7 @@ mod tests {
             timing: Default::default(),
             subclouds: vec![],
             network_keys: vec![],
+            retiring_keys: vec![],
             revoked_node_keys: vec![],
             penalties: None,
         };

@@ -3,10 +3,17 @@
 //!
 //! Every publication signs `version + 1` with `prev_digest` set to the snapshot in force, so
 //! nodes can check the chain; the old snapshot stops being served at the same instant.
+//!
+//! Key rotation (spec §8.4) is driven by the snapshots themselves, so it survives restarts: a
+//! rotation snapshot, signed by the old key, names the new key active and the old one retiring
+//! until `now + overlap`; the service signs everything with the old key until then (nodes that
+//! have not fetched the rotation trust only it), then with the new key, and publishes the
+//! confirmation that drops the retiring key. Rotation snapshots are kept (bounded) so a node
+//! that missed them can verify its way forward (`GET /v1/config?since=N`).
 
 use std::path::Path;
 
-use resultity_protocol::config::{ConfigSnapshot, NetworkConfig, SignedConfig};
+use resultity_protocol::config::{ConfigSnapshot, NetworkConfig, RetiringKey, SignedConfig};
 use resultity_protocol::envelope::RawEnvelope;
 use resultity_protocol::messages::ConfigPointer;
 use resultity_protocol::{NetworkId, NetworkKeypair, Purpose, limits};
@@ -56,10 +63,21 @@ pub fn load_payload(path: &Path) -> Result<NetworkConfig, IoError> {
 
 /// Makes a payload publishable by `key`: an empty key set becomes `[key]`; a set without
 /// `key` is refused, because nodes would then reject every later snapshot this service signs.
+/// Once a rotation to `next` is published, the service owns the key fields: they are carried
+/// over from `published`, whatever the payload file still names.
 pub fn prepare_payload(
     mut payload: NetworkConfig,
     key: &NetworkKeypair,
+    next: Option<&NetworkKeypair>,
+    published: Option<&NetworkConfig>,
 ) -> Result<NetworkConfig, IoError> {
+    if let (Some(next), Some(p)) = (next, published)
+        && p.network_keys.contains(next.id())
+    {
+        payload.network_keys = p.network_keys.clone();
+        payload.retiring_keys = p.retiring_keys.clone();
+        return check_models(payload);
+    }
     if payload.network_keys.is_empty() {
         payload.network_keys.push(key.id().clone());
     }
@@ -69,6 +87,10 @@ pub fn prepare_payload(
             reason: format!("does not contain this service's key {}", key.id()),
         });
     }
+    check_models(payload)
+}
+
+fn check_models(payload: NetworkConfig) -> Result<NetworkConfig, IoError> {
     for m in &payload.models {
         if m.runtimes.is_empty() {
             return Err(IoError::InvalidConfig {
@@ -106,7 +128,7 @@ pub fn sign_next(
 /// which nodes would refuse as a rollback.
 pub fn load_state(
     path: &Path,
-    key: &NetworkKeypair,
+    keys: &[&NetworkKeypair],
     network_id: &NetworkId,
 ) -> Result<Option<Published>, IoError> {
     let bytes = match std::fs::read(path) {
@@ -120,6 +142,15 @@ pub fn load_state(
         }
     };
     let raw = RawEnvelope::decode(&bytes, limits::MAX_CONFIG_BYTES)?;
+    let Some(key) = keys.iter().find(|k| k.id().as_str() == raw.signer()) else {
+        return Err(IoError::InvalidConfig {
+            what: path.display().to_string(),
+            reason: format!(
+                "snapshot is signed by {}, which is not a key of this service",
+                raw.signer()
+            ),
+        });
+    };
     let snapshot: ConfigSnapshot = raw.open(Purpose::NetConfig, &key.verifying_key())?;
     if &snapshot.network_id != network_id {
         return Err(IoError::InvalidConfig {
@@ -165,4 +196,155 @@ pub fn initial(
         return Ok(p.clone());
     }
     sign_next(key, network_id, stored.as_ref(), payload, now_ms, ttl_ms)
+}
+
+/// The key to sign with at `now_ms` under the published `payload`: a held key in its overlap
+/// window first (every node trusts it, also those that have not fetched the rotation), else a
+/// held key of the active set, the newest first.
+pub fn signing_key<'a>(
+    held: &[&'a NetworkKeypair],
+    payload: &NetworkConfig,
+    now_ms: u64,
+) -> Result<&'a NetworkKeypair, IoError> {
+    let retiring = held.iter().find(|k| {
+        payload
+            .retiring_keys
+            .iter()
+            .any(|r| &r.key == k.id() && now_ms < r.not_after_ms)
+    });
+    let active = || {
+        held.iter()
+            .rev()
+            .find(|k| payload.network_keys.contains(k.id()))
+    };
+    retiring
+        .or_else(active)
+        .copied()
+        .ok_or_else(|| IoError::InvalidConfig {
+            what: "network_keys".into(),
+            reason: "the published config names none of this service's keys".into(),
+        })
+}
+
+/// The payload of a rotation from `old` to `new`: `new` replaces `old` in the active set and
+/// `old` is retiring until `not_after_ms`.
+pub fn rotation_payload(
+    mut payload: NetworkConfig,
+    old: &NetworkKeypair,
+    new: &NetworkKeypair,
+    not_after_ms: u64,
+) -> NetworkConfig {
+    payload
+        .network_keys
+        .retain(|k| k != old.id() && k != new.id());
+    payload.network_keys.insert(0, new.id().clone());
+    payload.retiring_keys.retain(|r| &r.key != old.id());
+    payload.retiring_keys.push(RetiringKey {
+        key: old.id().clone(),
+        not_after_ms,
+    });
+    payload
+}
+
+/// The confirmation of a finished rotation: `payload` without the retiring keys whose window
+/// ended by `now_ms`, or `None` when none did.
+pub fn confirmation_payload(payload: &NetworkConfig, now_ms: u64) -> Option<NetworkConfig> {
+    if !payload
+        .retiring_keys
+        .iter()
+        .any(|r| r.not_after_ms <= now_ms)
+    {
+        return None;
+    }
+    let mut next = payload.clone();
+    next.retiring_keys.retain(|r| r.not_after_ms > now_ms);
+    Some(next)
+}
+
+/// Rotation snapshots kept for catch-up; with the current one a chain fits the protocol bound.
+pub const KEPT_ROTATIONS: usize = limits::MAX_CONFIG_CHAIN_LINKS - 1;
+
+/// Whether `next` changes the active key set of `prev`: such a snapshot is a step a node that
+/// missed it needs to verify what follows.
+pub fn is_rotation(prev: &NetworkConfig, next: &NetworkConfig) -> bool {
+    prev.network_keys != next.network_keys
+}
+
+/// The chain a node at version `since` needs (spec §8.4): the kept rotations after `since`,
+/// then the current snapshot.
+pub fn chain_since<'a>(
+    rotations: &'a [Published],
+    current: &'a Published,
+    since: u64,
+) -> Vec<&'a SignedConfig> {
+    let mut links: Vec<&SignedConfig> = rotations
+        .iter()
+        .filter(|r| r.snapshot.version > since && r.snapshot.version < current.snapshot.version)
+        .map(|r| &r.signed)
+        .collect();
+    links.push(&current.signed);
+    links
+}
+
+/// Where the rotation snapshots of a state file are kept.
+pub fn rotations_path(state: &Path) -> std::path::PathBuf {
+    let mut name = state.file_name().unwrap_or_default().to_os_string();
+    name.push(".rotations");
+    state.with_file_name(name)
+}
+
+/// Loads kept rotation snapshots (a JSON array of signed snapshots); none when absent. They
+/// are served to nodes, which verify them, so a damaged file only costs catch-up: it is
+/// refused with a reason rather than served.
+pub fn load_rotations(path: &Path) -> Result<Vec<Published>, IoError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(IoError::Read {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    let invalid = |reason: String| IoError::InvalidConfig {
+        what: path.display().to_string(),
+        reason,
+    };
+    let texts: Vec<String> = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+    texts
+        .iter()
+        .rev()
+        .take(KEPT_ROTATIONS)
+        .rev()
+        .map(|t| {
+            let signed = SignedConfig::decode(t.as_bytes()).map_err(|e| invalid(e.to_string()))?;
+            let snapshot = signed
+                .parse_unverified()
+                .map_err(|e| invalid(e.to_string()))?;
+            Ok(Published { snapshot, signed })
+        })
+        .collect()
+}
+
+/// Writes the kept rotation snapshots atomically.
+pub fn save_rotations(path: &Path, rotations: &[Published]) -> Result<(), IoError> {
+    let texts: Vec<&str> = rotations.iter().map(|r| r.signed.as_str()).collect();
+    let body = serde_json::to_vec(&texts).map_err(|e| IoError::InvalidConfig {
+        what: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let tmp = path.with_extension("tmp");
+    let write = |p: &Path| -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(p)?;
+        f.write_all(&body)?;
+        f.sync_all()
+    };
+    write(&tmp)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|source| IoError::Write {
+            path: path.to_owned(),
+            source,
+        })
 }

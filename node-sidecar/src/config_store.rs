@@ -195,6 +195,7 @@ mod tests {
                 timing: Timing::default(),
                 subclouds: vec![],
                 network_keys: vec![key.id().clone()],
+                retiring_keys: vec![],
                 revoked_node_keys: vec![],
                 penalties: None,
             },

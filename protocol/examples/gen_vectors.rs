@@ -132,6 +132,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             timing: Timing::default(),
             subclouds: vec![],
             network_keys: vec![network.id().clone()],
+            retiring_keys: vec![],
             revoked_node_keys: vec![],
             penalties: None,
         },
