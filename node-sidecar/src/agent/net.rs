@@ -2,11 +2,12 @@
 //! fresh timestamp/nonce, every signed answer verified with the trusted network keys before it
 //! is believed, every call bounded by the network-dictated timeout.
 
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use resultity_protocol::clock::Clock;
-use resultity_protocol::config::SignedConfig;
+use resultity_protocol::config::{ConfigChain, ConfigTrust, SignedConfig};
 use resultity_protocol::envelope;
 use resultity_protocol::messages::http::{
     ChallengeRequest, ChallengeResponse, ErrorResponse, NetworkAnswer, NodeRequest, RequestHeader,
@@ -52,6 +53,18 @@ impl NetError {
             _ => None,
         }
     }
+
+    /// The answer is signed by a key this node does not (or no longer) trust: the network
+    /// has rotated its keys past this node's config, which a catch-up sync repairs.
+    pub fn is_untrusted_signer(&self) -> bool {
+        matches!(
+            self,
+            Self::BadAnswer {
+                source: ProtocolError::UnknownSigner { .. } | ProtocolError::KeyRetired { .. },
+                ..
+            }
+        )
+    }
 }
 
 /// The node's HTTP client for one network.
@@ -61,7 +74,11 @@ pub struct NetClient {
     base: String,
     network_id: NetworkId,
     key: NodeKeypair,
-    keys: RwLock<NetworkKeys>,
+    /// The trust state whose keys verify network answers and session frames.
+    trust: RwLock<ConfigTrust>,
+    /// Bumped whenever `trust` changes, so open sessions know to refresh their keys.
+    generation: AtomicU64,
+    clock: Arc<dyn Clock>,
     timeout: RwLock<Duration>,
 }
 
@@ -70,19 +87,24 @@ impl NetClient {
         base: &str,
         network_id: NetworkId,
         key: NodeKeypair,
-        keys: NetworkKeys,
+        trust: ConfigTrust,
+        clock: Arc<dyn Clock>,
         timeout: Duration,
     ) -> Result<Self, NetError> {
         let http = reqwest::Client::builder()
             .connect_timeout(timeout)
             .build()
             .map_err(|e| NetError::Local(e.to_string()))?;
+        NetworkKeys::new(&trust.keys_at(clock.now_ms()))
+            .map_err(|e| NetError::Local(format!("network keys: {e}")))?;
         Ok(Self {
             http,
             base: base.trim_end_matches('/').to_owned(),
             network_id,
             key,
-            keys: RwLock::new(keys),
+            trust: RwLock::new(trust),
+            generation: AtomicU64::new(0),
+            clock,
             timeout: RwLock::new(timeout),
         })
     }
@@ -91,15 +113,36 @@ impl NetClient {
         &self.base
     }
 
-    /// Trust new network keys (after a config rotated them).
-    pub fn set_keys(&self, keys: NetworkKeys) {
-        if let Ok(mut k) = self.keys.write() {
-            *k = keys;
+    /// Trust the keys of a newly applied config (a rotation, or the confirmation of one).
+    pub fn set_trust(&self, trust: &ConfigTrust) {
+        if let Ok(mut t) = self.trust.write() {
+            *t = trust.clone();
         }
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Changes whenever the trusted keys change by a config.
+    pub fn keys_generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// The keys trusted now: the active set and retiring keys within their window. Also
+    /// returns when that set next shrinks (a retiring key's window ends).
+    pub fn keys_now(&self) -> (NetworkKeys, Option<u64>) {
+        let now = self.clock.now_ms();
+        let Ok(trust) = self.trust.read() else {
+            return (NetworkKeys::default(), None);
+        };
+        // A key id is a valid, non-weak point by construction (its parser checks), so
+        // this cannot fail for a verified config.
+        (
+            NetworkKeys::new(&trust.keys_at(now)).unwrap_or_default(),
+            trust.next_retirement(now),
+        )
     }
 
     pub fn keys(&self) -> NetworkKeys {
-        self.keys.read().map(|k| k.clone()).unwrap_or_default()
+        self.keys_now().0
     }
 
     /// Apply the network-dictated HTTP timeout.
@@ -127,6 +170,15 @@ impl NetClient {
     }
 
     async fn call(&self, req: reqwest::RequestBuilder, url: &str) -> Result<Vec<u8>, NetError> {
+        self.call_bounded(req, url, limits::MAX_CONFIG_BYTES).await
+    }
+
+    async fn call_bounded(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: &str,
+        max: usize,
+    ) -> Result<Vec<u8>, NetError> {
         let timeout = self.timeout();
         let mut resp = req.timeout(timeout).send().await.map_err(|e| {
             if e.is_timeout() {
@@ -139,7 +191,6 @@ impl NetClient {
             }
         })?;
         let status = resp.status().as_u16();
-        let max = limits::MAX_CONFIG_BYTES;
         let mut body = Vec::new();
         loop {
             match resp.chunk().await {
@@ -221,10 +272,13 @@ impl NetClient {
         })
     }
 
-    /// Fetches the network's current signed config (verification is the caller's).
-    pub async fn fetch_config(&self) -> Result<SignedConfig, NetError> {
-        let url = format!("{}{}", self.base, paths::CONFIG);
-        let bytes = self.call(self.http.get(&url), &url).await?;
-        SignedConfig::decode(&bytes).map_err(|source| NetError::BadAnswer { url, source })
+    /// Fetches the chain from config version `since` to the network's current snapshot
+    /// (spec §8.4; verification is the caller's).
+    pub async fn fetch_config(&self, since: u64) -> Result<Vec<SignedConfig>, NetError> {
+        let url = format!("{}{}?since={since}", self.base, paths::CONFIG);
+        let bytes = self
+            .call_bounded(self.http.get(&url), &url, limits::MAX_CONFIG_CHAIN_BYTES)
+            .await?;
+        ConfigChain::decode(&bytes).map_err(|source| NetError::BadAnswer { url, source })
     }
 }
