@@ -348,3 +348,126 @@ pub fn save_rotations(path: &Path, rotations: &[Published]) -> Result<(), IoErro
             source,
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use resultity_protocol::messages::{Environment, Timing};
+
+    const NOW: u64 = 1_767_225_600_000;
+
+    fn payload(keys: &[&NetworkKeypair]) -> NetworkConfig {
+        NetworkConfig {
+            environment: Environment::Testnet,
+            models: vec![],
+            runtime_images: Default::default(),
+            sidecar_image: None,
+            timing: Timing::default(),
+            subclouds: vec![],
+            network_keys: keys.iter().map(|k| k.id().clone()).collect(),
+            retiring_keys: vec![],
+            revoked_node_keys: vec![],
+            penalties: None,
+        }
+    }
+
+    #[test]
+    fn the_old_key_signs_through_the_overlap_then_the_new_one() {
+        let (k1, k2) = (
+            NetworkKeypair::from_seed(&[1; 32]),
+            NetworkKeypair::from_seed(&[2; 32]),
+        );
+        let held = [&k1, &k2];
+        let before = payload(&[&k1]);
+        assert_eq!(signing_key(&held, &before, NOW).unwrap().id(), k1.id());
+        let rotation = rotation_payload(before.clone(), &k1, &k2, NOW + 1_000);
+        assert_eq!(rotation.network_keys, vec![k2.id().clone()]);
+        assert!(is_rotation(&before, &rotation));
+        assert_eq!(
+            signing_key(&held, &rotation, NOW + 999).unwrap().id(),
+            k1.id()
+        );
+        assert_eq!(
+            signing_key(&held, &rotation, NOW + 1_000).unwrap().id(),
+            k2.id()
+        );
+        // Only the new key held (promoted early): it signs, the service still works.
+        assert_eq!(signing_key(&[&k2], &rotation, NOW).unwrap().id(), k2.id());
+        // A key the config does not name cannot sign.
+        assert!(signing_key(&[&k1], &payload(&[&k2]), NOW).is_err());
+
+        assert_eq!(confirmation_payload(&rotation, NOW + 999), None);
+        let confirmed = confirmation_payload(&rotation, NOW + 1_000).unwrap();
+        assert!(confirmed.retiring_keys.is_empty());
+        assert!(!is_rotation(&rotation, &confirmed));
+    }
+
+    #[test]
+    fn a_stale_payload_file_cannot_undo_a_published_rotation() {
+        let (k1, k2) = (
+            NetworkKeypair::from_seed(&[1; 32]),
+            NetworkKeypair::from_seed(&[2; 32]),
+        );
+        let rotation = rotation_payload(payload(&[&k1]), &k1, &k2, NOW + 1_000);
+        // The file still names k1 only; once the rotation is published the service keeps it.
+        let mut file = payload(&[&k1]);
+        file.sidecar_image = Some("new".into());
+        let prepared = prepare_payload(file.clone(), &k1, Some(&k2), Some(&rotation)).unwrap();
+        assert_eq!(prepared.network_keys, rotation.network_keys);
+        assert_eq!(prepared.retiring_keys, rotation.retiring_keys);
+        assert_eq!(prepared.sidecar_image.as_deref(), Some("new"));
+        // Before any rotation the file's keys must include the service's key.
+        assert!(prepare_payload(payload(&[&k2]), &k1, None, None).is_err());
+        assert_eq!(
+            prepare_payload(payload(&[]), &k1, None, None)
+                .unwrap()
+                .network_keys,
+            vec![k1.id().clone()]
+        );
+    }
+
+    #[test]
+    fn chains_hold_the_rotations_after_the_version_then_the_current() {
+        let k1 = NetworkKeypair::from_seed(&[1; 32]);
+        let net = NetworkId::parse("testnet").unwrap();
+        let mut all = vec![sign_next(&k1, &net, None, payload(&[&k1]), NOW, 60_000).unwrap()];
+        for _ in 0..5 {
+            let prev = all.last().cloned();
+            all.push(sign_next(&k1, &net, prev.as_ref(), payload(&[&k1]), NOW, 60_000).unwrap());
+        }
+        // Versions 2 and 4 were rotations; 6 is current.
+        let rotations = vec![all[1].clone(), all[3].clone()];
+        let versions = |since| {
+            chain_since(&rotations, &all[5], since)
+                .iter()
+                .map(|s| s.parse_unverified().unwrap().version)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(versions(0), vec![2, 4, 6]);
+        assert_eq!(versions(2), vec![4, 6]);
+        assert_eq!(versions(4), vec![6]);
+        assert_eq!(versions(6), vec![6]);
+        assert_eq!(versions(9), vec![6]);
+    }
+
+    #[test]
+    fn kept_rotations_round_trip_through_their_file() {
+        let k1 = NetworkKeypair::from_seed(&[1; 32]);
+        let net = NetworkId::parse("testnet").unwrap();
+        let path = std::env::temp_dir().join(format!(
+            "resultity-publish-test-{}.json",
+            std::process::id()
+        ));
+        let rot = rotations_path(&path);
+        assert!(rot.to_string_lossy().ends_with(".json.rotations"));
+        assert!(load_rotations(&rot).unwrap().is_empty());
+        let one = sign_next(&k1, &net, None, payload(&[&k1]), NOW, 60_000).unwrap();
+        save_rotations(&rot, std::slice::from_ref(&one)).unwrap();
+        let loaded = load_rotations(&rot).unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].signed.digest(), one.signed.digest());
+        std::fs::write(&rot, b"not json").unwrap();
+        assert!(load_rotations(&rot).is_err());
+        let _ = std::fs::remove_file(&rot);
+    }
+}

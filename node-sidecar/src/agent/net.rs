@@ -282,3 +282,102 @@ impl NetClient {
         ConfigChain::decode(&bytes).map_err(|source| NetError::BadAnswer { url, source })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use resultity_protocol::NetworkKeypair;
+    use resultity_protocol::clock::ManualClock;
+    use resultity_protocol::config::RetiringKey;
+
+    const NOW: u64 = 1_767_225_600_000;
+
+    fn client(trust: ConfigTrust, clock: &ManualClock) -> NetClient {
+        NetClient::new(
+            "http://127.0.0.1:9",
+            trust.network_id.clone(),
+            NodeKeypair::from_seed(&[7; 32]),
+            trust,
+            Arc::new(clock.clone()),
+            Duration::from_secs(1),
+        )
+        .unwrap()
+    }
+
+    fn ids(keys: &NetworkKeys) -> Vec<String> {
+        keys.ids().map(|k| k.to_string()).collect()
+    }
+
+    #[test]
+    fn trusted_keys_follow_the_overlap_window_and_new_configs() {
+        let (k1, k2) = (
+            NetworkKeypair::from_seed(&[1; 32]),
+            NetworkKeypair::from_seed(&[2; 32]),
+        );
+        let clock = ManualClock::new(NOW);
+        let net_id = NetworkId::parse("testnet").unwrap();
+        let net = client(
+            ConfigTrust::pinned(net_id.clone(), vec![k1.id().clone()]),
+            &clock,
+        );
+        assert_eq!(ids(&net.keys()), vec![k1.id().to_string()]);
+        assert_eq!(net.keys_now().1, None);
+        let before = net.keys_generation();
+
+        // A rotation applied: both keys until the window ends, and sessions are told.
+        let mut rotated = ConfigTrust::pinned(net_id, vec![k2.id().clone()]);
+        rotated.retiring = vec![RetiringKey {
+            key: k1.id().clone(),
+            not_after_ms: NOW + 1_000,
+        }];
+        net.set_trust(&rotated);
+        assert_ne!(net.keys_generation(), before);
+        let (keys, shrink_at) = net.keys_now();
+        assert_eq!(ids(&keys), vec![k2.id().to_string(), k1.id().to_string()]);
+        assert_eq!(shrink_at, Some(NOW + 1_000));
+        // An answer signed by the retiring key verifies within the window…
+        let answer = resultity_protocol::envelope::seal_bytes(
+            &k1,
+            resultity_protocol::Purpose::HttpPingOk,
+            "{}",
+        );
+        assert!(
+            keys.open::<serde_json::Value>(
+                answer.as_bytes(),
+                resultity_protocol::Purpose::HttpPingOk
+            )
+            .is_ok()
+        );
+        // …and not once it ended.
+        clock.set(NOW + 1_000);
+        let (keys, shrink_at) = net.keys_now();
+        assert_eq!(ids(&keys), vec![k2.id().to_string()]);
+        assert_eq!(shrink_at, None);
+        assert!(matches!(
+            keys.open::<serde_json::Value>(
+                answer.as_bytes(),
+                resultity_protocol::Purpose::HttpPingOk
+            ),
+            Err(ProtocolError::UnknownSigner { .. })
+        ));
+    }
+
+    #[test]
+    fn untrusted_signer_answers_are_recognised_for_catch_up() {
+        let bad = |source| NetError::BadAnswer {
+            url: "u".into(),
+            source,
+        };
+        assert!(bad(ProtocolError::UnknownSigner { signer: "x".into() }).is_untrusted_signer());
+        assert!(
+            bad(ProtocolError::KeyRetired {
+                signer: "x".into(),
+                not_after_ms: 1,
+                now_ms: 2
+            })
+            .is_untrusted_signer()
+        );
+        assert!(!bad(ProtocolError::BadSignature { signer: "x".into() }).is_untrusted_signer());
+        assert!(!NetError::Timeout { url: "u".into() }.is_untrusted_signer());
+    }
+}
