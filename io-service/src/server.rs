@@ -134,6 +134,12 @@ impl AppState {
         let Some(next) = &self.settings.next_network_key else {
             return Ok(None);
         };
+        if next.id() == self.settings.network_key.id() {
+            return Err(IoError::InvalidConfig {
+                what: "next network key".into(),
+                reason: "is the current key; a rotation needs a new one".into(),
+            });
+        }
         let not_after = self.now().saturating_add(self.settings.key_overlap_ms);
         let pointer = self.publish_with(|prev| {
             if prev.snapshot.payload.network_keys.contains(next.id()) {

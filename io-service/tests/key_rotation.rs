@@ -235,3 +235,18 @@ async fn config_query_must_be_a_version() {
     let (_, text) = get(&base, paths::CONFIG).await;
     assert!(RawEnvelope::decode(text.as_bytes(), usize::MAX).is_ok());
 }
+
+#[tokio::test]
+async fn rotating_to_the_current_key_is_refused_at_start() {
+    let mut s = settings();
+    s.next_network_key = Some(s.network_key.clone());
+    let err = resultity_io::IoService::start(s)
+        .await
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        err.as_deref()
+            .is_some_and(|e| e.contains("is the current key")),
+        "{err:?}"
+    );
+}
