@@ -293,9 +293,9 @@ pub fn rotations_path(state: &Path) -> std::path::PathBuf {
     state.with_file_name(name)
 }
 
-/// Loads kept rotation snapshots (a JSON array of signed snapshots); none when absent. They
-/// are served to nodes, which verify them, so a damaged file only costs catch-up: it is
-/// refused with a reason rather than served.
+/// Loads kept rotation snapshots (a JSON array of signed snapshots); none when absent. A
+/// damaged file is an error naming it, never served: nodes verify what they get, but a broken
+/// chain would only be refused by every node.
 pub fn load_rotations(path: &Path) -> Result<Vec<Published>, IoError> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,

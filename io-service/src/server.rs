@@ -270,8 +270,13 @@ impl IoService {
             Some(path) => publish::load_state(path, &held, &settings.network_id)?,
             None => None,
         };
+        // Kept rotations only serve catch-up: a damaged file costs that, not the service.
         let rotations = match &settings.config_state {
-            Some(path) => publish::load_rotations(&publish::rotations_path(path))?,
+            Some(path) => publish::load_rotations(&publish::rotations_path(path))
+                .unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "kept key rotations unreadable; nodes that missed a rotation must be re-pinned");
+                    Vec::new()
+                }),
             None => Vec::new(),
         };
         let payload = publish::prepare_payload(

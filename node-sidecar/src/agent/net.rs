@@ -279,7 +279,11 @@ impl NetClient {
         let bytes = self
             .call_bounded(self.http.get(&url), &url, limits::MAX_CONFIG_CHAIN_BYTES)
             .await?;
-        ConfigChain::decode(&bytes).map_err(|source| NetError::BadAnswer { url, source })
+        // A network that predates catch-up chains ignores the query and serves the snapshot
+        // itself; it is verified all the same.
+        ConfigChain::decode(&bytes)
+            .or_else(|e| SignedConfig::decode(&bytes).map(|s| vec![s]).map_err(|_| e))
+            .map_err(|source| NetError::BadAnswer { url, source })
     }
 }
 
@@ -293,8 +297,12 @@ mod tests {
     const NOW: u64 = 1_767_225_600_000;
 
     fn client(trust: ConfigTrust, clock: &ManualClock) -> NetClient {
+        client_at("http://127.0.0.1:9", trust, clock)
+    }
+
+    fn client_at(base: &str, trust: ConfigTrust, clock: &ManualClock) -> NetClient {
         NetClient::new(
-            "http://127.0.0.1:9",
+            base,
             trust.network_id.clone(),
             NodeKeypair::from_seed(&[7; 32]),
             trust,
@@ -379,5 +387,89 @@ mod tests {
         );
         assert!(!bad(ProtocolError::BadSignature { signer: "x".into() }).is_untrusted_signer());
         assert!(!NetError::Timeout { url: "u".into() }.is_untrusted_signer());
+    }
+
+    /// Serves each of `bodies` once, in order, as a 200 answer.
+    async fn serve(bodies: Vec<String>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            for body in bodies {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(head.as_bytes()).await;
+                let _ = conn.write_all(body.as_bytes()).await;
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn chains_and_bare_snapshots_from_older_networks_are_both_read() {
+        use resultity_protocol::config::{ConfigSnapshot, NetworkConfig};
+        use resultity_protocol::messages::{Environment, Timing};
+        let k1 = NetworkKeypair::from_seed(&[1; 32]);
+        let net_id = NetworkId::parse("testnet").unwrap();
+        let snapshot = ConfigSnapshot {
+            network_id: net_id.clone(),
+            version: 1,
+            issued_at_ms: NOW,
+            expires_at_ms: NOW + 60_000,
+            prev_digest: None,
+            payload: NetworkConfig {
+                environment: Environment::Testnet,
+                models: vec![],
+                runtime_images: Default::default(),
+                sidecar_image: None,
+                timing: Timing::default(),
+                subclouds: vec![],
+                network_keys: vec![k1.id().clone()],
+                retiring_keys: vec![],
+                revoked_node_keys: vec![],
+                penalties: None,
+            },
+        };
+        let signed = SignedConfig::sign(&k1, &snapshot).unwrap();
+        let chain =
+            serde_json::to_string(&ConfigChain::new(net_id.clone(), &[&signed], NOW)).unwrap();
+        let base = serve(vec![
+            chain,
+            signed.as_str().to_owned(),
+            "not a config".into(),
+        ])
+        .await;
+        let clock = ManualClock::new(NOW);
+        let net = client_at(
+            &base,
+            ConfigTrust::pinned(net_id, vec![k1.id().clone()]),
+            &clock,
+        );
+        for _ in 0..2 {
+            let got = net.fetch_config(0).await.unwrap();
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].digest(), signed.digest());
+        }
+        // Neither form: the chain's own refusal is reported.
+        assert!(matches!(
+            net.fetch_config(0).await,
+            Err(NetError::BadAnswer {
+                source: ProtocolError::Malformed { .. },
+                ..
+            })
+        ));
     }
 }
