@@ -397,10 +397,18 @@ async fn tick_loop(state: AppState, mut shutdown: watch::Receiver<bool>) {
         }
         let now = state.now();
         state.core().tick(now);
-        if let Err(e) = state.confirm_rotation() {
+        let current = state.published();
+        // Checked here without the publication lock: nearly every tick has nothing to confirm.
+        if current
+            .snapshot
+            .payload
+            .retiring_keys
+            .iter()
+            .any(|r| r.not_after_ms <= now)
+            && let Err(e) = state.confirm_rotation()
+        {
             tracing::error!(error = %e, "confirming the key rotation failed");
         }
-        let current = state.published();
         let half = state.settings.config_ttl_ms / 2;
         if now >= current.snapshot.issued_at_ms.saturating_add(half) {
             let payload = current.snapshot.payload.clone();

@@ -14,7 +14,8 @@ use resultity_protocol::messages::http::{HeartbeatResponse, open_network_answer,
 use resultity_protocol::session::NetworkKeys;
 use resultity_protocol::{ErrorCode, NetworkKeypair, ProtocolError, RawEnvelope};
 
-const OVERLAP_MS: u64 = 4_000;
+/// Long enough for the checks inside the window on a loaded machine.
+const OVERLAP_MS: u64 = 8_000;
 
 fn temp_path(name: &str) -> std::path::PathBuf {
     let nonce = resultity_protocol::replay::new_nonce().unwrap();

@@ -333,7 +333,13 @@ async fn late_result_of_a_reassigned_job_is_refused_by_lease_epoch() {
 
 #[tokio::test]
 async fn full_queue_answers_429_with_retry_after() {
-    let io = start(|s| s.limits.max_queue = 1).await;
+    let io = start(|s| {
+        s.limits.max_queue = 1;
+        // The silent node must keep its job for the whole test: with the fixture's 300 ms ack
+        // timeout a loaded machine saw the job requeued before the counts were read.
+        s.network_config.timing.ack_timeout_ms = 60_000;
+    })
+    .await;
     let node = TestNode::new(&io, 1);
     let _silent = spawn_runtime(
         node.join().await,
