@@ -204,6 +204,7 @@ fn payload(runtime: RuntimeKind) -> NetworkConfig {
         },
         subclouds: vec![],
         network_keys: vec![],
+        retiring_keys: vec![],
         revoked_node_keys: vec![],
         penalties: None,
     }

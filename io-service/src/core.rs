@@ -1929,6 +1929,7 @@ mod tests {
             timing: Default::default(),
             subclouds: vec![],
             network_keys: vec![],
+            retiring_keys: vec![],
             revoked_node_keys: vec![],
             penalties: None,
         };

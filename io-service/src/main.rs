@@ -67,6 +67,13 @@ struct ServeArgs {
     /// Network key file written by `resultity-io keygen`.
     #[arg(long, env = "RESULTITY_IO_KEY_FILE")]
     key_file: PathBuf,
+    /// Key file of the network key to rotate to: the service publishes a rotation signed by
+    /// the current key and switches to the new one when the overlap ends.
+    #[arg(long, env = "RESULTITY_IO_NEXT_KEY_FILE")]
+    next_key_file: Option<PathBuf>,
+    /// How long the old key stays trusted during a rotation, seconds.
+    #[arg(long, env = "RESULTITY_IO_KEY_OVERLAP_S", default_value_t = 24 * 3600)]
+    key_overlap_s: u64,
     /// Network config payload (YAML, or JSON for `.json`); re-read on SIGHUP.
     #[arg(long, env = "RESULTITY_IO_CONFIG_FILE")]
     config_file: PathBuf,
@@ -222,6 +229,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let network_id = NetworkId::parse(&args.network_id).context("--network-id")?;
     let payload = load_payload(&args.config_file)?;
     let mut settings = Settings::new(network_id, key, payload);
+    if let Some(path) = &args.next_key_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading next key file {}", path.display()))?;
+        settings.next_network_key = Some(
+            NetworkKeypair::from_key_file_text(text.trim()).context("parsing the next key file")?,
+        );
+    }
+    settings.key_overlap_ms = args.key_overlap_s.saturating_mul(1000);
     settings.listen = args.listen;
     settings.config_source = Some(args.config_file);
     settings.admin_token = args.admin_token;

@@ -7,6 +7,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use resultity_protocol::config::ConfigChain;
 use resultity_protocol::crypto::{b64, random_bytes};
 use resultity_protocol::envelope;
 use resultity_protocol::messages::http::{
@@ -59,7 +60,7 @@ fn signed<T: serde::Serialize>(
     purpose: Purpose,
     body: &T,
 ) -> Result<Response, ApiError> {
-    let text = envelope::seal(&state.settings.network_key, purpose, body)
+    let text = envelope::seal(state.signing_key(), purpose, body)
         .map_err(|e| state.reject_protocol(Channel::Http, &e))?;
     Ok(([(header::CONTENT_TYPE, "application/json")], text).into_response())
 }
@@ -289,18 +290,58 @@ pub async fn deregister(State(state): State<AppState>, body: Body) -> Result<Res
     signed(&state, Purpose::HttpDeregisterOk, &answer)
 }
 
-/// `GET /v1/config`: the signed snapshot in force, byte for byte.
-pub async fn config(State(state): State<AppState>) -> Response {
+/// `GET /v1/config`: the signed snapshot in force, byte for byte. With `?since=N`: the chain
+/// a node at version `N` needs to reach it (spec §8.4) — the kept key rotations after `N`,
+/// then the current snapshot.
+pub async fn config(
+    State(state): State<AppState>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Result<Response, ApiError> {
     let published = state.published();
-    let mut resp = (
-        [(header::CONTENT_TYPE, "application/json")],
-        published.signed.as_str().to_owned(),
-    )
-        .into_response();
+    let since = match query.as_deref() {
+        None | Some("") => None,
+        Some(q) => Some(
+            parse_since(q)
+                .map_err(|reason| state.reject(Channel::Http, ErrorCode::Malformed, reason))?,
+        ),
+    };
+    let mut resp = match since {
+        None => (
+            [(header::CONTENT_TYPE, "application/json")],
+            published.signed.as_str().to_owned(),
+        )
+            .into_response(),
+        Some(since) => {
+            let rotations = state.rotations();
+            let links = crate::publish::chain_since(&rotations, &published, since);
+            Json(ConfigChain::new(
+                state.settings.network_id.clone(),
+                &links,
+                state.now(),
+            ))
+            .into_response()
+        }
+    };
     if let Ok(v) = axum::http::HeaderValue::from_str(published.signed.digest().as_str()) {
         resp.headers_mut().insert("x-resultity-config-digest", v);
     }
-    resp
+    Ok(resp)
+}
+
+/// The query of `GET /v1/config`: exactly `since=<version>`.
+fn parse_since(query: &str) -> Result<u64, String> {
+    let value = query
+        .strip_prefix("since=")
+        .ok_or_else(|| "the only query parameter of this endpoint is since=<version>".to_owned())?;
+    value.parse::<u64>().map_err(|_| {
+        format!(
+            "since must be a config version (an unsigned integer), not \"{}\"",
+            value
+                .chars()
+                .take(limits::QUOTE_MAX_CHARS)
+                .collect::<String>()
+        )
+    })
 }
 
 /// `GET /v1/config/digest`.

@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use resultity_protocol::config::NetworkConfig;
 use resultity_protocol::messages::ConfigPointer;
 use resultity_protocol::messages::http::paths;
-use resultity_protocol::{ErrorCode, ProtocolError};
+use resultity_protocol::{ErrorCode, NetworkKeypair, ProtocolError};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
@@ -34,6 +34,8 @@ pub struct Shared {
     pub metrics: Metrics,
     core: Mutex<Core>,
     published: RwLock<Arc<Published>>,
+    /// Key-rotation snapshots kept for catch-up chains, oldest first, bounded.
+    rotations: RwLock<Arc<Vec<Published>>>,
     /// Serializes publications so versions stay strictly increasing.
     publish_lock: Mutex<()>,
     pub sessions: Arc<Semaphore>,
@@ -87,20 +89,118 @@ impl AppState {
         self.reject(channel, err.code(), err.to_string())
     }
 
+    /// The key every network-signed message and snapshot is signed with now (see
+    /// [`publish::signing_key`]); start checked that one of the held keys qualifies.
+    pub fn signing_key(&self) -> &NetworkKeypair {
+        let published = self.published();
+        publish::signing_key(
+            &self.settings.held_keys(),
+            &published.snapshot.payload,
+            self.now(),
+        )
+        .unwrap_or(&self.settings.network_key)
+    }
+
+    /// The kept key-rotation snapshots.
+    pub fn rotations(&self) -> Arc<Vec<Published>> {
+        self.rotations
+            .read()
+            .map(|g| Arc::clone(&g))
+            .unwrap_or_else(|p| Arc::clone(&p.into_inner()))
+    }
+
     /// Signs and publishes the next snapshot with `payload`; connected nodes are told.
     pub fn publish(&self, payload: NetworkConfig) -> Result<ConfigPointer, IoError> {
-        let payload = publish::prepare_payload(payload, &self.settings.network_key)?;
+        self.publish_with(|prev| {
+            publish::prepare_payload(
+                payload,
+                &self.settings.network_key,
+                self.settings.next_network_key.as_ref(),
+                Some(&prev.snapshot.payload),
+            )
+            .map(Some)
+        })
+        .and_then(|p| {
+            p.ok_or_else(|| IoError::InvalidConfig {
+                what: "publish".into(),
+                reason: "nothing to publish".into(),
+            })
+        })
+    }
+
+    /// Starts the rotation to the configured next key, unless the published config already
+    /// names it.
+    pub fn rotate_keys(&self) -> Result<Option<ConfigPointer>, IoError> {
+        let Some(next) = &self.settings.next_network_key else {
+            return Ok(None);
+        };
+        if next.id() == self.settings.network_key.id() {
+            return Err(IoError::InvalidConfig {
+                what: "next network key".into(),
+                reason: "is the current key; a rotation needs a new one".into(),
+            });
+        }
+        let not_after = self.now().saturating_add(self.settings.key_overlap_ms);
+        let pointer = self.publish_with(|prev| {
+            if prev.snapshot.payload.network_keys.contains(next.id()) {
+                return Ok(None);
+            }
+            Ok(Some(publish::rotation_payload(
+                prev.snapshot.payload.clone(),
+                &self.settings.network_key,
+                next,
+                not_after,
+            )))
+        })?;
+        if let Some(p) = &pointer {
+            tracing::info!(version = p.version, next_key = %next.id(), retiring_key = %self.settings.network_key.id(), not_after_ms = not_after, "network key rotation published");
+        }
+        Ok(pointer)
+    }
+
+    /// Publishes the confirmation of a rotation whose overlap window has ended.
+    pub fn confirm_rotation(&self) -> Result<Option<ConfigPointer>, IoError> {
+        let now = self.now();
+        let pointer = self
+            .publish_with(|prev| Ok(publish::confirmation_payload(&prev.snapshot.payload, now)))?;
+        if let Some(p) = &pointer {
+            tracing::info!(version = p.version, key = %self.signing_key().id(), "network key rotation confirmed");
+        }
+        Ok(pointer)
+    }
+
+    /// Signs and publishes the payload `make` derives from the snapshot in force (`None`:
+    /// nothing to publish), under the publication lock so versions stay strictly increasing.
+    fn publish_with(
+        &self,
+        make: impl FnOnce(&Published) -> Result<Option<NetworkConfig>, IoError>,
+    ) -> Result<Option<ConfigPointer>, IoError> {
         let _serial = self.publish_lock.lock().unwrap_or_else(|p| p.into_inner());
         let prev = self.published();
+        let Some(payload) = make(&prev)? else {
+            return Ok(None);
+        };
+        let now = self.now();
+        let key = publish::signing_key(&self.settings.held_keys(), &prev.snapshot.payload, now)?;
         let next = publish::sign_next(
-            &self.settings.network_key,
+            key,
             &self.settings.network_id,
             Some(&prev),
             payload,
-            self.now(),
+            now,
             self.settings.config_ttl_ms,
         )?;
         // Persist before serving: a restart must continue from this version, never below.
+        if publish::is_rotation(&prev.snapshot.payload, &next.snapshot.payload) {
+            let mut kept: Vec<Published> = self.rotations().as_ref().clone();
+            kept.push(next.clone());
+            let excess = kept.len().saturating_sub(publish::KEPT_ROTATIONS);
+            kept.drain(..excess);
+            if let Some(path) = &self.settings.config_state {
+                publish::save_rotations(&publish::rotations_path(path), &kept)?;
+            }
+            *self.rotations.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(kept);
+        }
         if let Some(path) = &self.settings.config_state {
             publish::save_state(path, &next)?;
         }
@@ -110,10 +210,10 @@ impl AppState {
             let mut slot = self.published.write().unwrap_or_else(|p| p.into_inner());
             *slot = Arc::new(next);
         }
-        self.core().set_config(config, &pointer, self.now());
+        self.core().set_config(config, &pointer, now);
         self.metrics.configs_published.inc();
         tracing::info!(version = pointer.version, digest = %pointer.digest, "config published");
-        Ok(pointer)
+        Ok(Some(pointer))
     }
 
     /// Re-reads the config source file and publishes it if the payload changed.
@@ -124,12 +224,16 @@ impl AppState {
                 reason: "no config source file configured".into(),
             });
         };
-        let payload =
-            publish::prepare_payload(publish::load_payload(path)?, &self.settings.network_key)?;
-        if payload == self.published().snapshot.payload {
-            return Ok(None);
-        }
-        self.publish(payload).map(Some)
+        let loaded = publish::load_payload(path)?;
+        self.publish_with(|prev| {
+            let payload = publish::prepare_payload(
+                loaded,
+                &self.settings.network_key,
+                self.settings.next_network_key.as_ref(),
+                Some(&prev.snapshot.payload),
+            )?;
+            Ok((payload != prev.snapshot.payload).then_some(payload))
+        })
     }
 }
 
@@ -161,18 +265,37 @@ impl IoService {
             addr: settings.listen,
             source,
         })?;
-        let payload =
-            publish::prepare_payload(settings.network_config.clone(), &settings.network_key)?;
+        let held = settings.held_keys();
         let stored = match &settings.config_state {
-            Some(path) => publish::load_state(path, &settings.network_key, &settings.network_id)?,
+            Some(path) => publish::load_state(path, &held, &settings.network_id)?,
             None => None,
+        };
+        // Kept rotations only serve catch-up: a damaged file costs that, not the service.
+        let rotations = match &settings.config_state {
+            Some(path) => publish::load_rotations(&publish::rotations_path(path))
+                .unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "kept key rotations unreadable; nodes that missed a rotation must be re-pinned");
+                    Vec::new()
+                }),
+            None => Vec::new(),
+        };
+        let payload = publish::prepare_payload(
+            settings.network_config.clone(),
+            &settings.network_key,
+            settings.next_network_key.as_ref(),
+            stored.as_ref().map(|s| &s.snapshot.payload),
+        )?;
+        let now = settings.clock.now_ms();
+        let key = match &stored {
+            Some(s) => publish::signing_key(&held, &s.snapshot.payload, now)?,
+            None => &settings.network_key,
         };
         let first = publish::initial(
             stored,
-            &settings.network_key,
+            key,
             &settings.network_id,
             payload,
-            settings.clock.now_ms(),
+            now,
             settings.config_ttl_ms,
         )?;
         if let Some(path) = &settings.config_state {
@@ -195,16 +318,21 @@ impl IoService {
             metrics,
             core: Mutex::new(core),
             published: RwLock::new(Arc::new(first)),
+            rotations: RwLock::new(Arc::new(rotations)),
             publish_lock: Mutex::new(()),
             shutdown: shutdown.clone(),
         }));
+        // A rotation whose window ended while the service was down is confirmed first; a
+        // configured next key not yet published starts one.
+        state.confirm_rotation()?;
+        state.rotate_keys()?;
         let app = router(state.clone());
         let listener =
             crate::listener::BoundedListener::new(listener, state.settings.limits.max_connections);
         let header_timeout = Duration::from_millis(state.settings.limits.header_timeout_ms);
         let server = tokio::spawn(serve_http(listener, app, header_timeout, shutdown.clone()));
         let ticker = tokio::spawn(tick_loop(state.clone(), shutdown));
-        tracing::info!(%local_addr, network = %state.settings.network_id, key = %state.settings.network_key.id(), "resultity-io listening");
+        tracing::info!(%local_addr, network = %state.settings.network_id, key = %state.signing_key().id(), "resultity-io listening");
         Ok(IoServiceHandle {
             local_addr,
             state,
@@ -270,6 +398,17 @@ async fn tick_loop(state: AppState, mut shutdown: watch::Receiver<bool>) {
         let now = state.now();
         state.core().tick(now);
         let current = state.published();
+        // Checked here without the publication lock: nearly every tick has nothing to confirm.
+        if current
+            .snapshot
+            .payload
+            .retiring_keys
+            .iter()
+            .any(|r| r.not_after_ms <= now)
+            && let Err(e) = state.confirm_rotation()
+        {
+            tracing::error!(error = %e, "confirming the key rotation failed");
+        }
         let half = state.settings.config_ttl_ms / 2;
         if now >= current.snapshot.issued_at_ms.saturating_add(half) {
             let payload = current.snapshot.payload.clone();

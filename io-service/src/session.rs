@@ -112,7 +112,7 @@ async fn run(state: AppState, mut socket: WebSocket) {
         max_frame_bytes: u32::try_from(lim.max_frame_bytes).unwrap_or(u32::MAX),
         ping_interval_ms: timing.ping_interval_ms,
     };
-    let Ok(text) = envelope::seal(&state.settings.network_key, Purpose::WsHello, &hello) else {
+    let Ok(text) = envelope::seal(state.signing_key(), Purpose::WsHello, &hello) else {
         return;
     };
     if !send_text(&mut socket, text).await {
@@ -206,7 +206,7 @@ async fn run(state: AppState, mut socket: WebSocket) {
         resumed_jobs,
     };
     tracing::info!(node = %node_id, session = %session_id, resumed_jobs, "session open");
-    let sent = match envelope::seal(&state.settings.network_key, Purpose::WsWelcome, &welcome) {
+    let sent = match envelope::seal(state.signing_key(), Purpose::WsWelcome, &welcome) {
         Ok(text) => send_text(&mut socket, text).await,
         Err(_) => false,
     };
@@ -310,7 +310,7 @@ impl Live {
     }
 
     async fn send(&mut self, socket: &mut WebSocket, msg: NetworkMessage) -> Next {
-        match self.session.seal(&self.state.settings.network_key, msg) {
+        match self.session.seal(self.state.signing_key(), msg) {
             Ok(text) => {
                 if send_text(socket, text).await {
                     Next::Continue

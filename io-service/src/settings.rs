@@ -136,6 +136,12 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub network_id: NetworkId,
     pub network_key: NetworkKeypair,
+    /// The key to rotate to: at start the service publishes a rotation (signed by
+    /// `network_key`) naming it active and `network_key` retiring for `key_overlap_ms`.
+    pub next_network_key: Option<NetworkKeypair>,
+    /// How long a retiring key stays trusted, so nodes that have not fetched the rotation
+    /// keep working; the service signs with the old key until it ends.
+    pub key_overlap_ms: u64,
     /// Payload of the first published snapshot.
     pub network_config: NetworkConfig,
     /// File the payload was read from; `reload` re-reads it.
@@ -153,6 +159,13 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The private keys the service holds, the one it started with first.
+    pub fn held_keys(&self) -> Vec<&NetworkKeypair> {
+        std::iter::once(&self.network_key)
+            .chain(self.next_network_key.as_ref())
+            .collect()
+    }
+
     /// Defaults around the three things that have none.
     pub fn new(
         network_id: NetworkId,
@@ -163,6 +176,8 @@ impl Settings {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             network_id,
             network_key,
+            next_network_key: None,
+            key_overlap_ms: 24 * 3600 * 1000,
             network_config,
             config_source: None,
             config_state: None,

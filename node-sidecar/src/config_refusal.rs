@@ -25,6 +25,12 @@ impl ConfigRefusal {
         }
     }
 
+    /// Whether a refused snapshot is still in its backoff at `now_ms` (for fetches whose
+    /// digest is not known beforehand: a catch-up after an untrusted signature).
+    pub fn backing_off(&self, now_ms: u64) -> bool {
+        matches!(&self.refused, Some((_, _, retry_at)) if now_ms < *retry_at)
+    }
+
     /// `digest` was refused at `now_ms`; returns when it may be fetched again.
     pub fn record(&mut self, digest: &ConfigDigest, now_ms: u64) -> u64 {
         let times = match &self.refused {

@@ -118,7 +118,18 @@ impl ConfigStore {
         signed: &SignedConfig,
         now_ms: u64,
     ) -> Result<Option<&VerifiedConfig>, OfferError> {
-        match self.trust.verify(signed, now_ms)? {
+        self.offer_chain(std::slice::from_ref(signed), now_ms)
+    }
+
+    /// Verifies a catch-up chain (the rotations this node missed, then the network's current
+    /// snapshot) and, if its last snapshot is newer, persists and applies it with the trust
+    /// the chain establishes. All or nothing: on any refusal nothing changes.
+    pub fn offer_chain(
+        &mut self,
+        chain: &[SignedConfig],
+        now_ms: u64,
+    ) -> Result<Option<&VerifiedConfig>, OfferError> {
+        match self.trust.verify_chain(chain, now_ms)? {
             ConfigVerdict::Unchanged => Ok(None),
             ConfigVerdict::New(cfg) => {
                 let mut trust = self.trust.clone();
@@ -195,6 +206,7 @@ mod tests {
                 timing: Timing::default(),
                 subclouds: vec![],
                 network_keys: vec![key.id().clone()],
+                retiring_keys: vec![],
                 revoked_node_keys: vec![],
                 penalties: None,
             },

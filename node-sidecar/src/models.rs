@@ -354,6 +354,7 @@ mod tests {
             timing: Timing::default(),
             subclouds: vec![],
             network_keys: vec![],
+            retiring_keys: vec![],
             revoked_node_keys: vec![],
             penalties: None,
         }

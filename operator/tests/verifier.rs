@@ -798,6 +798,7 @@ fn snapshot(version: u64, prev: Option<resultity_protocol::ConfigDigest>) -> Con
             timing: Timing::default(),
             subclouds: vec![],
             network_keys: vec![net_key().id().clone()],
+            retiring_keys: vec![],
             revoked_node_keys: vec![],
             penalties: None,
         },

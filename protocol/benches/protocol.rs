@@ -182,6 +182,7 @@ fn benches(c: &mut Criterion) {
             timing: Timing::default(),
             subclouds: vec![],
             network_keys: vec![network.id().clone()],
+            retiring_keys: vec![],
             revoked_node_keys: vec![],
             penalties: None,
         },

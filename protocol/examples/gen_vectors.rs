@@ -4,7 +4,8 @@
 //! fails if the implementation ever drifts from the committed file.
 
 use resultity_protocol::config::{
-    ConfigDigest, ConfigSnapshot, NetworkConfig, RuntimeImages, SignedConfig,
+    ConfigDigest, ConfigSnapshot, ConfigTrust, NetworkConfig, RetiringKey, RuntimeImages,
+    SignedConfig,
 };
 use resultity_protocol::crypto::{self, signature_input};
 use resultity_protocol::envelope::{self, EnvelopeSigner};
@@ -20,6 +21,89 @@ use resultity_protocol::{NetworkKeypair, NodeKeypair, Purpose};
 use serde_json::{Value, json};
 
 const TS: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+const HOUR: u64 = 3_600_000;
+/// Ed25519's group order L, little-endian.
+const L: [u8; 32] = [
+    0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9, 0xde, 0x14,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+];
+
+/// `S + L` for the scalar half of a signature: the same point equation holds, but the scalar
+/// is not reduced, so strict verification must refuse it.
+fn non_canonical(sig: &[u8; 64]) -> [u8; 64] {
+    let mut out = *sig;
+    let mut carry = 0u16;
+    for i in 0..32 {
+        let v = u16::from(sig[32 + i]) + u16::from(L[i]) + carry;
+        out[32 + i] = (v & 0xff) as u8;
+        carry = v >> 8;
+    }
+    out
+}
+
+/// A snapshot of the rotation scenario (`k` names the active keys, `retiring` the overlap).
+fn rotation_snapshot(
+    network_id: &NetworkId,
+    version: u64,
+    prev: Option<&SignedConfig>,
+    issued_at_ms: u64,
+    keys: &[&NetworkKeypair],
+    retiring: &[(&NetworkKeypair, u64)],
+) -> ConfigSnapshot {
+    ConfigSnapshot {
+        network_id: network_id.clone(),
+        version,
+        issued_at_ms,
+        expires_at_ms: issued_at_ms + 24 * HOUR,
+        prev_digest: prev.map(|p| p.digest().clone()),
+        payload: NetworkConfig {
+            environment: Environment::Testnet,
+            models: vec![],
+            runtime_images: RuntimeImages::default(),
+            sidecar_image: None,
+            timing: Timing::default(),
+            subclouds: vec![],
+            network_keys: keys.iter().map(|k| k.id().clone()).collect(),
+            retiring_keys: retiring
+                .iter()
+                .map(|(k, t)| RetiringKey {
+                    key: k.id().clone(),
+                    not_after_ms: *t,
+                })
+                .collect(),
+            revoked_node_keys: vec![],
+            penalties: None,
+        },
+    }
+}
+
+fn trust_after(
+    network_id: &NetworkId,
+    keys: &[&NetworkKeypair],
+    retiring: &[(&NetworkKeypair, u64)],
+    current: Option<&SignedConfig>,
+) -> Result<Value, Box<dyn std::error::Error>> {
+    let current = match current {
+        Some(c) => Some(ConfigPointer {
+            version: c.parse_unverified()?.version,
+            digest: c.digest().clone(),
+        }),
+        None => None,
+    };
+    let trust = ConfigTrust {
+        network_id: network_id.clone(),
+        keys: keys.iter().map(|k| k.id().clone()).collect(),
+        retiring: retiring
+            .iter()
+            .map(|(k, t)| RetiringKey {
+                key: k.id().clone(),
+                not_after_ms: *t,
+            })
+            .collect(),
+        current,
+    };
+    Ok(serde_json::to_value(trust)?)
+}
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -134,6 +218,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             timing: Timing::default(),
             subclouds: vec![],
             network_keys: vec![network.id().clone()],
+            retiring_keys: vec![],
             revoked_node_keys: vec![],
             penalties: None,
         },
@@ -334,6 +419,216 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let flipped = if typo_id.ends_with('a') { "b" } else { "a" };
     typo_id.replace_range(typo_id.len() - 1.., flipped);
 
+    // Envelopes a network must refuse when opening a node request (`http/ping` here).
+    let ping_env = envelope::seal_bytes(&node, Purpose::HttpPing, &ping);
+    let ping_raw = envelope::RawEnvelope::decode(ping_env.as_bytes(), usize::MAX)?;
+    let good_sig = crypto::b64(&ping_raw.signature().to_bytes());
+    let big_s = crypto::b64(&non_canonical(&ping_raw.signature().to_bytes()));
+    let other_node = NodeKeypair::from_seed(&[0x33u8; 32]);
+    let wrong_net = serde_json::to_string(&PingRequest {
+        hdr: RequestHeader {
+            network_id: NetworkId::parse("resultity-mainnet")?,
+            ..hdr.clone()
+        },
+    })?;
+    let wrong_node = serde_json::to_string(&PingRequest {
+        hdr: RequestHeader {
+            node_id: other_node.id().clone(),
+            ..hdr.clone()
+        },
+    })?;
+    let body_json = serde_json::to_string(&ping)?;
+    let with_member = |extra: &str| {
+        format!(
+            "{{\"v\":1,\"purpose\":\"http/ping\",\"signer\":\"{}\",\"sig\":\"{good_sig}\",\"body\":{body_json}{extra}}}",
+            node.id()
+        )
+    };
+    let invalid_requests = json!([
+        {"name": "signer is a small-order point (weak key)", "envelope": ping_env.replace(node.id().as_str(), &resultity_protocol::ids::node_id_text_unchecked(&weak_key)), "error": "weak_key"},
+        {"name": "signature scalar S >= L (non-canonical)", "envelope": ping_env.replace(&good_sig, &big_s), "error": "bad_signature"},
+        {"name": "addressed to another network", "envelope": envelope::seal_bytes(&node, Purpose::HttpPing, &wrong_net), "error": "wrong_audience"},
+        {"name": "hdr names another node than the signer", "envelope": envelope::seal_bytes(&node, Purpose::HttpPing, &wrong_node), "error": "wrong_node"},
+        {"name": "signer is a network key id", "envelope": ping_env.replace(node.id().as_str(), network.id().as_str()), "error": "malformed"},
+        {"name": "envelope version 2", "envelope": ping_env.replace("{\"v\":1,", "{\"v\":2,"), "error": "unsupported_version"},
+        {"name": "envelope version as a string", "envelope": ping_env.replace("{\"v\":1,", "{\"v\":\"1\","), "error": "malformed"},
+        {"name": "unknown envelope member", "envelope": with_member(",\"extra\":1"), "error": "malformed"},
+        {"name": "envelope member twice", "envelope": with_member(",\"purpose\":\"http/ping\""), "error": "malformed"},
+        {"name": "sig of 63 bytes", "envelope": ping_env.replace(&good_sig, &good_sig[..84]), "error": "malformed"},
+        {"name": "sig with base64 padding", "envelope": ping_env.replace(&good_sig, &format!("{good_sig}==")), "error": "malformed"},
+        {"name": "body is an object, not a string", "envelope": ping_env.replace(&body_json, &ping), "error": "malformed"},
+        {"name": "truncated JSON", "envelope": &ping_env[..ping_env.len() - 1], "error": "malformed"},
+    ]);
+
+    // Replay: the HTTP nonce store (default bounds) and the WebSocket sequence window, each a
+    // sequence of checks in order.
+    let nonce = |b: u8| crypto::b64(&[b; 16]);
+    let http_replay = json!([
+        {"name": "fresh", "ts_ms": TS, "nonce": nonce(1), "now_ms": TS, "error": null},
+        {"name": "same nonce again", "ts_ms": TS, "nonce": nonce(1), "now_ms": TS + 1_000, "error": "replayed"},
+        {"name": "another nonce", "ts_ms": TS + 1, "nonce": nonce(2), "now_ms": TS + 1_000, "error": null},
+        {"name": "30 001 ms old", "ts_ms": TS - 30_001, "nonce": nonce(3), "now_ms": TS, "error": "stale_timestamp"},
+        {"name": "30 001 ms ahead", "ts_ms": TS + 30_001, "nonce": nonce(4), "now_ms": TS, "error": "stale_timestamp"},
+        {"name": "exactly 30 000 ms old", "ts_ms": TS - 30_000, "nonce": nonce(5), "now_ms": TS, "error": null},
+    ]);
+    let ws_replay = json!([
+        {"seq": 1, "error": null},
+        {"seq": 1, "error": "replayed"},
+        {"seq": 3, "error": null},
+        {"seq": 2, "error": null},
+        {"seq": 2, "error": "replayed"},
+        {"seq": 70, "error": null},
+        {"seq": 6, "error": "replayed"},
+        {"seq": 7, "error": null},
+        {"seq": 0, "error": "malformed"},
+    ]);
+
+    // Key rotation (k1 -> k2 -> k3) and config refusals: each case is a trust state, a chain
+    // of snapshots offered (one snapshot, or a catch-up chain) and a fixed `now_ms`.
+    let k1 = &network;
+    let k2 = NetworkKeypair::from_seed(&[0x44u8; 32]);
+    let k3 = NetworkKeypair::from_seed(&[0x55u8; 32]);
+    let r = |v, prev, at, keys: &[&NetworkKeypair], ret: &[(&NetworkKeypair, u64)]| {
+        rotation_snapshot(&network_id, v, prev, at, keys, ret)
+    };
+    let v1 = SignedConfig::sign(k1, &r(1, None, TS, &[k1], &[]))?;
+    let v2 = SignedConfig::sign(k1, &r(2, Some(&v1), TS, &[&k2], &[(k1, TS + HOUR)]))?;
+    let v3 = SignedConfig::sign(&k2, &r(3, Some(&v2), TS + HOUR, &[&k2], &[]))?;
+    let v4 = SignedConfig::sign(
+        &k2,
+        &r(4, Some(&v3), TS + 2 * HOUR, &[&k3], &[(&k2, TS + 3 * HOUR)]),
+    )?;
+    let v5 = SignedConfig::sign(&k3, &r(5, Some(&v4), TS + 3 * HOUR, &[&k3], &[]))?;
+    let v3_by_retiring = SignedConfig::sign(
+        k1,
+        &r(3, Some(&v2), TS + HOUR / 2, &[&k2], &[(k1, TS + HOUR)]),
+    )?;
+    let mut other = r(2, Some(&v1), TS, &[&k2], &[(k1, TS + HOUR)]);
+    other.payload.sidecar_image = Some("ghcr.io/resultity/sidecar:0.1.1".into());
+    let v2_other = SignedConfig::sign(k1, &other)?;
+    let v2_unchained = SignedConfig::sign(k1, &r(2, None, TS, &[&k2], &[(k1, TS + HOUR)]))?;
+    let snapshots = [
+        ("v1", &v1),
+        ("v2", &v2),
+        ("v3", &v3),
+        ("v4", &v4),
+        ("v5", &v5),
+        ("v3 signed by the retiring key", &v3_by_retiring),
+        ("v2 other content", &v2_other),
+        ("v2 without prev_digest", &v2_unchained),
+    ];
+    let at_v1 = trust_after(&network_id, &[k1], &[], Some(&v1))?;
+    let at_v2 = trust_after(&network_id, &[&k2], &[(k1, TS + HOUR)], Some(&v2))?;
+    let at_v4 = trust_after(&network_id, &[&k3], &[(&k2, TS + 3 * HOUR)], Some(&v4))?;
+    let pinned_k3 = trust_after(&network_id, &[&k3], &[], None)?;
+    let case = |name: &str,
+                trust: &Value,
+                chain: &[&str],
+                now: u64,
+                error: Option<&str>,
+                version: Option<u64>| {
+        json!({"name": name, "trust": trust, "chain": chain, "now_ms": now, "error": error, "applied_version": version})
+    };
+    let config_cases = json!([
+        case(
+            "rotation signed by the old key, node at v1",
+            &at_v1,
+            &["v2"],
+            TS + 1,
+            None,
+            Some(2)
+        ),
+        case(
+            "retiring key within its window",
+            &at_v2,
+            &["v3 signed by the retiring key"],
+            TS + HOUR / 2,
+            None,
+            Some(3)
+        ),
+        case(
+            "retiring key after its window",
+            &at_v2,
+            &["v3 signed by the retiring key"],
+            TS + HOUR,
+            Some("unknown_signer"),
+            None
+        ),
+        case(
+            "new key during the overlap",
+            &at_v2,
+            &["v3"],
+            TS + HOUR - 1,
+            None,
+            Some(3)
+        ),
+        case(
+            "current snapshot alone after two missed rotations",
+            &at_v1,
+            &["v5"],
+            TS + 26 * HOUR,
+            Some("unknown_signer"),
+            None
+        ),
+        case(
+            "catch-up chain after two missed rotations (expired steps)",
+            &at_v1,
+            &["v2", "v4", "v5"],
+            TS + 26 * HOUR,
+            None,
+            Some(5)
+        ),
+        case(
+            "catch-up chain, node pinned with the newest key",
+            &pinned_k3,
+            &["v2", "v4", "v5"],
+            TS + 26 * HOUR,
+            None,
+            Some(5)
+        ),
+        case(
+            "rollback to an older version",
+            &at_v4,
+            &["v3"],
+            TS + 2 * HOUR + 1,
+            Some("config_rollback"),
+            None
+        ),
+        case(
+            "same version, other content (equivocation)",
+            &at_v2,
+            &["v2 other content"],
+            TS + 1,
+            Some("config_equivocation"),
+            None
+        ),
+        case(
+            "next version not chained to the current one",
+            &at_v1,
+            &["v2 without prev_digest"],
+            TS + 1,
+            Some("config_equivocation"),
+            None
+        ),
+        case(
+            "expired snapshot",
+            &at_v1,
+            &["v2"],
+            TS + 24 * HOUR,
+            Some("config_expired"),
+            None
+        ),
+        case(
+            "equivocation inside a catch-up chain",
+            &at_v2,
+            &["v2 other content", "v3"],
+            TS + HOUR - 1,
+            Some("config_equivocation"),
+            None
+        ),
+        case("same snapshot again", &at_v2, &["v2"], TS + 1, None, None),
+    ]);
+
     let vectors = json!({
         "description": "Resultity protocol v1 test vectors (docs/protocol.md §12). Keys are derived from the seeds; signatures are deterministic Ed25519 (RFC 8032).",
         "domain_tag": "resultity/v1",
@@ -371,6 +666,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             {"name": "node id of a small-order point (weak key)", "text": resultity_protocol::ids::node_id_text_unchecked(&weak_key), "error": "weak_key"},
             {"name": "node id with one character changed (checksum)", "text": typo_id, "error": "malformed"},
         ],
+        "invalid_requests": invalid_requests,
+        "replay": {"http": http_replay, "ws_seq": ws_replay},
+        "rotation_keys": [
+            key_vector("k1 (= network)", net_seed, k1.id().as_str(), k1.verifying_key().as_bytes()),
+            key_vector("k2", [0x44u8; 32], k2.id().as_str(), k2.verifying_key().as_bytes()),
+            key_vector("k3", [0x55u8; 32], k3.id().as_str(), k3.verifying_key().as_bytes()),
+        ],
+        "config_snapshots": snapshots.iter().map(|(n, c)| json!({"name": n, "envelope": c.as_str(), "config_digest": c.digest().as_str()})).collect::<Vec<_>>(),
+        "config_cases": config_cases,
         "invalid": [
             {"name": "purpose changed after signing", "envelope": flipped_purpose, "expect_purpose": "http/heartbeat", "signer": "node", "error": "bad_signature"},
             {"name": "ping presented on the heartbeat endpoint", "envelope": envelope::seal_bytes(&node, Purpose::HttpPing, &ping), "expect_purpose": "http/heartbeat", "signer": "node", "error": "wrong_purpose"},

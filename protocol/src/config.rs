@@ -175,12 +175,24 @@ pub struct NetworkConfig {
     /// Keys trusted to sign the *next* snapshots. A new set takes effect once a snapshot signed
     /// by a key of the old set has been applied, so every rotation is signed by the old keys.
     pub network_keys: Vec<NetworkKeyId>,
+    /// Keys being rotated out: still trusted, for snapshots and every network-signed message,
+    /// until their `not_after_ms`, so nodes that have not fetched the rotation keep working.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retiring_keys: Vec<RetiringKey>,
     /// Node keys the network no longer accepts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub revoked_node_keys: Vec<NodeId>,
     /// Scheduler exclusion thresholds, overriding the network service's own settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub penalties: Option<PenaltySettings>,
+}
+
+/// A network key in its overlap window: trusted until `not_after_ms` (exclusive).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct RetiringKey {
+    pub key: NetworkKeyId,
+    pub not_after_ms: u64,
 }
 
 /// When the network suspends a node: after `exclude_after_failures` failed incidents in a row
@@ -264,6 +276,56 @@ impl SignedConfig {
     }
 }
 
+/// The answer of `GET /v1/config?since=N` (spec §8.4): the snapshots a node at version `N`
+/// needs to reach the one in force — every key rotation published after `N`, then the current
+/// snapshot — in increasing version order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigChain {
+    pub network_id: NetworkId,
+    /// Signed snapshots in their wire form, exactly as signed.
+    pub snapshots: Vec<String>,
+    pub server_time_ms: u64,
+}
+
+impl ConfigChain {
+    pub fn new(network_id: NetworkId, links: &[&SignedConfig], server_time_ms: u64) -> Self {
+        Self {
+            network_id,
+            snapshots: links.iter().map(|l| l.as_str().to_owned()).collect(),
+            server_time_ms,
+        }
+    }
+
+    /// Decodes an answer (bounded size and length) into its snapshots, unverified: pass them
+    /// to [`ConfigTrust::verify_chain`].
+    pub fn decode(bytes: &[u8]) -> Result<Vec<SignedConfig>> {
+        if bytes.len() > limits::MAX_CONFIG_CHAIN_BYTES {
+            return Err(ProtocolError::TooLarge {
+                what: "config chain",
+                size: bytes.len(),
+                max: limits::MAX_CONFIG_CHAIN_BYTES,
+            });
+        }
+        let chain: ConfigChain = serde_json::from_slice(bytes)
+            .map_err(|e| ProtocolError::malformed("config chain", &e))?;
+        if chain.snapshots.is_empty() || chain.snapshots.len() > limits::MAX_CONFIG_CHAIN_LINKS {
+            return Err(ProtocolError::InvalidField {
+                field: "config chain",
+                reason: format!(
+                    "holds {} snapshots, expected 1 to {}",
+                    chain.snapshots.len(),
+                    limits::MAX_CONFIG_CHAIN_LINKS
+                ),
+            });
+        }
+        chain
+            .snapshots
+            .iter()
+            .map(|s| SignedConfig::decode(s.as_bytes()))
+            .collect()
+    }
+}
+
 /// A snapshot that passed every check of [`ConfigTrust::verify`].
 #[derive(Debug, Clone)]
 pub struct VerifiedConfig {
@@ -298,9 +360,23 @@ pub enum ConfigVerdict {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfigTrust {
     pub network_id: NetworkId,
+    /// The active key set.
     pub keys: Vec<NetworkKeyId>,
+    /// Keys of the previous set, each trusted until its `not_after_ms`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retiring: Vec<RetiringKey>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current: Option<crate::messages::ConfigPointer>,
+}
+
+/// Whether a snapshot is the one to apply or a step on the way to it (spec §8.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// Must be unexpired.
+    Final,
+    /// Only carries a key rotation forward: its own expiry does not matter (as TUF's
+    /// intermediate root files), the freshness of the final snapshot does.
+    Intermediate,
 }
 
 impl ConfigTrust {
@@ -309,7 +385,47 @@ impl ConfigTrust {
         Self {
             network_id,
             keys,
+            retiring: Vec::new(),
             current: None,
+        }
+    }
+
+    /// Every key trusted at `now_ms`: the active set and the retiring keys whose overlap window
+    /// has not ended. Network-signed messages are checked against this set.
+    pub fn keys_at(&self, now_ms: u64) -> Vec<NetworkKeyId> {
+        let mut keys = self.keys.clone();
+        for r in &self.retiring {
+            if now_ms < r.not_after_ms && !keys.contains(&r.key) {
+                keys.push(r.key.clone());
+            }
+        }
+        keys
+    }
+
+    /// The next instant after `now_ms` at which [`ConfigTrust::keys_at`] shrinks, if any.
+    pub fn next_retirement(&self, now_ms: u64) -> Option<u64> {
+        self.retiring
+            .iter()
+            .map(|r| r.not_after_ms)
+            .filter(|t| *t > now_ms)
+            .min()
+    }
+
+    /// The trusted key `signer` names at `now_ms`.
+    fn signer_key(&self, signer: &str, now_ms: u64) -> Result<&NetworkKeyId> {
+        if let Some(k) = self.keys.iter().find(|k| k.as_str() == signer) {
+            return Ok(k);
+        }
+        match self.retiring.iter().find(|r| r.key.as_str() == signer) {
+            Some(r) if now_ms < r.not_after_ms => Ok(&r.key),
+            Some(r) => Err(ProtocolError::KeyRetired {
+                signer: envelope::truncate(signer),
+                not_after_ms: r.not_after_ms,
+                now_ms,
+            }),
+            None => Err(ProtocolError::UnknownSigner {
+                signer: envelope::truncate(signer),
+            }),
         }
     }
 
@@ -317,13 +433,51 @@ impl ConfigTrust {
     /// (strict), audience, expiry, issue time (± [`limits::CONFIG_CLOCK_SKEW_MS`]), version
     /// monotonicity, equivocation, chain.
     pub fn verify(&self, signed: &SignedConfig, now_ms: u64) -> Result<ConfigVerdict> {
-        let signer = self
-            .keys
-            .iter()
-            .find(|k| k.as_str() == signed.raw.signer())
-            .ok_or_else(|| ProtocolError::UnknownSigner {
-                signer: envelope::truncate(signed.raw.signer()),
-            })?;
+        self.verify_link(signed, now_ms, Link::Final)
+    }
+
+    /// Verifies a catch-up chain (spec §8.4): snapshots in increasing version order, each
+    /// checked against the trust the previous ones establish; the verdict is the last one's.
+    /// A link that is not for this node — signed by a key it does not (or no longer) trust, or
+    /// older than the snapshot in force — is skipped and changes nothing; any other failure
+    /// refuses the whole chain. The last link must pass every check. Nothing is applied here:
+    /// pass the verdict to [`ConfigTrust::apply`], which yields the same trust as applying
+    /// every verified link in turn.
+    pub fn verify_chain(&self, links: &[SignedConfig], now_ms: u64) -> Result<ConfigVerdict> {
+        let Some((last, steps)) = links.split_last() else {
+            return Err(ProtocolError::InvalidField {
+                field: "config chain",
+                reason: "holds no snapshot".into(),
+            });
+        };
+        if links.len() > limits::MAX_CONFIG_CHAIN_LINKS {
+            return Err(ProtocolError::InvalidField {
+                field: "config chain",
+                reason: format!(
+                    "holds {} snapshots, over the limit of {}",
+                    links.len(),
+                    limits::MAX_CONFIG_CHAIN_LINKS
+                ),
+            });
+        }
+        let mut walk = self.clone();
+        for link in steps {
+            match walk.verify_link(link, now_ms, Link::Intermediate) {
+                Ok(ConfigVerdict::New(cfg)) => walk.apply(&cfg),
+                Ok(ConfigVerdict::Unchanged)
+                | Err(
+                    ProtocolError::UnknownSigner { .. }
+                    | ProtocolError::KeyRetired { .. }
+                    | ProtocolError::Rollback { .. },
+                ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        walk.verify_link(last, now_ms, Link::Final)
+    }
+
+    fn verify_link(&self, signed: &SignedConfig, now_ms: u64, link: Link) -> Result<ConfigVerdict> {
+        let signer = self.signer_key(signed.raw.signer(), now_ms)?;
         signed.raw.verify(&signer.verifying_key()?)?;
         let snapshot: ConfigSnapshot = signed.raw.parse_body()?;
         if snapshot.network_id != self.network_id {
@@ -332,7 +486,7 @@ impl ConfigTrust {
                 found: snapshot.network_id.to_string(),
             });
         }
-        if snapshot.expires_at_ms <= now_ms {
+        if link == Link::Final && snapshot.expires_at_ms <= now_ms {
             return Err(ProtocolError::Expired {
                 version: snapshot.version,
                 expires_at_ms: snapshot.expires_at_ms,
@@ -385,10 +539,21 @@ impl ConfigTrust {
         })))
     }
 
-    /// Makes a verified snapshot the one in force and adopts its key set for the next one.
+    /// Makes a verified snapshot the one in force and adopts its key set for the next one:
+    /// `network_keys` become the active set, `retiring_keys` the overlap. A key of the old set
+    /// that the snapshot lists in neither is dropped at once (emergency rotation); a retiring
+    /// key is dropped when its window ends or when a later snapshot no longer lists it (the
+    /// network confirmed the rotation).
     pub fn apply(&mut self, config: &VerifiedConfig) {
+        let payload = &config.snapshot.payload;
         self.current = Some(config.pointer());
-        self.keys = config.snapshot.payload.network_keys.clone();
+        self.keys = payload.network_keys.clone();
+        self.retiring = payload
+            .retiring_keys
+            .iter()
+            .filter(|r| !self.keys.contains(&r.key))
+            .cloned()
+            .collect();
     }
 }
 
@@ -418,6 +583,7 @@ mod tests {
                 timing: Timing::default(),
                 subclouds: vec![],
                 network_keys: vec![key.id().clone()],
+                retiring_keys: vec![],
                 revoked_node_keys: vec![],
                 penalties: None,
             },
@@ -534,5 +700,339 @@ mod tests {
         assert!(ConfigDigest::parse(v1.digest().as_str()).is_ok());
         assert!(ConfigDigest::parse("sha256:ABC").is_err());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod rotation_tests {
+    use super::*;
+    use crate::messages::common::Environment;
+    use proptest::prelude::*;
+
+    const NOW: u64 = 1_700_000_000_000;
+    const HOUR: u64 = 3_600_000;
+
+    fn net() -> NetworkId {
+        NetworkId::parse("testnet").unwrap_or_else(|_| unreachable!())
+    }
+
+    fn key(n: u8) -> NetworkKeypair {
+        NetworkKeypair::from_seed(&[n; 32])
+    }
+
+    /// A snapshot naming `keys` as the active set and `retiring` (key, not_after) as the overlap.
+    fn snap(
+        version: u64,
+        prev: Option<&SignedConfig>,
+        issued_at_ms: u64,
+        keys: &[&NetworkKeypair],
+        retiring: &[(&NetworkKeypair, u64)],
+    ) -> ConfigSnapshot {
+        ConfigSnapshot {
+            network_id: net(),
+            version,
+            issued_at_ms,
+            expires_at_ms: issued_at_ms + 24 * HOUR,
+            prev_digest: prev.map(|p| p.digest().clone()),
+            payload: NetworkConfig {
+                environment: Environment::Testnet,
+                models: vec![],
+                runtime_images: RuntimeImages::default(),
+                sidecar_image: None,
+                timing: Default::default(),
+                subclouds: vec![],
+                network_keys: keys.iter().map(|k| k.id().clone()).collect(),
+                retiring_keys: retiring
+                    .iter()
+                    .map(|(k, t)| RetiringKey {
+                        key: k.id().clone(),
+                        not_after_ms: *t,
+                    })
+                    .collect(),
+                revoked_node_keys: vec![],
+                penalties: None,
+            },
+        }
+    }
+
+    fn sign(k: &NetworkKeypair, s: &ConfigSnapshot) -> SignedConfig {
+        SignedConfig::sign(k, s).unwrap_or_else(|e| panic!("signing: {e}"))
+    }
+
+    fn applied(trust: &mut ConfigTrust, v: Result<ConfigVerdict>) {
+        match v {
+            Ok(ConfigVerdict::New(c)) => trust.apply(&c),
+            other => panic!("expected a new config, got {other:?}"),
+        }
+    }
+
+    /// A k1 → k2 rotation: v1 (k1), v2 = rotation signed by k1 with k1 retiring until
+    /// `NOW + 1 h`, v3 = confirmation signed by k2 after the window.
+    fn rotation() -> (Vec<SignedConfig>, NetworkKeypair, NetworkKeypair) {
+        let (k1, k2) = (key(1), key(2));
+        let v1 = sign(&k1, &snap(1, None, NOW - HOUR, &[&k1], &[]));
+        let v2 = sign(&k1, &snap(2, Some(&v1), NOW, &[&k2], &[(&k1, NOW + HOUR)]));
+        let v3 = sign(&k2, &snap(3, Some(&v2), NOW + HOUR, &[&k2], &[]));
+        (vec![v1, v2, v3], k1, k2)
+    }
+
+    #[test]
+    fn both_keys_are_trusted_during_the_overlap_and_the_old_one_is_refused_after() {
+        let (chain, k1, k2) = rotation();
+        let mut trust = ConfigTrust::pinned(net(), vec![k1.id().clone()]);
+        {
+            let v = trust.verify(&chain[0], NOW);
+            applied(&mut trust, v);
+        }
+        {
+            let v = trust.verify(&chain[1], NOW);
+            applied(&mut trust, v);
+        }
+        assert_eq!(trust.keys_at(NOW), vec![k2.id().clone(), k1.id().clone()]);
+        assert_eq!(trust.next_retirement(NOW), Some(NOW + HOUR));
+        // During the overlap a snapshot signed by the retiring key is accepted…
+        let by_old = sign(
+            &k1,
+            &snap(3, Some(&chain[1]), NOW, &[&k2], &[(&k1, NOW + HOUR)]),
+        );
+        assert!(matches!(
+            trust.verify(&by_old, NOW + HOUR - 1),
+            Ok(ConfigVerdict::New(_))
+        ));
+        // …and refused, with its own reason, from the end of the window on.
+        let err = trust.verify(&by_old, NOW + HOUR).map(|_| ());
+        assert!(
+            matches!(err, Err(ProtocolError::KeyRetired { not_after_ms, .. }) if not_after_ms == NOW + HOUR),
+            "{err:?}"
+        );
+        assert_eq!(trust.keys_at(NOW + HOUR), vec![k2.id().clone()]);
+        assert_eq!(trust.next_retirement(NOW + HOUR), None);
+        // The new key works throughout.
+        assert!(matches!(
+            trust.verify(&chain[2], NOW + HOUR),
+            Ok(ConfigVerdict::New(_))
+        ));
+    }
+
+    #[test]
+    fn a_confirmation_drops_the_retiring_key_before_its_window_ends() {
+        let (chain, k1, k2) = rotation();
+        let mut trust = ConfigTrust::pinned(net(), vec![k1.id().clone()]);
+        for link in &chain[..2] {
+            {
+                let v = trust.verify(link, NOW);
+                applied(&mut trust, v);
+            }
+        }
+        // Confirmed within the window (issued an hour later, within the clock tolerance).
+        let at = NOW + HOUR - 2;
+        {
+            let v = trust.verify(&chain[2], at);
+            applied(&mut trust, v);
+        }
+        assert_eq!(trust.keys_at(at), vec![k2.id().clone()]);
+        let late_old = sign(&k1, &snap(4, Some(&chain[2]), NOW, &[&k1], &[]));
+        assert!(matches!(
+            trust.verify(&late_old, NOW),
+            Err(ProtocolError::UnknownSigner { .. })
+        ));
+    }
+
+    #[test]
+    fn a_node_that_missed_two_rotations_catches_up_through_the_chain() {
+        let (k1, k2, k3) = (key(1), key(2), key(3));
+        let v1 = sign(&k1, &snap(1, None, NOW, &[&k1], &[]));
+        let v2 = sign(&k1, &snap(2, Some(&v1), NOW, &[&k2], &[(&k1, NOW + HOUR)]));
+        let v3 = sign(&k2, &snap(3, Some(&v2), NOW + HOUR, &[&k2], &[]));
+        let v4 = sign(
+            &k2,
+            &snap(
+                4,
+                Some(&v3),
+                NOW + 2 * HOUR,
+                &[&k3],
+                &[(&k2, NOW + 3 * HOUR)],
+            ),
+        );
+        let v5 = sign(&k3, &snap(5, Some(&v4), NOW + 3 * HOUR, &[&k3], &[]));
+        // Two days later: v2 and v4 have expired, both windows are over.
+        let later = NOW + 48 * HOUR;
+        let v6 = sign(&k3, &snap(6, Some(&v5), later - HOUR, &[&k3], &[]));
+        let mut trust = ConfigTrust::pinned(net(), vec![k1.id().clone()]);
+        {
+            let v = trust.verify(&v1, NOW);
+            applied(&mut trust, v);
+        }
+        // The current snapshot alone cannot be verified with k1…
+        assert!(matches!(
+            trust.verify(&v6, later),
+            Err(ProtocolError::UnknownSigner { .. })
+        ));
+        // …the chain of rotations since v1 can.
+        let chain = [v2.clone(), v4.clone(), v6.clone()];
+        let verdict = trust.verify_chain(&chain, later);
+        {
+            let v = verdict;
+            applied(&mut trust, v);
+        }
+        assert_eq!(trust.keys, vec![k3.id().clone()]);
+        assert!(trust.retiring.is_empty());
+        assert_eq!(trust.current.as_ref().map(|c| c.version), Some(6));
+        // A node pinned with the newest key skips the rotations it cannot (and need not) verify.
+        let fresh = ConfigTrust::pinned(net(), vec![k3.id().clone()]);
+        assert!(matches!(
+            fresh.verify_chain(&chain, later),
+            Ok(ConfigVerdict::New(c)) if c.snapshot.version == 6
+        ));
+        // A node pinned with a key the network never used verifies nothing.
+        let stranger = ConfigTrust::pinned(net(), vec![key(9).id().clone()]);
+        assert!(matches!(
+            stranger.verify_chain(&chain, later),
+            Err(ProtocolError::UnknownSigner { .. })
+        ));
+    }
+
+    #[test]
+    fn a_chain_does_not_excuse_rollback_equivocation_tampering_or_a_stale_end() {
+        let (chain, k1, k2) = rotation();
+        let mut trust = ConfigTrust::pinned(net(), vec![k1.id().clone()]);
+        {
+            let v = trust.verify(&chain[0], NOW);
+            applied(&mut trust, v);
+        }
+        {
+            let v = trust.verify(&chain[1], NOW);
+            applied(&mut trust, v);
+        }
+        {
+            let v = trust.verify(&chain[2], NOW + HOUR);
+            applied(&mut trust, v);
+        }
+        // Rollback: the chain ends below the version in force.
+        let old_v2 = sign(&k2, &snap(2, Some(&chain[0]), NOW, &[&k2], &[]));
+        assert!(matches!(
+            trust.verify_chain(&[chain[1].clone(), old_v2], NOW + HOUR),
+            Err(ProtocolError::Rollback {
+                current: 3,
+                offered: 2
+            })
+        ));
+        // Equivocation: another v3 (signed by a trusted key) on the way.
+        let other_v3 = sign(&k2, &snap(3, Some(&chain[1]), NOW + 2 * HOUR, &[&k2], &[]));
+        let v4 = sign(&k2, &snap(4, Some(&other_v3), NOW + 2 * HOUR, &[&k2], &[]));
+        assert!(matches!(
+            trust.verify_chain(&[other_v3, v4], NOW + 2 * HOUR),
+            Err(ProtocolError::Equivocation { version: 3, .. })
+        ));
+        // A tampered step refuses the whole chain.
+        let mut fresh = ConfigTrust::pinned(net(), vec![k1.id().clone()]);
+        {
+            let v = fresh.verify(&chain[0], NOW);
+            applied(&mut fresh, v);
+        }
+        let tampered = chain[1]
+            .as_str()
+            .replacen("\\\"version\\\":2", "\\\"version\\\":7", 1);
+        let tampered = SignedConfig::decode(tampered.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            fresh.verify_chain(&[tampered, chain[2].clone()], NOW + HOUR),
+            Err(ProtocolError::BadSignature { .. })
+        ));
+        // An expired final snapshot is refused even when the steps verify.
+        assert!(matches!(
+            fresh.verify_chain(&chain[1..], NOW + 48 * HOUR),
+            Err(ProtocolError::Expired { version: 3, .. })
+        ));
+        // Empty and over-long chains.
+        assert!(fresh.verify_chain(&[], NOW).is_err());
+        let long = vec![chain[1].clone(); limits::MAX_CONFIG_CHAIN_LINKS + 1];
+        assert!(matches!(
+            fresh.verify_chain(&long, NOW),
+            Err(ProtocolError::InvalidField { .. })
+        ));
+    }
+
+    #[test]
+    fn chain_answers_round_trip_and_are_bounded() -> Result<()> {
+        let (chain, _, _) = rotation();
+        let answer = ConfigChain::new(net(), &[&chain[1], &chain[2]], NOW);
+        let bytes = serde_json::to_vec(&answer).unwrap_or_default();
+        let decoded = ConfigChain::decode(&bytes)?;
+        assert_eq!(decoded.len(), 2);
+        assert_eq!(decoded[1].digest(), chain[2].digest());
+        assert!(matches!(
+            ConfigChain::decode(&vec![b' '; limits::MAX_CONFIG_CHAIN_BYTES + 1]),
+            Err(ProtocolError::TooLarge { .. })
+        ));
+        let empty = serde_json::to_vec(&ConfigChain::new(net(), &[], NOW)).unwrap_or_default();
+        assert!(ConfigChain::decode(&empty).is_err());
+        assert!(matches!(
+            ConfigChain::decode(b"[1"),
+            Err(ProtocolError::Malformed { .. })
+        ));
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// However many rotations a node missed (within the chain bound) and whatever key it
+        /// was pinned with, the chain of rotations since its version brings it to the same
+        /// trust as applying every snapshot in turn while online; a chain whose last snapshot
+        /// is signed by a key nobody rotated to is refused.
+        #[test]
+        fn catch_up_equals_applying_in_order(rotations in 1usize..6, start in 0usize..6) {
+            let start = start.min(rotations);
+            let keys: Vec<NetworkKeypair> = (0..=rotations).map(|i| key(10 + i as u8)).collect();
+            let mut snaps: Vec<SignedConfig> = Vec::new();
+            let mut rotation_links = Vec::new();
+            let v1 = sign(&keys[0], &snap(1, None, NOW, &[&keys[0]], &[]));
+            snaps.push(v1);
+            for r in 1..=rotations {
+                let t = NOW + (r as u64) * 2 * HOUR;
+                let prev = snaps.last().cloned();
+                let rot = sign(
+                    &keys[r - 1],
+                    &snap(snaps.len() as u64 + 1, prev.as_ref(), t, &[&keys[r]], &[(&keys[r - 1], t + HOUR)]),
+                );
+                snaps.push(rot.clone());
+                rotation_links.push((snaps.len(), rot.clone()));
+                let confirm = sign(
+                    &keys[r],
+                    &snap(snaps.len() as u64 + 1, Some(&rot), t + HOUR, &[&keys[r]], &[]),
+                );
+                snaps.push(confirm);
+            }
+            let later = NOW + (rotations as u64 + 1) * 2 * HOUR;
+            let last = snaps.last().cloned().unwrap_or_else(|| unreachable!());
+
+            // Online all along.
+            let mut online = ConfigTrust::pinned(net(), vec![keys[0].id().clone()]);
+            for s in &snaps {
+                let at = s.parse_unverified().map(|p| p.issued_at_ms).unwrap_or(NOW);
+                { let v = online.verify(s, at); applied(&mut online, v); }
+            }
+
+            // Offline since the snapshot of rotation `start` (0 = since v1).
+            let mut offline = ConfigTrust::pinned(net(), vec![keys[0].id().clone()]);
+            let since = if start == 0 { 1 } else { rotation_links[start - 1].0 };
+            for s in &snaps[..since] {
+                let at = s.parse_unverified().map(|p| p.issued_at_ms).unwrap_or(NOW);
+                { let v = offline.verify(s, at); applied(&mut offline, v); }
+            }
+            let mut chain: Vec<SignedConfig> = rotation_links
+                .iter()
+                .filter(|(v, _)| *v > since)
+                .map(|(_, s)| s.clone())
+                .collect();
+            chain.push(last.clone());
+            { let v = offline.verify_chain(&chain, later); applied(&mut offline, v); }
+            prop_assert_eq!(&offline, &online);
+
+            let forged = sign(&key(99), &snap(snaps.len() as u64 + 1, Some(&last), later, &[&key(99)], &[]));
+            let mut bad = chain.clone();
+            bad.push(forged);
+            prop_assert!(offline.verify_chain(&bad, later).is_err());
+        }
     }
 }

@@ -39,6 +39,13 @@ pub enum ProtocolError {
     /// The signer is not a key this verifier trusts for this message.
     #[error("signer {signer} is not trusted here")]
     UnknownSigner { signer: String },
+    /// The signer is a retiring network key whose overlap window has ended.
+    #[error("signer {signer} was retired at {not_after_ms} (now {now_ms})")]
+    KeyRetired {
+        signer: String,
+        not_after_ms: u64,
+        now_ms: u64,
+    },
     /// The signer's key has been revoked by the network.
     #[error("signer {signer} is revoked")]
     Revoked { signer: String },
@@ -111,7 +118,7 @@ impl ProtocolError {
             }
             Self::BadSignature { .. } => ErrorCode::BadSignature,
             Self::WeakKey => ErrorCode::WeakKey,
-            Self::UnknownSigner { .. } => ErrorCode::UnknownSigner,
+            Self::UnknownSigner { .. } | Self::KeyRetired { .. } => ErrorCode::UnknownSigner,
             Self::Revoked { .. } => ErrorCode::Revoked,
             Self::WrongPurpose { .. } => ErrorCode::WrongPurpose,
             Self::WrongAudience { .. } => ErrorCode::WrongAudience,

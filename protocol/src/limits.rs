@@ -7,6 +7,10 @@ pub const MAX_ENVELOPE_BYTES: usize = 1024 * 1024;
 pub const MAX_FRAME_BYTES: usize = MAX_ENVELOPE_BYTES;
 /// Largest signed config snapshot.
 pub const MAX_CONFIG_BYTES: usize = 4 * 1024 * 1024;
+/// Snapshots in one catch-up chain (`GET /v1/config?since=N`).
+pub const MAX_CONFIG_CHAIN_LINKS: usize = 16;
+/// Largest catch-up chain answer.
+pub const MAX_CONFIG_CHAIN_BYTES: usize = 2 * MAX_CONFIG_BYTES;
 /// HTTP timestamps must lie within ± this of server time.
 pub const HTTP_SKEW_MS: u64 = 30_000;
 /// Nonces are remembered for the whole window a timestamp can be accepted in.

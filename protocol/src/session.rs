@@ -212,6 +212,11 @@ impl NodeSession {
         let body = self.core.wrap(msg);
         envelope::seal(&self.key, purpose, &body)
     }
+    /// Trust another key set from now on (a config rotated the keys, or a retiring key's
+    /// window ended) without breaking the session's sequence state.
+    pub fn set_network_keys(&mut self, keys: NetworkKeys) {
+        self.network_keys = keys;
+    }
     /// Verifies and accepts one network frame.
     pub fn open(&mut self, frame: &[u8]) -> Result<Sequenced<NetworkMessage>> {
         let raw = decode_from(frame, self.max_frame, SignedBy::Network)?;

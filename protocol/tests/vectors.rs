@@ -290,3 +290,109 @@ fn stream_binding_vectors() {
     };
     assert!(plain.check_stream(Some(&summary)).is_err());
 }
+
+#[test]
+fn invalid_requests_fail_with_their_code() {
+    use resultity_protocol::messages::http::{PingRequest, open_node_request};
+    let (v, keys) = load();
+    let network_id = NetworkId::parse("resultity-testnet").unwrap();
+    let valid = v["envelopes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| s(e, "name") == "http ping")
+        .map(|e| s(e, "envelope").to_owned())
+        .unwrap();
+    // The unaltered request opens, so each refusal below is caused by its alteration.
+    let opened = open_node_request::<PingRequest>(valid.as_bytes(), &network_id).unwrap();
+    assert_eq!(&opened.node_id, keys.node.id());
+    let cases = v["invalid_requests"].as_array().unwrap();
+    assert!(cases.len() >= 10);
+    for case in cases {
+        let env = s(case, "envelope");
+        assert_ne!(env, valid, "{}: not altered", s(case, "name"));
+        let code = open_node_request::<PingRequest>(env.as_bytes(), &network_id)
+            .err()
+            .map(|e| e.code());
+        let want: ErrorCode = serde_json::from_value(case["error"].clone()).unwrap();
+        assert_eq!(code, Some(want), "{}", s(case, "name"));
+    }
+}
+
+#[test]
+fn replay_vectors() {
+    use resultity_protocol::replay::{NonceStore, SeqWindow};
+    let (v, keys) = load();
+    let mut store = NonceStore::default();
+    let steps = v["replay"]["http"].as_array().unwrap();
+    assert!(steps.len() >= 5);
+    for step in steps {
+        let got = store
+            .check(
+                keys.node.id().as_str(),
+                step["ts_ms"].as_u64().unwrap(),
+                s(step, "nonce"),
+                step["now_ms"].as_u64().unwrap(),
+            )
+            .err()
+            .map(|e| e.code());
+        let want: Option<ErrorCode> = serde_json::from_value(step["error"].clone()).unwrap();
+        assert_eq!(got, want, "{}", s(step, "name"));
+    }
+    let mut window = SeqWindow::new();
+    for step in v["replay"]["ws_seq"].as_array().unwrap() {
+        let seq = step["seq"].as_u64().unwrap();
+        let got = window.check(seq).err().map(|e| e.code());
+        let want: Option<ErrorCode> = serde_json::from_value(step["error"].clone()).unwrap();
+        assert_eq!(got, want, "seq {seq}");
+    }
+}
+
+#[test]
+fn rotation_and_config_refusal_vectors() {
+    let (v, keys) = load();
+    let mut rotation_keys = HashMap::new();
+    for k in v["rotation_keys"].as_array().unwrap() {
+        let seed: [u8; 32] = crypto::unb64("seed", s(k, "seed_b64url")).unwrap();
+        let key = NetworkKeypair::from_seed(&seed);
+        assert_eq!(key.id().as_str(), s(k, "id"));
+        assert_eq!(hex(key.verifying_key().as_bytes()), s(k, "public_key_hex"));
+        rotation_keys.insert(key.id().as_str().to_owned(), key);
+    }
+    assert!(rotation_keys.contains_key(keys.network.id().as_str()));
+    let mut snapshots = HashMap::new();
+    for c in v["config_snapshots"].as_array().unwrap() {
+        let signed = SignedConfig::decode(s(c, "envelope").as_bytes()).unwrap();
+        assert_eq!(signed.digest().as_str(), s(c, "config_digest"));
+        // Deterministic: re-signing the snapshot with its signer gives the same bytes.
+        let signer = &rotation_keys[signed.signer()];
+        let resigned = SignedConfig::sign(signer, &signed.parse_unverified().unwrap()).unwrap();
+        assert_eq!(resigned.as_str(), s(c, "envelope"), "{}", s(c, "name"));
+        snapshots.insert(s(c, "name").to_owned(), signed);
+    }
+    let cases = v["config_cases"].as_array().unwrap();
+    assert!(cases.len() >= 10);
+    for case in cases {
+        let name = s(case, "name");
+        let trust: ConfigTrust = serde_json::from_value(case["trust"].clone()).unwrap();
+        let chain: Vec<SignedConfig> = case["chain"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| snapshots[n.as_str().unwrap()].clone())
+            .collect();
+        let now = case["now_ms"].as_u64().unwrap();
+        let want: Option<ErrorCode> = serde_json::from_value(case["error"].clone()).unwrap();
+        let applied = case["applied_version"].as_u64();
+        match trust.verify_chain(&chain, now) {
+            Ok(ConfigVerdict::New(c)) => {
+                assert_eq!(want, None, "{name}: accepted");
+                assert_eq!(Some(c.snapshot.version), applied, "{name}");
+            }
+            Ok(ConfigVerdict::Unchanged) => {
+                assert_eq!((want, applied), (None, None), "{name}: unchanged");
+            }
+            Err(e) => assert_eq!(Some(e.code()), want, "{name}: {e}"),
+        }
+    }
+}

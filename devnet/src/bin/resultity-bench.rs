@@ -494,6 +494,7 @@ fn p3_payload() -> NetworkConfig {
         timing: Timing::default(),
         subclouds: vec![],
         network_keys: vec![],
+        retiring_keys: vec![],
         revoked_node_keys: vec![],
         penalties: None,
     }

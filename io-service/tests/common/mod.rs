@@ -55,6 +55,7 @@ pub fn payload() -> NetworkConfig {
         },
         subclouds: vec![],
         network_keys: vec![],
+        retiring_keys: vec![],
         revoked_node_keys: vec![],
         penalties: None,
     }

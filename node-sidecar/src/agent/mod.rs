@@ -27,7 +27,6 @@ use resultity_protocol::messages::ws::{JobResult, NodeMessage};
 use resultity_protocol::messages::{
     ConfigPointer, NodePhase, Participation, RuntimeKind, RuntimeReport, Software, Timing,
 };
-use resultity_protocol::session::NetworkKeys;
 use resultity_protocol::status::{
     ConnectionState, ConnectionStatus, JobCounters, NodeStatus, STATUS_FORMAT,
 };
@@ -204,8 +203,6 @@ impl Agent {
         let pinned =
             ConfigTrust::pinned(settings.network_id.clone(), settings.network_keys.clone());
         let store = ConfigStore::open(&settings.data_dir.join("config"), pinned)?;
-        let keys = NetworkKeys::new(&store.trust().keys)
-            .map_err(|e| AgentError::Settings(format!("network keys: {e}")))?;
         let outbox =
             Outbox::open(settings.data_dir.join("outbox"))?.with_policy(settings.outbox_sync);
         let timing = store
@@ -216,7 +213,8 @@ impl Agent {
             &settings.io_url,
             settings.network_id.clone(),
             key.clone(),
-            keys,
+            store.trust().clone(),
+            clock.clone(),
             Duration::from_millis(timing.http_timeout_ms),
         )?;
         let runtime = AnyRuntime::with_options(
@@ -321,6 +319,21 @@ impl Agent {
         *lock(&self.timing) = t.clone();
         self.net
             .set_timeout(Duration::from_millis(t.http_timeout_ms));
+    }
+
+    /// A network message signed by a key this node does not trust means the network rotated
+    /// its keys past this node's config: sync (the catch-up chain repairs it). A refused
+    /// chain backs off like any refused snapshot.
+    pub(crate) fn catch_up_if_untrusted(&self, e: &resultity_protocol::ProtocolError) {
+        if matches!(
+            e,
+            resultity_protocol::ProtocolError::UnknownSigner { .. }
+                | resultity_protocol::ProtocolError::KeyRetired { .. }
+        ) && !lock(&self.config_refusal).backing_off(self.clock.now_ms())
+        {
+            tracing::info!(error = %e, "network signed with a key this node does not trust; syncing the config chain");
+            self.config_changed.notify_one();
+        }
     }
 
     /// False while `digest` is a refused snapshot still in its retry backoff.
@@ -435,10 +448,19 @@ impl Agent {
     /// Fetches, verifies and applies the network's config if it is newer; then brings the
     /// models in line. A refused config leaves the last good one in force.
     pub async fn sync_config(&self) -> Result<(), NetError> {
-        let signed: SignedConfig = self.net.fetch_config().await?;
+        let since = self
+            .config
+            .lock()
+            .await
+            .current()
+            .map_or(0, |c| c.snapshot.version);
+        let chain: Vec<SignedConfig> = self.net.fetch_config(since).await?;
+        let Some(signed) = chain.last().cloned() else {
+            return Ok(());
+        };
         let now = self.clock.now_ms();
         let mut store = self.config.lock().await;
-        match store.offer(&signed, now) {
+        match store.offer_chain(&chain, now) {
             Ok(Some(applied)) => {
                 lock(&self.config_refusal).clear();
                 let pointer = applied.pointer();
@@ -449,14 +471,8 @@ impl Agent {
                     .runtime_images
                     .for_kind(self.settings.runtime_kind)
                     .map(str::to_owned);
-                let keys = store.trust().keys.clone();
+                self.net.set_trust(store.trust());
                 drop(store);
-                match NetworkKeys::new(&keys) {
-                    Ok(k) => self.net.set_keys(k),
-                    Err(e) => {
-                        tracing::error!(error = %e, "applied config names an unusable network key")
-                    }
-                }
                 self.set_timing(&timing);
                 let desired_image =
                     image.filter(|i| Some(i) != self.settings.runtime_image.as_ref());
@@ -556,6 +572,9 @@ impl Agent {
         let ans: HeartbeatResponse = match self.net.signed(paths::HEARTBEAT, &req).await {
             Ok(a) => a,
             Err(e) => {
+                if let NetError::BadAnswer { source, .. } = &e {
+                    self.catch_up_if_untrusted(source);
+                }
                 if e.code() == Some(ErrorCode::NotRegistered) {
                     self.registered.store(false, Ordering::SeqCst);
                     self.api.update(|s| s.registered = false);
@@ -769,6 +788,13 @@ impl Agent {
                 Ok(_) => backoff.reset(),
                 Err(e) => {
                     tracing::warn!(error = %e, "registration failed; retrying");
+                    // The config loop does not run yet: catch up here, so the retry trusts
+                    // the network's rotated keys.
+                    if e.is_untrusted_signer()
+                        && let Err(e) = self.sync_config().await
+                    {
+                        tracing::warn!(error = %e, "config sync failed");
+                    }
                     tokio::time::sleep(backoff.next_delay()).await;
                 }
             }

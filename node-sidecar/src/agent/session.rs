@@ -194,9 +194,10 @@ impl Agent {
         let network_id = self.settings.network_id.clone();
         let hello_bytes =
             next_text(&mut ws, Duration::from_millis(limits::AUTH_TIMEOUT_MS)).await?;
-        let hello: Hello = keys
-            .open(&hello_bytes, Purpose::WsHello)
-            .map_err(|e| SessionEnd::Lost(format!("hello refused: {e}")))?;
+        let hello: Hello = keys.open(&hello_bytes, Purpose::WsHello).map_err(|e| {
+            self.catch_up_if_untrusted(&e);
+            SessionEnd::Lost(format!("hello refused: {e}"))
+        })?;
         if hello.network_id != network_id {
             return Err(SessionEnd::Lost(format!(
                 "hello from network {}, expected {network_id}",
@@ -244,6 +245,9 @@ impl Agent {
         self: Arc<Self>,
         drain_deadline: Option<tokio::time::Instant>,
     ) -> SessionEnd {
+        // Read before connecting, so a key change during the handshake is caught below.
+        let mut keys_generation = self.net.keys_generation();
+        let mut keys_shrink_at = self.net.keys_now().1;
         let (mut ws, mut session) = match self.connect().await {
             Ok(x) => x,
             Err(e) => return e,
@@ -333,10 +337,21 @@ impl Agent {
                         None => return SessionEnd::Lost("network closed the connection".into()),
                         Some(Err(e)) => return SessionEnd::Lost(format!("receive: {e}")),
                         Some(Ok(Message::Text(t))) => {
+                            // A config applied meanwhile may have rotated the keys, or a
+                            // retiring key's window may have ended.
+                            if self.net.keys_generation() != keys_generation
+                                || keys_shrink_at.is_some_and(|t| self.clock.now_ms() >= t)
+                            {
+                                keys_generation = self.net.keys_generation();
+                                let (keys, shrink_at) = self.net.keys_now();
+                                keys_shrink_at = shrink_at;
+                                session.set_network_keys(keys);
+                            }
                             match session.open(t.as_bytes()) {
                                 Ok(body) => self.clone().handle(body.msg),
                                 Err(e) => {
                                     self.api.metrics.messages_rejected.inc();
+                                    self.catch_up_if_untrusted(&e);
                                     tracing::warn!(error = %e, "network message refused");
                                 }
                             }

@@ -28,6 +28,7 @@ pub fn payload(timing: Timing) -> NetworkConfig {
         timing,
         subclouds: vec![],
         network_keys: vec![],
+        retiring_keys: vec![],
         revoked_node_keys: vec![],
         penalties: None,
     }

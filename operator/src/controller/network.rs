@@ -47,7 +47,7 @@ pub fn refusal_reason(e: &ProtocolError) -> &'static str {
         ProtocolError::NotYetValid { .. } => "NotYetValid",
         ProtocolError::Equivocation { .. } => "Equivocation",
         ProtocolError::ChainMismatch { .. } => "ChainMismatch",
-        ProtocolError::UnknownSigner { .. } => "UnknownSigner",
+        ProtocolError::UnknownSigner { .. } | ProtocolError::KeyRetired { .. } => "UnknownSigner",
         ProtocolError::BadSignature { .. } => "BadSignature",
         ProtocolError::WrongAudience { .. } => "WrongNetwork",
         ProtocolError::WeakKey | ProtocolError::Revoked { .. } => "UntrustedKey",

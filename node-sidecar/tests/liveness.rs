@@ -1,0 +1,166 @@
+//! The sidecar's session liveness after a stall of the node shorter than the network's
+//! silence limit: network frames that arrived meanwhile are waiting when the node resumes and
+//! must count before its ping timer decides. The network runs on its own thread; the node on
+//! this test's single-threaded runtime, which the test blocks to stall it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use std::time::Duration;
+
+use resultity_io::{IoService, Settings as IoSettings};
+use resultity_protocol::messages::{ModelState, NodePhase, RuntimeKind, Timing};
+use resultity_protocol::status::ConnectionState;
+use resultity_protocol::{NetworkId, NetworkKeyId, NetworkKeypair};
+use resultity_runtime_sim::SimConfig;
+use resultity_sidecar::agent::{Agent, Settings};
+use resultity_sidecar::gpu::GpuSettings;
+use resultity_sidecar::runtime::probe::ProbeSettings;
+use serde_json::json;
+
+mod common;
+use common::MODEL;
+
+/// The node checks silence every 60 ms (limit 120 ms); the network's ping interval has a
+/// floor of 100 ms (limit 200 ms), so a 130 ms stall of the node is over the node's limit when
+/// measured from the last frame it *read*, under it from the last frame it *received*, and
+/// under the network's limit.
+const PING_MS: u64 = 60;
+const STALL: Duration = Duration::from_millis(130);
+/// With the old unbiased select the timer won about a third of the races after a stall; the
+/// chance of passing every round by luck is (2/3)¹⁶ ≈ 0.2 %.
+const ROUNDS: usize = 16;
+
+/// Starts the IO service and the runtime simulator on their own thread; returns the IO base
+/// URL, the network key id and the simulator URL.
+fn network_thread() -> (String, NetworkKeyId, String) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let key = NetworkKeypair::generate().unwrap();
+            let mut s = IoSettings::new(
+                NetworkId::parse("testnet").unwrap(),
+                key.clone(),
+                common::payload(Timing {
+                    // Stalls must not age heartbeats into an exclusion.
+                    heartbeat_interval_ms: 1_000,
+                    ping_interval_ms: PING_MS,
+                    ack_timeout_ms: 2_000,
+                    backoff_base_ms: 20,
+                    backoff_cap_ms: 200,
+                    resume_window_ms: 5_000,
+                    http_timeout_ms: 2_000,
+                }),
+            );
+            s.scheduler.tick_ms = 20;
+            s.limits.node_http_burst = 1000.0;
+            s.limits.node_http_rate_per_s = 1000.0;
+            let io = IoService::start(s).await.unwrap();
+            let sim = resultity_runtime_sim::start(
+                SimConfig {
+                    models: vec![MODEL.into()],
+                    prefill_ms: 0,
+                    decode_us_per_token: 0,
+                    ..SimConfig::default()
+                },
+                "127.0.0.1:0".parse().unwrap(),
+            )
+            .await
+            .unwrap();
+            tx.send((io.base_url(), key.id().clone(), sim.url()))
+                .unwrap();
+            std::future::pending::<()>().await;
+        });
+    });
+    rx.recv_timeout(Duration::from_secs(30)).unwrap()
+}
+
+#[tokio::test]
+async fn network_frames_waiting_after_a_node_stall_keep_the_session() {
+    let (io_url, key, sim_url) = network_thread();
+    let dir = tempfile::tempdir().unwrap();
+    let settings = Settings {
+        io_url: io_url.clone(),
+        network_id: NetworkId::parse("testnet").unwrap(),
+        network_keys: vec![key],
+        key_file: dir.path().join("node.key"),
+        data_dir: dir.path().to_owned(),
+        runtime_kind: RuntimeKind::Vllm,
+        runtime_url: sim_url,
+        runtime_image: None,
+        max_concurrency: Some(4),
+        runtime_options: Default::default(),
+        runtime_probe: ProbeSettings {
+            interval: Duration::from_millis(200),
+            timeout: Duration::from_secs(5),
+            failure_threshold: 3,
+        },
+        participation: Default::default(),
+        subclouds: vec![],
+        models: vec![],
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_token: "token".into(),
+        drain_grace: Duration::from_secs(10),
+        gpu: GpuSettings::off(),
+        enforce_gpu_memory: false,
+        outbox_sync: resultity_sidecar::agent::SyncPolicy::Deferred,
+    };
+    let agent = Agent::new(settings).unwrap();
+    let a = agent.clone();
+    let run = tokio::spawn(async move { a.run(std::future::pending()).await.unwrap() });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = agent.api.status();
+        if s.phase == NodePhase::Ready
+            && s.connection.state == ConnectionState::Connected
+            && s.models.iter().any(|m| m.state == ModelState::Active)
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "node never ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let client = reqwest::Client::new();
+    loop {
+        let v: serde_json::Value = client
+            .get(format!("{io_url}/v1/models"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["data"].as_array().is_some_and(|d| !d.is_empty()) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node never eligible"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for round in 0..ROUNDS {
+        // Stall the node (CPU starvation, SIGSTOP) while the network keeps pinging it.
+        std::thread::sleep(STALL);
+        // A job through the session after the stall proves the session loop ran on.
+        let r = client
+            .post(format!("{io_url}/v1/completions"))
+            .json(&json!({"model": MODEL, "prompt": "after a stall", "max_tokens": 2}))
+            .timeout(Duration::from_secs(15))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "round {round}");
+        let conn = agent.api.status().connection;
+        assert_eq!(
+            conn.reconnects,
+            0,
+            "round {round}: session closed after a {STALL:?} stall: {}",
+            conn.last_error.unwrap_or_default()
+        );
+    }
+    run.abort();
+}
