@@ -198,4 +198,60 @@ mod tests {
         assert_eq!(key(&ev("version 1"), &r), key(&ev("version 1"), &r));
         assert_ne!(key(&ev("version 1"), &r), key(&ev("version 2"), &r));
     }
+
+    /// Against a mocked API server: a repeat bumps the open series (PATCH, count 2), a changed
+    /// message is a new event (POST), so a message never outlives what it says.
+    #[tokio::test]
+    async fn repeats_bump_the_series_and_a_changed_message_is_a_new_event() {
+        use http::{Method, Request, Response};
+        use kube::client::Body;
+        use serde_json::Value;
+
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let publisher = EventPublisher::new(
+            Client::new(service, "default"),
+            "resultity-operator",
+            Some("pod-1".into()),
+        );
+        let reference = ObjectReference {
+            namespace: Some("gpu".into()),
+            name: Some("n".into()),
+            uid: Some("u".into()),
+            ..ObjectReference::default()
+        };
+        let server = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..3 {
+                let Some((req, send)) = handle.next_request().await else {
+                    panic!("the publisher made fewer than 3 calls");
+                };
+                let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+                let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                send.send_response(Response::new(Body::from(bytes.to_vec())));
+                seen.push((method, path, body));
+            }
+            seen
+        });
+        for note in ["version 1", "version 1", "version 2"] {
+            publisher
+                .publish(&ev(note), &reference)
+                .await
+                .unwrap_or_else(|e| panic!("publishing {note}: {e}"));
+        }
+        let seen = server.await.unwrap_or_default();
+        let events = "/apis/events.k8s.io/v1/namespaces/gpu/events";
+        assert_eq!((&seen[0].0, seen[0].1.as_str()), (&Method::POST, events));
+        assert_eq!(seen[0].2["note"], "version 1");
+        assert_eq!(seen[0].2["reportingInstance"], "pod-1");
+        let first = seen[0].2["metadata"]["name"].as_str().unwrap_or_default();
+        assert_eq!(
+            (&seen[1].0, seen[1].1.clone()),
+            (&Method::PATCH, format!("{events}/{first}"))
+        );
+        assert_eq!(seen[1].2["series"]["count"], 2);
+        assert_eq!((&seen[2].0, seen[2].1.as_str()), (&Method::POST, events));
+        assert_eq!(seen[2].2["note"], "version 2");
+        assert_ne!(seen[2].2["metadata"]["name"], seen[0].2["metadata"]["name"]);
+    }
 }
