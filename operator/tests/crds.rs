@@ -141,3 +141,86 @@ fn short_names_status_subresource_and_cel_rules() {
         .unwrap();
     assert_eq!(scale.spec_replicas_path, ".spec.replicas");
 }
+
+/// Collection a rule walks (`self.all(…)`, `self.limits.all(…)`, …) at `node`, by the field
+/// path after `self`; `None` for `self` itself.
+fn walked_collections(rule: &str) -> Vec<Option<String>> {
+    let mut out = Vec::new();
+    for macro_ in [".all(", ".exists(", ".exists_one(", ".map(", ".filter("] {
+        let mut rest = rule;
+        while let Some(i) = rest.find(macro_) {
+            let before = &rest[..i];
+            let start = before
+                .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '_'))
+                .map_or(0, |p| p + 1);
+            let receiver = &before[start..];
+            if receiver == "self" {
+                out.push(None);
+            } else if let Some(field) = receiver.strip_prefix("self.") {
+                out.push(Some(field.to_owned()));
+            }
+            rest = &rest[i + macro_.len()..];
+        }
+    }
+    out
+}
+
+fn check_bounded(path: &str, s: &Value, problems: &mut Vec<String>) {
+    let bounded =
+        |node: &Value| node.get("maxItems").is_some() || node.get("maxProperties").is_some();
+    for rule in s
+        .get("x-kubernetes-validations")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["rule"].as_str())
+    {
+        for walked in walked_collections(rule) {
+            let (what, node) = match &walked {
+                None => (path.to_owned(), s),
+                Some(field) => (
+                    format!("{path}.{field}"),
+                    field.split('.').fold(s, |n, f| &n["properties"][f]),
+                ),
+            };
+            if !bounded(node) {
+                problems.push(format!(
+                    "{what}: walked by `{rule}` without maxItems/maxProperties"
+                ));
+            }
+        }
+    }
+    if let Some(props) = s.get("properties").and_then(Value::as_object) {
+        for (k, v) in props {
+            check_bounded(&format!("{path}.{k}"), v, problems);
+        }
+    }
+    if let Some(items) = s.get("items") {
+        check_bounded(&format!("{path}[]"), items, problems);
+    }
+    if let Some(ap) = s.get("additionalProperties").filter(|v| v.is_object()) {
+        check_bounded(&format!("{path}{{}}"), ap, problems);
+    }
+}
+
+/// The API server estimates a rule's cost from the sizes the schema allows and refuses the
+/// CRD when the estimate is over budget; an unbounded list or map a rule iterates is sized as
+/// big as a request, so every collection a rule walks must carry its bound.
+#[test]
+fn every_collection_a_rule_walks_is_bounded() {
+    assert_eq!(
+        walked_collections(
+            "(!has(self.limits) || self.limits.all(k, true)) && self.all(m, self.exists_one(n, n == m))"
+        ),
+        vec![Some("limits".to_owned()), None, None]
+    );
+    let mut problems = Vec::new();
+    for name in [
+        "resultitynetworks.resultity.com",
+        "resultitynodes.resultity.com",
+        "resultityfleets.resultity.com",
+    ] {
+        check_bounded(name, &schema_of(name), &mut problems);
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+}

@@ -114,10 +114,7 @@ pub struct RuntimeSpec {
     pub volume_mounts: Vec<VolumeMount>,
     /// CPU and memory; GPU limits come from `spec.gpu`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "(!has(self.limits) || self.limits.all(k, isQuantity(self.limits[k]))) && (!has(self.requests) || self.requests.all(k, isQuantity(self.requests[k])))",
-        "message": "resources: every request and limit must be a quantity such as 500m, 8 or 64Gi"
-    }]))]
+    #[schemars(schema_with = "crate::crd::schema::runtime_resources")]
     pub resources: Option<ResourceRequirements>,
     /// How long the runtime may take to first answer (download and load its weights) before
     /// the kubelet restarts it. Defaults to a budget that follows the models' size.
@@ -257,10 +254,7 @@ pub struct ModelCacheSpec {
 pub struct SidecarSpec {
     /// Replaces the default (100m CPU and 128Mi requested, 512Mi memory limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "(!has(self.limits) || self.limits.all(k, isQuantity(self.limits[k]))) && (!has(self.requests) || self.requests.all(k, isQuantity(self.requests[k])))",
-        "message": "sidecar.resources: every request and limit must be a quantity such as 500m, 8 or 64Gi"
-    }]))]
+    #[schemars(schema_with = "crate::crd::schema::sidecar_resources")]
     pub resources: Option<ResourceRequirements>,
     /// Extra mounts of `spec.pod.volumes` into the sidecar container.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -420,11 +414,7 @@ pub struct SchedulingSpec {
     /// Label keys (`[prefix/]name`) and values, as the pod API validates them. Bounded so the
     /// API server's CEL cost estimate stays small.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 64))]
-    #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "self.all(k, k.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$') && (!k.contains('/') || k.split('/')[0].size() <= 253) && self[k].matches('^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$'))",
-        "message": "nodeSelector keys must be label keys ([prefix/]name, name at most 63 characters) and values label values (at most 63 characters)"
-    }]))]
+    #[schemars(schema_with = "crate::crd::schema::node_selector")]
     pub node_selector: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]

@@ -43,6 +43,71 @@ pub fn volumes(generator: &mut SchemaGenerator) -> Schema {
     })
 }
 
+/// Every request and limit a quantity: the rule both container resource fields carry.
+const QUANTITY_RULE: &str = "(!has(self.limits) || self.limits.all(k, isQuantity(self.limits[k]))) && (!has(self.requests) || self.requests.all(k, isQuantity(self.requests[k])))";
+
+/// Resource maps a CEL rule walks must be bounded, or the API server's cost estimate assumes a
+/// request-sized map and refuses the CRD; a container names a handful of resources.
+const MAX_RESOURCE_NAMES: u64 = 16;
+
+/// The runtime container's `resources`.
+pub fn runtime_resources(generator: &mut SchemaGenerator) -> Schema {
+    resources(
+        generator,
+        "resources: every request and limit must be a quantity such as 500m, 8 or 64Gi",
+    )
+}
+
+/// The sidecar container's `resources`.
+pub fn sidecar_resources(generator: &mut SchemaGenerator) -> Schema {
+    resources(
+        generator,
+        "sidecar.resources: every request and limit must be a quantity such as 500m, 8 or 64Gi",
+    )
+}
+
+/// `ResourceRequirements` in the pod API's shape, without its (long, repeated) descriptions,
+/// with bounded `limits`/`requests` and the quantity rule.
+fn resources(generator: &mut SchemaGenerator, message: &str) -> Schema {
+    let item = generator.subschema_for::<k8s_openapi::api::core::v1::ResourceRequirements>();
+    let mut value = serde_json::Value::from(item);
+    strip_descriptions(&mut value);
+    let mut map = match value {
+        serde_json::Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    };
+    if let Some(serde_json::Value::Object(props)) = map.get_mut("properties") {
+        for key in ["limits", "requests"] {
+            if let Some(serde_json::Value::Object(m)) = props.get_mut(key) {
+                m.insert("maxProperties".into(), MAX_RESOURCE_NAMES.into());
+            }
+        }
+    }
+    map.insert("type".into(), "object".into());
+    // The field is optional; `resources: null` stays accepted as before.
+    map.insert("nullable".into(), true.into());
+    map.insert(
+        "x-kubernetes-validations".into(),
+        serde_json::json!([{"rule": QUANTITY_RULE, "message": message}]),
+    );
+    Schema::from(map)
+}
+
+/// A label map (`nodeSelector`): values bounded as label values are, so a CEL rule over it
+/// has a small cost estimate.
+pub fn node_selector(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "object",
+        "description": "Label keys (`[prefix/]name`) and values, as the pod API validates them.",
+        "maxProperties": 64,
+        "additionalProperties": {"type": "string", "maxLength": 63},
+        "x-kubernetes-validations": [{
+            "rule": "self.all(k, k.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$') && (!k.contains('/') || k.split('/')[0].size() <= 253) && self[k].matches('^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$'))",
+            "message": "nodeSelector keys must be label keys ([prefix/]name, name at most 63 characters) and values label values (at most 63 characters)"
+        }],
+    })
+}
+
 fn strip_descriptions(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(map) => {
