@@ -182,23 +182,23 @@ fn main() -> anyhow::Result<()> {
                     cli.p1_jobs * 10
                 };
                 let r = p1(c, jobs, cli.p1_latency_ms).await?;
-                eprintln!("P1 c={c}: {r:?}");
+                eprintln!("P1 c={c}: {}", progress_json(&r));
                 report.p1.push(r);
             }
         }
         if cli.only.iter().any(|o| o == "p2") {
             let r = p2(cli.p2_jobs, cli.p2_nodes).await?;
-            eprintln!("P2: {r:?}");
+            eprintln!("P2: {}", progress_json(&r));
             report.p2 = Some(r);
         }
         if cli.only.iter().any(|o| o == "p3") {
             let r = p3(cli.sessions).await?;
-            eprintln!("P3: {r:?}");
+            eprintln!("P3: {}", progress_json(&r));
             report.p3 = Some(r);
         }
         if cli.only.iter().any(|o| o == "p4") {
             let r = p4(cli.p4_requests).await?;
-            eprintln!("P4: {r:?}");
+            eprintln!("P4: {}", progress_json(&r));
             report.p4 = Some(r);
         }
         print_table(&report);
@@ -572,7 +572,10 @@ async fn p3(n: usize) -> anyhow::Result<P3> {
     .await??;
     let mut parts = line.split_whitespace();
     let (Some(addr), Some(key_id)) = (parts.next(), parts.next()) else {
-        bail!("IO service child printed {line:?}");
+        bail!(
+            "IO service child printed \"{}\" instead of its address and key id",
+            line.trim_end()
+        );
     };
     let base = format!("http://{addr}");
     let keys = NetworkKeys::new(&[
@@ -824,4 +827,9 @@ fn print_table(r: &Report) {
 /// A fixed config digest for the micro benchmark's assignments and results.
 fn bench_digest() -> resultity_protocol::config::ConfigDigest {
     resultity_protocol::config::ConfigDigest::of_body(b"bench")
+}
+
+/// One finished benchmark as compact JSON for the progress lines on stderr.
+fn progress_json<T: Serialize>(r: &T) -> String {
+    serde_json::to_string(r).unwrap_or_else(|e| format!("(unprintable: {e})"))
 }
