@@ -32,4 +32,10 @@ pub(crate) mod arb {
             ]
         })
     }
+
+    /// A refusal's `code` as a node can send it: any JSON but `null`, which the wire reads
+    /// back as an absent code.
+    pub fn refusal_code() -> impl Strategy<Value = Value> {
+        json_value().prop_filter("null is an absent code on the wire", |v| !v.is_null())
+    }
 }

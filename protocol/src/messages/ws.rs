@@ -154,10 +154,11 @@ pub struct RuntimeRefusal {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub param: Option<String>,
     /// OpenAI codes are strings (`context_length_exceeded`); some servers send numbers.
+    /// `"code": null` reads as absent, so a node never signs `Some(Null)`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(
         test,
-        proptest(strategy = "proptest::option::of(crate::messages::arb::json_value())")
+        proptest(strategy = "proptest::option::of(crate::messages::arb::refusal_code())")
     )]
     pub code: Option<serde_json::Value>,
 }
