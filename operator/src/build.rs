@@ -261,7 +261,7 @@ fn sidecar_container(node: &ResultityNode, resolved: &Resolved, defaults: &Defau
         format!("--drain-timeout-seconds={}", spec.drain_timeout_seconds),
     ];
     for key in &resolved.network_keys {
-        args.push(format!("--network-key={key}"));
+        args.push(format!("{NETWORK_KEY_FLAG}{key}"));
     }
     for m in &spec.models {
         args.push(format!("--model={}@{}", m.id, m.revision));
@@ -519,6 +519,39 @@ pub fn spec_hash(pod: &Pod) -> Result<String> {
     })?;
     let digest = Sha256::digest(&bytes);
     Ok(digest.iter().take(8).map(|b| format!("{b:02x}")).collect())
+}
+
+const NETWORK_KEY_FLAG: &str = "--network-key=";
+
+/// The network keys a live pod's sidecar was pinned with, in order; `None` for a pod without
+/// our sidecar or without pins.
+pub fn pinned_network_keys(pod: &Pod) -> Option<Vec<String>> {
+    let sidecar = pod
+        .spec
+        .as_ref()?
+        .containers
+        .iter()
+        .find(|c| c.name == SIDECAR)?;
+    let keys: Vec<String> = sidecar
+        .args
+        .iter()
+        .flatten()
+        .filter_map(|a| a.strip_prefix(NETWORK_KEY_FLAG))
+        .map(str::to_owned)
+        .collect();
+    (!keys.is_empty()).then_some(keys)
+}
+
+/// The pins a pod for `resolved` gets: a running pod keeps the keys it was started with,
+/// since its sidecar follows rotations itself (from its persisted trust and the catch-up
+/// chain) and the pins only root a sidecar that starts with empty state; a rotation must not
+/// drain and replace the fleet. A new pod, or one replacing a finished pod (its state is
+/// gone with it), gets the keys trusted now.
+pub fn keep_live_pins(resolved: &mut Resolved, live: Option<&Pod>) {
+    let running = live.filter(|p| crate::decide::finished_reason(p).is_none());
+    if let Some(keys) = running.and_then(pinned_network_keys) {
+        resolved.network_keys = keys;
+    }
 }
 
 /// The spec hash a live pod was created with.

@@ -1,11 +1,11 @@
-//! Fetching a network's signed config (`GET {ioEndpoint}/v1/config`). Behind a trait so the
+//! Fetching a network's signed config (`GET {ioEndpoint}/v1/config?since=N`). Behind a trait so the
 //! network reconciler is tested with offered snapshots instead of a server.
 
 use std::fmt;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use resultity_protocol::limits::MAX_CONFIG_BYTES;
+use resultity_protocol::limits::MAX_CONFIG_CHAIN_BYTES;
 use resultity_protocol::messages::http::paths;
 
 use crate::sidecar::{LimitedError, read_limited};
@@ -25,8 +25,13 @@ pub enum FetchError {
 
 /// Source of signed config envelopes.
 pub trait ConfigSource: Send + Sync + fmt::Debug {
-    /// The signed config envelope text served at `io_endpoint`.
-    fn fetch<'a>(&'a self, io_endpoint: &'a str) -> BoxFuture<'a, Result<Vec<u8>, FetchError>>;
+    /// The network's answer at `io_endpoint` for a holder of config version `since` (0 for
+    /// none): a catch-up chain, or from a network that predates chains, the snapshot itself.
+    fn fetch<'a>(
+        &'a self,
+        io_endpoint: &'a str,
+        since: u64,
+    ) -> BoxFuture<'a, Result<Vec<u8>, FetchError>>;
 }
 
 /// The real source over HTTP(S).
@@ -46,15 +51,23 @@ impl HttpConfigSource {
     }
 }
 
-/// `{endpoint}/v1/config` without a doubled slash.
-pub fn config_url(io_endpoint: &str) -> String {
-    format!("{}{}", io_endpoint.trim_end_matches('/'), paths::CONFIG)
+/// `{endpoint}/v1/config?since=N` without a doubled slash.
+pub fn config_url(io_endpoint: &str, since: u64) -> String {
+    format!(
+        "{}{}?since={since}",
+        io_endpoint.trim_end_matches('/'),
+        paths::CONFIG
+    )
 }
 
 impl ConfigSource for HttpConfigSource {
-    fn fetch<'a>(&'a self, io_endpoint: &'a str) -> BoxFuture<'a, Result<Vec<u8>, FetchError>> {
+    fn fetch<'a>(
+        &'a self,
+        io_endpoint: &'a str,
+        since: u64,
+    ) -> BoxFuture<'a, Result<Vec<u8>, FetchError>> {
         Box::pin(async move {
-            let url = config_url(io_endpoint);
+            let url = config_url(io_endpoint, since);
             let err = |e: reqwest::Error| {
                 if e.is_timeout() {
                     FetchError::Timeout {
@@ -73,12 +86,12 @@ impl ConfigSource for HttpConfigSource {
             if !(200..300).contains(&status) {
                 return Err(FetchError::Status { url, status });
             }
-            read_limited(resp, MAX_CONFIG_BYTES)
+            read_limited(resp, MAX_CONFIG_CHAIN_BYTES)
                 .await
                 .map_err(|e| match e {
                     LimitedError::TooLarge => FetchError::TooLarge {
                         url: url.clone(),
-                        max: MAX_CONFIG_BYTES,
+                        max: MAX_CONFIG_CHAIN_BYTES,
                     },
                     LimitedError::Http(e) => err(e),
                 })

@@ -93,7 +93,7 @@ impl PodAction {
 }
 
 /// A pod in phase Failed or Succeeded never runs again (eviction, node shutdown).
-fn finished_reason(pod: &Pod) -> Option<String> {
+pub(crate) fn finished_reason(pod: &Pod) -> Option<String> {
     let status = pod.status.as_ref()?;
     matches!(status.phase.as_deref(), Some("Failed" | "Succeeded"))
         .then(|| status.reason.clone().unwrap_or_else(|| "Failed".into()))

@@ -245,11 +245,18 @@ pub fn validate_node(
         (None, Some(explicit)) => explicit.clone(),
         (None, None) => mirrored(defaults.sidecar_image.clone()),
     };
-    let network_keys = if status.trusted_keys.is_empty() {
+    // A new node is pinned with every key trusted now: during a rotation's overlap the
+    // network still signs with the retiring set, which the new set alone would refuse.
+    let mut network_keys = if status.trusted_keys.is_empty() {
         network.spec.public_keys.clone()
     } else {
         status.trusted_keys.clone()
     };
+    for r in &status.retiring_keys {
+        if !network_keys.contains(&r.key) {
+            network_keys.push(r.key.clone());
+        }
+    }
     Ok(Resolved {
         network_id: network.spec.network_id.clone(),
         io_endpoint: network.spec.io_endpoint.clone(),

@@ -123,24 +123,31 @@ async fn sidecar_garbage_and_timeouts() {
 
 #[tokio::test]
 async fn config_source_fetches_and_bounds() {
-    let router = Router::new().route("/v1/config", get(|| async { "envelope-text" }));
+    // The answer names the query it was asked, so the test sees the catch-up version sent.
+    let router =
+        Router::new().route(
+            "/v1/config",
+            get(|q: axum::extract::RawQuery| async move {
+                format!("chain-{}", q.0.unwrap_or_default())
+            }),
+        );
     let addr = serve(router).await;
     let source = HttpConfigSource::new(Duration::from_secs(5)).unwrap();
     // A trailing slash on the endpoint does not double the path separator.
-    let body = source.fetch(&format!("http://{addr}/")).await.unwrap();
-    assert_eq!(body, b"envelope-text");
+    let body = source.fetch(&format!("http://{addr}/"), 7).await.unwrap();
+    assert_eq!(body, b"chain-since=7");
 
     let missing = serve(Router::new()).await;
     assert!(matches!(
-        source.fetch(&format!("http://{missing}")).await,
+        source.fetch(&format!("http://{missing}"), 0).await,
         Err(FetchError::Status { status: 404, .. })
     ));
 
-    let huge = vec![b'x'; resultity_protocol::limits::MAX_CONFIG_BYTES + 1];
+    let huge = vec![b'x'; resultity_protocol::limits::MAX_CONFIG_CHAIN_BYTES + 1];
     let big =
         serve(Router::new().route("/v1/config", get(move || async move { huge.clone() }))).await;
     assert!(matches!(
-        source.fetch(&format!("http://{big}")).await,
+        source.fetch(&format!("http://{big}"), 0).await,
         Err(FetchError::TooLarge { .. })
     ));
 
@@ -148,7 +155,7 @@ async fn config_source_fetches_and_bounds() {
         serve(Router::new().route("/v1/config", get(std::future::pending::<&'static str>))).await;
     let quick = HttpConfigSource::new(Duration::from_millis(200)).unwrap();
     assert!(matches!(
-        quick.fetch(&format!("http://{slow}")).await,
+        quick.fetch(&format!("http://{slow}"), 0).await,
         Err(FetchError::Timeout { .. })
     ));
 }

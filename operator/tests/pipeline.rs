@@ -245,6 +245,66 @@ fn spec_hash_tracks_the_spec() {
     assert_ne!(pod_spec_hash(&a), pod_spec_hash(&d));
 }
 
+fn pins(pod: &Pod) -> Vec<String> {
+    sidecar_args(pod)
+        .iter()
+        .filter_map(|a| a.strip_prefix("--network-key="))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn new_pods_pin_the_keys_trusted_now_and_a_rotation_replaces_no_pod() {
+    use resultity_operator::build::keep_live_pins;
+    use resultity_operator::crd::RetiringKeyStatus;
+    let node: ResultityNode = fixture("node-vllm.yaml");
+    let old_key = network().spec.public_keys[0].clone();
+    let live = build_pod(&node, &resolved(&node), &node_id(), &Defaults::default()).unwrap();
+    assert_eq!(pins(&live), std::slice::from_ref(&old_key));
+
+    // The network rotated to a new key; the old one retires at the end of the overlap.
+    let new_key = resultity_protocol::NetworkKeypair::from_seed(&[9; 32])
+        .id()
+        .as_str()
+        .to_owned();
+    let mut net = network();
+    let status = net.status.as_mut().unwrap();
+    status.trusted_keys = vec![new_key.clone()];
+    status.retiring_keys = vec![RetiringKeyStatus {
+        key: old_key.clone(),
+        not_after_time: now(),
+    }];
+    let during = validate_node(&node, Some(&net), &Defaults::default()).unwrap();
+    assert_eq!(during.network_keys, [new_key.clone(), old_key.clone()]);
+
+    // A pod created now trusts both sets: the network still signs with the old key.
+    let fresh = build_pod(&node, &during, &node_id(), &Defaults::default()).unwrap();
+    assert_eq!(pins(&fresh), [new_key.clone(), old_key.clone()]);
+    assert_ne!(pod_spec_hash(&fresh), pod_spec_hash(&live));
+
+    // The running pod keeps its pins, so its desired hash is unchanged: no drain, no restart.
+    let mut kept = during.clone();
+    keep_live_pins(&mut kept, Some(&live));
+    let desired = build_pod(&node, &kept, &node_id(), &Defaults::default()).unwrap();
+    assert_eq!(pod_spec_hash(&desired), pod_spec_hash(&live));
+
+    // A finished pod's state went with it: its replacement is pinned with the keys of now.
+    let mut finished = live.clone();
+    finished.status = Some(k8s_openapi::api::core::v1::PodStatus {
+        phase: Some("Failed".into()),
+        reason: Some("Evicted".into()),
+        ..Default::default()
+    });
+    let mut replaced = during.clone();
+    keep_live_pins(&mut replaced, Some(&finished));
+    assert_eq!(replaced.network_keys, during.network_keys);
+
+    // No pod yet: nothing to keep.
+    let mut first = during.clone();
+    keep_live_pins(&mut first, None);
+    assert_eq!(first.network_keys, during.network_keys);
+}
+
 #[test]
 fn identity_secret() {
     let node: ResultityNode = fixture("node-vllm.yaml");

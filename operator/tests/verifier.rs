@@ -155,7 +155,11 @@ impl SidecarClient for FakeSidecar {
 struct FakeSource(Result<Vec<u8>, FetchError>);
 
 impl ConfigSource for FakeSource {
-    fn fetch<'a>(&'a self, io_endpoint: &'a str) -> BoxFuture<'a, Result<Vec<u8>, FetchError>> {
+    fn fetch<'a>(
+        &'a self,
+        io_endpoint: &'a str,
+        _since: u64,
+    ) -> BoxFuture<'a, Result<Vec<u8>, FetchError>> {
         assert_eq!(io_endpoint, "https://io.testnet.resultity.com");
         let r = self.0.clone();
         Box::pin(async move { r })
@@ -960,6 +964,145 @@ fn network_refusals_have_reasons() {
         ("False", "FetchFailed")
     );
     assert!(notice.is_none());
+}
+
+/// v1 under k1; v2 rotates to k2 (signed by k1, k1 retiring until `window_end`); v3, signed by
+/// k2 after the window, confirms.
+fn rotation(window_end: u64) -> (SignedConfig, SignedConfig, SignedConfig) {
+    use resultity_protocol::config::RetiringKey;
+    let k2 = NetworkKeypair::from_seed(&[2; 32]);
+    let v1 = SignedConfig::sign(&net_key(), &snapshot(1, None)).unwrap();
+    let mut r = snapshot(2, Some(v1.digest().clone()));
+    r.payload.network_keys = vec![k2.id().clone()];
+    r.payload.retiring_keys = vec![RetiringKey {
+        key: net_key().id().clone(),
+        not_after_ms: window_end,
+    }];
+    let v2 = SignedConfig::sign(&net_key(), &r).unwrap();
+    let mut c = snapshot(3, Some(v2.digest().clone()));
+    c.issued_at_ms = window_end;
+    c.expires_at_ms = window_end + 86_400_000;
+    c.payload.network_keys = vec![k2.id().clone()];
+    let v3 = SignedConfig::sign(&k2, &c).unwrap();
+    (v1, v2, v3)
+}
+
+fn chain(links: &[&SignedConfig]) -> Vec<u8> {
+    let id = NetworkId::parse("resultity-testnet").unwrap();
+    serde_json::to_vec(&resultity_protocol::config::ConfigChain::new(
+        id, links, NOW_MS,
+    ))
+    .unwrap()
+}
+
+fn holding(net: &ResultityNetwork, bytes: &[u8], now: u64) -> ResultityNetwork {
+    let (status, _) = network::compute_network_status(net, &Ok(bytes.to_vec()), now);
+    let mut n = net.clone();
+    n.status = Some(status);
+    n
+}
+
+#[test]
+fn during_an_overlap_new_nodes_pin_both_key_sets_until_the_window_ends() {
+    let window_end = NOW_MS + 30_000;
+    let (v1, v2, _) = rotation(window_end);
+    let k1 = net_key().id().as_str().to_owned();
+    let k2 = NetworkKeypair::from_seed(&[2; 32]).id().as_str().to_owned();
+    let at_v1 = holding(&bare_network(), v1.as_str().as_bytes(), NOW_MS);
+    let at_v2 = holding(&at_v1, &chain(&[&v2]), NOW_MS + 1_000);
+    let s = at_v2.status.as_ref().unwrap();
+    assert_eq!(s.config_version, Some(2));
+    assert_eq!(s.trusted_keys, std::slice::from_ref(&k2));
+    assert_eq!(s.retiring_keys.len(), 1);
+    assert_eq!(s.retiring_keys[0].key, k1);
+    assert_eq!(
+        s.retiring_keys[0].not_after_time.0.as_millisecond(),
+        i64::try_from(window_end).unwrap()
+    );
+    // Looked at again when the window ends, not a whole poll interval later.
+    assert_eq!(
+        network::next_poll(&at_v2, s, NOW_MS + 1_000),
+        Duration::from_secs(29)
+    );
+    let node: ResultityNode = fixture("node-vllm.yaml");
+    // The node's model, approved as in the fixture (these snapshots approve none).
+    let approved = fixture::<ResultityNetwork>("network.yaml")
+        .status
+        .unwrap()
+        .approved_models;
+    let pins = |net: &ResultityNetwork| {
+        let mut net = net.clone();
+        net.status.as_mut().unwrap().approved_models = approved.clone();
+        validate_node(&node, Some(&net), &Defaults::default())
+            .unwrap()
+            .network_keys
+    };
+    assert_eq!(pins(&at_v2), [k2.clone(), k1.clone()]);
+
+    // The operator restarted: the retiring key is read back from status and still verifies.
+    let again = holding(&at_v2, &chain(&[&v2]), NOW_MS + 2_000);
+    assert_eq!(again.status.as_ref().unwrap().retiring_keys.len(), 1);
+
+    // The window ended: the key leaves the status and new pins, though nothing new came.
+    let after = holding(&at_v2, &chain(&[&v2]), window_end);
+    let s = after.status.as_ref().unwrap();
+    assert!(s.retiring_keys.is_empty(), "{:?}", s.retiring_keys);
+    assert_eq!(pins(&after), [k2]);
+    assert_eq!(
+        network::next_poll(&after, s, window_end),
+        Duration::from_secs(60)
+    );
+}
+
+#[test]
+fn an_operator_down_past_a_rotation_window_catches_up_without_re_pinning() {
+    let window_end = NOW_MS + 30_000;
+    let (v1, v2, v3) = rotation(window_end);
+    let at_v1 = holding(&bare_network(), v1.as_str().as_bytes(), NOW_MS);
+    let later = window_end + 60_000;
+    // Offered only the confirmation, it cannot verify it: signed by a key it never learned.
+    let (alone, _) =
+        network::compute_network_status(&at_v1, &Ok(v3.as_str().as_bytes().to_vec()), later);
+    let verified = alone
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "ConfigVerified")
+        .unwrap();
+    assert_eq!(verified.reason, "UnknownSigner");
+    assert_eq!(alone.config_version, Some(1));
+    // The catch-up chain carries the rotation, so the confirmation verifies.
+    let caught_up = holding(&at_v1, &chain(&[&v2, &v3]), later);
+    let s = caught_up.status.as_ref().unwrap();
+    assert_eq!(s.config_version, Some(3));
+    assert_eq!(
+        s.trusted_keys,
+        [NetworkKeypair::from_seed(&[2; 32]).id().as_str()]
+    );
+    assert!(s.retiring_keys.is_empty());
+    let verified = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "ConfigVerified")
+        .unwrap();
+    assert_eq!(verified.status, "True");
+    // A tampered step refuses the whole chain and keeps v1.
+    let mut forged = v2.as_str().to_owned();
+    forged = forged.replacen("version\\\":2,", "version\\\":9,", 1);
+    assert_ne!(forged, v2.as_str(), "the step was tampered with");
+    let forged = resultity_protocol::config::ConfigChain {
+        network_id: NetworkId::parse("resultity-testnet").unwrap(),
+        snapshots: vec![forged, v3.as_str().to_owned()],
+        server_time_ms: later,
+    };
+    let (refused, _) =
+        network::compute_network_status(&at_v1, &Ok(serde_json::to_vec(&forged).unwrap()), later);
+    assert_eq!(refused.config_version, Some(1));
+    let verified = refused
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "ConfigVerified")
+        .unwrap();
+    assert_eq!(verified.status, "False");
 }
 
 #[tokio::test]

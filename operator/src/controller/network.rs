@@ -11,6 +11,7 @@ use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
+use resultity_protocol::config::{ConfigChain, RetiringKey};
 use resultity_protocol::messages::ConfigPointer;
 use resultity_protocol::{
     ConfigDigest, ConfigTrust, ConfigVerdict, NetworkId, NetworkKeyId, ProtocolError, SignedConfig,
@@ -20,7 +21,8 @@ use super::Context;
 use crate::conditions::{self, Cond, FALSE, TRUE, UNKNOWN, settle};
 use crate::config_source::FetchError;
 use crate::crd::{
-    ApprovedModelStatus, MANAGER, ResultityNetwork, ResultityNetworkStatus, RuntimeImageMapping,
+    ApprovedModelStatus, MANAGER, ResultityNetwork, ResultityNetworkStatus, RetiringKeyStatus,
+    RuntimeImageMapping,
 };
 use crate::error::{Error, Result};
 
@@ -61,8 +63,31 @@ fn ms_to_time(ms: u64) -> Option<Time> {
         .map(Time)
 }
 
-/// The trust the operator holds for `net`: pinned spec keys until the network rotated them,
-/// and the config in force from status so rollback protection survives restarts.
+fn time_to_ms(t: &Time) -> u64 {
+    u64::try_from(t.0.as_millisecond()).unwrap_or(0)
+}
+
+/// The key sets of `trust` as status fields: the active set, and the retiring keys still
+/// trusted at `now_ms`.
+fn key_status(trust: &ConfigTrust, now_ms: u64) -> (Vec<String>, Vec<RetiringKeyStatus>) {
+    let keys = trust.keys.iter().map(|k| k.as_str().to_owned()).collect();
+    let retiring = trust
+        .retiring
+        .iter()
+        .filter(|r| now_ms < r.not_after_ms)
+        .filter_map(|r| {
+            Some(RetiringKeyStatus {
+                key: r.key.as_str().to_owned(),
+                not_after_time: ms_to_time(r.not_after_ms)?,
+            })
+        })
+        .collect();
+    (keys, retiring)
+}
+
+/// The trust the operator holds for `net`: pinned spec keys until the network rotated them
+/// (with the previous set during an overlap window), and the config in force from status so
+/// rollback protection survives restarts.
 pub fn trust_for(net: &ResultityNetwork) -> Result<ConfigTrust, String> {
     let prev = net.status.clone().unwrap_or_default();
     let network_id = NetworkId::parse(&net.spec.network_id).map_err(|e| e.to_string())?;
@@ -76,6 +101,17 @@ pub fn trust_for(net: &ResultityNetwork) -> Result<ConfigTrust, String> {
         .map(|k| NetworkKeyId::parse(k).map_err(|e| format!("key {k}: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
     let mut trust = ConfigTrust::pinned(network_id, keys);
+    trust.retiring = prev
+        .retiring_keys
+        .iter()
+        .map(|r| {
+            let key = NetworkKeyId::parse(&r.key).map_err(|e| format!("key {}: {e}", r.key))?;
+            Ok(RetiringKey {
+                key,
+                not_after_ms: time_to_ms(&r.not_after_time),
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     if let (Some(version), Some(digest)) = (prev.config_version, &prev.config_digest) {
         let digest =
             ConfigDigest::parse(digest).map_err(|e| format!("status.configDigest: {e}"))?;
@@ -99,6 +135,10 @@ pub fn compute_network_status(
     let prev_verified = conditions::find(&prev.conditions, CONFIG_VERIFIED).cloned();
     let mut notice = None;
 
+    // A retiring key leaves the status when its window ends, whatever the fetch brings, so
+    // new nodes are no longer pinned with it.
+    next.retiring_keys
+        .retain(|r| now_ms < time_to_ms(&r.not_after_time));
     let (fetch_cond, verify_cond) = match (trust_for(net), fetched) {
         (Err(e), _) => (
             Cond::new(CONFIG_FETCHED, UNKNOWN, "InvalidSpec", ""),
@@ -126,7 +166,11 @@ pub fn compute_network_status(
         ),
         (Ok(trust), Ok(bytes)) => {
             let fetched_ok = Cond::new(CONFIG_FETCHED, TRUE, "Fetched", "");
-            let verdict = SignedConfig::decode(bytes).and_then(|s| trust.verify(&s, now_ms));
+            // A catch-up chain since the version in force; a network that predates chains
+            // answers with the snapshot itself.
+            let verdict = ConfigChain::decode(bytes)
+                .or_else(|e| SignedConfig::decode(bytes).map(|s| vec![s]).map_err(|_| e))
+                .and_then(|chain| trust.verify_chain(&chain, now_ms));
             let verify = match verdict {
                 Ok(ConfigVerdict::Unchanged) => {
                     next.last_verified_time = Some(now.clone());
@@ -164,12 +208,9 @@ pub fn compute_network_status(
                     next.config_digest = Some(digest.to_string());
                     next.config_digest_short = Some(digest.short().to_owned());
                     next.config_expires_time = ms_to_time(snap.expires_at_ms);
-                    next.trusted_keys = snap
-                        .payload
-                        .network_keys
-                        .iter()
-                        .map(|k| k.as_str().to_owned())
-                        .collect();
+                    let mut after = trust.clone();
+                    after.apply(&v);
+                    (next.trusted_keys, next.retiring_keys) = key_status(&after, now_ms);
                     next.runtime_images = Some(RuntimeImageMapping {
                         vllm: snap.payload.runtime_images.vllm.clone(),
                         triton: snap.payload.runtime_images.triton.clone(),
@@ -267,11 +308,17 @@ pub async fn reconcile(net: Arc<ResultityNetwork>, ctx: Arc<Context>) -> Result<
 
 async fn reconcile_inner(net: &ResultityNetwork, ctx: &Context) -> Result<Action> {
     let name = net.name_any();
-    let fetched = ctx.config_source.fetch(&net.spec.io_endpoint).await;
+    let since = net
+        .status
+        .as_ref()
+        .and_then(|s| s.config_version)
+        .unwrap_or(0);
+    let fetched = ctx.config_source.fetch(&net.spec.io_endpoint, since).await;
     if let Err(e) = &fetched {
         tracing::warn!(network = %name, error = %e, "config fetch failed");
     }
-    let (status, notice) = compute_network_status(net, &fetched, ctx.clock.now_ms());
+    let now_ms = ctx.clock.now_ms();
+    let (status, notice) = compute_network_status(net, &fetched, now_ms);
     let api: Api<ResultityNetwork> = Api::all(ctx.client.clone());
     api.patch_status(
         &name,
@@ -297,9 +344,19 @@ async fn reconcile_inner(net: &ResultityNetwork, ctx: &Context) -> Result<Action
         )
         .await;
     }
-    Ok(Action::requeue(Duration::from_secs(u64::from(
-        net.spec.config_poll_interval_seconds.max(10),
-    ))))
+    Ok(Action::requeue(next_poll(net, &status, now_ms)))
+}
+
+/// When to look again: the poll interval, or sooner when a retiring key's window ends first,
+/// so the status (and the pins of new nodes) drop the key on time.
+pub fn next_poll(net: &ResultityNetwork, status: &ResultityNetworkStatus, now_ms: u64) -> Duration {
+    let poll = Duration::from_secs(u64::from(net.spec.config_poll_interval_seconds.max(10)));
+    status
+        .retiring_keys
+        .iter()
+        .map(|r| time_to_ms(&r.not_after_time).saturating_sub(now_ms))
+        .min()
+        .map_or(poll, |ms| poll.min(Duration::from_millis(ms.max(1_000))))
 }
 
 /// Entry point for a watch that tolerates malformed objects.

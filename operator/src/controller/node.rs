@@ -19,8 +19,8 @@ use resultity_protocol::status::NodeStatus;
 
 use super::Context;
 use crate::build::{
-    SECRET_ADMIN_TOKEN, SECRET_KEY_FILE, build_identity_secret, build_pod, pod_spec_hash,
-    sidecar_container_name,
+    SECRET_ADMIN_TOKEN, SECRET_KEY_FILE, build_identity_secret, build_pod, keep_live_pins,
+    pod_spec_hash, sidecar_container_name,
 };
 use crate::crd::{
     DeletionPolicy, LABEL_FLEET, LABEL_MANAGED_BY, LABEL_ROLLOUT_STEP, MANAGER, NodePhase,
@@ -551,6 +551,10 @@ async fn apply(node: &ResultityNode, ctx: &Context) -> Result<Action> {
         Ok(r) => ensure_cache_claim(node, ctx, &ns).await?.map(|()| r),
         Err(b) => Err(b),
     };
+    let resolved = resolved.map(|mut r| {
+        keep_live_pins(&mut r, refs.pod.as_ref());
+        r
+    });
     let network_config = refs
         .network
         .as_ref()

@@ -97,6 +97,16 @@ pub struct ApprovedModelStatus {
     pub min_gpu_memory_mib: u64,
 }
 
+/// A key of the previous set, trusted until its rotation's overlap window ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetiringKeyStatus {
+    pub key: String,
+    /// End of the overlap window (whole seconds, rounded down: the operator stops trusting the
+    /// key at most a second early, never late).
+    pub not_after_time: Time,
+}
+
 /// What the operator last verified of the network's configuration. The config in force is
 /// kept here so rollback protection survives operator restarts.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -118,6 +128,10 @@ pub struct ResultityNetworkStatus {
     /// Keys trusted for the next config (the pinned keys until the network rotates them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_keys: Vec<String>,
+    /// Keys of the previous set during a rotation's overlap window: still trusted, and pinned
+    /// into new nodes, until their `notAfterTime` (dropped from here when it passes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retiring_keys: Vec<RetiringKeyStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_images: Option<RuntimeImageMapping>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
