@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use http::{Method, Request, Response};
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::client::Body;
@@ -709,7 +709,7 @@ async fn deletion_waits_while_draining_and_retains_the_identity() {
     let mut reported = n.clone();
     reported.status = Some(ResultityNodeStatus {
         phase: NodePhase::Draining,
-        conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        conditions: vec![Condition {
             type_: "Draining".into(),
             status: "True".into(),
             reason: "Deleting".into(),
@@ -1054,6 +1054,13 @@ fn during_an_overlap_new_nodes_pin_both_key_sets_until_the_window_ends() {
     );
 }
 
+fn config_verified(conditions: &[Condition]) -> &Condition {
+    conditions
+        .iter()
+        .find(|c| c.type_ == "ConfigVerified")
+        .unwrap()
+}
+
 #[test]
 fn an_operator_down_past_a_rotation_window_catches_up_without_re_pinning() {
     let window_end = NOW_MS + 30_000;
@@ -1063,11 +1070,7 @@ fn an_operator_down_past_a_rotation_window_catches_up_without_re_pinning() {
     // Offered only the confirmation, it cannot verify it: signed by a key it never learned.
     let (alone, _) =
         network::compute_network_status(&at_v1, &Ok(v3.as_str().as_bytes().to_vec()), later);
-    let verified = alone
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "ConfigVerified")
-        .unwrap();
+    let verified = config_verified(&alone.conditions);
     assert_eq!(verified.reason, "UnknownSigner");
     assert_eq!(alone.config_version, Some(1));
     // The catch-up chain carries the rotation, so the confirmation verifies.
@@ -1079,11 +1082,7 @@ fn an_operator_down_past_a_rotation_window_catches_up_without_re_pinning() {
         [NetworkKeypair::from_seed(&[2; 32]).id().as_str()]
     );
     assert!(s.retiring_keys.is_empty());
-    let verified = s
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "ConfigVerified")
-        .unwrap();
+    let verified = config_verified(&s.conditions);
     assert_eq!(verified.status, "True");
     // A tampered step refuses the whole chain and keeps v1.
     let mut forged = v2.as_str().to_owned();
@@ -1097,11 +1096,7 @@ fn an_operator_down_past_a_rotation_window_catches_up_without_re_pinning() {
     let (refused, _) =
         network::compute_network_status(&at_v1, &Ok(serde_json::to_vec(&forged).unwrap()), later);
     assert_eq!(refused.config_version, Some(1));
-    let verified = refused
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "ConfigVerified")
-        .unwrap();
+    let verified = config_verified(&refused.conditions);
     assert_eq!(verified.status, "False");
 }
 
@@ -1409,7 +1404,6 @@ async fn fleet_member_waits_for_its_rollout_slot() {
 
 mod fleets {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     use resultity_operator::controller::fleet;
     use resultity_operator::crd::{
