@@ -1,0 +1,300 @@
+//! Penalties: what a failure is blamed on, how much it costs, when failures of one cause are
+//! one incident, and when repeated incidents exclude a node for a cooldown. The penalty decays
+//! with its half-life and lowers the node's score; an exclusion makes it ineligible.
+
+use std::collections::HashMap;
+
+use resultity_protocol::NodeId;
+use resultity_protocol::messages::FailCode;
+
+use super::Core;
+use super::registry::NodeRecord;
+
+/// What a failure is blamed on; failures of one cause within the incident window are one
+/// incident.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureCause {
+    AckTimeout,
+    ExecutionDeadline,
+    /// The node stayed away past the resume window with work in hand.
+    Gone,
+    InvalidResult,
+    InvalidSignature,
+    /// A `job.fail` whose code is the node's fault.
+    Reported(FailCode),
+}
+
+/// Effective exclusion policy: the network config's, where it sets one, else the service's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PenaltyPolicy {
+    pub exclude_after_failures: u32,
+    pub exclusion_cooldown_ms: u64,
+    pub incident_window_ms: u64,
+}
+
+pub(super) const PENALTY_TIMEOUT: f64 = 400.0;
+pub(super) const PENALTY_INVALID_RESULT: f64 = 500.0;
+pub(super) const PENALTY_RUNTIME_ERROR: f64 = 200.0;
+const PENALTY_INVALID_SIGNATURE: f64 = 300.0;
+pub(super) const PENALTY_MAX: f64 = 1000.0;
+
+/// A node's standing: decaying penalty, open incidents, failed incidents in a row and
+/// suspension. Only this part changes it; the others read it through its methods.
+#[derive(Debug)]
+pub(super) struct PenaltyState {
+    amount: f64,
+    at_ms: u64,
+    reason: Option<String>,
+    /// Failed incidents in a row (reset by a completed job or a suspension).
+    consecutive_failures: u32,
+    /// Open incidents: cause → when it was first charged.
+    incidents: HashMap<FailureCause, u64>,
+    suspended_until_ms: Option<u64>,
+}
+
+impl PenaltyState {
+    pub(super) fn new(now: u64) -> Self {
+        Self {
+            amount: 0.0,
+            at_ms: now,
+            reason: None,
+            consecutive_failures: 0,
+            incidents: HashMap::new(),
+            suspended_until_ms: None,
+        }
+    }
+
+    /// Penalty after decay, 0–1000.
+    pub(super) fn at(&self, now_ms: u64, half_life_ms: u64) -> f64 {
+        if self.amount <= 0.0 {
+            return 0.0;
+        }
+        let age = now_ms.saturating_sub(self.at_ms) as f64;
+        self.amount * 0.5f64.powf(age / half_life_ms.max(1) as f64)
+    }
+
+    /// Why the node was last charged (or suspended).
+    pub(super) fn reason(&self) -> Option<&str> {
+        self.reason.as_deref()
+    }
+
+    /// The end of a suspension still in force at `now`.
+    pub(super) fn suspended_until(&self, now: u64) -> Option<u64> {
+        self.suspended_until_ms.filter(|t| *t > now)
+    }
+
+    /// A completed job ends a run of failed incidents.
+    pub(super) fn record_success(&mut self) {
+        self.consecutive_failures = 0;
+    }
+}
+
+impl Core {
+    /// The exclusion thresholds in force: the network config's `penalties`, field by field,
+    /// over the service's own settings.
+    pub fn penalty_policy(&self) -> PenaltyPolicy {
+        let p = self.config.penalties.as_ref();
+        PenaltyPolicy {
+            exclude_after_failures: p
+                .and_then(|p| p.exclude_after_failures)
+                .unwrap_or(self.sched.exclude_after_failures)
+                .max(1),
+            exclusion_cooldown_ms: p
+                .and_then(|p| p.exclusion_cooldown_ms)
+                .unwrap_or(self.sched.exclusion_cooldown_ms),
+            incident_window_ms: p
+                .and_then(|p| p.incident_window_ms)
+                .unwrap_or(self.sched.incident_window_ms),
+        }
+    }
+
+    /// Charges a node for a failure. Failures are counted per incident, not per job: one
+    /// runtime crash or stall fails every job in flight at once, and charging each would take
+    /// a node that recovered in seconds out for a whole cooldown. So a failure whose cause
+    /// already opened an incident within the incident window adds neither penalty nor a
+    /// consecutive failure (it is still counted in `failed`).
+    pub(super) fn penalize(
+        &mut self,
+        node: &NodeId,
+        amount: f64,
+        why: &str,
+        cause: Option<FailureCause>,
+        now: u64,
+    ) {
+        let half_life = self.sched.penalty_half_life_ms;
+        let policy = self.penalty_policy();
+        let (limit, cooldown, window) = (
+            policy.exclude_after_failures,
+            policy.exclusion_cooldown_ms,
+            policy.incident_window_ms,
+        );
+        let Some(rec) = self.nodes.get_mut(node) else {
+            return;
+        };
+        if cause.is_some() {
+            rec.failed += 1;
+        }
+        let st = &mut rec.penalty;
+        if let Some(cause) = cause {
+            match st.incidents.get(&cause) {
+                Some(&opened) if now < opened.saturating_add(window) => {
+                    tracing::debug!(node = %node, reason = why, "failure belongs to an open incident");
+                    return;
+                }
+                _ => {
+                    // Bounded: one entry per cause, and causes are a closed set.
+                    st.incidents
+                        .retain(|_, opened| now < opened.saturating_add(window));
+                    st.incidents.insert(cause, now);
+                }
+            }
+        }
+        st.amount = (st.at(now, half_life) + amount).min(PENALTY_MAX);
+        st.at_ms = now;
+        st.reason = Some(why.to_owned());
+        if cause.is_some() {
+            st.consecutive_failures += 1;
+            if st.consecutive_failures >= limit {
+                st.consecutive_failures = 0;
+                st.suspended_until_ms = Some(now.saturating_add(cooldown));
+                st.reason = Some(format!(
+                    "suspended after {limit} consecutive failed incidents; last: {why}"
+                ));
+                tracing::warn!(node = %node, until = now + cooldown, "node suspended");
+            }
+        }
+    }
+
+    pub(super) fn penalty_u32(&self, rec: &NodeRecord, now: u64) -> u32 {
+        rec.penalty
+            .at(now, self.sched.penalty_half_life_ms)
+            .round()
+            .clamp(0.0, PENALTY_MAX) as u32
+    }
+
+    /// An invalid signature (or a frame signed by another key) on the node's session.
+    pub fn on_invalid_signature(&mut self, node: &NodeId, now: u64) {
+        if let Some(rec) = self.nodes.get_mut(node) {
+            rec.invalid_signatures += 1;
+        }
+        self.penalize(
+            node,
+            PENALTY_INVALID_SIGNATURE,
+            "invalid signature on session",
+            Some(FailureCause::InvalidSignature),
+            now,
+        );
+    }
+
+    /// Forgets suspensions that have ended.
+    pub(super) fn end_suspensions(&mut self, now: u64) {
+        for rec in self.nodes.values_mut() {
+            if rec.penalty.suspended_until_ms.is_some_and(|t| t <= now) {
+                rec.penalty.suspended_until_ms = None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use resultity_protocol::config::ConfigDigest;
+    use resultity_protocol::messages::ConfigPointer;
+
+    use super::*;
+    use crate::core::testkit::core_with_node;
+    use crate::settings::SchedulerSettings;
+
+    const CAUSES: [FailureCause; 6] = [
+        FailureCause::AckTimeout,
+        FailureCause::ExecutionDeadline,
+        FailureCause::InvalidResult,
+        FailureCause::Reported(FailCode::RuntimeError),
+        FailureCause::Reported(FailCode::DeadlineExceeded),
+        FailureCause::Reported(FailCode::OutboxUnavailable),
+    ];
+
+    proptest::proptest! {
+        /// A runtime crash fails every job in flight within moments: k failures of one cause
+        /// inside the incident window are one penalty and one failed incident, never an
+        /// exclusion.
+        #[test]
+        fn a_burst_from_one_incident_is_one_penalty(
+            k in 1usize..64,
+            offsets in proptest::collection::vec(0u64..5_000, 64),
+            cause in 0usize..CAUSES.len(),
+        ) {
+            let sched = SchedulerSettings::default();
+            let (half_life, window) = (sched.penalty_half_life_ms, sched.incident_window_ms);
+            proptest::prop_assume!(offsets.iter().all(|o| *o < window));
+            let (mut core, node) = core_with_node(sched);
+            let t0 = 1_000_000;
+            let mut times: Vec<u64> = offsets[..k].iter().map(|o| t0 + o).collect();
+            times.sort_unstable();
+            times[0] = t0;
+            for t in &times {
+                core.penalize(&node, PENALTY_TIMEOUT, "stall", Some(CAUSES[cause]), *t);
+            }
+            let last = times[k - 1];
+            let rec = &core.nodes[&node];
+            proptest::prop_assert_eq!(rec.penalty.consecutive_failures, 1);
+            proptest::prop_assert_eq!(rec.failed, k as u64);
+            proptest::prop_assert!(rec.penalty.suspended_until_ms.is_none());
+            let one = PENALTY_TIMEOUT * 0.5f64.powf((last - t0) as f64 / half_life as f64);
+            proptest::prop_assert!((rec.penalty.at(last, half_life) - one).abs() < 1e-6);
+        }
+
+        /// Failures a window apart are separate incidents: the node is suspended after the
+        /// configured number of them, as before.
+        #[test]
+        fn separate_incidents_each_count(cause in 0usize..CAUSES.len()) {
+            let sched = SchedulerSettings::default();
+            let (limit, window) = (sched.exclude_after_failures, sched.incident_window_ms);
+            let (mut core, node) = core_with_node(sched);
+            for i in 0..u64::from(limit) {
+                let t = 1_000_000 + i * window;
+                core.penalize(&node, PENALTY_TIMEOUT, "stall", Some(CAUSES[cause]), t);
+            }
+            proptest::prop_assert!(core.nodes[&node].penalty.suspended_until_ms.is_some());
+        }
+    }
+
+    #[test]
+    fn the_network_config_overrides_the_service_penalty_settings() {
+        let (mut core, _) = core_with_node(SchedulerSettings::default());
+        let defaults = core.penalty_policy();
+        assert_eq!(defaults.incident_window_ms, 5_000);
+        let mut config = core.config().clone();
+        config.penalties = Some(resultity_protocol::config::PenaltySettings {
+            exclude_after_failures: Some(7),
+            exclusion_cooldown_ms: None,
+            incident_window_ms: Some(250),
+        });
+        let pointer = ConfigPointer {
+            version: 2,
+            digest: ConfigDigest::of_body(b"config 2"),
+        };
+        core.set_config(Arc::new(config), &pointer, 0);
+        let p = core.penalty_policy();
+        assert_eq!(p.exclude_after_failures, 7);
+        assert_eq!(p.incident_window_ms, 250);
+        assert_eq!(p.exclusion_cooldown_ms, defaults.exclusion_cooldown_ms);
+    }
+
+    #[test]
+    fn hand_backs_and_unknown_codes_are_not_the_nodes_fault() {
+        for code in [
+            FailCode::HandedBack,
+            FailCode::RuntimeUnavailable,
+            FailCode::ConfigMismatch,
+            FailCode::OverCapacity,
+            FailCode::ModelInactive,
+            FailCode::Unknown,
+        ] {
+            assert!(!code.node_fault(), "{code}");
+            assert!(code.retriable(), "{code}");
+        }
+    }
+}
