@@ -633,3 +633,89 @@ pub(super) fn check_result_binding(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use resultity_protocol::messages::FailCode;
+
+    use super::super::testkit::{self, T0, TestNode, cancels, model, submit};
+    use super::*;
+    use crate::settings::SchedulerSettings;
+
+    /// A job leased to `a` (the preferred node) with `b` standing by.
+    fn leased() -> (Core, TestNode, TestNode, JobId) {
+        let mut core = testkit::core(SchedulerSettings::default());
+        let mut a = TestNode::join(&mut core, 1, 4, T0);
+        let b = TestNode::join(&mut core, 2, 2, T0);
+        let (job, _rx) = submit(&mut core, "job-1", model(), T0);
+        assert_eq!(a.assignments().len(), 1);
+        core.on_ack(&a.id, &job, 1).expect("ack");
+        (core, a, b, job)
+    }
+
+    #[test]
+    fn a_hand_back_is_reassigned_without_penalty() {
+        for code in [FailCode::RuntimeUnavailable, FailCode::HandedBack] {
+            let (mut core, a, mut b, job) = leased();
+            let t = T0 + 500;
+
+            core.on_fail(&a.id, &job, 1, code, "connection refused", None, t)
+                .expect("holder fails its lease");
+
+            let got = b.assignments();
+            assert_eq!((got.len(), got[0].lease_epoch), (1, 2), "{code}");
+            let rec = &core.nodes[&a.id];
+            assert_eq!((rec.failed, rec.penalty.at(t, 1)), (0, 0.0), "{code}");
+            assert_eq!(rec.penalty.reason(), None, "{code}");
+            assert!(rec.outstanding.is_empty() && rec.cancelled.is_empty());
+            assert_eq!(rec.free_slots(), 4, "its credit is free again");
+        }
+    }
+
+    #[test]
+    fn a_runtime_error_is_reassigned_and_penalized() {
+        let (mut core, a, mut b, job) = leased();
+        let t = T0 + 500;
+
+        core.on_fail(&a.id, &job, 1, FailCode::RuntimeError, "HTTP 500", None, t)
+            .expect("holder fails its lease");
+
+        assert_eq!(b.assignments()[0].lease_epoch, 2);
+        let rec = &core.nodes[&a.id];
+        assert_eq!(rec.failed, 1);
+        assert_eq!(rec.penalty.at(t, 1), PENALTY_RUNTIME_ERROR);
+        assert_eq!(
+            rec.penalty.reason(),
+            Some("node failed the job (runtime_error): HTTP 500")
+        );
+    }
+
+    #[test]
+    fn a_late_fail_from_a_reassigned_lease_is_refused_and_frees_the_slot() {
+        let (mut core, mut a, mut b, job) = leased();
+        let ack = core.config.timing.ack_timeout_ms;
+        let exec = core.sched.attempt_timeout_ms;
+        core.heartbeat(&b.id, testkit::report(2), T0 + exec)
+            .expect("heartbeat");
+        core.tick(T0 + exec);
+        assert_eq!(cancels(&a.sent()), vec![(job.clone(), 1)]);
+        assert_eq!(b.assignments()[0].lease_epoch, 2);
+        // The cancelled lease keeps a credit until the node says it stopped.
+        assert_eq!(core.nodes[&a.id].free_slots(), 3);
+
+        let late = core.on_fail(
+            &a.id,
+            &job,
+            1,
+            FailCode::RuntimeError,
+            "too late",
+            None,
+            T0 + exec + ack,
+        );
+
+        assert_eq!(late.map_err(|e| e.0), Err(ErrorCode::StaleLease));
+        let rec = &core.nodes[&a.id];
+        assert_eq!(rec.free_slots(), 4);
+        assert_eq!(rec.failed, 1, "only the deadline was charged");
+    }
+}

@@ -203,8 +203,11 @@ mod tests {
     use resultity_protocol::config::ConfigDigest;
     use resultity_protocol::messages::ConfigPointer;
 
+    use resultity_protocol::{ErrorCode, JobId};
+
+    use super::super::JobSpec;
+    use super::super::testkit::{self, T0, TestNode, core_with_node};
     use super::*;
-    use crate::core::testkit::core_with_node;
     use crate::settings::SchedulerSettings;
 
     const CAUSES: [FailureCause; 6] = [
@@ -296,5 +299,129 @@ mod tests {
             assert!(!code.node_fault(), "{code}");
             assert!(code.retriable(), "{code}");
         }
+    }
+
+    #[test]
+    fn the_incident_window_edge_opens_a_new_incident() {
+        let sched = SchedulerSettings::default();
+        let window = sched.incident_window_ms;
+        let (mut core, node) = core_with_node(sched);
+        let t0 = 1_000_000;
+        let stall = Some(FailureCause::ExecutionDeadline);
+        core.penalize(&node, PENALTY_TIMEOUT, "stall", stall, t0);
+        core.penalize(&node, PENALTY_TIMEOUT, "stall", stall, t0 + window - 1);
+        assert_eq!(core.nodes[&node].penalty.consecutive_failures, 1);
+
+        core.penalize(&node, PENALTY_TIMEOUT, "stall", stall, t0 + window);
+
+        let rec = &core.nodes[&node];
+        assert_eq!((rec.failed, rec.penalty.consecutive_failures), (3, 2));
+    }
+
+    #[test]
+    fn different_causes_at_once_are_separate_incidents() {
+        let (mut core, node) = core_with_node(SchedulerSettings::default());
+        let t = 1_000_000;
+        core.penalize(&node, 0.0, "a", Some(FailureCause::AckTimeout), t);
+        core.penalize(&node, 0.0, "b", Some(FailureCause::InvalidResult), t);
+        assert_eq!(core.nodes[&node].penalty.consecutive_failures, 2);
+    }
+
+    #[test]
+    fn a_completed_job_ends_a_run_of_failed_incidents() {
+        let (mut core, node) = core_with_node(SchedulerSettings::default());
+        let window = core.penalty_policy().incident_window_ms;
+        let t = 1_000_000;
+        core.penalize(&node, 0.0, "a", Some(FailureCause::AckTimeout), t);
+        core.penalize(&node, 0.0, "a", Some(FailureCause::AckTimeout), t + window);
+        if let Some(rec) = core.nodes.get_mut(&node) {
+            rec.penalty.record_success();
+        }
+        core.penalize(
+            &node,
+            0.0,
+            "a",
+            Some(FailureCause::AckTimeout),
+            t + 2 * window,
+        );
+        let rec = &core.nodes[&node].penalty;
+        assert_eq!(
+            (rec.consecutive_failures, rec.suspended_until_ms),
+            (1, None)
+        );
+    }
+
+    #[test]
+    fn an_exclusion_lasts_exactly_the_cooldown() {
+        let sched = SchedulerSettings {
+            exclude_after_failures: 2,
+            exclusion_cooldown_ms: 20_000,
+            ..SchedulerSettings::default()
+        };
+        let mut core = testkit::core(sched);
+        let mut node = TestNode::join(&mut core, 1, 4, T0);
+        let window = core.penalty_policy().incident_window_ms;
+        let stall = Some(FailureCause::AckTimeout);
+        core.penalize(&node.id, PENALTY_TIMEOUT, "stall", stall, T0);
+        assert!(
+            core.verdict(&node.id, T0).eligible,
+            "one incident is not two"
+        );
+        let last = T0 + window;
+        core.penalize(&node.id, PENALTY_TIMEOUT, "stall", stall, last);
+        let until = last + 20_000;
+
+        // One ms before the cooldown ends the node is still out, whatever it reports.
+        core.heartbeat(&node.id, testkit::report(4), until - 1)
+            .expect("heartbeat");
+        let v = core.verdict(&node.id, until - 1);
+        assert!(!v.eligible);
+        assert_eq!(v.suspended_until_ms, Some(until));
+        assert!(v.reason.is_some_and(|r| r.starts_with("suspended until")));
+        let refused = core.submit(
+            JobId::parse("job-1").expect("id"),
+            JobSpec {
+                model: testkit::model(),
+                kind: resultity_protocol::messages::JobKind::ChatCompletion,
+                request: serde_json::json!({}),
+                stream: None,
+            },
+            until - 1,
+        );
+        assert_eq!(refused.err().map(|e| e.0), Some(ErrorCode::NoEligibleNode));
+
+        // At the end of the cooldown it is back, and takes work.
+        core.tick(until);
+        let v = core.verdict(&node.id, until);
+        assert!(v.eligible, "{:?}", v.reason);
+        assert_eq!(v.suspended_until_ms, None);
+        node.sent();
+        let (job, _rx) = testkit::submit(&mut core, "job-2", testkit::model(), until);
+        assert_eq!(node.assignments()[0].job_id, job);
+    }
+
+    #[test]
+    fn the_penalty_decays_with_its_half_life() {
+        let sched = SchedulerSettings::default();
+        let half_life = sched.penalty_half_life_ms;
+        let mut core = testkit::core(sched);
+        let node = TestNode::join(&mut core, 1, 4, T0);
+        let clean = core.verdict(&node.id, T0).score;
+        core.penalize(
+            &node.id,
+            PENALTY_TIMEOUT,
+            "stall",
+            Some(FailureCause::AckTimeout),
+            T0,
+        );
+        let penalty = |core: &Core, t: u64| core.verdict(&node.id, t).penalty;
+
+        assert_eq!(penalty(&core, T0), 400);
+        assert_eq!(penalty(&core, T0 + half_life), 200);
+        assert_eq!(penalty(&core, T0 + 2 * half_life), 100);
+        assert_eq!(penalty(&core, T0 + 20 * half_life), 0);
+        // The score loses 300 × penalty/1000 and wins it back as the penalty decays.
+        assert_eq!(core.verdict(&node.id, T0).score, clean - 120);
+        assert_eq!(core.verdict(&node.id, T0 + half_life).score, clean - 60);
     }
 }

@@ -388,3 +388,310 @@ enum Choice {
     AllTried,
     Wait,
 }
+
+#[cfg(test)]
+mod tests {
+    //! Scheduling and reassignment under a manual clock: state is built with explicit times,
+    //! events are fed with explicit times, and the assertions read the core's state and what
+    //! it queued for each node's session.
+
+    use resultity_protocol::ErrorCode;
+    use resultity_protocol::messages::ws::NetworkMessage;
+
+    use super::super::testkit::{
+        T0, TestNode, cancels, model, other_model, report, result_for, submit,
+    };
+    use super::super::{JobOutcome, testkit};
+    use super::*;
+    use crate::settings::SchedulerSettings;
+
+    fn ack_timeout(core: &Core) -> u64 {
+        core.config.timing.ack_timeout_ms
+    }
+
+    #[test]
+    fn a_job_goes_to_the_eligible_node_with_the_best_score() {
+        let mut core = testkit::core(SchedulerSettings::default());
+        let mut penalized = TestNode::join(&mut core, 1, 4, T0);
+        let mut best = TestNode::join(&mut core, 2, 4, T0);
+        let mut busy = TestNode::join(&mut core, 3, 4, T0);
+        core.penalize(
+            &penalized.id,
+            PENALTY_TIMEOUT,
+            "stall",
+            Some(FailureCause::AckTimeout),
+            T0,
+        );
+        // One free slot of four: a lower free-credit share.
+        busy.connect(&mut core, 1, 4, T0);
+        let score = |core: &Core, n: &TestNode| core.score(&core.nodes[&n.id], T0);
+        assert!(score(&core, &best) > score(&core, &penalized));
+        assert!(score(&core, &best) > score(&core, &busy));
+
+        let (job, _rx) = submit(&mut core, "job-1", model(), T0);
+
+        let got = best.assignments();
+        assert_eq!(got.len(), 1);
+        assert_eq!((&got[0].job_id, got[0].lease_epoch), (&job, 1));
+        assert!(penalized.assignments().is_empty());
+        assert!(busy.assignments().is_empty());
+        let view = core.job_view(&job).expect("job is known");
+        assert_eq!(view.node_id.as_ref(), Some(&best.id));
+        assert_eq!(view.state, "assigned");
+    }
+
+    #[test]
+    fn nodes_without_the_model_credits_or_standing_are_skipped() {
+        let mut core = testkit::core(SchedulerSettings::default());
+        // The only node that may take the job, and the worst by score.
+        let mut ok = TestNode::join(&mut core, 1, 4, T0);
+        core.penalize(
+            &ok.id,
+            PENALTY_TIMEOUT,
+            "stall",
+            Some(FailureCause::AckTimeout),
+            T0,
+        );
+        let mut no_model = TestNode::join(&mut core, 2, 4, T0);
+        let mut elsewhere = report(4);
+        elsewhere.models[0].model = other_model();
+        core.heartbeat(&no_model.id, elsewhere, T0)
+            .expect("heartbeat");
+        let mut no_credits = TestNode::join(&mut core, 3, 4, T0);
+        no_credits.connect(&mut core, 0, 4, T0);
+        let mut draining = TestNode::join(&mut core, 4, 4, T0);
+        core.on_draining(&draining.id);
+        let mut excluded = TestNode::join(&mut core, 5, 4, T0);
+        let policy = core.penalty_policy();
+        for i in 0..u64::from(policy.exclude_after_failures) {
+            // One incident per window: the last one excludes the node.
+            let t = T0 - policy.incident_window_ms * (10 - i);
+            core.penalize(&excluded.id, 0.0, "stall", Some(FailureCause::Gone), t);
+        }
+        let why = |core: &Core, n: &TestNode| {
+            core.eligible_for(&core.nodes[&n.id], &model(), T0)
+                .err()
+                .unwrap_or_default()
+        };
+        assert!(why(&core, &no_model).contains("not active"));
+        assert!(why(&core, &draining).contains("draining"));
+        assert!(why(&core, &excluded).starts_with("suspended until"));
+        assert_eq!(why(&core, &no_credits), "", "eligible, but full");
+        for n in [&mut no_model, &mut no_credits, &mut draining, &mut excluded] {
+            n.sent();
+        }
+
+        let (job, _rx) = submit(&mut core, "job-1", model(), T0);
+
+        assert_eq!(ok.assignments().len(), 1, "the eligible node takes it");
+        for n in [&mut no_model, &mut no_credits, &mut draining, &mut excluded] {
+            assert!(n.assignments().is_empty(), "{} was not eligible", n.id);
+        }
+        assert_eq!(
+            core.job_view(&job).and_then(|v| v.node_id),
+            Some(ok.id.clone())
+        );
+    }
+
+    #[test]
+    fn the_queue_waits_for_credits_and_dispatches_when_they_arrive() {
+        let mut core = testkit::core(SchedulerSettings::default());
+        let mut node = TestNode::join(&mut core, 1, 2, T0);
+        node.connect(&mut core, 0, 2, T0);
+
+        // Eligible but full: accepted and queued, not sent.
+        let (job, _rx) = submit(&mut core, "job-1", model(), T0);
+        assert_eq!(core.stats().queued, 1);
+        core.tick(T0 + 1_000);
+        assert!(node.assignments().is_empty());
+        assert_eq!(core.job_view(&job).map(|v| v.state), Some("queued"));
+
+        // One slot free, nothing running.
+        core.on_credits(&node.id, 1, 0, T0 + 2_000);
+
+        let got = node.assignments();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].job_id, job);
+        let stats = core.stats();
+        assert_eq!((stats.queued, stats.in_flight), (0, 1));
+        // That credit is now used: the next job waits again.
+        let (second, _rx2) = submit(&mut core, "job-2", model(), T0 + 2_000);
+        assert!(node.assignments().is_empty());
+        assert_eq!(core.job_view(&second).map(|v| v.state), Some("queued"));
+    }
+
+    /// Two nodes with every slot free: `first` wins the tie on free slots.
+    fn two_nodes(sched: SchedulerSettings) -> (Core, TestNode, TestNode) {
+        let mut core = testkit::core(sched);
+        let first = TestNode::join(&mut core, 1, 4, T0);
+        let second = TestNode::join(&mut core, 2, 2, T0);
+        (core, first, second)
+    }
+
+    #[test]
+    fn an_unacked_assignment_is_reassigned_at_exactly_the_ack_timeout() {
+        let (mut core, mut a, mut b) = two_nodes(SchedulerSettings::default());
+        let (job, mut rx) = submit(&mut core, "job-1", model(), T0);
+        let first = a.assignments();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].lease_epoch, 1);
+        let timeout = ack_timeout(&core);
+
+        core.tick(T0 + timeout - 1);
+        assert!(a.sent().is_empty(), "no cancel before the timeout");
+        assert!(b.assignments().is_empty());
+
+        core.tick(T0 + timeout);
+        assert_eq!(cancels(&a.sent()), vec![(job.clone(), 1)]);
+        let second = b.assignments();
+        assert_eq!(second.len(), 1);
+        assert_eq!((&second[0].job_id, second[0].lease_epoch), (&job, 2));
+        let view = core.job_view(&job).expect("job is known");
+        assert_eq!(view.node_id.as_ref(), Some(&b.id));
+        assert_eq!(view.nodes_tried, vec![a.id.clone(), b.id.clone()]);
+        assert_eq!(core.metrics.jobs_reassigned.get(), 1);
+        let verdict = core.verdict(&a.id, T0 + timeout);
+        assert!(verdict.penalty > 0);
+        assert_eq!(verdict.reason.as_deref(), Some("ack timeout"));
+
+        // The old holder's late ack and result are fenced by their epoch.
+        let late = T0 + timeout + 10;
+        let ack = core.on_ack(&a.id, &job, 1);
+        assert_eq!(ack.map_err(|e| e.0), Err(ErrorCode::StaleLease));
+        let stale = core.on_result(&a.id, result_for(&first[0], "late"), late);
+        assert_eq!(stale.map_err(|e| e.0), Err(ErrorCode::StaleLease));
+        assert_eq!(core.metrics.stale_results.get(), 1);
+        let told = a.sent();
+        assert!(
+            told.iter()
+                .any(|m| matches!(m, NetworkMessage::ResultConfirm { lease_epoch: 1, .. }))
+        );
+        assert_eq!(cancels(&told), vec![(job.clone(), 1)]);
+        assert!(rx.try_recv().is_err(), "the caller is still waiting");
+
+        core.on_ack(&b.id, &job, 2).expect("current holder acks");
+        core.on_result(&b.id, result_for(&second[0], "done"), late)
+            .expect("current holder's result");
+        match rx.try_recv() {
+            Ok(JobOutcome::Completed(done)) => {
+                assert_eq!(
+                    (done.node_id, done.lease_epoch, done.attempts),
+                    (b.id, 2, 2)
+                );
+                assert_eq!(done.output, "done");
+            }
+            other => panic!("expected a completed job, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_acked_job_is_reassigned_at_its_execution_deadline() {
+        let sched = SchedulerSettings {
+            attempt_timeout_ms: 10_000,
+            ..SchedulerSettings::default()
+        };
+        let (mut core, mut a, mut b) = two_nodes(sched);
+        let (job, _rx) = submit(&mut core, "job-1", model(), T0);
+        assert_eq!(a.assignments()[0].deadline_ms, T0 + 10_000);
+        core.on_ack(&a.id, &job, 1).expect("ack");
+
+        // Acked, so the ack timeout does not apply; the execution deadline does.
+        core.tick(T0 + 10_000 - 1);
+        assert!(a.sent().is_empty());
+        assert_eq!(core.job_view(&job).map(|v| v.state), Some("running"));
+
+        core.tick(T0 + 10_000);
+        assert_eq!(cancels(&a.sent()), vec![(job.clone(), 1)]);
+        let got = b.assignments();
+        assert_eq!((got.len(), got[0].lease_epoch), (1, 2));
+        assert_eq!(
+            core.verdict(&a.id, T0 + 10_000).reason.as_deref(),
+            Some("execution deadline passed")
+        );
+    }
+
+    #[test]
+    fn a_caller_deadline_fails_the_job_and_cancels_it() {
+        let sched = SchedulerSettings {
+            request_timeout_ms: 20_000,
+            ..SchedulerSettings::default()
+        };
+        let (mut core, mut a, _b) = two_nodes(sched);
+        let (job, mut rx) = submit(&mut core, "job-1", model(), T0);
+        core.on_ack(&a.id, &job, 1).expect("ack");
+        a.sent();
+
+        core.tick(T0 + 20_000 - 1);
+        assert!(rx.try_recv().is_err());
+        core.tick(T0 + 20_000);
+
+        assert_eq!(cancels(&a.sent()), vec![(job.clone(), 1)]);
+        match rx.try_recv() {
+            Ok(JobOutcome::Failed { code, .. }) => assert_eq!(code, ErrorCode::Timeout),
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        // The caller's deadline is not the node's fault.
+        assert_eq!(core.verdict(&a.id, T0 + 20_000).penalty, 0);
+    }
+
+    #[test]
+    fn a_node_gone_past_its_resume_window_has_its_jobs_handed_back() {
+        let (mut core, mut a, mut b) = two_nodes(SchedulerSettings::default());
+        let window = core.config.timing.resume_window_ms;
+        let (job, _rx) = submit(&mut core, "job-1", model(), T0);
+        core.on_ack(&a.id, &job, 1).expect("ack");
+        a.assignments();
+        let gone = T0 + 1_000;
+        a.disconnect(&mut core, gone);
+
+        // Within the window the lease waits for the node to come back.
+        let before = gone + window - 1;
+        core.heartbeat(&b.id, report(2), before).expect("heartbeat");
+        core.tick(before);
+        assert!(b.assignments().is_empty());
+        assert_eq!(
+            core.job_view(&job).and_then(|v| v.node_id),
+            Some(a.id.clone())
+        );
+
+        let after = gone + window;
+        core.heartbeat(&b.id, report(2), after).expect("heartbeat");
+        core.tick(after);
+        let got = b.assignments();
+        assert_eq!(got.len(), 1);
+        assert_eq!((&got[0].job_id, got[0].lease_epoch), (&job, 2));
+        assert_eq!(core.nodes[&a.id].failed, 1);
+        assert_eq!(
+            core.nodes[&a.id].penalty.reason(),
+            Some("node gone past the resume window")
+        );
+        assert!(core.nodes[&a.id].outstanding.is_empty());
+    }
+
+    #[test]
+    fn a_node_back_within_its_resume_window_keeps_its_lease() {
+        let (mut core, mut a, mut b) = two_nodes(SchedulerSettings::default());
+        let window = core.config.timing.resume_window_ms;
+        let (job, _rx) = submit(&mut core, "job-1", model(), T0);
+        a.assignments();
+        a.disconnect(&mut core, T0 + 1_000);
+        // Unacked, but the ack timeout waits while the node is away.
+        core.tick(T0 + 1_000 + ack_timeout(&core));
+        assert!(b.assignments().is_empty());
+
+        let back = T0 + window;
+        let resent = a.connect(&mut core, 4, 4, back);
+
+        assert_eq!(resent, 1);
+        let again = a.assignments();
+        assert_eq!((&again[0].job_id, again[0].lease_epoch), (&job, 1));
+        // A fresh ack window from the reconnect.
+        core.tick(back + ack_timeout(&core) - 1);
+        assert!(cancels(&a.sent()).is_empty());
+        assert_eq!(
+            core.job_view(&job).and_then(|v| v.node_id),
+            Some(a.id.clone())
+        );
+        assert_eq!(core.verdict(&a.id, back).penalty, 0);
+    }
+}
