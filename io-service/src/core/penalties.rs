@@ -390,8 +390,9 @@ mod tests {
         );
         assert_eq!(refused.err().map(|e| e.0), Some(ErrorCode::NoEligibleNode));
 
-        // At the end of the cooldown it is back, and takes work.
-        core.tick(until);
+        // At the end of the cooldown it is back, and takes work (no tick needed).
+        core.heartbeat(&node.id, testkit::report(4), until)
+            .expect("heartbeat");
         let v = core.verdict(&node.id, until);
         assert!(v.eligible, "{:?}", v.reason);
         assert_eq!(v.suspended_until_ms, None);
