@@ -6,12 +6,9 @@
 use std::sync::Arc;
 
 use resultity_protocol::config::{ApprovedModel, ConfigDigest, NetworkConfig};
-use resultity_protocol::messages::http::{Capabilities, NodeReport};
+use resultity_protocol::messages::http::Capabilities;
 use resultity_protocol::messages::ws::{JobAssignment, JobResult, NetworkMessage};
-use resultity_protocol::messages::{
-    GpuDevice, GpuReport, JobKind, ModelRef, ModelState, ModelStatus, NodePhase, Participation,
-    RuntimeKind, RuntimeReport, Software, Usage,
-};
+use resultity_protocol::messages::{JobKind, ModelRef, RuntimeKind, Usage};
 use resultity_protocol::{JobId, NodeId, NodeKeypair};
 use tokio::sync::{mpsc, oneshot};
 
@@ -20,15 +17,12 @@ use super::{Core, JobOutcome, JobSpec, Outbound, SessionLink};
 use crate::metrics::Metrics;
 use crate::settings::{Limits, SchedulerSettings};
 
+#[path = "../../tests/common/fixture.rs"]
+mod fixture;
+pub(super) use fixture::{model, report};
+
 /// A start time far from zero, so "before the start" is representable.
 pub(super) const T0: u64 = 1_000_000;
-
-pub(super) fn model() -> ModelRef {
-    ModelRef {
-        id: "acme/tiny-chat".into(),
-        revision: "r1".into(),
-    }
-}
 
 /// A model the network approves but no fixture node serves.
 pub(super) fn other_model() -> ModelRef {
@@ -78,56 +72,6 @@ fn capabilities(max_concurrency: u32) -> Capabilities {
         subclouds: vec![],
         gpu: Default::default(),
         models_installed: vec![],
-    }
-}
-
-/// A ready node serving [`model`] with every slot free.
-pub(super) fn report(max_concurrency: u32) -> NodeReport {
-    NodeReport {
-        phase: NodePhase::Ready,
-        config: None,
-        draining: false,
-        max_concurrency,
-        in_flight: 0,
-        credits: max_concurrency,
-        outbox_len: 0,
-        participation: Participation::Both,
-        subclouds: vec![],
-        models: vec![ModelStatus {
-            model: model(),
-            state: ModelState::Active,
-            reason: None,
-            self_test: None,
-        }],
-        gpu: GpuReport {
-            present: true,
-            reason: None,
-            driver_version: None,
-            cuda_version: None,
-            devices: vec![GpuDevice {
-                index: 0,
-                uuid: "GPU-0".into(),
-                name: "Test GPU".into(),
-                memory_total_mib: 24_000,
-                memory_used_mib: 0,
-                utilization_pct: None,
-                temperature_c: None,
-                ecc_uncorrected: None,
-                last_xid: None,
-                mig_devices: vec![],
-                healthy: true,
-            }],
-        },
-        runtime: RuntimeReport {
-            kind: RuntimeKind::Vllm,
-            ready: true,
-            reason: None,
-            running: None,
-            waiting: None,
-            kv_cache_usage_permille: None,
-            generation_tokens_total: None,
-        },
-        software: Software::default(),
     }
 }
 
