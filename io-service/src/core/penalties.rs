@@ -160,7 +160,8 @@ impl Core {
                 st.reason = Some(format!(
                     "suspended after {limit} consecutive failed incidents; last: {why}"
                 ));
-                tracing::warn!(node = %node, until = now + cooldown, "node suspended");
+                let until = now.saturating_add(cooldown);
+                tracing::warn!(node = %node, until, "node suspended");
             }
         }
     }
@@ -424,5 +425,26 @@ mod tests {
         // The score loses 300 × penalty/1000 and wins it back as the penalty decays.
         assert_eq!(core.verdict(&node.id, T0).score, clean - 120);
         assert_eq!(core.verdict(&node.id, T0 + half_life).score, clean - 60);
+    }
+
+    /// "Exclude for good" is a cooldown of `u64::MAX` (settable on `serve` and in the config):
+    /// the suspension, and its log line, saturate instead of overflowing under the lock. A
+    /// subscriber is installed because log fields are evaluated only when a log is wanted.
+    #[test]
+    fn an_unbounded_cooldown_saturates() {
+        let sched = SchedulerSettings {
+            exclude_after_failures: 1,
+            exclusion_cooldown_ms: u64::MAX,
+            ..SchedulerSettings::default()
+        };
+        let (mut core, node) = core_with_node(sched);
+        let logs = tracing_subscriber::fmt()
+            .with_writer(std::io::sink)
+            .finish();
+        tracing::subscriber::with_default(logs, || {
+            core.penalize(&node, 0.0, "stall", Some(FailureCause::Gone), T0);
+        });
+        let st = &core.nodes[&node].penalty;
+        assert_eq!(st.suspended_until(T0), Some(u64::MAX));
     }
 }
