@@ -23,15 +23,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-pub const MODEL: &str = "acme/tiny-chat";
-pub const REVISION: &str = "r1";
-
-pub fn model() -> ModelRef {
-    ModelRef {
-        id: MODEL.into(),
-        revision: REVISION.into(),
-    }
-}
+mod fixture;
+// Each test crate uses its own part of the fixture.
+#[allow(unused_imports)]
+pub use fixture::{MODEL, REVISION, model, report};
 
 pub fn now_ms() -> u64 {
     SystemClock.now_ms()
@@ -100,55 +95,6 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("timed out waiting for: {what}");
-}
-
-pub fn report(max_concurrency: u32) -> NodeReport {
-    NodeReport {
-        phase: NodePhase::Ready,
-        config: None,
-        draining: false,
-        max_concurrency,
-        in_flight: 0,
-        credits: max_concurrency,
-        outbox_len: 0,
-        participation: Participation::Both,
-        subclouds: vec![],
-        models: vec![ModelStatus {
-            model: model(),
-            state: ModelState::Active,
-            reason: None,
-            self_test: None,
-        }],
-        gpu: GpuReport {
-            present: true,
-            reason: None,
-            driver_version: None,
-            cuda_version: None,
-            devices: vec![GpuDevice {
-                index: 0,
-                uuid: "GPU-0".into(),
-                name: "Test GPU".into(),
-                memory_total_mib: 24_000,
-                memory_used_mib: 0,
-                utilization_pct: None,
-                temperature_c: None,
-                ecc_uncorrected: None,
-                last_xid: None,
-                mig_devices: vec![],
-                healthy: true,
-            }],
-        },
-        runtime: RuntimeReport {
-            kind: RuntimeKind::Vllm,
-            ready: true,
-            reason: None,
-            running: None,
-            waiting: None,
-            kv_cache_usage_permille: None,
-            generation_tokens_total: None,
-        },
-        software: Software::default(),
-    }
 }
 
 /// A node's HTTP side.
