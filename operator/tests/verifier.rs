@@ -87,6 +87,16 @@ fn running_pod(n: &ResultityNode) -> Pod {
     pod
 }
 
+/// The node's finalized object with a status that last said Ready.
+fn ready_node() -> ResultityNode {
+    let mut n = finalized_node();
+    n.status = Some(ResultityNodeStatus {
+        phase: NodePhase::Ready,
+        ..ResultityNodeStatus::default()
+    });
+    n
+}
+
 fn report() -> NodeStatus {
     fixture("sidecar-ready.json")
 }
@@ -303,6 +313,11 @@ impl World {
     }
 }
 
+/// The read of the network every reconcile starts with.
+fn network_read() -> Call {
+    Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml"))
+}
+
 fn no_source() -> FakeSource {
     FakeSource(Err(FetchError::Status {
         url: "unused".into(),
@@ -335,7 +350,7 @@ async fn create_makes_identity_then_pod_then_status() {
     let id_for_pod = created_id.clone();
     let id_for_status = created_id.clone();
     let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        network_read(),
         Call::get_missing(SECRET),
         Call::new(Method::POST, SECRETS)
             .check(move |b| {
@@ -434,7 +449,7 @@ async fn spec_update_drains_then_replaces_the_pod() {
     let drain_started = Arc::new(Mutex::new(None::<Value>));
     let started = drain_started.clone();
     let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        network_read(),
         Call::get(SECRET, secret(&changed)),
         Call::get(POD, &live),
         // The drain has its own event reason and says why, not the previous phase's reason.
@@ -478,7 +493,7 @@ async fn spec_update_drains_then_replaces_the_pod() {
     let sidecar = FakeSidecar::answering(vec![Ok(drained)]);
     let live2 = live.clone();
     let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        network_read(),
         Call::get(SECRET, secret(&changed)),
         Call::get(POD, &live),
         Call::new(Method::DELETE, POD).reply(move |_| (200, serde_json::to_value(&live2).unwrap())),
@@ -514,7 +529,7 @@ async fn spec_update_drains_then_replaces_the_pod() {
         ..ResultityNodeStatus::default()
     });
     let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        network_read(),
         Call::get(SECRET, secret(&changed)),
         Call::get_missing(POD),
         Call::apply(POD).check(move |b| {
@@ -538,13 +553,9 @@ async fn spec_update_drains_then_replaces_the_pod() {
 
 #[tokio::test]
 async fn pod_deleted_out_of_band_is_recreated() {
-    let mut n = finalized_node();
-    n.status = Some(ResultityNodeStatus {
-        phase: NodePhase::Ready,
-        ..ResultityNodeStatus::default()
-    });
+    let n = ready_node();
     let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        network_read(),
         Call::get(SECRET, secret(&n)),
         Call::get_missing(POD),
         Call::apply(POD).check(|b| {
@@ -569,15 +580,11 @@ async fn pod_deleted_out_of_band_is_recreated() {
 
 #[tokio::test]
 async fn status_pull_failure_is_unknown_with_a_requeue() {
-    let mut n = finalized_node();
-    n.status = Some(ResultityNodeStatus {
-        phase: NodePhase::Ready,
-        ..ResultityNodeStatus::default()
-    });
+    let n = ready_node();
     let pod = running_pod(&n);
     let sidecar = FakeSidecar::answering(vec![Err(SidecarError::Timeout(Duration::from_secs(3)))]);
     let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        network_read(),
         Call::get(SECRET, secret(&n)),
         // Same spec hash: nothing to apply, the pod is read back as is.
         Call::get(POD, &pod),
@@ -603,14 +610,10 @@ async fn status_pull_failure_is_unknown_with_a_requeue() {
 
 #[tokio::test]
 async fn ready_node_status_from_the_sidecar() {
-    let mut n = finalized_node();
-    n.status = Some(ResultityNodeStatus {
-        phase: NodePhase::Ready,
-        ..ResultityNodeStatus::default()
-    });
+    let n = ready_node();
     let pod = running_pod(&n);
     let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        network_read(),
         Call::get(SECRET, secret(&n)),
         Call::get(POD, &pod),
         Call::apply_status(NODE_STATUS, &n).check(|b| {
@@ -756,7 +759,7 @@ async fn unusable_identity_secret_is_invalid_not_overwritten() {
         k8s_openapi::ByteString(b"garbage".to_vec()),
     );
     let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        network_read(),
         Call::get(SECRET, bad),
         Call::get_missing(POD),
         Call::apply_status(NODE_STATUS, &n).check(|b| {
@@ -994,7 +997,7 @@ async fn evicted_pod_is_replaced() {
     st.reason = Some("Evicted".into());
     st.pod_ip = None;
     let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        network_read(),
         Call::get(SECRET, secret(&n)),
         Call::get(POD, &evicted),
         Call::new(Method::DELETE, POD).reply({
@@ -1028,7 +1031,7 @@ async fn api_rejection_becomes_a_condition_and_a_warning() {
     let api_message = "Pod \"gpu-a-node\" is invalid: spec.tolerations[0].operator: \
                        Unsupported value: \"Foo\": supported values: \"Equal\", \"Exists\"";
     let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        network_read(),
         Call::get(SECRET, secret(&n)),
         Call::get_missing(POD),
         Call::apply(POD).reply(move |_| {
@@ -1082,7 +1085,7 @@ async fn model_cache_claim_is_created_by_apply_owned_by_the_node_before_the_pod(
     let n = cached_node();
     let uid = n.metadata.uid.clone().unwrap();
     let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        network_read(),
         Call::get(SECRET, secret(&n)),
         Call::get_missing(POD),
         Call::get_missing(CACHE_CLAIM),
@@ -1120,7 +1123,7 @@ async fn model_cache_claim_is_created_by_apply_owned_by_the_node_before_the_pod(
     let n = cached_node();
     let owned = resultity_operator::model_cache::build_cache_claim(&n).unwrap();
     let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        network_read(),
         Call::get(SECRET, secret(&n)),
         Call::get_missing(POD),
         Call::get(CACHE_CLAIM, &owned),
@@ -1140,7 +1143,7 @@ async fn a_foreign_claim_of_the_cache_name_is_refused_not_adopted() {
     let mut foreign = resultity_operator::model_cache::build_cache_claim(&n).unwrap();
     foreign.metadata.owner_references = None;
     let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        network_read(),
         Call::get(SECRET, secret(&n)),
         Call::get_missing(POD),
         Call::get(CACHE_CLAIM, &foreign),
@@ -1168,7 +1171,7 @@ async fn a_foreign_claim_of_the_cache_name_is_refused_not_adopted() {
 async fn a_claim_the_api_server_refuses_is_a_condition() {
     let n = cached_node();
     let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        network_read(),
         Call::get(SECRET, secret(&n)),
         Call::get_missing(POD),
         Call::get_missing(CACHE_CLAIM),
@@ -1216,7 +1219,7 @@ async fn fleet_member_waits_for_its_rollout_slot() {
     // Held: the out-of-date pod keeps serving; no drain, no delete.
     let sidecar = FakeSidecar::answering(vec![Ok(report())]);
     let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        network_read(),
         Call::get(SECRET, secret(&held)),
         Call::get(POD, &live),
         Call::apply_status(NODE_STATUS, &held).check(|b| {
@@ -1245,7 +1248,7 @@ async fn fleet_member_waits_for_its_rollout_slot() {
         .insert("resultity.com/rollout-step".into(), "draining".into());
     let sidecar = FakeSidecar::answering(vec![Ok(report())]);
     let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        network_read(),
         Call::get(SECRET, secret(&granted)),
         Call::get(POD, &live),
         Call::event(EVENTS, "Draining"),
@@ -1359,9 +1362,44 @@ mod fleets {
         n
     }
 
+    /// [`member`] for each of `ordinals`, all at the same step.
+    fn members(
+        f: &ResultityFleet,
+        ordinals: std::ops::Range<u32>,
+        step: &str,
+        updated: bool,
+    ) -> Vec<ResultityNode> {
+        ordinals.map(|o| member(f, o, step, updated)).collect()
+    }
+
     fn list(items: Vec<ResultityNode>) -> Value {
         json!({"apiVersion": "resultity.com/v1alpha1", "kind": "ResultityNodeList",
                "metadata": {"resourceVersion": "9"}, "items": items})
+    }
+
+    /// A fleet reconcile's script: it lists the members `nodes`, reads the network, then
+    /// makes the calls `then`.
+    fn fleet_script(nodes: Vec<ResultityNode>, then: impl IntoIterator<Item = Call>) -> Vec<Call> {
+        [Call::get(NODES, list(nodes)), network_read()]
+            .into_iter()
+            .chain(then)
+            .collect()
+    }
+
+    /// The fleet's status write, whose status must pass `check`.
+    fn fleet_status_is(
+        f: &ResultityFleet,
+        check: impl Fn(&ResultityFleetStatus) + Send + 'static,
+    ) -> Call {
+        Call::apply_status(FLEET_STATUS, f).check(move |b| check(&fleet_status(b)))
+    }
+
+    /// Reconciles `f` against `script` (no sidecar is asked anything).
+    async fn run_fleet(f: ResultityFleet, script: Vec<Call>) -> Action {
+        world(script, FakeSidecar::answering(vec![]), no_source())
+            .run(reconcile_fleet(f))
+            .await
+            .unwrap()
     }
 
     fn apply_member(path: &'static str, step: Option<&'static str>) -> Call {
@@ -1403,61 +1441,55 @@ mod fleets {
     #[tokio::test]
     async fn create_makes_ordinal_nodes() {
         let f = gpu_fleet(2, 1);
-        let script = vec![
-            Call::get(NODES, list(vec![])),
-            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-            apply_member(NODE_PATHS[0], None),
-            apply_member(NODE_PATHS[1], None),
-            Call::event(EVENTS, "ScaledUp").check(|b| {
-                assert_eq!(b["note"], "created nodes gpus-0, gpus-1");
-            }),
-            Call::apply_status(FLEET_STATUS, &f).check(|b| {
-                let s = fleet_status(b);
-                assert_eq!(s.observed_generation, Some(1));
-                assert!(s.target_config_digest.is_some());
-                assert_eq!(fcond(&s, "Paused"), ("False", "NotPaused"));
-            }),
-        ];
-        world(script, FakeSidecar::answering(vec![]), no_source())
-            .run(reconcile_fleet(f))
-            .await
-            .unwrap();
+        let script = fleet_script(
+            vec![],
+            [
+                apply_member(NODE_PATHS[0], None),
+                apply_member(NODE_PATHS[1], None),
+                Call::event(EVENTS, "ScaledUp").check(|b| {
+                    assert_eq!(b["note"], "created nodes gpus-0, gpus-1");
+                }),
+                fleet_status_is(&f, |s| {
+                    assert_eq!(s.observed_generation, Some(1));
+                    assert!(s.target_config_digest.is_some());
+                    assert_eq!(fcond(s, "Paused"), ("False", "NotPaused"));
+                }),
+            ],
+        );
+        run_fleet(f, script).await;
     }
 
     #[tokio::test]
     async fn scale_down_deletes_the_highest_ordinals_first() {
         let f = gpu_fleet(1, 1);
-        let nodes: Vec<_> = (0..3).map(|o| member(&f, o, "done", true)).collect();
+        let nodes = members(&f, 0..3, "done", true);
         let gone: Vec<Value> = nodes
             .iter()
             .map(|n| serde_json::to_value(n).unwrap())
             .collect();
         let gone2 = gone.clone();
-        let script = vec![
-            Call::get(NODES, list(nodes)),
-            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-            Call::new(Method::DELETE, NODE_PATHS[2]).reply(move |_| (200, gone[2].clone())),
-            Call::event(EVENTS, "ScaledDown")
-                .check(|b| assert!(b["note"].as_str().unwrap().contains("gpus-2"))),
-            Call::new(Method::DELETE, NODE_PATHS[1]).reply(move |_| (200, gone2[1].clone())),
-            Call::event(EVENTS, "ScaledDown")
-                .check(|b| assert!(b["note"].as_str().unwrap().contains("gpus-1"))),
-            // gpus-0 is as desired: no write.
-            Call::apply_status(FLEET_STATUS, &f).check(|b| {
-                let s = fleet_status(b);
-                assert_eq!(
-                    (s.replicas, s.ready, s.updated, s.unavailable),
-                    (1, 1, 1, 0)
-                );
-                assert_eq!(s.applied_digests[0].nodes, 1);
-                assert_eq!(fcond(&s, "Progressing"), ("True", "RolloutComplete"));
-                assert_eq!(fcond(&s, "Available"), ("True", "MinimumNodesAvailable"));
-            }),
-        ];
-        world(script, FakeSidecar::answering(vec![]), no_source())
-            .run(reconcile_fleet(f))
-            .await
-            .unwrap();
+        let script = fleet_script(
+            nodes,
+            [
+                Call::new(Method::DELETE, NODE_PATHS[2]).reply(move |_| (200, gone[2].clone())),
+                Call::event(EVENTS, "ScaledDown")
+                    .check(|b| assert!(b["note"].as_str().unwrap().contains("gpus-2"))),
+                Call::new(Method::DELETE, NODE_PATHS[1]).reply(move |_| (200, gone2[1].clone())),
+                Call::event(EVENTS, "ScaledDown")
+                    .check(|b| assert!(b["note"].as_str().unwrap().contains("gpus-1"))),
+                // gpus-0 is as desired: no write.
+                fleet_status_is(&f, |s| {
+                    assert_eq!(
+                        (s.replicas, s.ready, s.updated, s.unavailable),
+                        (1, 1, 1, 0)
+                    );
+                    assert_eq!(s.applied_digests[0].nodes, 1);
+                    assert_eq!(fcond(s, "Progressing"), ("True", "RolloutComplete"));
+                    assert_eq!(fcond(s, "Available"), ("True", "MinimumNodesAvailable"));
+                }),
+            ],
+        );
+        run_fleet(f, script).await;
     }
 
     #[tokio::test]
@@ -1467,52 +1499,47 @@ mod fleets {
         let mut f = gpu_fleet(3, 2);
         f.spec.template.spec.runtime.extra_args = vec!["--enforce-eager".into()];
         let old = gpu_fleet(3, 1);
-        let nodes: Vec<_> = (0..3).map(|o| member(&old, o, "done", true)).collect();
-        let script = vec![
-            Call::get(NODES, list(nodes)),
-            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-            apply_member(NODE_PATHS[0], Some("done")).check(|b| {
-                assert_eq!(
-                    b["spec"]["runtime"]["extraArgs"],
-                    json!(["--enforce-eager"])
-                );
-            }),
-            apply_member(NODE_PATHS[1], Some("done")),
-            apply_member(NODE_PATHS[2], Some("done")),
-            Call::apply_status(FLEET_STATUS, &f),
-        ];
-        world(script, FakeSidecar::answering(vec![]), no_source())
-            .run(reconcile_fleet(f.clone()))
-            .await
-            .unwrap();
+        let nodes = members(&old, 0..3, "done", true);
+        let script = fleet_script(
+            nodes,
+            [
+                apply_member(NODE_PATHS[0], Some("done")).check(|b| {
+                    assert_eq!(
+                        b["spec"]["runtime"]["extraArgs"],
+                        json!(["--enforce-eager"])
+                    );
+                }),
+                apply_member(NODE_PATHS[1], Some("done")),
+                apply_member(NODE_PATHS[2], Some("done")),
+                Call::apply_status(FLEET_STATUS, &f),
+            ],
+        );
+        run_fleet(f.clone(), script).await;
 
         // Round 2: the nodes report they are out of date; with maxUnavailable 1 only the
         // highest ordinal is granted its slot; the others wait as pending.
-        let nodes: Vec<_> = (0..3).map(|o| member(&f, o, "done", false)).collect();
-        let script = vec![
-            Call::get(NODES, list(nodes)),
-            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-            apply_member(NODE_PATHS[0], Some("pending")),
-            apply_member(NODE_PATHS[1], Some("pending")),
-            apply_member(NODE_PATHS[2], Some("draining")),
-            Call::apply_status(FLEET_STATUS, &f).check(|b| {
-                let s = fleet_status(b);
-                assert_eq!(s.unavailable, 1);
-                assert_eq!(s.updated, 0);
-                assert_eq!(fcond(&s, "Progressing"), ("True", "RollingOut"));
-                let last = s.last_steps.last().unwrap();
-                assert_eq!(
-                    (last.node.as_str(), last.step),
-                    ("gpus-2", resultity_operator::crd::RolloutStep::Draining)
-                );
-            }),
-            Call::event(EVENTS, "RolloutBatch")
-                .check(|b| assert!(b["note"].as_str().unwrap().contains("gpus-2"), "{b}")),
-        ];
-        let action = world(script, FakeSidecar::answering(vec![]), no_source())
-            .run(reconcile_fleet(f))
-            .await
-            .unwrap();
+        let nodes = members(&f, 0..3, "done", false);
+        let script = fleet_script(
+            nodes,
+            [
+                apply_member(NODE_PATHS[0], Some("pending")),
+                apply_member(NODE_PATHS[1], Some("pending")),
+                apply_member(NODE_PATHS[2], Some("draining")),
+                fleet_status_is(&f, |s| {
+                    assert_eq!(s.unavailable, 1);
+                    assert_eq!(s.updated, 0);
+                    assert_eq!(fcond(s, "Progressing"), ("True", "RollingOut"));
+                    let last = s.last_steps.last().unwrap();
+                    assert_eq!(
+                        (last.node.as_str(), last.step),
+                        ("gpus-2", resultity_operator::crd::RolloutStep::Draining)
+                    );
+                }),
+                Call::event(EVENTS, "RolloutBatch")
+                    .check(|b| assert!(b["note"].as_str().unwrap().contains("gpus-2"), "{b}")),
+            ],
+        );
+        let action = run_fleet(f, script).await;
         assert_eq!(action, Action::requeue(Duration::from_secs(10)));
     }
 
@@ -1520,68 +1547,57 @@ mod fleets {
     async fn paused_fleet_grants_nothing_until_resumed() {
         let mut f = gpu_fleet(3, 2);
         f.spec.strategy.paused = true;
-        let nodes: Vec<_> = (0..3).map(|o| member(&f, o, "pending", false)).collect();
-        let script = vec![
-            Call::get(NODES, list(nodes.clone())),
-            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-            Call::apply_status(FLEET_STATUS, &f).check(|b| {
-                let s = fleet_status(b);
-                assert_eq!(fcond(&s, "Paused"), ("True", "Paused"));
-                assert_eq!(fcond(&s, "Progressing"), ("False", "RolloutPaused"));
+        let nodes = members(&f, 0..3, "pending", false);
+        let script = fleet_script(
+            nodes.clone(),
+            [fleet_status_is(&f, |s| {
+                assert_eq!(fcond(s, "Paused"), ("True", "Paused"));
+                assert_eq!(fcond(s, "Progressing"), ("False", "RolloutPaused"));
                 assert_eq!(s.unavailable, 0);
-            }),
-        ];
-        world(script, FakeSidecar::answering(vec![]), no_source())
-            .run(reconcile_fleet(f.clone()))
-            .await
-            .unwrap();
+            })],
+        );
+        run_fleet(f.clone(), script).await;
 
         f.spec.strategy.paused = false;
-        let script = vec![
-            Call::get(NODES, list(nodes)),
-            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-            apply_member(NODE_PATHS[2], Some("draining")),
-            Call::apply_status(FLEET_STATUS, &f)
-                .check(|b| assert_eq!(fcond(&fleet_status(b), "Paused").0, "False")),
-            Call::event(EVENTS, "RolloutBatch"),
-        ];
-        world(script, FakeSidecar::answering(vec![]), no_source())
-            .run(reconcile_fleet(f))
-            .await
-            .unwrap();
+        let script = fleet_script(
+            nodes,
+            [
+                apply_member(NODE_PATHS[2], Some("draining")),
+                fleet_status_is(&f, |s| assert_eq!(fcond(s, "Paused").0, "False")),
+                Call::event(EVENTS, "RolloutBatch"),
+            ],
+        );
+        run_fleet(f, script).await;
     }
 
     #[tokio::test]
     async fn scale_up_adds_the_lowest_free_ordinals_and_keeps_the_rest() {
         let f = gpu_fleet(3, 2);
         let nodes = vec![member(&f, 0, "done", true)];
-        let script = vec![
-            Call::get(NODES, list(nodes)),
-            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-            // gpus-0 is as desired: no write; the new members start with no step.
-            apply_member(NODE_PATHS[1], None),
-            apply_member(NODE_PATHS[2], None),
-            Call::event(EVENTS, "ScaledUp").check(|b| {
-                assert_eq!(b["note"], "created nodes gpus-1, gpus-2");
-            }),
-            Call::apply_status(FLEET_STATUS, &f).check(|b| {
-                let s = fleet_status(b);
-                assert_eq!(s.ready, 1);
-                // The two new nodes are not serving yet: 1 of 3 is below 3 - maxUnavailable 1.
-                assert_eq!(s.unavailable, 2);
-                assert_eq!(fcond(&s, "Available"), ("False", "TooFewNodesAvailable"));
-            }),
-        ];
-        world(script, FakeSidecar::answering(vec![]), no_source())
-            .run(reconcile_fleet(f))
-            .await
-            .unwrap();
+        let script = fleet_script(
+            nodes,
+            [
+                // gpus-0 is as desired: no write; the new members start with no step.
+                apply_member(NODE_PATHS[1], None),
+                apply_member(NODE_PATHS[2], None),
+                Call::event(EVENTS, "ScaledUp").check(|b| {
+                    assert_eq!(b["note"], "created nodes gpus-1, gpus-2");
+                }),
+                fleet_status_is(&f, |s| {
+                    assert_eq!(s.ready, 1);
+                    // The two new nodes are not serving yet: 1 of 3 is below 3 - maxUnavailable 1.
+                    assert_eq!(s.unavailable, 2);
+                    assert_eq!(fcond(s, "Available"), ("False", "TooFewNodesAvailable"));
+                }),
+            ],
+        );
+        run_fleet(f, script).await;
     }
 
     #[tokio::test]
     async fn a_wrong_known_answer_fails_the_rollout_and_stops_it() {
         let f = gpu_fleet(3, 2);
-        let mut nodes: Vec<_> = (0..2).map(|o| member(&f, o, "pending", false)).collect();
+        let mut nodes = members(&f, 0..2, "pending", false);
         // gpus-2 runs the new pod, Ready and routable, but its model answers wrongly.
         let mut validating = member(&f, 2, "validating", true);
         let why = r#"qwen@main: known-answer self-test failed: choices[0].text is " Lyon", expected " Paris""#;
@@ -1594,35 +1610,32 @@ mod fleets {
             };
         }
         nodes.push(validating);
-        let script = vec![
-            Call::get(NODES, list(nodes)),
-            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-            // Only the failing node is written: nobody else is granted a slot.
-            apply_member(NODE_PATHS[2], Some("failed")),
-            Call::apply_status(FLEET_STATUS, &f).check(|b| {
-                let s = fleet_status(b);
-                assert_eq!(fcond(&s, "Progressing"), ("False", "RolloutFailed"));
-                let last = s.last_steps.last().unwrap();
-                assert_eq!(
-                    (last.node.as_str(), last.step),
-                    ("gpus-2", resultity_operator::crd::RolloutStep::Failed)
-                );
-                assert!(
-                    last.message.contains(r#"expected " Paris""#),
-                    "{}",
-                    last.message
-                );
-            }),
-            Call::event(EVENTS, "RolloutFailed").check(move |b| {
-                assert_eq!(b["type"], "Warning");
-                let note = b["note"].as_str().unwrap();
-                assert_eq!(note, format!("node gpus-2: {why}; the rollout stopped"));
-            }),
-        ];
-        let action = world(script, FakeSidecar::answering(vec![]), no_source())
-            .run(reconcile_fleet(f))
-            .await
-            .unwrap();
+        let script = fleet_script(
+            nodes,
+            [
+                // Only the failing node is written: nobody else is granted a slot.
+                apply_member(NODE_PATHS[2], Some("failed")),
+                fleet_status_is(&f, |s| {
+                    assert_eq!(fcond(s, "Progressing"), ("False", "RolloutFailed"));
+                    let last = s.last_steps.last().unwrap();
+                    assert_eq!(
+                        (last.node.as_str(), last.step),
+                        ("gpus-2", resultity_operator::crd::RolloutStep::Failed)
+                    );
+                    assert!(
+                        last.message.contains(r#"expected " Paris""#),
+                        "{}",
+                        last.message
+                    );
+                }),
+                Call::event(EVENTS, "RolloutFailed").check(move |b| {
+                    assert_eq!(b["type"], "Warning");
+                    let note = b["note"].as_str().unwrap();
+                    assert_eq!(note, format!("node gpus-2: {why}; the rollout stopped"));
+                }),
+            ],
+        );
+        let action = run_fleet(f, script).await;
         assert_eq!(action, Action::requeue(Duration::from_secs(300)));
     }
 }
