@@ -3,23 +3,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use resultity_io::{IoService, IoServiceHandle, Settings as IoSettings};
+use resultity_io::{IoService, IoServiceHandle};
+use resultity_protocol::NetworkKeypair;
 use resultity_protocol::config::NetworkConfig;
-use resultity_protocol::messages::{ModelState, NodePhase, RuntimeKind, Timing};
-use resultity_protocol::status::ConnectionState;
-use resultity_protocol::{NetworkId, NetworkKeypair};
+use resultity_protocol::messages::{ModelState, NodePhase, Timing};
 use resultity_runtime_sim::{Faults, SimConfig, generate};
-use resultity_sidecar::agent::{Agent, Exit, Settings};
-use resultity_sidecar::gpu::GpuSettings;
-use resultity_sidecar::runtime::probe::ProbeSettings;
+use resultity_sidecar::agent::{Agent, Exit};
 use serde_json::{Value, json};
-use tokio::task::JoinHandle;
 
 mod common;
-use common::{MODEL, Net};
+use common::{MODEL, Net, Node, http, instant_runtime, settings, spawn};
 
 fn payload() -> NetworkConfig {
     common::payload(Timing {
@@ -33,61 +28,8 @@ fn payload() -> NetworkConfig {
     })
 }
 
-/// A simulator that answers at once (tests about control flow, not latency).
-fn instant_runtime() -> SimConfig {
-    SimConfig {
-        prefill_ms: 0,
-        decode_us_per_token: 0,
-        ..SimConfig::default()
-    }
-}
-
 async fn network(sim_cfg: SimConfig) -> Net {
     common::network(payload(), sim_cfg, 5_000, 10_000).await
-}
-
-fn settings(net: &Net, name: &str) -> Settings {
-    let dir = net.dir.path().join(name);
-    Settings {
-        io_url: net.io.base_url(),
-        network_id: NetworkId::parse("testnet").unwrap(),
-        network_keys: vec![net.key.id().clone()],
-        key_file: dir.join("node.key"),
-        data_dir: dir,
-        runtime_kind: RuntimeKind::Vllm,
-        runtime_url: net.sim.url(),
-        runtime_image: None,
-        max_concurrency: Some(8),
-        runtime_options: Default::default(),
-        // Probes on a loaded test machine: a few per heartbeat-miss window, patient, and a few
-        // failures in a row.
-        runtime_probe: ProbeSettings {
-            interval: Duration::from_millis(200),
-            timeout: Duration::from_secs(5),
-            failure_threshold: 2,
-        },
-        participation: Default::default(),
-        subclouds: vec![],
-        models: vec![],
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin_token: "token".into(),
-        drain_grace: Duration::from_secs(10),
-        gpu: GpuSettings::off(),
-        enforce_gpu_memory: false,
-        outbox_sync: resultity_sidecar::agent::SyncPolicy::Deferred,
-    }
-}
-
-struct Node {
-    agent: Arc<Agent>,
-    run: JoinHandle<Exit>,
-}
-
-fn spawn(settings: Settings) -> Node {
-    let agent = Agent::new(settings).unwrap();
-    let a = agent.clone();
-    let run = tokio::spawn(async move { a.run(std::future::pending()).await.unwrap() });
-    Node { agent, run }
 }
 
 /// Polls `cond` every 10 ms for up to 10 s.
@@ -105,43 +47,17 @@ async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 async fn wait_ready(node: &Node) {
     let agent = node.agent.clone();
     wait_for("node ready with an active model", move || {
-        let s = agent.api.status();
-        s.phase == NodePhase::Ready
-            && s.connection.state == ConnectionState::Connected
-            && s.models.iter().any(|m| m.state == ModelState::Active)
+        common::serving(&agent.api.status())
     })
     .await;
 }
 
-/// One client for the polling helpers: building a TLS-capable client parses the root store,
-/// which on a loaded machine blocks the single-threaded test runtime (and with it the node's
-/// heartbeats) for long enough to make the node look stale.
-fn http() -> &'static reqwest::Client {
-    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
-    CLIENT.get_or_init(reqwest::Client::new)
-}
-
 async fn eligible(io: &IoServiceHandle) -> bool {
-    let v: Value = http()
-        .get(format!("{}/v1/models", io.base_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["data"].as_array().is_some_and(|d| !d.is_empty())
+    common::eligible(&io.base_url()).await
 }
 
 async fn wait_eligible(io: &IoServiceHandle) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !eligible(io).await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "node never became eligible"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_eligible(&io.base_url(), true, Duration::from_secs(10)).await;
 }
 
 async fn complete(io: &IoServiceHandle, prompt: &str) -> reqwest::Response {
@@ -254,14 +170,12 @@ async fn runtime_down_makes_node_unready_and_back_ready() {
         503
     );
     // The network hears it too: no eligible node, so requests are not routed to it.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while eligible(&net.io).await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "network still routes to a node whose runtime is down"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_until(
+        "the network to stop routing to a node whose runtime is down",
+        Duration::from_secs(10),
+        || async { !eligible(&net.io).await },
+    )
+    .await;
 
     net.sim.set_faults(Faults::default()).await;
     wait_ready(&node).await;
@@ -499,17 +413,7 @@ async fn runtime_crash_mid_job_hands_the_job_to_another_node() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Node B, with a healthy fast runtime, joins; then A's runtime crashes mid-decode.
-    let sim_b = resultity_runtime_sim::start(
-        SimConfig {
-            models: vec![MODEL.into()],
-            prefill_ms: 0,
-            decode_us_per_token: 0,
-            ..SimConfig::default()
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let sim_b = common::start_sim(instant_runtime()).await;
     let mut sb = settings(&net, "b");
     sb.runtime_url = sim_b.url();
     let b = spawn(sb);
@@ -595,23 +499,11 @@ async fn silent_network_is_detected_after_two_ping_intervals_and_the_node_reconn
     let key = NetworkKeypair::generate().unwrap();
     let mut fast = payload();
     fast.timing.ping_interval_ms = 200;
-    let mut s = IoSettings::new(NetworkId::parse("testnet").unwrap(), key.clone(), fast);
-    s.scheduler.tick_ms = 20;
-    s.limits.node_http_burst = 1000.0;
-    s.limits.node_http_rate_per_s = 1000.0;
-    let io = IoService::start(s).await.unwrap();
+    let io = IoService::start(common::io_settings(&key, fast))
+        .await
+        .unwrap();
     let proxy = FreezingProxy::start(io.local_addr()).await;
-    let sim = resultity_runtime_sim::start(
-        SimConfig {
-            models: vec![MODEL.into()],
-            prefill_ms: 0,
-            decode_us_per_token: 0,
-            ..SimConfig::default()
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let sim = common::start_sim(instant_runtime()).await;
     let net = Net {
         io,
         sim,

@@ -7,9 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use resultity_io::{IoService, IoServiceHandle, Settings as IoSettings};
+use resultity_protocol::NetworkKeypair;
 use resultity_protocol::config::NetworkConfig;
 use resultity_protocol::messages::Timing;
-use resultity_protocol::{NetworkId, NetworkKeypair};
 use resultity_runtime_sim::{SimConfig, SimHandle, generate};
 use serde_json::{Value, json};
 
@@ -33,29 +33,20 @@ fn io_settings(
     listen: std::net::SocketAddr,
     state: &std::path::Path,
 ) -> IoSettings {
-    let mut s = IoSettings::new(NetworkId::parse("testnet").unwrap(), key.clone(), payload());
+    let mut s = common::io_settings(key, payload());
     s.listen = listen;
     s.config_state = Some(state.to_owned());
-    s.scheduler.tick_ms = 20;
     s.scheduler.attempt_timeout_ms = 20_000;
     s.scheduler.request_timeout_ms = 30_000;
-    s.limits.node_http_burst = 1000.0;
-    s.limits.node_http_rate_per_s = 1000.0;
     s
 }
 
 async fn sim(prefill_ms: u64) -> SimHandle {
-    resultity_runtime_sim::start(
-        SimConfig {
-            models: vec![MODEL.into()],
-            prefill_ms,
-            decode_us_per_token: 0,
-            ..SimConfig::default()
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
+    common::start_sim(SimConfig {
+        prefill_ms,
+        ..common::instant_runtime()
+    })
     .await
-    .unwrap()
 }
 
 fn free_port() -> u16 {
