@@ -704,9 +704,12 @@ mod tests {
 }
 
 #[cfg(test)]
+mod rotation_fixture;
+
+#[cfg(test)]
 mod rotation_tests {
+    use super::rotation_fixture::rotation_snapshot;
     use super::*;
-    use crate::messages::common::Environment;
     use proptest::prelude::*;
 
     const NOW: u64 = 1_700_000_000_000;
@@ -720,7 +723,7 @@ mod rotation_tests {
         NetworkKeypair::from_seed(&[n; 32])
     }
 
-    /// A snapshot naming `keys` as the active set and `retiring` (key, not_after) as the overlap.
+    /// A rotation snapshot of the network [`net`] (see [`rotation_snapshot`]).
     fn snap(
         version: u64,
         prev: Option<&SignedConfig>,
@@ -728,31 +731,7 @@ mod rotation_tests {
         keys: &[&NetworkKeypair],
         retiring: &[(&NetworkKeypair, u64)],
     ) -> ConfigSnapshot {
-        ConfigSnapshot {
-            network_id: net(),
-            version,
-            issued_at_ms,
-            expires_at_ms: issued_at_ms + 24 * HOUR,
-            prev_digest: prev.map(|p| p.digest().clone()),
-            payload: NetworkConfig {
-                environment: Environment::Testnet,
-                models: vec![],
-                runtime_images: RuntimeImages::default(),
-                sidecar_image: None,
-                timing: Default::default(),
-                subclouds: vec![],
-                network_keys: keys.iter().map(|k| k.id().clone()).collect(),
-                retiring_keys: retiring
-                    .iter()
-                    .map(|(k, t)| RetiringKey {
-                        key: k.id().clone(),
-                        not_after_ms: *t,
-                    })
-                    .collect(),
-                revoked_node_keys: vec![],
-                penalties: None,
-            },
-        }
+        rotation_snapshot(&net(), version, prev, issued_at_ms, keys, retiring)
     }
 
     fn sign(k: &NetworkKeypair, s: &ConfigSnapshot) -> SignedConfig {
