@@ -8,7 +8,7 @@ use std::time::Duration;
 use resultity_io::{IoService, IoServiceHandle};
 use resultity_protocol::NetworkKeypair;
 use resultity_protocol::config::NetworkConfig;
-use resultity_protocol::messages::{ModelState, NodePhase, Timing};
+use resultity_protocol::messages::{ModelState, NodePhase};
 use resultity_runtime_sim::{Faults, SimConfig, generate};
 use resultity_sidecar::agent::{Agent, Exit};
 use serde_json::{Value, json};
@@ -17,15 +17,7 @@ mod common;
 use common::{MODEL, Net, Node, http, instant_runtime, settings, spawn};
 
 fn payload() -> NetworkConfig {
-    common::payload(Timing {
-        heartbeat_interval_ms: 150,
-        ping_interval_ms: 1_000,
-        ack_timeout_ms: 1_000,
-        backoff_base_ms: 20,
-        backoff_cap_ms: 200,
-        resume_window_ms: 5_000,
-        http_timeout_ms: 2_000,
-    })
+    common::payload(common::quick_timing())
 }
 
 async fn network(sim_cfg: SimConfig) -> Net {
@@ -60,14 +52,22 @@ async fn wait_eligible(io: &IoServiceHandle) {
     common::wait_eligible(&io.base_url(), true, Duration::from_secs(10)).await;
 }
 
-async fn complete(io: &IoServiceHandle, prompt: &str) -> reqwest::Response {
+/// Submits a 6-token completion of `prompt` to the network, waiting up to `timeout` for the
+/// answer; the request owns its data, so it can be spawned.
+fn submit(
+    io: &IoServiceHandle,
+    prompt: &str,
+    timeout: Duration,
+) -> impl Future<Output = reqwest::Result<reqwest::Response>> + Send + 'static {
     http()
         .post(format!("{}/v1/completions", io.base_url()))
         .json(&json!({"model": MODEL, "prompt": prompt, "max_tokens": 6}))
-        .timeout(Duration::from_secs(15))
+        .timeout(timeout)
         .send()
-        .await
-        .unwrap()
+}
+
+async fn complete(io: &IoServiceHandle, prompt: &str) -> reqwest::Response {
+    submit(io, prompt, Duration::from_secs(15)).await.unwrap()
 }
 
 #[tokio::test]
@@ -83,17 +83,9 @@ async fn jobs_flow_concurrently_with_verified_results() {
     wait_eligible(&net.io).await;
     let reqs: Vec<_> = (0..16)
         .map(|i| {
-            let base = net.io.base_url();
+            let call = submit(&net.io, &format!("prompt {i}"), Duration::from_secs(15));
             tokio::spawn(async move {
-                let r = http()
-                    .post(format!("{base}/v1/completions"))
-                    .json(
-                        &json!({"model": MODEL, "prompt": format!("prompt {i}"), "max_tokens": 6}),
-                    )
-                    .timeout(Duration::from_secs(15))
-                    .send()
-                    .await
-                    .unwrap();
+                let r = call.await.unwrap();
                 let verified = r
                     .headers()
                     .get("x-resultity-verified")
@@ -271,20 +263,10 @@ async fn drain_finishes_in_flight_jobs_and_exits_clean() {
     let node = spawn(settings(&net, "a"));
     wait_ready(&node).await;
     wait_eligible(&net.io).await;
-    let base = net.io.base_url();
     let calls: Vec<_> = (0..4)
         .map(|i| {
-            let base = base.clone();
-            tokio::spawn(async move {
-                http()
-                    .post(format!("{base}/v1/completions"))
-                    .json(&json!({"model": MODEL, "prompt": format!("d{i}"), "max_tokens": 6}))
-                    .timeout(Duration::from_secs(15))
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-            })
+            let call = submit(&net.io, &format!("d{i}"), Duration::from_secs(15));
+            tokio::spawn(async move { call.await.unwrap().status() })
         })
         .collect();
     let agent = node.agent.clone();
@@ -387,15 +369,9 @@ async fn runtime_crash_mid_job_hands_the_job_to_another_node() {
     wait_eligible(&net.io).await;
     // Only node A exists when the job is submitted, so A gets it.
     let call = {
-        let base = net.io.base_url();
+        let call = submit(&net.io, "keep going", Duration::from_secs(20));
         tokio::spawn(async move {
-            let r = http()
-                .post(format!("{base}/v1/completions"))
-                .json(&json!({"model": MODEL, "prompt": "keep going", "max_tokens": 6}))
-                .timeout(Duration::from_secs(20))
-                .send()
-                .await
-                .unwrap();
+            let r = call.await.unwrap();
             let node = r
                 .headers()
                 .get("x-resultity-node-id")
@@ -561,17 +537,7 @@ async fn unwritable_outbox_stops_intake_until_a_write_succeeds() {
     fault.set(true);
 
     // The job runs, but its result cannot be stored: the job fails and intake stops.
-    let first = {
-        let base = net.io.base_url();
-        tokio::spawn(async move {
-            http()
-                .post(format!("{base}/v1/completions"))
-                .json(&json!({"model": MODEL, "prompt": "first", "max_tokens": 6}))
-                .timeout(Duration::from_secs(20))
-                .send()
-                .await
-        })
-    };
+    let first = tokio::spawn(submit(&net.io, "first", Duration::from_secs(20)));
     let agent = node.agent.clone();
     wait_for("outbox reported unwritable", move || {
         let s = agent.api.status();
@@ -596,17 +562,8 @@ async fn unwritable_outbox_stops_intake_until_a_write_succeeds() {
     // several heartbeats (and many scheduler ticks) pass.
     let served = net.sim.stats().requests;
     let second = {
-        let base = net.io.base_url();
-        tokio::spawn(async move {
-            http()
-                .post(format!("{base}/v1/completions"))
-                .json(&json!({"model": MODEL, "prompt": "second", "max_tokens": 6}))
-                .timeout(Duration::from_secs(20))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        })
+        let call = submit(&net.io, "second", Duration::from_secs(20));
+        tokio::spawn(async move { call.await.unwrap().status() })
     };
     let since = node.agent.api.status().last_heartbeat_ms.unwrap();
     let agent = node.agent.clone();

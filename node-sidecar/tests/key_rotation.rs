@@ -8,7 +8,6 @@ use std::time::Duration;
 use resultity_io::{IoService, IoServiceHandle, Settings as IoSettings};
 use resultity_protocol::NetworkKeypair;
 use resultity_protocol::config::{ConfigTrust, SignedConfig};
-use resultity_protocol::messages::Timing;
 use resultity_sidecar::agent::Settings;
 use resultity_sidecar::config_store::ConfigStore;
 use serde_json::json;
@@ -21,18 +20,7 @@ fn io_settings(
     next: Option<&NetworkKeypair>,
     state: &std::path::Path,
 ) -> IoSettings {
-    let mut s = common::io_settings(
-        key,
-        common::payload(Timing {
-            heartbeat_interval_ms: 150,
-            ping_interval_ms: 1_000,
-            ack_timeout_ms: 1_000,
-            backoff_base_ms: 20,
-            backoff_cap_ms: 200,
-            resume_window_ms: 5_000,
-            http_timeout_ms: 2_000,
-        }),
-    );
+    let mut s = common::io_settings(key, common::payload(common::quick_timing()));
     s.next_network_key = next.cloned();
     s.key_overlap_ms = 200;
     s.config_state = Some(state.to_owned());

@@ -45,10 +45,7 @@ fn network_thread() -> (String, NetworkKeyId, String) {
                     heartbeat_interval_ms: 1_000,
                     ping_interval_ms: PING_MS,
                     ack_timeout_ms: 2_000,
-                    backoff_base_ms: 20,
-                    backoff_cap_ms: 200,
-                    resume_window_ms: 5_000,
-                    http_timeout_ms: 2_000,
+                    ..common::quick_timing()
                 }),
             ))
             .await

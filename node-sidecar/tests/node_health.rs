@@ -28,12 +28,8 @@ const NAMESPACE: &str = "gpu-fleet";
 fn payload() -> NetworkConfig {
     common::payload(Timing {
         heartbeat_interval_ms: 250,
-        ping_interval_ms: 1_000,
         ack_timeout_ms: 2_000,
-        backoff_base_ms: 20,
-        backoff_cap_ms: 200,
-        resume_window_ms: 5_000,
-        http_timeout_ms: 2_000,
+        ..common::quick_timing()
     })
 }
 

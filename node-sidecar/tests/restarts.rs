@@ -18,13 +18,10 @@ use common::MODEL;
 
 fn payload() -> NetworkConfig {
     common::payload(Timing {
-        heartbeat_interval_ms: 150,
-        ping_interval_ms: 1_000,
         ack_timeout_ms: 2_000,
-        backoff_base_ms: 20,
         backoff_cap_ms: 300,
         resume_window_ms: 20_000,
-        http_timeout_ms: 2_000,
+        ..common::quick_timing()
     })
 }
 

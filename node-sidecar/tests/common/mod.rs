@@ -22,6 +22,19 @@ use tokio::task::JoinHandle;
 
 pub const MODEL: &str = "acme/tiny-chat";
 
+/// Timing for tests on loopback: heartbeats every 150 ms, fast backoff, short HTTP timeouts.
+pub fn quick_timing() -> Timing {
+    Timing {
+        heartbeat_interval_ms: 150,
+        ping_interval_ms: 1_000,
+        ack_timeout_ms: 1_000,
+        backoff_base_ms: 20,
+        backoff_cap_ms: 200,
+        resume_window_ms: 5_000,
+        http_timeout_ms: 2_000,
+    }
+}
+
 /// A testnet config approving [`MODEL`] on vLLM with no GPU requirement, and `timing`.
 pub fn payload(timing: Timing) -> NetworkConfig {
     NetworkConfig {
