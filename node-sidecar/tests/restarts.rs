@@ -110,17 +110,42 @@ fn sidecar(
     Sidecar(child)
 }
 
-async fn wait_until<F: std::future::Future<Output = bool>>(
-    what: &str,
-    mut cond: impl FnMut() -> F,
-) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !cond().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+/// Polls `cond` every 20 ms for up to 20 s.
+async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, cond: impl FnMut() -> F) {
+    common::wait_until(what, Duration::from_secs(20), cond).await;
+}
+
+/// An IO service on a free loopback port, a runtime whose prefill takes `prefill_ms`, and a
+/// state directory and API port for one sidecar process.
+struct Loopback {
+    key: NetworkKeypair,
+    dir: tempfile::TempDir,
+    io: IoServiceHandle,
+    base: String,
+    runtime: SimHandle,
+    port: u16,
+    node_dir: std::path::PathBuf,
+}
+
+async fn loopback(prefill_ms: u64) -> Loopback {
+    let key = NetworkKeypair::generate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let io = IoService::start(io_settings(
+        &key,
+        "127.0.0.1:0".parse().unwrap(),
+        &dir.path().join("io-state.json"),
+    ))
+    .await
+    .unwrap();
+    let node_dir = dir.path().join("node");
+    Loopback {
+        base: io.base_url(),
+        runtime: sim(prefill_ms).await,
+        port: free_port(),
+        key,
+        dir,
+        io,
+        node_dir,
     }
 }
 
@@ -163,19 +188,15 @@ fn complete(base: &str, prompt: &str) -> tokio::task::JoinHandle<(u16, Value)> {
 
 #[tokio::test]
 async fn sidecar_killed_mid_job_restarts_and_the_job_completes_once() {
-    let key = NetworkKeypair::generate().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let io = IoService::start(io_settings(
-        &key,
-        "127.0.0.1:0".parse().unwrap(),
-        &dir.path().join("io-state.json"),
-    ))
-    .await
-    .unwrap();
-    let base = io.base_url();
-    let runtime = sim(1_500).await;
-    let port = free_port();
-    let node_dir = dir.path().join("node");
+    let Loopback {
+        key,
+        dir: _dir,
+        io,
+        base,
+        runtime,
+        port,
+        node_dir,
+    } = loopback(1_500).await;
     let first = sidecar(&base, &key, &runtime.url(), &node_dir, port);
     wait_until("node eligible", || eligible(&base)).await;
 
@@ -254,19 +275,15 @@ async fn io_service_restart_reconnects_and_loses_nothing() {
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_jobs_and_exits_zero() {
-    let key = NetworkKeypair::generate().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let io = IoService::start(io_settings(
-        &key,
-        "127.0.0.1:0".parse().unwrap(),
-        &dir.path().join("io-state.json"),
-    ))
-    .await
-    .unwrap();
-    let base = io.base_url();
-    let runtime = sim(800).await;
-    let port = free_port();
-    let node_dir = dir.path().join("node");
+    let Loopback {
+        key,
+        dir: _dir,
+        io,
+        base,
+        runtime,
+        port,
+        node_dir,
+    } = loopback(800).await;
     let mut node = sidecar(&base, &key, &runtime.url(), &node_dir, port);
     wait_until("node eligible", || eligible(&base)).await;
     let calls: Vec<_> = (0..3)
