@@ -44,6 +44,22 @@ async fn wait_ready(node: &Node) {
     .await;
 }
 
+/// Node `name` of `net`, started and waited for until the network routes jobs to it.
+async fn serving_node(net: &Net, name: &str) -> Node {
+    let node = spawn(settings(net, name));
+    wait_ready(&node).await;
+    wait_eligible(&net.io).await;
+    node
+}
+
+/// A simulator whose prefill takes `ms` and which decodes at once.
+fn prefill(ms: u64) -> SimConfig {
+    SimConfig {
+        prefill_ms: ms,
+        ..instant_runtime()
+    }
+}
+
 async fn eligible(io: &IoServiceHandle) -> bool {
     common::eligible(&io.base_url()).await
 }
@@ -72,15 +88,8 @@ async fn complete(io: &IoServiceHandle, prompt: &str) -> reqwest::Response {
 
 #[tokio::test]
 async fn jobs_flow_concurrently_with_verified_results() {
-    let net = network(SimConfig {
-        prefill_ms: 100,
-        decode_us_per_token: 0,
-        ..SimConfig::default()
-    })
-    .await;
-    let node = spawn(settings(&net, "a"));
-    wait_ready(&node).await;
-    wait_eligible(&net.io).await;
+    let net = network(prefill(100)).await;
+    let node = serving_node(&net, "a").await;
     let reqs: Vec<_> = (0..16)
         .map(|i| {
             let call = submit(&net.io, &format!("prompt {i}"), Duration::from_secs(15));
@@ -254,15 +263,8 @@ async fn model_failing_its_test_inference_stays_failed_and_gets_no_jobs() {
 
 #[tokio::test]
 async fn drain_finishes_in_flight_jobs_and_exits_clean() {
-    let net = network(SimConfig {
-        prefill_ms: 400,
-        decode_us_per_token: 0,
-        ..SimConfig::default()
-    })
-    .await;
-    let node = spawn(settings(&net, "a"));
-    wait_ready(&node).await;
-    wait_eligible(&net.io).await;
+    let net = network(prefill(400)).await;
+    let node = serving_node(&net, "a").await;
     let calls: Vec<_> = (0..4)
         .map(|i| {
             let call = submit(&net.io, &format!("d{i}"), Duration::from_secs(15));
@@ -294,9 +296,7 @@ async fn drain_finishes_in_flight_jobs_and_exits_clean() {
 #[tokio::test]
 async fn operator_drain_keeps_reporting_drained_and_deregisters() {
     let net = network(instant_runtime()).await;
-    let node = spawn(settings(&net, "a"));
-    wait_ready(&node).await;
-    wait_eligible(&net.io).await;
+    let node = serving_node(&net, "a").await;
     let addr = node.agent.api_addr().unwrap();
     let c = http();
     assert_eq!(
@@ -358,15 +358,8 @@ async fn operator_drain_keeps_reporting_drained_and_deregisters() {
 
 #[tokio::test]
 async fn runtime_crash_mid_job_hands_the_job_to_another_node() {
-    let net = network(SimConfig {
-        prefill_ms: 2_000,
-        decode_us_per_token: 0,
-        ..SimConfig::default()
-    })
-    .await;
-    let a = spawn(settings(&net, "a"));
-    wait_ready(&a).await;
-    wait_eligible(&net.io).await;
+    let net = network(prefill(2_000)).await;
+    let a = serving_node(&net, "a").await;
     // Only node A exists when the job is submitted, so A gets it.
     let call = {
         let call = submit(&net.io, "keep going", Duration::from_secs(20));
@@ -529,9 +522,7 @@ async fn silent_network_is_detected_after_two_ping_intervals_and_the_node_reconn
 #[tokio::test]
 async fn unwritable_outbox_stops_intake_until_a_write_succeeds() {
     let net = network(instant_runtime()).await;
-    let node = spawn(settings(&net, "a"));
-    wait_ready(&node).await;
-    wait_eligible(&net.io).await;
+    let node = serving_node(&net, "a").await;
     let addr = node.agent.api_addr().unwrap();
     let fault = node.agent.outbox_write_fault();
     fault.set(true);
