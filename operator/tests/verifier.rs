@@ -331,6 +331,22 @@ fn reconcile_node(
     move |ctx| Box::pin(node::reconcile(Arc::new(n), ctx))
 }
 
+/// A node reconcile's script: it reads the network and `n`'s identity Secret, then makes the
+/// calls `then`.
+fn node_script(n: &ResultityNode, then: impl IntoIterator<Item = Call>) -> Vec<Call> {
+    [network_read(), Call::get(SECRET, secret(n))]
+        .into_iter()
+        .chain(then)
+        .collect()
+}
+
+/// Reconciles `n` against `script` (no sidecar is asked anything).
+async fn run_node(n: ResultityNode, script: Vec<Call>) -> resultity_operator::Result<Action> {
+    world(script, FakeSidecar::answering(vec![]), no_source())
+        .run(reconcile_node(n))
+        .await
+}
+
 fn status_of(body: &Value) -> ResultityNodeStatus {
     serde_json::from_value(body["status"].clone()).unwrap()
 }
@@ -419,10 +435,7 @@ async fn new_object_gets_the_finalizer_first() {
                 })
                 .reply(|_| (200, serde_json::to_value(finalized_node()).unwrap())),
         ];
-    let action = world(script, FakeSidecar::answering(vec![]), no_source())
-        .run(reconcile_node(n))
-        .await
-        .unwrap();
+    let action = run_node(n, script).await.unwrap();
     assert_eq!(action, Action::await_change());
 }
 
@@ -448,26 +461,27 @@ async fn spec_update_drains_then_replaces_the_pod() {
     let sidecar = FakeSidecar::answering(vec![Ok(draining)]);
     let drain_started = Arc::new(Mutex::new(None::<Value>));
     let started = drain_started.clone();
-    let script = vec![
-        network_read(),
-        Call::get(SECRET, secret(&changed)),
-        Call::get(POD, &live),
-        // The drain has its own event reason and says why, not the previous phase's reason.
-        Call::event(EVENTS, "Draining").check(|b| {
-            let note = b["note"].as_str().unwrap();
-            assert!(
-                note.contains("out of date") && note.contains("300s"),
-                "{note}"
-            );
-        }),
-        Call::apply_status(NODE_STATUS, &changed).check(move |b| {
-            let s = status_of(b);
-            assert_eq!(s.phase, NodePhase::Draining);
-            assert!(s.drain_started_time.is_some());
-            assert_ne!(s.desired_spec_hash, s.pod_spec_hash, "out of date");
-            *started.lock().unwrap() = Some(b["status"]["drainStartedTime"].clone());
-        }),
-    ];
+    let script = node_script(
+        &changed,
+        [
+            Call::get(POD, &live),
+            // The drain has its own event reason and says why, not the previous phase's reason.
+            Call::event(EVENTS, "Draining").check(|b| {
+                let note = b["note"].as_str().unwrap();
+                assert!(
+                    note.contains("out of date") && note.contains("300s"),
+                    "{note}"
+                );
+            }),
+            Call::apply_status(NODE_STATUS, &changed).check(move |b| {
+                let s = status_of(b);
+                assert_eq!(s.phase, NodePhase::Draining);
+                assert!(s.drain_started_time.is_some());
+                assert_ne!(s.desired_spec_hash, s.pod_spec_hash, "out of date");
+                *started.lock().unwrap() = Some(b["status"]["drainStartedTime"].clone());
+            }),
+        ],
+    );
     let action = world(script, sidecar.clone(), no_source())
         .run(reconcile_node(changed.clone()))
         .await
@@ -492,18 +506,20 @@ async fn spec_update_drains_then_replaces_the_pod() {
     drained.drained = true;
     let sidecar = FakeSidecar::answering(vec![Ok(drained)]);
     let live2 = live.clone();
-    let script = vec![
-        network_read(),
-        Call::get(SECRET, secret(&changed)),
-        Call::get(POD, &live),
-        Call::new(Method::DELETE, POD).reply(move |_| (200, serde_json::to_value(&live2).unwrap())),
-        Call::event(EVENTS, "PodReplaced"),
-        Call::apply_status(NODE_STATUS, &changed).check(|b| {
-            let s = status_of(b);
-            assert!(s.drain_started_time.is_none());
-            assert!(s.pod_spec_hash.is_none(), "the deleted pod is not counted");
-        }),
-    ];
+    let script = node_script(
+        &changed,
+        [
+            Call::get(POD, &live),
+            Call::new(Method::DELETE, POD)
+                .reply(move |_| (200, serde_json::to_value(&live2).unwrap())),
+            Call::event(EVENTS, "PodReplaced"),
+            Call::apply_status(NODE_STATUS, &changed).check(|b| {
+                let s = status_of(b);
+                assert!(s.drain_started_time.is_none());
+                assert!(s.pod_spec_hash.is_none(), "the deleted pod is not counted");
+            }),
+        ],
+    );
     let action = world(script, sidecar.clone(), no_source())
         .run(reconcile_node(round2))
         .await
@@ -528,54 +544,50 @@ async fn spec_update_drains_then_replaces_the_pod() {
         phase: NodePhase::Draining,
         ..ResultityNodeStatus::default()
     });
-    let script = vec![
-        network_read(),
-        Call::get(SECRET, secret(&changed)),
-        Call::get_missing(POD),
-        Call::apply(POD).check(move |b| {
-            assert_eq!(
-                b["metadata"]["annotations"]["resultity.com/spec-hash"],
-                want.as_str()
-            );
-            let args = b["spec"]["containers"][0]["args"].as_array().unwrap();
-            assert!(args.contains(&json!("--enforce-eager")));
-        }),
-        Call::event(EVENTS, "PodCreated"),
-        Call::apply_status(NODE_STATUS, &changed)
-            .check(|b| assert_eq!(status_of(b).phase, NodePhase::Pending)),
-        Call::event(EVENTS, "Pending"),
-    ];
-    world(script, FakeSidecar::answering(vec![]), no_source())
-        .run(reconcile_node(round3))
-        .await
-        .unwrap();
+    let script = node_script(
+        &changed,
+        [
+            Call::get_missing(POD),
+            Call::apply(POD).check(move |b| {
+                assert_eq!(
+                    b["metadata"]["annotations"]["resultity.com/spec-hash"],
+                    want.as_str()
+                );
+                let args = b["spec"]["containers"][0]["args"].as_array().unwrap();
+                assert!(args.contains(&json!("--enforce-eager")));
+            }),
+            Call::event(EVENTS, "PodCreated"),
+            Call::apply_status(NODE_STATUS, &changed)
+                .check(|b| assert_eq!(status_of(b).phase, NodePhase::Pending)),
+            Call::event(EVENTS, "Pending"),
+        ],
+    );
+    run_node(round3, script).await.unwrap();
 }
 
 #[tokio::test]
 async fn pod_deleted_out_of_band_is_recreated() {
     let n = ready_node();
-    let script = vec![
-        network_read(),
-        Call::get(SECRET, secret(&n)),
-        Call::get_missing(POD),
-        Call::apply(POD).check(|b| {
-            assert_eq!(
-                b["metadata"]["labels"]["resultity.com/node-id"],
-                key().id().as_str()
-            );
-        }),
-        Call::event(EVENTS, "PodCreated"),
-        Call::apply_status(NODE_STATUS, &n).check(|b| {
-            let s = status_of(b);
-            assert_eq!(s.phase, NodePhase::Pending);
-            assert_eq!(s.node_id.as_deref(), Some(key().id().as_str()));
-        }),
-        Call::event(EVENTS, "Pending"),
-    ];
-    world(script, FakeSidecar::answering(vec![]), no_source())
-        .run(reconcile_node(n))
-        .await
-        .unwrap();
+    let script = node_script(
+        &n,
+        [
+            Call::get_missing(POD),
+            Call::apply(POD).check(|b| {
+                assert_eq!(
+                    b["metadata"]["labels"]["resultity.com/node-id"],
+                    key().id().as_str()
+                );
+            }),
+            Call::event(EVENTS, "PodCreated"),
+            Call::apply_status(NODE_STATUS, &n).check(|b| {
+                let s = status_of(b);
+                assert_eq!(s.phase, NodePhase::Pending);
+                assert_eq!(s.node_id.as_deref(), Some(key().id().as_str()));
+            }),
+            Call::event(EVENTS, "Pending"),
+        ],
+    );
+    run_node(n, script).await.unwrap();
 }
 
 #[tokio::test]
@@ -583,22 +595,23 @@ async fn status_pull_failure_is_unknown_with_a_requeue() {
     let n = ready_node();
     let pod = running_pod(&n);
     let sidecar = FakeSidecar::answering(vec![Err(SidecarError::Timeout(Duration::from_secs(3)))]);
-    let script = vec![
-        network_read(),
-        Call::get(SECRET, secret(&n)),
-        // Same spec hash: nothing to apply, the pod is read back as is.
-        Call::get(POD, &pod),
-        Call::apply_status(NODE_STATUS, &n).check(|b| {
-            let s = status_of(b);
-            assert_eq!(s.phase, NodePhase::Degraded);
-            assert_eq!(cond(&s, "Registered"), ("Unknown", "SidecarUnreachable"));
-            assert_eq!(cond(&s, "Connected"), ("Unknown", "SidecarUnreachable"));
-            assert_eq!(cond(&s, "ConfigInSync"), ("Unknown", "SidecarUnreachable"));
-            assert_eq!(cond(&s, "RuntimeReady"), ("True", "ContainerReady"));
-            assert_eq!(cond(&s, "Ready").0, "False");
-        }),
-        Call::event(EVENTS, "Degraded"),
-    ];
+    let script = node_script(
+        &n,
+        [
+            // Same spec hash: nothing to apply, the pod is read back as is.
+            Call::get(POD, &pod),
+            Call::apply_status(NODE_STATUS, &n).check(|b| {
+                let s = status_of(b);
+                assert_eq!(s.phase, NodePhase::Degraded);
+                assert_eq!(cond(&s, "Registered"), ("Unknown", "SidecarUnreachable"));
+                assert_eq!(cond(&s, "Connected"), ("Unknown", "SidecarUnreachable"));
+                assert_eq!(cond(&s, "ConfigInSync"), ("Unknown", "SidecarUnreachable"));
+                assert_eq!(cond(&s, "RuntimeReady"), ("True", "ContainerReady"));
+                assert_eq!(cond(&s, "Ready").0, "False");
+            }),
+            Call::event(EVENTS, "Degraded"),
+        ],
+    );
     let action = world(script, sidecar.clone(), no_source())
         .run(reconcile_node(n))
         .await
@@ -612,17 +625,18 @@ async fn status_pull_failure_is_unknown_with_a_requeue() {
 async fn ready_node_status_from_the_sidecar() {
     let n = ready_node();
     let pod = running_pod(&n);
-    let script = vec![
-        network_read(),
-        Call::get(SECRET, secret(&n)),
-        Call::get(POD, &pod),
-        Call::apply_status(NODE_STATUS, &n).check(|b| {
-            let s = status_of(b);
-            assert_eq!(s.phase, NodePhase::Ready);
-            assert_eq!(s.jobs.unwrap().completed, 1289);
-            assert_eq!(s.models_summary.as_deref(), Some("1/1"));
-        }),
-    ];
+    let script = node_script(
+        &n,
+        [
+            Call::get(POD, &pod),
+            Call::apply_status(NODE_STATUS, &n).check(|b| {
+                let s = status_of(b);
+                assert_eq!(s.phase, NodePhase::Ready);
+                assert_eq!(s.jobs.unwrap().completed, 1289);
+                assert_eq!(s.models_summary.as_deref(), Some("1/1"));
+            }),
+        ],
+    );
     let action = world(
         script,
         FakeSidecar::answering(vec![Ok(report())]),
@@ -770,10 +784,7 @@ async fn unusable_identity_secret_is_invalid_not_overwritten() {
         }),
         Call::event(EVENTS, "Invalid"),
     ];
-    let action = world(script, FakeSidecar::answering(vec![]), no_source())
-        .run(reconcile_node(n))
-        .await
-        .unwrap();
+    let action = run_node(n, script).await.unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
 }
 
@@ -996,28 +1007,26 @@ async fn evicted_pod_is_replaced() {
     st.phase = Some("Failed".into());
     st.reason = Some("Evicted".into());
     st.pod_ip = None;
-    let script = vec![
-        network_read(),
-        Call::get(SECRET, secret(&n)),
-        Call::get(POD, &evicted),
-        Call::new(Method::DELETE, POD).reply({
-            let p = serde_json::to_value(&evicted).unwrap();
-            move |_| (200, p.clone())
-        }),
-        Call::event(EVENTS, "PodReplaced").check(|b| {
-            assert_eq!(b["type"], "Warning");
-            assert!(b["note"].as_str().unwrap().contains("Evicted"));
-        }),
-        Call::apply_status(NODE_STATUS, &n).check(|b| {
-            let s = status_of(b);
-            assert_eq!(s.phase, NodePhase::Pending);
-            assert_eq!(cond(&s, "PodScheduled"), ("False", "PodMissing"));
-        }),
-    ];
-    let action = world(script, FakeSidecar::answering(vec![]), no_source())
-        .run(reconcile_node(n))
-        .await
-        .unwrap();
+    let script = node_script(
+        &n,
+        [
+            Call::get(POD, &evicted),
+            Call::new(Method::DELETE, POD).reply({
+                let p = serde_json::to_value(&evicted).unwrap();
+                move |_| (200, p.clone())
+            }),
+            Call::event(EVENTS, "PodReplaced").check(|b| {
+                assert_eq!(b["type"], "Warning");
+                assert!(b["note"].as_str().unwrap().contains("Evicted"));
+            }),
+            Call::apply_status(NODE_STATUS, &n).check(|b| {
+                let s = status_of(b);
+                assert_eq!(s.phase, NodePhase::Pending);
+                assert_eq!(cond(&s, "PodScheduled"), ("False", "PodMissing"));
+            }),
+        ],
+    );
+    let action = run_node(n, script).await.unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(2)));
 }
 
@@ -1030,35 +1039,36 @@ async fn api_rejection_becomes_a_condition_and_a_warning() {
     });
     let api_message = "Pod \"gpu-a-node\" is invalid: spec.tolerations[0].operator: \
                        Unsupported value: \"Foo\": supported values: \"Equal\", \"Exists\"";
-    let script = vec![
-        network_read(),
-        Call::get(SECRET, secret(&n)),
-        Call::get_missing(POD),
-        Call::apply(POD).reply(move |_| {
-            (
-                422,
-                json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+    let script = node_script(
+        &n,
+        [
+            Call::get_missing(POD),
+            Call::apply(POD).reply(move |_| {
+                (
+                    422,
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
                        "status": "Failure", "reason": "Invalid", "code": 422,
                        "message": api_message}),
-            )
-        }),
-        Call::event(EVENTS, "PodRejected").check(move |b| {
-            assert_eq!(b["type"], "Warning");
-            assert!(b["note"].as_str().unwrap().contains(api_message), "{b}");
-        }),
-        Call::apply_status(NODE_STATUS, &n).check(move |b| {
-            let s = status_of(b);
-            assert_eq!(s.phase, NodePhase::Invalid);
-            let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
-            assert_eq!(
-                (ready.status.as_str(), ready.reason.as_str()),
-                ("False", "RejectedByAPIServer")
-            );
-            assert!(ready.message.contains(api_message), "{}", ready.message);
-            assert!(ready.message.contains("HTTP 422"), "{}", ready.message);
-        }),
-        Call::event(EVENTS, "Invalid").check(|b| assert_eq!(b["type"], "Warning")),
-    ];
+                )
+            }),
+            Call::event(EVENTS, "PodRejected").check(move |b| {
+                assert_eq!(b["type"], "Warning");
+                assert!(b["note"].as_str().unwrap().contains(api_message), "{b}");
+            }),
+            Call::apply_status(NODE_STATUS, &n).check(move |b| {
+                let s = status_of(b);
+                assert_eq!(s.phase, NodePhase::Invalid);
+                let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+                assert_eq!(
+                    (ready.status.as_str(), ready.reason.as_str()),
+                    ("False", "RejectedByAPIServer")
+                );
+                assert!(ready.message.contains(api_message), "{}", ready.message);
+                assert!(ready.message.contains("HTTP 422"), "{}", ready.message);
+            }),
+            Call::event(EVENTS, "Invalid").check(|b| assert_eq!(b["type"], "Warning")),
+        ],
+    );
     let action = world(script, FakeSidecar::answering(vec![]), no_source())
         .run(reconcile_node(n))
         .await
@@ -1084,57 +1094,53 @@ fn cached_node() -> ResultityNode {
 async fn model_cache_claim_is_created_by_apply_owned_by_the_node_before_the_pod() {
     let n = cached_node();
     let uid = n.metadata.uid.clone().unwrap();
-    let script = vec![
-        network_read(),
-        Call::get(SECRET, secret(&n)),
-        Call::get_missing(POD),
-        Call::get_missing(CACHE_CLAIM),
-        Call::apply(CACHE_CLAIM).check(move |b| {
-            assert_eq!(b["kind"], "PersistentVolumeClaim");
-            assert_eq!(b["metadata"]["name"], "gpu-a-model-cache");
-            let owner = &b["metadata"]["ownerReferences"][0];
-            assert_eq!(owner["kind"], "ResultityNode");
-            assert_eq!(owner["name"], "gpu-a");
-            assert_eq!(owner["uid"], uid.as_str());
-            assert_eq!(owner["controller"], true);
-            assert_eq!(b["spec"]["resources"]["requests"]["storage"], "200Gi");
-            assert_eq!(b["spec"]["storageClassName"], "fast-ssd");
-            assert_eq!(b["spec"]["accessModes"], json!(["ReadWriteOnce"]));
-        }),
-        Call::event(EVENTS, "CacheClaimCreated"),
-        Call::apply(POD).check(|b| {
-            let volumes = b["spec"]["volumes"].as_array().unwrap();
-            let cache = volumes.iter().find(|v| v["name"] == "model-cache").unwrap();
-            assert_eq!(
-                cache["persistentVolumeClaim"]["claimName"],
-                "gpu-a-model-cache"
-            );
-        }),
-        Call::event(EVENTS, "PodCreated"),
-        Call::apply_status(NODE_STATUS, &n)
-            .check(|b| assert_eq!(status_of(b).phase, NodePhase::Pending)),
-    ];
-    world(script, FakeSidecar::answering(vec![]), no_source())
-        .run(reconcile_node(n))
-        .await
-        .unwrap();
+    let script = node_script(
+        &n,
+        [
+            Call::get_missing(POD),
+            Call::get_missing(CACHE_CLAIM),
+            Call::apply(CACHE_CLAIM).check(move |b| {
+                assert_eq!(b["kind"], "PersistentVolumeClaim");
+                assert_eq!(b["metadata"]["name"], "gpu-a-model-cache");
+                let owner = &b["metadata"]["ownerReferences"][0];
+                assert_eq!(owner["kind"], "ResultityNode");
+                assert_eq!(owner["name"], "gpu-a");
+                assert_eq!(owner["uid"], uid.as_str());
+                assert_eq!(owner["controller"], true);
+                assert_eq!(b["spec"]["resources"]["requests"]["storage"], "200Gi");
+                assert_eq!(b["spec"]["storageClassName"], "fast-ssd");
+                assert_eq!(b["spec"]["accessModes"], json!(["ReadWriteOnce"]));
+            }),
+            Call::event(EVENTS, "CacheClaimCreated"),
+            Call::apply(POD).check(|b| {
+                let volumes = b["spec"]["volumes"].as_array().unwrap();
+                let cache = volumes.iter().find(|v| v["name"] == "model-cache").unwrap();
+                assert_eq!(
+                    cache["persistentVolumeClaim"]["claimName"],
+                    "gpu-a-model-cache"
+                );
+            }),
+            Call::event(EVENTS, "PodCreated"),
+            Call::apply_status(NODE_STATUS, &n)
+                .check(|b| assert_eq!(status_of(b).phase, NodePhase::Pending)),
+        ],
+    );
+    run_node(n, script).await.unwrap();
 
     // The next pass finds the claim it owns and leaves it alone (no write).
     let n = cached_node();
     let owned = resultity_operator::model_cache::build_cache_claim(&n).unwrap();
-    let script = vec![
-        network_read(),
-        Call::get(SECRET, secret(&n)),
-        Call::get_missing(POD),
-        Call::get(CACHE_CLAIM, &owned),
-        Call::apply(POD),
-        Call::event(EVENTS, "PodCreated"),
-        Call::apply_status(NODE_STATUS, &n),
-    ];
-    world(script, FakeSidecar::answering(vec![]), no_source())
-        .run(reconcile_node(n))
-        .await
-        .unwrap();
+    let script = node_script(
+        &n,
+        [
+            Call::get_missing(POD),
+            Call::get(CACHE_CLAIM, &owned),
+            Call::apply(POD),
+            Call::event(EVENTS, "PodCreated"),
+            Call::apply_status(NODE_STATUS, &n),
+        ],
+    );
+    run_node(n, script).await.unwrap();
 }
 
 #[tokio::test]
@@ -1142,9 +1148,9 @@ async fn a_foreign_claim_of_the_cache_name_is_refused_not_adopted() {
     let n = cached_node();
     let mut foreign = resultity_operator::model_cache::build_cache_claim(&n).unwrap();
     foreign.metadata.owner_references = None;
-    let script = vec![
-        network_read(),
-        Call::get(SECRET, secret(&n)),
+    let script = node_script(
+        &n,
+        [
         Call::get_missing(POD),
         Call::get(CACHE_CLAIM, &foreign),
         // No claim write and no pod: the node is Invalid with the reason.
@@ -1160,19 +1166,17 @@ async fn a_foreign_claim_of_the_cache_name_is_refused_not_adopted() {
             );
         }),
         Call::event(EVENTS, "Invalid"),
-    ];
-    world(script, FakeSidecar::answering(vec![]), no_source())
-        .run(reconcile_node(n))
-        .await
-        .unwrap();
+        ],
+    );
+    run_node(n, script).await.unwrap();
 }
 
 #[tokio::test]
 async fn a_claim_the_api_server_refuses_is_a_condition() {
     let n = cached_node();
-    let script = vec![
-        network_read(),
-        Call::get(SECRET, secret(&n)),
+    let script = node_script(
+        &n,
+        [
         Call::get_missing(POD),
         Call::get_missing(CACHE_CLAIM),
         Call::apply(CACHE_CLAIM).reply(|_| {
@@ -1189,11 +1193,9 @@ async fn a_claim_the_api_server_refuses_is_a_condition() {
             assert_eq!(cond(&s, "Ready"), ("False", "RejectedByAPIServer"));
         }),
         Call::event(EVENTS, "Invalid"),
-    ];
-    world(script, FakeSidecar::answering(vec![]), no_source())
-        .run(reconcile_node(n))
-        .await
-        .unwrap();
+        ],
+    );
+    run_node(n, script).await.unwrap();
 }
 
 #[tokio::test]
@@ -1218,20 +1220,21 @@ async fn fleet_member_waits_for_its_rollout_slot() {
     });
     // Held: the out-of-date pod keeps serving; no drain, no delete.
     let sidecar = FakeSidecar::answering(vec![Ok(report())]);
-    let script = vec![
-        network_read(),
-        Call::get(SECRET, secret(&held)),
-        Call::get(POD, &live),
-        Call::apply_status(NODE_STATUS, &held).check(|b| {
-            let s = status_of(b);
-            assert_eq!(s.phase, NodePhase::Ready);
-            assert_ne!(s.desired_spec_hash, s.pod_spec_hash);
-            assert_eq!(
-                s.rollout_step,
-                Some(resultity_operator::crd::RolloutStep::Pending)
-            );
-        }),
-    ];
+    let script = node_script(
+        &held,
+        [
+            Call::get(POD, &live),
+            Call::apply_status(NODE_STATUS, &held).check(|b| {
+                let s = status_of(b);
+                assert_eq!(s.phase, NodePhase::Ready);
+                assert_ne!(s.desired_spec_hash, s.pod_spec_hash);
+                assert_eq!(
+                    s.rollout_step,
+                    Some(resultity_operator::crd::RolloutStep::Pending)
+                );
+            }),
+        ],
+    );
     world(script, sidecar.clone(), no_source())
         .run(reconcile_node(held.clone()))
         .await
@@ -1247,14 +1250,15 @@ async fn fleet_member_waits_for_its_rollout_slot() {
         .unwrap()
         .insert("resultity.com/rollout-step".into(), "draining".into());
     let sidecar = FakeSidecar::answering(vec![Ok(report())]);
-    let script = vec![
-        network_read(),
-        Call::get(SECRET, secret(&granted)),
-        Call::get(POD, &live),
-        Call::event(EVENTS, "Draining"),
-        Call::apply_status(NODE_STATUS, &granted)
-            .check(|b| assert_eq!(status_of(b).phase, NodePhase::Draining)),
-    ];
+    let script = node_script(
+        &granted,
+        [
+            Call::get(POD, &live),
+            Call::event(EVENTS, "Draining"),
+            Call::apply_status(NODE_STATUS, &granted)
+                .check(|b| assert_eq!(status_of(b).phase, NodePhase::Draining)),
+        ],
+    );
     world(script, sidecar.clone(), no_source())
         .run(reconcile_node(granted))
         .await
