@@ -745,6 +745,12 @@ mod rotation_tests {
         }
     }
 
+    /// Verifies `link` at `now_ms` and applies it; it must be a new config.
+    fn accept(trust: &mut ConfigTrust, link: &SignedConfig, now_ms: u64) {
+        let v = trust.verify(link, now_ms);
+        applied(trust, v);
+    }
+
     /// A k1 → k2 rotation: v1 (k1), v2 = rotation signed by k1 with k1 retiring until
     /// `NOW + 1 h`, v3 = confirmation signed by k2 after the window.
     fn rotation() -> (Vec<SignedConfig>, NetworkKeypair, NetworkKeypair) {
@@ -759,14 +765,8 @@ mod rotation_tests {
     fn both_keys_are_trusted_during_the_overlap_and_the_old_one_is_refused_after() {
         let (chain, k1, k2) = rotation();
         let mut trust = ConfigTrust::pinned(net(), vec![k1.id().clone()]);
-        {
-            let v = trust.verify(&chain[0], NOW);
-            applied(&mut trust, v);
-        }
-        {
-            let v = trust.verify(&chain[1], NOW);
-            applied(&mut trust, v);
-        }
+        accept(&mut trust, &chain[0], NOW);
+        accept(&mut trust, &chain[1], NOW);
         assert_eq!(trust.keys_at(NOW), vec![k2.id().clone(), k1.id().clone()]);
         assert_eq!(trust.next_retirement(NOW), Some(NOW + HOUR));
         // During the overlap a snapshot signed by the retiring key is accepted…
@@ -798,17 +798,11 @@ mod rotation_tests {
         let (chain, k1, k2) = rotation();
         let mut trust = ConfigTrust::pinned(net(), vec![k1.id().clone()]);
         for link in &chain[..2] {
-            {
-                let v = trust.verify(link, NOW);
-                applied(&mut trust, v);
-            }
+            accept(&mut trust, link, NOW);
         }
         // Confirmed within the window (issued an hour later, within the clock tolerance).
         let at = NOW + HOUR - 2;
-        {
-            let v = trust.verify(&chain[2], at);
-            applied(&mut trust, v);
-        }
+        accept(&mut trust, &chain[2], at);
         assert_eq!(trust.keys_at(at), vec![k2.id().clone()]);
         let late_old = sign(&k1, &snap(4, Some(&chain[2]), NOW, &[&k1], &[]));
         assert!(matches!(
@@ -838,10 +832,7 @@ mod rotation_tests {
         let later = NOW + 48 * HOUR;
         let v6 = sign(&k3, &snap(6, Some(&v5), later - HOUR, &[&k3], &[]));
         let mut trust = ConfigTrust::pinned(net(), vec![k1.id().clone()]);
-        {
-            let v = trust.verify(&v1, NOW);
-            applied(&mut trust, v);
-        }
+        accept(&mut trust, &v1, NOW);
         // The current snapshot alone cannot be verified with k1…
         assert!(matches!(
             trust.verify(&v6, later),
@@ -875,18 +866,9 @@ mod rotation_tests {
     fn a_chain_does_not_excuse_rollback_equivocation_tampering_or_a_stale_end() {
         let (chain, k1, k2) = rotation();
         let mut trust = ConfigTrust::pinned(net(), vec![k1.id().clone()]);
-        {
-            let v = trust.verify(&chain[0], NOW);
-            applied(&mut trust, v);
-        }
-        {
-            let v = trust.verify(&chain[1], NOW);
-            applied(&mut trust, v);
-        }
-        {
-            let v = trust.verify(&chain[2], NOW + HOUR);
-            applied(&mut trust, v);
-        }
+        accept(&mut trust, &chain[0], NOW);
+        accept(&mut trust, &chain[1], NOW);
+        accept(&mut trust, &chain[2], NOW + HOUR);
         // Rollback: the chain ends below the version in force.
         let old_v2 = sign(&k2, &snap(2, Some(&chain[0]), NOW, &[&k2], &[]));
         assert!(matches!(
@@ -905,10 +887,7 @@ mod rotation_tests {
         ));
         // A tampered step refuses the whole chain.
         let mut fresh = ConfigTrust::pinned(net(), vec![k1.id().clone()]);
-        {
-            let v = fresh.verify(&chain[0], NOW);
-            applied(&mut fresh, v);
-        }
+        accept(&mut fresh, &chain[0], NOW);
         let tampered = chain[1]
             .as_str()
             .replacen("\\\"version\\\":2", "\\\"version\\\":7", 1);
@@ -989,7 +968,7 @@ mod rotation_tests {
             let mut online = ConfigTrust::pinned(net(), vec![keys[0].id().clone()]);
             for s in &snaps {
                 let at = s.parse_unverified().map(|p| p.issued_at_ms).unwrap_or(NOW);
-                { let v = online.verify(s, at); applied(&mut online, v); }
+                accept(&mut online, s, at);
             }
 
             // Offline since the snapshot of rotation `start` (0 = since v1).
@@ -997,7 +976,7 @@ mod rotation_tests {
             let since = if start == 0 { 1 } else { rotation_links[start - 1].0 };
             for s in &snaps[..since] {
                 let at = s.parse_unverified().map(|p| p.issued_at_ms).unwrap_or(NOW);
-                { let v = offline.verify(s, at); applied(&mut offline, v); }
+                accept(&mut offline, s, at);
             }
             let mut chain: Vec<SignedConfig> = rotation_links
                 .iter()
