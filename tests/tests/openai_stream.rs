@@ -15,6 +15,9 @@ use resultity_runtime_sim::{Faults, chat_prompt, generate_choice};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+mod common;
+use common::wait_for;
+
 async fn devnet(nodes: usize, runtime: RuntimeChoice) -> Devnet {
     let net = Devnet::start(DevnetConfig {
         nodes,
@@ -61,18 +64,6 @@ fn job_id(resp: &reqwest::Response) -> String {
         .to_str()
         .unwrap()
         .to_owned()
-}
-
-/// Polls `cond` every 10 ms until it holds; panics after `within`.
-async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + within;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 async fn hold_streams(net: &Devnet, after_tokens: Option<u32>) {
