@@ -119,7 +119,8 @@ async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, cond: imp
 /// state directory and API port for one sidecar process.
 struct Loopback {
     key: NetworkKeypair,
-    dir: tempfile::TempDir,
+    /// Holds the state directories until the test ends.
+    _dir: tempfile::TempDir,
     io: IoServiceHandle,
     base: String,
     runtime: SimHandle,
@@ -143,9 +144,22 @@ async fn loopback(prefill_ms: u64) -> Loopback {
         runtime: sim(prefill_ms).await,
         port: free_port(),
         key,
-        dir,
+        _dir: dir,
         io,
         node_dir,
+    }
+}
+
+impl Loopback {
+    /// Starts the sidecar process against this network.
+    fn sidecar(&self) -> Sidecar {
+        sidecar(
+            &self.base,
+            &self.key,
+            &self.runtime.url(),
+            &self.node_dir,
+            self.port,
+        )
     }
 }
 
@@ -188,26 +202,18 @@ fn complete(base: &str, prompt: &str) -> tokio::task::JoinHandle<(u16, Value)> {
 
 #[tokio::test]
 async fn sidecar_killed_mid_job_restarts_and_the_job_completes_once() {
-    let Loopback {
-        key,
-        dir: _dir,
-        io,
-        base,
-        runtime,
-        port,
-        node_dir,
-    } = loopback(1_500).await;
-    let first = sidecar(&base, &key, &runtime.url(), &node_dir, port);
-    wait_until("node eligible", || eligible(&base)).await;
+    let net = loopback(1_500).await;
+    let first = net.sidecar();
+    wait_until("node eligible", || eligible(&net.base)).await;
 
-    let call = complete(&base, "survive a crash");
+    let call = complete(&net.base, "survive a crash");
     wait_until("job running in the runtime", || async {
-        runtime.stats().running == 1
+        net.runtime.stats().running == 1
     })
     .await;
     drop(first); // SIGKILL mid-job: the result was never produced.
 
-    let _second = sidecar(&base, &key, &runtime.url(), &node_dir, port);
+    let _second = net.sidecar();
     let (code, body) = call.await.unwrap();
     assert_eq!(code, 200, "{body}");
     assert_eq!(
@@ -216,12 +222,12 @@ async fn sidecar_killed_mid_job_restarts_and_the_job_completes_once() {
     );
     // Delivered once: the caller got one answer, the restarted node's outbox is confirmed empty.
     wait_until("outbox drained", || async {
-        status(port)
+        status(net.port)
             .await
             .is_some_and(|s| s["jobs"]["outbox"] == 0 && s["jobs"]["completed"] == 1)
     })
     .await;
-    io.shutdown().await;
+    net.io.shutdown().await;
 }
 
 #[tokio::test]
@@ -275,22 +281,14 @@ async fn io_service_restart_reconnects_and_loses_nothing() {
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_jobs_and_exits_zero() {
-    let Loopback {
-        key,
-        dir: _dir,
-        io,
-        base,
-        runtime,
-        port,
-        node_dir,
-    } = loopback(800).await;
-    let mut node = sidecar(&base, &key, &runtime.url(), &node_dir, port);
-    wait_until("node eligible", || eligible(&base)).await;
+    let net = loopback(800).await;
+    let mut node = net.sidecar();
+    wait_until("node eligible", || eligible(&net.base)).await;
     let calls: Vec<_> = (0..3)
-        .map(|i| complete(&base, &format!("term {i}")))
+        .map(|i| complete(&net.base, &format!("term {i}")))
         .collect();
     wait_until("three jobs running", || async {
-        runtime.stats().running == 3
+        net.runtime.stats().running == 3
     })
     .await;
     let pid = node.0.id().to_string();
@@ -318,9 +316,9 @@ async fn sigterm_drains_in_flight_jobs_and_exits_zero() {
         assert_eq!(code, 200, "{body}");
     }
     // Nothing left in the outbox on disk.
-    let left: Vec<_> = std::fs::read_dir(node_dir.join("state/outbox"))
+    let left: Vec<_> = std::fs::read_dir(net.node_dir.join("state/outbox"))
         .unwrap()
         .collect();
     assert!(left.is_empty(), "outbox not empty: {left:?}");
-    io.shutdown().await;
+    net.io.shutdown().await;
 }
