@@ -559,8 +559,8 @@ impl ConfigTrust {
 
 #[cfg(test)]
 mod tests {
+    use super::rotation_fixture::keys_config;
     use super::*;
-    use crate::messages::common::Environment;
 
     const NOW: u64 = 1_700_000_000_000;
 
@@ -575,18 +575,7 @@ mod tests {
             issued_at_ms: NOW - 1000,
             expires_at_ms: NOW + 3_600_000,
             prev_digest: prev,
-            payload: NetworkConfig {
-                environment: Environment::Testnet,
-                models: vec![],
-                runtime_images: RuntimeImages::default(),
-                sidecar_image: None,
-                timing: Timing::default(),
-                subclouds: vec![],
-                network_keys: vec![key.id().clone()],
-                retiring_keys: vec![],
-                revoked_node_keys: vec![],
-                penalties: None,
-            },
+            payload: keys_config(&[key], &[]),
         }
     }
 

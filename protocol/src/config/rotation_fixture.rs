@@ -1,5 +1,5 @@
 //! Snapshots of a key-rotation scenario, shared (as source, never as public API) by the
-//! rotation tests of `config` and the test-vector generator (`examples/gen_vectors.rs`, which
+//! tests of `config` and the test-vector generator (`examples/gen_vectors.rs`, which
 //! includes this file by path), so the vectors and the tests rotate keys the same way.
 //!
 //! The names below come from the including module, which imports them from this crate.
@@ -39,17 +39,26 @@ pub(super) fn rotation_snapshot(
         issued_at_ms,
         expires_at_ms: issued_at_ms + VALID_FOR_MS,
         prev_digest: prev.map(|p| p.digest().clone()),
-        payload: NetworkConfig {
-            environment: Environment::Testnet,
-            models: vec![],
-            runtime_images: RuntimeImages::default(),
-            sidecar_image: None,
-            timing: Timing::default(),
-            subclouds: vec![],
-            network_keys: keys.iter().map(|k| k.id().clone()).collect(),
-            retiring_keys: retiring_keys(retiring),
-            revoked_node_keys: vec![],
-            penalties: None,
-        },
+        payload: keys_config(keys, retiring),
+    }
+}
+
+/// A testnet config with default timing and no models, naming `keys` as the active set and
+/// `retiring` (key, not_after) as the overlap.
+pub(super) fn keys_config(
+    keys: &[&NetworkKeypair],
+    retiring: &[(&NetworkKeypair, u64)],
+) -> NetworkConfig {
+    NetworkConfig {
+        environment: Environment::Testnet,
+        models: vec![],
+        runtime_images: RuntimeImages::default(),
+        sidecar_image: None,
+        timing: Timing::default(),
+        subclouds: vec![],
+        network_keys: keys.iter().map(|k| k.id().clone()).collect(),
+        retiring_keys: retiring_keys(retiring),
+        revoked_node_keys: vec![],
+        penalties: None,
     }
 }
