@@ -44,10 +44,16 @@ async fn wait_ready(node: &Node) {
     .await;
 }
 
-/// Node `name` of `net`, started and waited for until the network routes jobs to it.
-async fn serving_node(net: &Net, name: &str) -> Node {
+/// Node `name` of `net`, started and waited for until it is ready with an active model.
+async fn ready_node(net: &Net, name: &str) -> Node {
     let node = spawn(settings(net, name));
     wait_ready(&node).await;
+    node
+}
+
+/// [`ready_node`], waited for until the network routes jobs to it.
+async fn serving_node(net: &Net, name: &str) -> Node {
+    let node = ready_node(net, name).await;
     wait_eligible(&net.io).await;
     node
 }
@@ -58,6 +64,16 @@ fn prefill(ms: u64) -> SimConfig {
         prefill_ms: ms,
         ..instant_runtime()
     }
+}
+
+/// The node's own `/readyz` answer.
+async fn readyz(node: &Node) -> reqwest::Response {
+    let addr = node.agent.api_addr().unwrap();
+    http()
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .unwrap()
 }
 
 async fn eligible(io: &IoServiceHandle) -> bool {
@@ -141,16 +157,8 @@ async fn jobs_flow_concurrently_with_verified_results() {
 #[tokio::test]
 async fn runtime_down_makes_node_unready_and_back_ready() {
     let net = network(instant_runtime()).await;
-    let node = spawn(settings(&net, "a"));
-    wait_ready(&node).await;
-    let addr = node.agent.api_addr().unwrap();
-    assert_eq!(
-        reqwest::get(format!("http://{addr}/readyz"))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    let node = ready_node(&net, "a").await;
+    assert_eq!(readyz(&node).await.status(), 200);
 
     net.sim
         .set_faults(Faults {
@@ -163,13 +171,7 @@ async fn runtime_down_makes_node_unready_and_back_ready() {
         !agent.api.status().runtime.ready
     })
     .await;
-    assert_eq!(
-        reqwest::get(format!("http://{addr}/readyz"))
-            .await
-            .unwrap()
-            .status(),
-        503
-    );
+    assert_eq!(readyz(&node).await.status(), 503);
     // The network hears it too: no eligible node, so requests are not routed to it.
     common::wait_until(
         "the network to stop routing to a node whose runtime is down",
@@ -189,8 +191,7 @@ async fn runtime_down_makes_node_unready_and_back_ready() {
 #[tokio::test]
 async fn published_config_is_applied_and_reported() {
     let net = network(instant_runtime()).await;
-    let node = spawn(settings(&net, "a"));
-    wait_ready(&node).await;
+    let node = ready_node(&net, "a").await;
     let v1 = node.agent.api.status().applied_config.unwrap();
     let mut next = payload();
     next.sidecar_image = Some("example/sidecar:2".into());
@@ -404,14 +405,7 @@ async fn runtime_crash_mid_job_hands_the_job_to_another_node() {
     let st = a.agent.api.status();
     assert_eq!(st.jobs.completed, 0);
     assert_eq!(st.jobs.failed + st.jobs.handed_back, 1, "{:?}", st.jobs);
-    let addr = a.agent.api_addr().unwrap();
-    assert_eq!(
-        reqwest::get(format!("http://{addr}/readyz"))
-            .await
-            .unwrap()
-            .status(),
-        503
-    );
+    assert_eq!(readyz(&a).await.status(), 503);
     a.run.abort();
     b.run.abort();
 }
@@ -523,7 +517,6 @@ async fn silent_network_is_detected_after_two_ping_intervals_and_the_node_reconn
 async fn unwritable_outbox_stops_intake_until_a_write_succeeds() {
     let net = network(instant_runtime()).await;
     let node = serving_node(&net, "a").await;
-    let addr = node.agent.api_addr().unwrap();
     let fault = node.agent.outbox_write_fault();
     fault.set(true);
 
@@ -535,11 +528,7 @@ async fn unwritable_outbox_stops_intake_until_a_write_succeeds() {
         s.outbox_error.is_some() && s.phase == NodePhase::Degraded
     })
     .await;
-    let r = http()
-        .get(format!("http://{addr}/readyz"))
-        .send()
-        .await
-        .unwrap();
+    let r = readyz(&node).await;
     assert_eq!(r.status(), 503);
     let body: Value = r.json().await.unwrap();
     let problems = body["problems"].to_string();
@@ -579,15 +568,7 @@ async fn unwritable_outbox_stops_intake_until_a_write_succeeds() {
     fault.set(false);
     wait_ready(&node).await;
     assert!(node.agent.api.status().outbox_error.is_none());
-    assert_eq!(
-        http()
-            .get(format!("http://{addr}/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(readyz(&node).await.status(), 200);
     assert_eq!(second.await.unwrap(), 200);
     assert_eq!(node.agent.api.status().jobs.completed, 1);
     first.abort();
