@@ -76,6 +76,20 @@ async fn readyz(node: &Node) -> reqwest::Response {
         .unwrap()
 }
 
+/// The node's `/status` document, read with its admin token.
+async fn status_doc(node: &Node) -> Value {
+    let addr = node.agent.api_addr().unwrap();
+    http()
+        .get(format!("http://{addr}/status"))
+        .bearer_auth("token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 async fn eligible(io: &IoServiceHandle) -> bool {
     common::eligible(&io.base_url()).await
 }
@@ -138,16 +152,7 @@ async fn jobs_flow_concurrently_with_verified_results() {
     assert_eq!(node.agent.api.status().jobs.completed, 16);
 
     // The local API reports the same through HTTP with the token.
-    let addr = node.agent.api_addr().unwrap();
-    let st: Value = http()
-        .get(format!("http://{addr}/status"))
-        .bearer_auth("token")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let st = status_doc(&node).await;
     assert_eq!(st["jobs"]["completed"], 16);
     assert_eq!(st["registered"], true);
     assert_eq!(st["applied_config"], st["network_config"]);
@@ -338,15 +343,7 @@ async fn operator_drain_keeps_reporting_drained_and_deregisters() {
     }
     // Still up, still reporting drained (a container restart must not rejoin before deletion).
     assert!(!node.run.is_finished());
-    let st: Value = c
-        .get(format!("http://{addr}/status"))
-        .bearer_auth("token")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let st = status_doc(&node).await;
     assert_eq!(st["drained"], true);
     assert_eq!(st["phase"], "Drained");
     node.agent.drain_and_exit();
