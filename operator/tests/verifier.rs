@@ -35,15 +35,8 @@ use tower_test::mock::{self, Handle};
 
 // ---------- fixtures ----------
 
-fn fixture<T: serde::de::DeserializeOwned>(name: &str) -> T {
-    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path).unwrap();
-    if name.ends_with(".json") {
-        serde_json::from_str(&text).unwrap()
-    } else {
-        serde_norway::from_str(&text).unwrap()
-    }
-}
+mod common;
+use common::fixture;
 
 const NOW_MS: u64 = 1_795_500_700_000;
 const MANAGER_QUERY: &str = "fieldManager=resultity-operator";
