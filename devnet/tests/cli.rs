@@ -81,6 +81,7 @@ fn bad_arguments_fail() {
     assert!(!out.status.success(), "serve bound a non-loopback address");
 }
 
+/// A child process killed when the test ends, however it ends.
 struct Kill(std::process::Child);
 impl Drop for Kill {
     fn drop(&mut self) {
@@ -89,11 +90,13 @@ impl Drop for Kill {
     }
 }
 
-#[tokio::test]
-async fn serve_prints_its_endpoint_and_answers_an_openai_chat_completion() {
+/// Starts `resultity-devnet serve` with one node, `args` and a free loopback port; waits up to
+/// 30 s for its first stdout line and returns the URL that follows `prefix` there.
+fn serve(args: &[&str], prefix: &str) -> (Kill, String) {
     let mut child = Kill(
         Command::new(BIN)
             .args(["serve", "--nodes", "1", "--listen", "127.0.0.1:0"])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -107,11 +110,31 @@ async fn serve_prints_its_endpoint_and_answers_an_openai_chat_completion() {
         let _ = tx.send(line);
     });
     let line = rx.recv_timeout(Duration::from_secs(30)).unwrap();
-    let base = line
+    let url = line
         .trim()
-        .strip_prefix("OpenAI-compatible endpoint: ")
+        .strip_prefix(prefix)
         .unwrap_or_else(|| panic!("unexpected line {line:?}"))
         .to_owned();
+    (child, url)
+}
+
+/// POSTs `body` as JSON to `url`, with a 10 s timeout.
+async fn post(c: &reqwest::Client, url: &str, body: &Value) -> reqwest::Response {
+    c.post(url)
+        .json(body)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap()
+}
+
+fn chat_hi() -> Value {
+    json!({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]})
+}
+
+#[tokio::test]
+async fn serve_prints_its_endpoint_and_answers_an_openai_chat_completion() {
+    let (child, base) = serve(&[], "OpenAI-compatible endpoint: ");
     assert!(
         base.starts_with("http://127.0.0.1:") && base.ends_with("/v1"),
         "{base}"
@@ -119,7 +142,7 @@ async fn serve_prints_its_endpoint_and_answers_an_openai_chat_completion() {
     let r = reqwest::Client::new()
         .post(format!("{base}/chat/completions"))
         .bearer_auth("unused")
-        .json(&json!({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]}))
+        .json(&chat_hi())
         .timeout(Duration::from_secs(10))
         .send()
         .await
@@ -136,58 +159,20 @@ async fn serve_prints_its_endpoint_and_answers_an_openai_chat_completion() {
 /// and that route serves.
 #[tokio::test]
 async fn serve_with_triton_prints_the_kserve_endpoint_it_serves() {
-    let mut child = Kill(
-        Command::new(BIN)
-            .args([
-                "serve",
-                "--nodes",
-                "1",
-                "--runtime",
-                "triton",
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let stdout = child.0.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx.recv_timeout(Duration::from_secs(30)).unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("KServe v2 endpoint: ")
-        .unwrap_or_else(|| panic!("unexpected line {line:?}"))
-        .to_owned();
+    let (child, url) = serve(&["--runtime", "triton"], "KServe v2 endpoint: ");
     assert!(
         url.starts_with("http://127.0.0.1:") && url.ends_with("/v2/models/tiny-chat/infer"),
         "{url}"
     );
     let c = reqwest::Client::new();
-    let r = c
-        .post(&url)
-        .json(&json!({"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}))
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .unwrap();
+    let infer =
+        json!({"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]});
+    let r = post(&c, &url, &infer).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-resultity-verified"], "true");
     // The OpenAI route is refused clearly, naming the model and the route that works.
     let base = url.split("/v2/").next().unwrap();
-    let r = c
-        .post(format!("{base}/v1/chat/completions"))
-        .json(&json!({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]}))
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&c, &format!("{base}/v1/chat/completions"), &chat_hi()).await;
     assert_eq!(r.status(), 400);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["param"], "model", "{e}");

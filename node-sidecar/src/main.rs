@@ -38,8 +38,10 @@ enum Command {
     Doctor(DoctorArgs),
 }
 
+/// The network to join and the keys that anchor trust in it; shared by `run` and `doctor` so
+/// both read the same flags.
 #[derive(Debug, clap::Args)]
-struct DoctorArgs {
+struct NetworkArgs {
     /// Base URL of the network's IO service.
     #[arg(long, visible_alias = "io-endpoint", env = "RESULTITY_IO_URL")]
     io_url: String,
@@ -55,6 +57,25 @@ struct DoctorArgs {
         required = true
     )]
     network_keys: Vec<String>,
+}
+
+impl NetworkArgs {
+    /// The IO service URL, the network id and the pinned keys, each checked.
+    fn parse(self) -> anyhow::Result<(String, NetworkId, Vec<NetworkKeyId>)> {
+        let network_keys = self
+            .network_keys
+            .iter()
+            .map(|k| NetworkKeyId::parse(k.trim()).with_context(|| format!("network key {k:?}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let network_id = NetworkId::parse(&self.network_id).context("--network-id")?;
+        Ok((self.io_url, network_id, network_keys))
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct DoctorArgs {
+    #[command(flatten)]
+    network: NetworkArgs,
     /// Largest tolerated difference between the local clock and the IO service's, in ms
     /// (default: half the protocol's request window).
     #[arg(long, env = "RESULTITY_DOCTOR_MAX_CLOCK_SKEW_MS", default_value_t = resultity_sidecar::doctor::DEFAULT_MAX_CLOCK_SKEW_MS)]
@@ -137,22 +158,13 @@ struct DrainArgs {
 }
 
 #[derive(Debug, clap::Args)]
+// `run` says what the pinned keys are for.
+#[command(mut_arg("network_keys", |a| a.help(
+    "Pinned network public key ids (rk1…), repeated or comma-separated: the root of trust"
+)))]
 struct Args {
-    /// Base URL of the network's IO service.
-    #[arg(long, visible_alias = "io-endpoint", env = "RESULTITY_IO_URL")]
-    io_url: String,
-    /// Network id (e.g. resultity-testnet).
-    #[arg(long, env = "RESULTITY_NETWORK_ID")]
-    network_id: String,
-    /// Pinned network public key ids (rk1…), repeated or comma-separated: the root of trust.
-    #[arg(
-        long,
-        visible_alias = "network-key",
-        env = "RESULTITY_NETWORK_KEYS",
-        value_delimiter = ',',
-        required = true
-    )]
-    network_keys: Vec<String>,
+    #[command(flatten)]
+    network: NetworkArgs,
     /// Node key file; created with mode 0600 if missing (or a read-only Secret mount).
     #[arg(
         long,
@@ -309,9 +321,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Doctor(d) if cli.dry_run => {
             println!(
                 "would check {} for network {} with {} pinned key(s)",
-                d.io_url,
-                d.network_id,
-                d.network_keys.len()
+                d.network.io_url,
+                d.network.network_id,
+                d.network.network_keys.len()
             );
             Ok(())
         }
@@ -322,14 +334,10 @@ async fn main() -> anyhow::Result<()> {
 /// Prints one line per check; a failed check makes the exit status 1 (a bad flag: 2, by clap).
 async fn doctor(d: DoctorArgs) -> anyhow::Result<()> {
     use resultity_sidecar::doctor::{DoctorSettings, diagnose};
-    let network_keys = d
-        .network_keys
-        .iter()
-        .map(|k| NetworkKeyId::parse(k.trim()).with_context(|| format!("network key {k:?}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (io_url, network_id, network_keys) = d.network.parse()?;
     let settings = DoctorSettings {
-        io_url: d.io_url,
-        network_id: NetworkId::parse(&d.network_id).context("--network-id")?,
+        io_url,
+        network_id,
         network_keys,
         max_clock_skew: Duration::from_millis(d.max_clock_skew_ms),
         timeout: Duration::from_secs(d.timeout_seconds.max(1)),
@@ -408,14 +416,10 @@ async fn run(a: Args, dry_run: bool) -> anyhow::Result<()> {
             .to_owned(),
         None => String::new(),
     };
-    let network_keys = a
-        .network_keys
-        .iter()
-        .map(|k| NetworkKeyId::parse(k.trim()).with_context(|| format!("network key {k:?}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (io_url, network_id, network_keys) = a.network.parse()?;
     let settings = Settings {
-        io_url: a.io_url,
-        network_id: NetworkId::parse(&a.network_id).context("--network-id")?,
+        io_url,
+        network_id,
         network_keys,
         key_file: a.key_file,
         data_dir: a.data_dir,

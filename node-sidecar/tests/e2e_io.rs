@@ -3,91 +3,25 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use resultity_io::{IoService, IoServiceHandle, Settings as IoSettings};
+use resultity_io::{IoService, IoServiceHandle};
+use resultity_protocol::NetworkKeypair;
 use resultity_protocol::config::NetworkConfig;
-use resultity_protocol::messages::{ModelState, NodePhase, RuntimeKind, Timing};
-use resultity_protocol::status::ConnectionState;
-use resultity_protocol::{NetworkId, NetworkKeypair};
+use resultity_protocol::messages::{ModelState, NodePhase};
 use resultity_runtime_sim::{Faults, SimConfig, generate};
-use resultity_sidecar::agent::{Agent, Exit, Settings};
-use resultity_sidecar::gpu::GpuSettings;
-use resultity_sidecar::runtime::probe::ProbeSettings;
+use resultity_sidecar::agent::{Agent, Exit};
 use serde_json::{Value, json};
-use tokio::task::JoinHandle;
 
 mod common;
-use common::{MODEL, Net};
+use common::{MODEL, Net, Node, http, instant_runtime, settings, spawn};
 
 fn payload() -> NetworkConfig {
-    common::payload(Timing {
-        heartbeat_interval_ms: 150,
-        ping_interval_ms: 1_000,
-        ack_timeout_ms: 1_000,
-        backoff_base_ms: 20,
-        backoff_cap_ms: 200,
-        resume_window_ms: 5_000,
-        http_timeout_ms: 2_000,
-    })
-}
-
-/// A simulator that answers at once (tests about control flow, not latency).
-fn instant_runtime() -> SimConfig {
-    SimConfig {
-        prefill_ms: 0,
-        decode_us_per_token: 0,
-        ..SimConfig::default()
-    }
+    common::payload(common::quick_timing())
 }
 
 async fn network(sim_cfg: SimConfig) -> Net {
     common::network(payload(), sim_cfg, 5_000, 10_000).await
-}
-
-fn settings(net: &Net, name: &str) -> Settings {
-    let dir = net.dir.path().join(name);
-    Settings {
-        io_url: net.io.base_url(),
-        network_id: NetworkId::parse("testnet").unwrap(),
-        network_keys: vec![net.key.id().clone()],
-        key_file: dir.join("node.key"),
-        data_dir: dir,
-        runtime_kind: RuntimeKind::Vllm,
-        runtime_url: net.sim.url(),
-        runtime_image: None,
-        max_concurrency: Some(8),
-        runtime_options: Default::default(),
-        // Probes on a loaded test machine: a few per heartbeat-miss window, patient, and a few
-        // failures in a row.
-        runtime_probe: ProbeSettings {
-            interval: Duration::from_millis(200),
-            timeout: Duration::from_secs(5),
-            failure_threshold: 2,
-        },
-        participation: Default::default(),
-        subclouds: vec![],
-        models: vec![],
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin_token: "token".into(),
-        drain_grace: Duration::from_secs(10),
-        gpu: GpuSettings::off(),
-        enforce_gpu_memory: false,
-        outbox_sync: resultity_sidecar::agent::SyncPolicy::Deferred,
-    }
-}
-
-struct Node {
-    agent: Arc<Agent>,
-    run: JoinHandle<Exit>,
-}
-
-fn spawn(settings: Settings) -> Node {
-    let agent = Agent::new(settings).unwrap();
-    let a = agent.clone();
-    let run = tokio::spawn(async move { a.run(std::future::pending()).await.unwrap() });
-    Node { agent, run }
 }
 
 /// Polls `cond` every 10 ms for up to 10 s.
@@ -105,79 +39,92 @@ async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 async fn wait_ready(node: &Node) {
     let agent = node.agent.clone();
     wait_for("node ready with an active model", move || {
-        let s = agent.api.status();
-        s.phase == NodePhase::Ready
-            && s.connection.state == ConnectionState::Connected
-            && s.models.iter().any(|m| m.state == ModelState::Active)
+        common::serving(&agent.api.status())
     })
     .await;
 }
 
-/// One client for the polling helpers: building a TLS-capable client parses the root store,
-/// which on a loaded machine blocks the single-threaded test runtime (and with it the node's
-/// heartbeats) for long enough to make the node look stale.
-fn http() -> &'static reqwest::Client {
-    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
-    CLIENT.get_or_init(reqwest::Client::new)
+/// Node `name` of `net`, started and waited for until it is ready with an active model.
+async fn ready_node(net: &Net, name: &str) -> Node {
+    let node = spawn(settings(net, name));
+    wait_ready(&node).await;
+    node
 }
 
-async fn eligible(io: &IoServiceHandle) -> bool {
-    let v: Value = http()
-        .get(format!("{}/v1/models", io.base_url()))
+/// [`ready_node`], waited for until the network routes jobs to it.
+async fn serving_node(net: &Net, name: &str) -> Node {
+    let node = ready_node(net, name).await;
+    wait_eligible(&net.io).await;
+    node
+}
+
+/// A simulator whose prefill takes `ms` and which decodes at once.
+fn prefill(ms: u64) -> SimConfig {
+    SimConfig {
+        prefill_ms: ms,
+        ..instant_runtime()
+    }
+}
+
+/// The node's own `/readyz` answer.
+async fn readyz(node: &Node) -> reqwest::Response {
+    let addr = node.agent.api_addr().unwrap();
+    http()
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The node's `/status` document, read with its admin token.
+async fn status_doc(node: &Node) -> Value {
+    let addr = node.agent.api_addr().unwrap();
+    http()
+        .get(format!("http://{addr}/status"))
+        .bearer_auth("token")
         .send()
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
-    v["data"].as_array().is_some_and(|d| !d.is_empty())
+        .unwrap()
+}
+
+async fn eligible(io: &IoServiceHandle) -> bool {
+    common::eligible(&io.base_url()).await
 }
 
 async fn wait_eligible(io: &IoServiceHandle) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !eligible(io).await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "node never became eligible"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_eligible(&io.base_url(), true, Duration::from_secs(10)).await;
 }
 
-async fn complete(io: &IoServiceHandle, prompt: &str) -> reqwest::Response {
+/// Submits a 6-token completion of `prompt` to the network, waiting up to `timeout` for the
+/// answer; the request owns its data, so it can be spawned.
+fn submit(
+    io: &IoServiceHandle,
+    prompt: &str,
+    timeout: Duration,
+) -> impl Future<Output = reqwest::Result<reqwest::Response>> + Send + 'static {
     http()
         .post(format!("{}/v1/completions", io.base_url()))
         .json(&json!({"model": MODEL, "prompt": prompt, "max_tokens": 6}))
-        .timeout(Duration::from_secs(15))
+        .timeout(timeout)
         .send()
-        .await
-        .unwrap()
+}
+
+async fn complete(io: &IoServiceHandle, prompt: &str) -> reqwest::Response {
+    submit(io, prompt, Duration::from_secs(15)).await.unwrap()
 }
 
 #[tokio::test]
 async fn jobs_flow_concurrently_with_verified_results() {
-    let net = network(SimConfig {
-        prefill_ms: 100,
-        decode_us_per_token: 0,
-        ..SimConfig::default()
-    })
-    .await;
-    let node = spawn(settings(&net, "a"));
-    wait_ready(&node).await;
-    wait_eligible(&net.io).await;
+    let net = network(prefill(100)).await;
+    let node = serving_node(&net, "a").await;
     let reqs: Vec<_> = (0..16)
         .map(|i| {
-            let base = net.io.base_url();
+            let call = submit(&net.io, &format!("prompt {i}"), Duration::from_secs(15));
             tokio::spawn(async move {
-                let r = http()
-                    .post(format!("{base}/v1/completions"))
-                    .json(
-                        &json!({"model": MODEL, "prompt": format!("prompt {i}"), "max_tokens": 6}),
-                    )
-                    .timeout(Duration::from_secs(15))
-                    .send()
-                    .await
-                    .unwrap();
+                let r = call.await.unwrap();
                 let verified = r
                     .headers()
                     .get("x-resultity-verified")
@@ -205,16 +152,7 @@ async fn jobs_flow_concurrently_with_verified_results() {
     assert_eq!(node.agent.api.status().jobs.completed, 16);
 
     // The local API reports the same through HTTP with the token.
-    let addr = node.agent.api_addr().unwrap();
-    let st: Value = http()
-        .get(format!("http://{addr}/status"))
-        .bearer_auth("token")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let st = status_doc(&node).await;
     assert_eq!(st["jobs"]["completed"], 16);
     assert_eq!(st["registered"], true);
     assert_eq!(st["applied_config"], st["network_config"]);
@@ -224,16 +162,8 @@ async fn jobs_flow_concurrently_with_verified_results() {
 #[tokio::test]
 async fn runtime_down_makes_node_unready_and_back_ready() {
     let net = network(instant_runtime()).await;
-    let node = spawn(settings(&net, "a"));
-    wait_ready(&node).await;
-    let addr = node.agent.api_addr().unwrap();
-    assert_eq!(
-        reqwest::get(format!("http://{addr}/readyz"))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    let node = ready_node(&net, "a").await;
+    assert_eq!(readyz(&node).await.status(), 200);
 
     net.sim
         .set_faults(Faults {
@@ -246,22 +176,14 @@ async fn runtime_down_makes_node_unready_and_back_ready() {
         !agent.api.status().runtime.ready
     })
     .await;
-    assert_eq!(
-        reqwest::get(format!("http://{addr}/readyz"))
-            .await
-            .unwrap()
-            .status(),
-        503
-    );
+    assert_eq!(readyz(&node).await.status(), 503);
     // The network hears it too: no eligible node, so requests are not routed to it.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while eligible(&net.io).await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "network still routes to a node whose runtime is down"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_until(
+        "the network to stop routing to a node whose runtime is down",
+        Duration::from_secs(10),
+        || async { !eligible(&net.io).await },
+    )
+    .await;
 
     net.sim.set_faults(Faults::default()).await;
     wait_ready(&node).await;
@@ -274,8 +196,7 @@ async fn runtime_down_makes_node_unready_and_back_ready() {
 #[tokio::test]
 async fn published_config_is_applied_and_reported() {
     let net = network(instant_runtime()).await;
-    let node = spawn(settings(&net, "a"));
-    wait_ready(&node).await;
+    let node = ready_node(&net, "a").await;
     let v1 = node.agent.api.status().applied_config.unwrap();
     let mut next = payload();
     next.sidecar_image = Some("example/sidecar:2".into());
@@ -348,29 +269,12 @@ async fn model_failing_its_test_inference_stays_failed_and_gets_no_jobs() {
 
 #[tokio::test]
 async fn drain_finishes_in_flight_jobs_and_exits_clean() {
-    let net = network(SimConfig {
-        prefill_ms: 400,
-        decode_us_per_token: 0,
-        ..SimConfig::default()
-    })
-    .await;
-    let node = spawn(settings(&net, "a"));
-    wait_ready(&node).await;
-    wait_eligible(&net.io).await;
-    let base = net.io.base_url();
+    let net = network(prefill(400)).await;
+    let node = serving_node(&net, "a").await;
     let calls: Vec<_> = (0..4)
         .map(|i| {
-            let base = base.clone();
-            tokio::spawn(async move {
-                http()
-                    .post(format!("{base}/v1/completions"))
-                    .json(&json!({"model": MODEL, "prompt": format!("d{i}"), "max_tokens": 6}))
-                    .timeout(Duration::from_secs(15))
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-            })
+            let call = submit(&net.io, &format!("d{i}"), Duration::from_secs(15));
+            tokio::spawn(async move { call.await.unwrap().status() })
         })
         .collect();
     let agent = node.agent.clone();
@@ -398,9 +302,7 @@ async fn drain_finishes_in_flight_jobs_and_exits_clean() {
 #[tokio::test]
 async fn operator_drain_keeps_reporting_drained_and_deregisters() {
     let net = network(instant_runtime()).await;
-    let node = spawn(settings(&net, "a"));
-    wait_ready(&node).await;
-    wait_eligible(&net.io).await;
+    let node = serving_node(&net, "a").await;
     let addr = node.agent.api_addr().unwrap();
     let c = http();
     assert_eq!(
@@ -441,15 +343,7 @@ async fn operator_drain_keeps_reporting_drained_and_deregisters() {
     }
     // Still up, still reporting drained (a container restart must not rejoin before deletion).
     assert!(!node.run.is_finished());
-    let st: Value = c
-        .get(format!("http://{addr}/status"))
-        .bearer_auth("token")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let st = status_doc(&node).await;
     assert_eq!(st["drained"], true);
     assert_eq!(st["phase"], "Drained");
     node.agent.drain_and_exit();
@@ -462,26 +356,13 @@ async fn operator_drain_keeps_reporting_drained_and_deregisters() {
 
 #[tokio::test]
 async fn runtime_crash_mid_job_hands_the_job_to_another_node() {
-    let net = network(SimConfig {
-        prefill_ms: 2_000,
-        decode_us_per_token: 0,
-        ..SimConfig::default()
-    })
-    .await;
-    let a = spawn(settings(&net, "a"));
-    wait_ready(&a).await;
-    wait_eligible(&net.io).await;
+    let net = network(prefill(2_000)).await;
+    let a = serving_node(&net, "a").await;
     // Only node A exists when the job is submitted, so A gets it.
     let call = {
-        let base = net.io.base_url();
+        let call = submit(&net.io, "keep going", Duration::from_secs(20));
         tokio::spawn(async move {
-            let r = http()
-                .post(format!("{base}/v1/completions"))
-                .json(&json!({"model": MODEL, "prompt": "keep going", "max_tokens": 6}))
-                .timeout(Duration::from_secs(20))
-                .send()
-                .await
-                .unwrap();
+            let r = call.await.unwrap();
             let node = r
                 .headers()
                 .get("x-resultity-node-id")
@@ -499,17 +380,7 @@ async fn runtime_crash_mid_job_hands_the_job_to_another_node() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Node B, with a healthy fast runtime, joins; then A's runtime crashes mid-decode.
-    let sim_b = resultity_runtime_sim::start(
-        SimConfig {
-            models: vec![MODEL.into()],
-            prefill_ms: 0,
-            decode_us_per_token: 0,
-            ..SimConfig::default()
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let sim_b = common::start_sim(instant_runtime()).await;
     let mut sb = settings(&net, "b");
     sb.runtime_url = sim_b.url();
     let b = spawn(sb);
@@ -531,14 +402,7 @@ async fn runtime_crash_mid_job_hands_the_job_to_another_node() {
     let st = a.agent.api.status();
     assert_eq!(st.jobs.completed, 0);
     assert_eq!(st.jobs.failed + st.jobs.handed_back, 1, "{:?}", st.jobs);
-    let addr = a.agent.api_addr().unwrap();
-    assert_eq!(
-        reqwest::get(format!("http://{addr}/readyz"))
-            .await
-            .unwrap()
-            .status(),
-        503
-    );
+    assert_eq!(readyz(&a).await.status(), 503);
     a.run.abort();
     b.run.abort();
 }
@@ -595,23 +459,11 @@ async fn silent_network_is_detected_after_two_ping_intervals_and_the_node_reconn
     let key = NetworkKeypair::generate().unwrap();
     let mut fast = payload();
     fast.timing.ping_interval_ms = 200;
-    let mut s = IoSettings::new(NetworkId::parse("testnet").unwrap(), key.clone(), fast);
-    s.scheduler.tick_ms = 20;
-    s.limits.node_http_burst = 1000.0;
-    s.limits.node_http_rate_per_s = 1000.0;
-    let io = IoService::start(s).await.unwrap();
+    let io = IoService::start(common::io_settings(&key, fast))
+        .await
+        .unwrap();
     let proxy = FreezingProxy::start(io.local_addr()).await;
-    let sim = resultity_runtime_sim::start(
-        SimConfig {
-            models: vec![MODEL.into()],
-            prefill_ms: 0,
-            decode_us_per_token: 0,
-            ..SimConfig::default()
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let sim = common::start_sim(instant_runtime()).await;
     let net = Net {
         io,
         sim,
@@ -661,36 +513,19 @@ async fn silent_network_is_detected_after_two_ping_intervals_and_the_node_reconn
 #[tokio::test]
 async fn unwritable_outbox_stops_intake_until_a_write_succeeds() {
     let net = network(instant_runtime()).await;
-    let node = spawn(settings(&net, "a"));
-    wait_ready(&node).await;
-    wait_eligible(&net.io).await;
-    let addr = node.agent.api_addr().unwrap();
+    let node = serving_node(&net, "a").await;
     let fault = node.agent.outbox_write_fault();
     fault.set(true);
 
     // The job runs, but its result cannot be stored: the job fails and intake stops.
-    let first = {
-        let base = net.io.base_url();
-        tokio::spawn(async move {
-            http()
-                .post(format!("{base}/v1/completions"))
-                .json(&json!({"model": MODEL, "prompt": "first", "max_tokens": 6}))
-                .timeout(Duration::from_secs(20))
-                .send()
-                .await
-        })
-    };
+    let first = tokio::spawn(submit(&net.io, "first", Duration::from_secs(20)));
     let agent = node.agent.clone();
     wait_for("outbox reported unwritable", move || {
         let s = agent.api.status();
         s.outbox_error.is_some() && s.phase == NodePhase::Degraded
     })
     .await;
-    let r = http()
-        .get(format!("http://{addr}/readyz"))
-        .send()
-        .await
-        .unwrap();
+    let r = readyz(&node).await;
     assert_eq!(r.status(), 503);
     let body: Value = r.json().await.unwrap();
     let problems = body["problems"].to_string();
@@ -704,17 +539,8 @@ async fn unwritable_outbox_stops_intake_until_a_write_succeeds() {
     // several heartbeats (and many scheduler ticks) pass.
     let served = net.sim.stats().requests;
     let second = {
-        let base = net.io.base_url();
-        tokio::spawn(async move {
-            http()
-                .post(format!("{base}/v1/completions"))
-                .json(&json!({"model": MODEL, "prompt": "second", "max_tokens": 6}))
-                .timeout(Duration::from_secs(20))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        })
+        let call = submit(&net.io, "second", Duration::from_secs(20));
+        tokio::spawn(async move { call.await.unwrap().status() })
     };
     let since = node.agent.api.status().last_heartbeat_ms.unwrap();
     let agent = node.agent.clone();
@@ -739,15 +565,7 @@ async fn unwritable_outbox_stops_intake_until_a_write_succeeds() {
     fault.set(false);
     wait_ready(&node).await;
     assert!(node.agent.api.status().outbox_error.is_none());
-    assert_eq!(
-        http()
-            .get(format!("http://{addr}/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(readyz(&node).await.status(), 200);
     assert_eq!(second.await.unwrap(), 200);
     assert_eq!(node.agent.api.status().jobs.completed, 1);
     first.abort();

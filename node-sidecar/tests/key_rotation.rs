@@ -3,65 +3,33 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use resultity_io::{IoService, IoServiceHandle, Settings as IoSettings};
+use resultity_protocol::NetworkKeypair;
 use resultity_protocol::config::{ConfigTrust, SignedConfig};
-use resultity_protocol::messages::{ModelState, NodePhase, RuntimeKind, Timing};
-use resultity_protocol::status::ConnectionState;
-use resultity_protocol::{NetworkId, NetworkKeypair};
-use resultity_runtime_sim::SimConfig;
-use resultity_sidecar::agent::{Agent, Settings};
+use resultity_sidecar::agent::Settings;
 use resultity_sidecar::config_store::ConfigStore;
-use resultity_sidecar::gpu::GpuSettings;
-use resultity_sidecar::runtime::probe::ProbeSettings;
 use serde_json::json;
 
 mod common;
 use common::MODEL;
-
-fn net_id() -> NetworkId {
-    NetworkId::parse("testnet").unwrap()
-}
 
 fn io_settings(
     key: &NetworkKeypair,
     next: Option<&NetworkKeypair>,
     state: &std::path::Path,
 ) -> IoSettings {
-    let mut s = IoSettings::new(
-        net_id(),
-        key.clone(),
-        common::payload(Timing {
-            heartbeat_interval_ms: 150,
-            ping_interval_ms: 1_000,
-            ack_timeout_ms: 1_000,
-            backoff_base_ms: 20,
-            backoff_cap_ms: 200,
-            resume_window_ms: 5_000,
-            http_timeout_ms: 2_000,
-        }),
-    );
+    let mut s = common::io_settings(key, common::payload(common::quick_timing()));
     s.next_network_key = next.cloned();
     s.key_overlap_ms = 200;
     s.config_state = Some(state.to_owned());
-    s.scheduler.tick_ms = 20;
-    s.limits.node_http_burst = 1000.0;
-    s.limits.node_http_rate_per_s = 1000.0;
     s
 }
 
 /// Polls `cond` every 20 ms for up to 20 s.
-async fn wait_for<F: std::future::Future<Output = bool>>(what: &str, mut cond: impl FnMut() -> F) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !cond().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn wait_for<F: std::future::Future<Output = bool>>(what: &str, cond: impl FnMut() -> F) {
+    common::wait_until(what, Duration::from_secs(20), cond).await;
 }
 
 async fn published_version(io: &IoServiceHandle, version: u64) {
@@ -92,7 +60,7 @@ async fn node_offline_across_two_rotations_catches_up_and_serves() {
     assert_eq!(v1.digest(), io.state().published().signed.digest());
     let mut store = ConfigStore::open(
         &node_dir.join("config"),
-        ConfigTrust::pinned(net_id(), vec![k1.id().clone()]),
+        ConfigTrust::pinned(common::net_id(), vec![k1.id().clone()]),
     )
     .unwrap();
     assert!(
@@ -118,76 +86,21 @@ async fn node_offline_across_two_rotations_catches_up_and_serves() {
 
     // The node comes back pinned with k1: every answer is signed by k3, so it syncs the chain
     // since v1, verifies v2 (k1) → v4 (k2) → v5 (k3), registers and serves.
-    let sim = resultity_runtime_sim::start(
-        SimConfig {
-            models: vec![MODEL.into()],
-            prefill_ms: 0,
-            decode_us_per_token: 0,
-            ..SimConfig::default()
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
-    let settings = Settings {
-        io_url: io.base_url(),
-        network_id: net_id(),
-        network_keys: vec![k1.id().clone()],
-        key_file: node_dir.join("node.key"),
-        data_dir: node_dir.clone(),
-        runtime_kind: RuntimeKind::Vllm,
-        runtime_url: sim.url(),
-        runtime_image: None,
+    let sim = common::start_sim(common::instant_runtime()).await;
+    let node = common::spawn(Settings {
         max_concurrency: Some(4),
-        runtime_options: Default::default(),
-        runtime_probe: ProbeSettings {
-            interval: Duration::from_millis(200),
-            timeout: Duration::from_secs(5),
-            failure_threshold: 2,
-        },
-        participation: Default::default(),
-        subclouds: vec![],
-        models: vec![],
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin_token: "token".into(),
-        drain_grace: Duration::from_secs(10),
-        gpu: GpuSettings::off(),
-        enforce_gpu_memory: false,
-        outbox_sync: resultity_sidecar::agent::SyncPolicy::Deferred,
-    };
-    let agent: Arc<Agent> = Agent::new(settings).unwrap();
-    let a = agent.clone();
-    let run = tokio::spawn(async move { a.run(std::future::pending()).await.unwrap() });
-    let watched = agent.clone();
+        ..common::node_settings(io.base_url(), k1.id().clone(), sim.url(), &node_dir)
+    });
+    let watched = node.agent.clone();
     wait_for("node caught up and ready", move || {
         let s = watched.api.status();
-        async move {
-            s.phase == NodePhase::Ready
-                && s.connection.state == ConnectionState::Connected
-                && s.applied_config.as_ref().is_some_and(|c| c.version == 5)
-                && s.models.iter().any(|m| m.state == ModelState::Active)
-        }
+        async move { common::serving(&s) && s.applied_config.as_ref().is_some_and(|c| c.version == 5) }
     })
     .await;
-    assert_eq!(agent.api.status().config_error, None);
+    assert_eq!(node.agent.api.status().config_error, None);
     let client = reqwest::Client::new();
     let base = io.base_url();
-    wait_for("node eligible", || {
-        let client = client.clone();
-        let base = base.clone();
-        async move {
-            let v: serde_json::Value = client
-                .get(format!("{base}/v1/models"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            v["data"].as_array().is_some_and(|d| !d.is_empty())
-        }
-    })
-    .await;
+    common::wait_eligible(&base, true, Duration::from_secs(20)).await;
     let r = client
         .post(format!("{base}/v1/completions"))
         .json(&json!({"model": MODEL, "prompt": "after two rotations", "max_tokens": 4}))
@@ -202,5 +115,5 @@ async fn node_offline_across_two_rotations_catches_up_and_serves() {
             .and_then(|v| v.to_str().ok()),
         Some("true")
     );
-    run.abort();
+    node.run.abort();
 }

@@ -7,13 +7,10 @@
 
 use std::time::Duration;
 
-use resultity_io::{IoService, Settings as IoSettings};
-use resultity_protocol::messages::{ModelState, NodePhase, RuntimeKind, Timing};
-use resultity_protocol::status::ConnectionState;
-use resultity_protocol::{NetworkId, NetworkKeyId, NetworkKeypair};
-use resultity_runtime_sim::SimConfig;
-use resultity_sidecar::agent::{Agent, Settings};
-use resultity_sidecar::gpu::GpuSettings;
+use resultity_io::IoService;
+use resultity_protocol::messages::Timing;
+use resultity_protocol::{NetworkKeyId, NetworkKeypair};
+use resultity_sidecar::agent::Settings;
 use resultity_sidecar::runtime::probe::ProbeSettings;
 use serde_json::json;
 
@@ -41,35 +38,19 @@ fn network_thread() -> (String, NetworkKeyId, String) {
             .unwrap();
         rt.block_on(async move {
             let key = NetworkKeypair::generate().unwrap();
-            let mut s = IoSettings::new(
-                NetworkId::parse("testnet").unwrap(),
-                key.clone(),
+            let io = IoService::start(common::io_settings(
+                &key,
                 common::payload(Timing {
                     // Stalls must not age heartbeats into an exclusion.
                     heartbeat_interval_ms: 1_000,
                     ping_interval_ms: PING_MS,
                     ack_timeout_ms: 2_000,
-                    backoff_base_ms: 20,
-                    backoff_cap_ms: 200,
-                    resume_window_ms: 5_000,
-                    http_timeout_ms: 2_000,
+                    ..common::quick_timing()
                 }),
-            );
-            s.scheduler.tick_ms = 20;
-            s.limits.node_http_burst = 1000.0;
-            s.limits.node_http_rate_per_s = 1000.0;
-            let io = IoService::start(s).await.unwrap();
-            let sim = resultity_runtime_sim::start(
-                SimConfig {
-                    models: vec![MODEL.into()],
-                    prefill_ms: 0,
-                    decode_us_per_token: 0,
-                    ..SimConfig::default()
-                },
-                "127.0.0.1:0".parse().unwrap(),
-            )
+            ))
             .await
             .unwrap();
+            let sim = common::start_sim(common::instant_runtime()).await;
             tx.send((io.base_url(), key.id().clone(), sim.url()))
                 .unwrap();
             std::future::pending::<()>().await;
@@ -82,66 +63,23 @@ fn network_thread() -> (String, NetworkKeyId, String) {
 async fn network_frames_waiting_after_a_node_stall_keep_the_session() {
     let (io_url, key, sim_url) = network_thread();
     let dir = tempfile::tempdir().unwrap();
-    let settings = Settings {
-        io_url: io_url.clone(),
-        network_id: NetworkId::parse("testnet").unwrap(),
-        network_keys: vec![key],
-        key_file: dir.path().join("node.key"),
-        data_dir: dir.path().to_owned(),
-        runtime_kind: RuntimeKind::Vllm,
-        runtime_url: sim_url,
-        runtime_image: None,
+    let node = common::spawn(Settings {
         max_concurrency: Some(4),
-        runtime_options: Default::default(),
         runtime_probe: ProbeSettings {
             interval: Duration::from_millis(200),
             timeout: Duration::from_secs(5),
             failure_threshold: 3,
         },
-        participation: Default::default(),
-        subclouds: vec![],
-        models: vec![],
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin_token: "token".into(),
-        drain_grace: Duration::from_secs(10),
-        gpu: GpuSettings::off(),
-        enforce_gpu_memory: false,
-        outbox_sync: resultity_sidecar::agent::SyncPolicy::Deferred,
-    };
-    let agent = Agent::new(settings).unwrap();
-    let a = agent.clone();
-    let run = tokio::spawn(async move { a.run(std::future::pending()).await.unwrap() });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
+        ..common::node_settings(io_url.clone(), key, sim_url, dir.path())
+    });
+    let agent = node.agent.clone();
+    common::wait_until("node ready", Duration::from_secs(20), || {
         let s = agent.api.status();
-        if s.phase == NodePhase::Ready
-            && s.connection.state == ConnectionState::Connected
-            && s.models.iter().any(|m| m.state == ModelState::Active)
-        {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "node never ready");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        async move { common::serving(&s) }
+    })
+    .await;
+    common::wait_eligible(&io_url, true, Duration::from_secs(20)).await;
     let client = reqwest::Client::new();
-    loop {
-        let v: serde_json::Value = client
-            .get(format!("{io_url}/v1/models"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if v["data"].as_array().is_some_and(|d| !d.is_empty()) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "node never eligible"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
     for round in 0..ROUNDS {
         // Stall the node (CPU starvation, SIGSTOP) while the network keeps pinging it.
         std::thread::sleep(STALL);
@@ -154,7 +92,7 @@ async fn network_frames_waiting_after_a_node_stall_keep_the_session() {
             .await
             .unwrap();
         assert_eq!(r.status(), 200, "round {round}");
-        let conn = agent.api.status().connection;
+        let conn = node.agent.api.status().connection;
         assert_eq!(
             conn.reconnects,
             0,
@@ -162,5 +100,5 @@ async fn network_frames_waiting_after_a_node_stall_keep_the_session() {
             conn.last_error.unwrap_or_default()
         );
     }
-    run.abort();
+    node.run.abort();
 }

@@ -54,21 +54,19 @@ async fn serve(state: Arc<ApiState>) -> String {
     format!("http://{addr}")
 }
 
+/// GETs `url` without a token.
+async fn get(c: &reqwest::Client, url: String) -> reqwest::Response {
+    c.get(url).send().await.unwrap()
+}
+
 #[tokio::test]
 async fn probes_status_metrics_and_drain() {
     let state = ApiState::new(status(), "s3cret-token".into());
     let base = serve(state.clone()).await;
     let c = reqwest::Client::new();
 
-    assert_eq!(
-        c.get(format!("{base}/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    let r = c.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(get(&c, format!("{base}/healthz")).await.status(), 200);
+    let r = get(&c, format!("{base}/readyz")).await;
     assert_eq!(r.status(), 503);
     let body: Value = r.json().await.unwrap();
     let problems = body["problems"].as_array().unwrap();
@@ -95,11 +93,8 @@ async fn probes_status_metrics_and_drain() {
         }];
     });
     // Everything up but no model servable: not ready, with the model's reason.
-    let body: Value = c
-        .get(format!("{base}/readyz"))
-        .send()
+    let body: Value = get(&c, format!("{base}/readyz"))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -117,11 +112,8 @@ async fn probes_status_metrics_and_drain() {
         s.models[0].reason = None;
         s.gpu.reason = Some("NVML unavailable: library not found".into());
     });
-    let body: Value = c
-        .get(format!("{base}/readyz"))
-        .send()
+    let body: Value = get(&c, format!("{base}/readyz"))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -132,24 +124,10 @@ async fn probes_status_metrics_and_drain() {
     // GPU checks off (the explicit opt-out): ready.
     state.readiness.set_gpu_required(false);
     state.update(|s| s.phase = NodePhase::Ready);
-    assert_eq!(
-        c.get(format!("{base}/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(get(&c, format!("{base}/readyz")).await.status(), 200);
 
     // /status needs the token, exactly.
-    assert_eq!(
-        c.get(format!("{base}/status"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
+    assert_eq!(get(&c, format!("{base}/status")).await.status(), 401);
     let wrong = c
         .get(format!("{base}/status"))
         .bearer_auth("s3cret-tokem")
@@ -170,11 +148,8 @@ async fn probes_status_metrics_and_drain() {
 
     state.metrics.job("completed");
     state.metrics.in_flight.set(3);
-    let text = c
-        .get(format!("{base}/metrics"))
-        .send()
+    let text = get(&c, format!("{base}/metrics"))
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();

@@ -9,9 +9,8 @@ use std::time::Duration;
 
 use axum::routing::get;
 use resultity_io::IoServiceHandle;
-use resultity_protocol::NetworkId;
 use resultity_protocol::config::NetworkConfig;
-use resultity_protocol::messages::{NodePhase, RuntimeKind, Timing};
+use resultity_protocol::messages::{NodePhase, Timing};
 use resultity_runtime_sim::{Faults, SimConfig};
 use resultity_sidecar::agent::{Agent, Exit, Settings};
 use resultity_sidecar::gpu::{GpuMode, GpuSettings};
@@ -20,7 +19,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 mod common;
-use common::{MODEL, Net};
+use common::{MODEL, Net, http};
 
 const FIXTURE: &str = include_str!("fixtures/dcgm-exporter.txt");
 const POD: &str = "resultity-node-a-0";
@@ -29,12 +28,8 @@ const NAMESPACE: &str = "gpu-fleet";
 fn payload() -> NetworkConfig {
     common::payload(Timing {
         heartbeat_interval_ms: 250,
-        ping_interval_ms: 1_000,
         ack_timeout_ms: 2_000,
-        backoff_base_ms: 20,
-        backoff_cap_ms: 200,
-        resume_window_ms: 5_000,
-        http_timeout_ms: 2_000,
+        ..common::quick_timing()
     })
 }
 
@@ -43,28 +38,10 @@ async fn network(sim_cfg: SimConfig) -> Net {
 }
 
 fn settings(net: &Net, gpu: GpuSettings, probe: ProbeSettings) -> Settings {
-    let dir = net.dir.path().join("node");
     Settings {
-        io_url: net.io.base_url(),
-        network_id: NetworkId::parse("testnet").unwrap(),
-        network_keys: vec![net.key.id().clone()],
-        key_file: dir.join("node.key"),
-        data_dir: dir,
-        runtime_kind: RuntimeKind::Vllm,
-        runtime_url: net.sim.url(),
-        runtime_image: None,
-        max_concurrency: Some(8),
-        runtime_options: Default::default(),
         runtime_probe: probe,
-        participation: Default::default(),
-        subclouds: vec![],
-        models: vec![],
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin_token: "token".into(),
-        drain_grace: Duration::from_secs(10),
         gpu,
-        enforce_gpu_memory: false,
-        outbox_sync: resultity_sidecar::agent::SyncPolicy::Deferred,
+        ..common::settings(net, "node")
     }
 }
 
@@ -77,12 +54,8 @@ fn quick_probes() -> ProbeSettings {
 }
 
 fn spawn(settings: Settings) -> (Arc<Agent>, JoinHandle<Exit>) {
-    let agent = Agent::new(settings).unwrap();
-    let a = agent.clone();
-    (
-        agent,
-        tokio::spawn(async move { a.run(std::future::pending()).await.unwrap() }),
-    )
+    let node = common::spawn(settings);
+    (node.agent, node.run)
 }
 
 /// Polls `cond` every 20 ms for up to 20 s (generous: the test machine is shared).
@@ -97,34 +70,12 @@ async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// One client for the polling helpers: building a TLS-capable client per poll blocks the
-/// single-threaded test runtime (and with it the node's heartbeats) on a loaded machine.
-fn http() -> &'static reqwest::Client {
-    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
-    CLIENT.get_or_init(reqwest::Client::new)
-}
-
 async fn eligible(io: &IoServiceHandle) -> bool {
-    let v: Value = http()
-        .get(format!("{}/v1/models", io.base_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["data"].as_array().is_some_and(|d| !d.is_empty())
+    common::eligible(&io.base_url()).await
 }
 
 async fn wait_eligible(io: &IoServiceHandle, want: bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while eligible(io).await != want {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "eligibility never became {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_eligible(&io.base_url(), want, Duration::from_secs(20)).await;
 }
 
 async fn readyz(agent: &Agent) -> (u16, Value) {

@@ -7,9 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use resultity_io::{IoService, IoServiceHandle, Settings as IoSettings};
+use resultity_protocol::NetworkKeypair;
 use resultity_protocol::config::NetworkConfig;
 use resultity_protocol::messages::Timing;
-use resultity_protocol::{NetworkId, NetworkKeypair};
 use resultity_runtime_sim::{SimConfig, SimHandle, generate};
 use serde_json::{Value, json};
 
@@ -18,13 +18,10 @@ use common::MODEL;
 
 fn payload() -> NetworkConfig {
     common::payload(Timing {
-        heartbeat_interval_ms: 150,
-        ping_interval_ms: 1_000,
         ack_timeout_ms: 2_000,
-        backoff_base_ms: 20,
         backoff_cap_ms: 300,
         resume_window_ms: 20_000,
-        http_timeout_ms: 2_000,
+        ..common::quick_timing()
     })
 }
 
@@ -33,29 +30,20 @@ fn io_settings(
     listen: std::net::SocketAddr,
     state: &std::path::Path,
 ) -> IoSettings {
-    let mut s = IoSettings::new(NetworkId::parse("testnet").unwrap(), key.clone(), payload());
+    let mut s = common::io_settings(key, payload());
     s.listen = listen;
     s.config_state = Some(state.to_owned());
-    s.scheduler.tick_ms = 20;
     s.scheduler.attempt_timeout_ms = 20_000;
     s.scheduler.request_timeout_ms = 30_000;
-    s.limits.node_http_burst = 1000.0;
-    s.limits.node_http_rate_per_s = 1000.0;
     s
 }
 
 async fn sim(prefill_ms: u64) -> SimHandle {
-    resultity_runtime_sim::start(
-        SimConfig {
-            models: vec![MODEL.into()],
-            prefill_ms,
-            decode_us_per_token: 0,
-            ..SimConfig::default()
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
+    common::start_sim(SimConfig {
+        prefill_ms,
+        ..common::instant_runtime()
+    })
     .await
-    .unwrap()
 }
 
 fn free_port() -> u16 {
@@ -122,17 +110,56 @@ fn sidecar(
     Sidecar(child)
 }
 
-async fn wait_until<F: std::future::Future<Output = bool>>(
-    what: &str,
-    mut cond: impl FnMut() -> F,
-) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !cond().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+/// Polls `cond` every 20 ms for up to 20 s.
+async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, cond: impl FnMut() -> F) {
+    common::wait_until(what, Duration::from_secs(20), cond).await;
+}
+
+/// An IO service on a free loopback port, a runtime whose prefill takes `prefill_ms`, and a
+/// state directory and API port for one sidecar process.
+struct Loopback {
+    key: NetworkKeypair,
+    /// Holds the state directories until the test ends.
+    _dir: tempfile::TempDir,
+    io: IoServiceHandle,
+    base: String,
+    runtime: SimHandle,
+    port: u16,
+    node_dir: std::path::PathBuf,
+}
+
+async fn loopback(prefill_ms: u64) -> Loopback {
+    let key = NetworkKeypair::generate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let io = IoService::start(io_settings(
+        &key,
+        "127.0.0.1:0".parse().unwrap(),
+        &dir.path().join("io-state.json"),
+    ))
+    .await
+    .unwrap();
+    let node_dir = dir.path().join("node");
+    Loopback {
+        base: io.base_url(),
+        runtime: sim(prefill_ms).await,
+        port: free_port(),
+        key,
+        _dir: dir,
+        io,
+        node_dir,
+    }
+}
+
+impl Loopback {
+    /// Starts the sidecar process against this network.
+    fn sidecar(&self) -> Sidecar {
+        sidecar(
+            &self.base,
+            &self.key,
+            &self.runtime.url(),
+            &self.node_dir,
+            self.port,
+        )
     }
 }
 
@@ -175,30 +202,18 @@ fn complete(base: &str, prompt: &str) -> tokio::task::JoinHandle<(u16, Value)> {
 
 #[tokio::test]
 async fn sidecar_killed_mid_job_restarts_and_the_job_completes_once() {
-    let key = NetworkKeypair::generate().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let io = IoService::start(io_settings(
-        &key,
-        "127.0.0.1:0".parse().unwrap(),
-        &dir.path().join("io-state.json"),
-    ))
-    .await
-    .unwrap();
-    let base = io.base_url();
-    let runtime = sim(1_500).await;
-    let port = free_port();
-    let node_dir = dir.path().join("node");
-    let first = sidecar(&base, &key, &runtime.url(), &node_dir, port);
-    wait_until("node eligible", || eligible(&base)).await;
+    let net = loopback(1_500).await;
+    let first = net.sidecar();
+    wait_until("node eligible", || eligible(&net.base)).await;
 
-    let call = complete(&base, "survive a crash");
+    let call = complete(&net.base, "survive a crash");
     wait_until("job running in the runtime", || async {
-        runtime.stats().running == 1
+        net.runtime.stats().running == 1
     })
     .await;
     drop(first); // SIGKILL mid-job: the result was never produced.
 
-    let _second = sidecar(&base, &key, &runtime.url(), &node_dir, port);
+    let _second = net.sidecar();
     let (code, body) = call.await.unwrap();
     assert_eq!(code, 200, "{body}");
     assert_eq!(
@@ -207,12 +222,12 @@ async fn sidecar_killed_mid_job_restarts_and_the_job_completes_once() {
     );
     // Delivered once: the caller got one answer, the restarted node's outbox is confirmed empty.
     wait_until("outbox drained", || async {
-        status(port)
+        status(net.port)
             .await
             .is_some_and(|s| s["jobs"]["outbox"] == 0 && s["jobs"]["completed"] == 1)
     })
     .await;
-    io.shutdown().await;
+    net.io.shutdown().await;
 }
 
 #[tokio::test]
@@ -266,26 +281,14 @@ async fn io_service_restart_reconnects_and_loses_nothing() {
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_jobs_and_exits_zero() {
-    let key = NetworkKeypair::generate().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let io = IoService::start(io_settings(
-        &key,
-        "127.0.0.1:0".parse().unwrap(),
-        &dir.path().join("io-state.json"),
-    ))
-    .await
-    .unwrap();
-    let base = io.base_url();
-    let runtime = sim(800).await;
-    let port = free_port();
-    let node_dir = dir.path().join("node");
-    let mut node = sidecar(&base, &key, &runtime.url(), &node_dir, port);
-    wait_until("node eligible", || eligible(&base)).await;
+    let net = loopback(800).await;
+    let mut node = net.sidecar();
+    wait_until("node eligible", || eligible(&net.base)).await;
     let calls: Vec<_> = (0..3)
-        .map(|i| complete(&base, &format!("term {i}")))
+        .map(|i| complete(&net.base, &format!("term {i}")))
         .collect();
     wait_until("three jobs running", || async {
-        runtime.stats().running == 3
+        net.runtime.stats().running == 3
     })
     .await;
     let pid = node.0.id().to_string();
@@ -313,9 +316,9 @@ async fn sigterm_drains_in_flight_jobs_and_exits_zero() {
         assert_eq!(code, 200, "{body}");
     }
     // Nothing left in the outbox on disk.
-    let left: Vec<_> = std::fs::read_dir(node_dir.join("state/outbox"))
+    let left: Vec<_> = std::fs::read_dir(net.node_dir.join("state/outbox"))
         .unwrap()
         .collect();
     assert!(left.is_empty(), "outbox not empty: {left:?}");
-    io.shutdown().await;
+    net.io.shutdown().await;
 }

@@ -7,10 +7,8 @@
 use resultity_operator::crd::{ResultityNetwork, ResultityNode};
 use resultity_operator::validate::{Defaults, validate_node};
 
-fn fixture<T: serde::de::DeserializeOwned>(name: &str) -> T {
-    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-    serde_norway::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
-}
+mod common;
+use common::fixture;
 
 fn mirrored() -> Defaults {
     Defaults {

@@ -16,15 +16,8 @@ use resultity_protocol::messages::ModelState;
 use resultity_protocol::status::NodeStatus;
 use serde_json::json;
 
-fn fixture<T: serde::de::DeserializeOwned>(name: &str) -> T {
-    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path).unwrap();
-    if name.ends_with(".json") {
-        serde_json::from_str(&text).unwrap()
-    } else {
-        serde_norway::from_str(&text).unwrap()
-    }
-}
+mod common;
+use common::fixture;
 
 fn example(name: &str) -> ResultityNode {
     let text =

@@ -18,15 +18,8 @@ use resultity_operator::validate::{Blocker, Defaults, Resolved, validate_node};
 use resultity_protocol::NodeKeypair;
 use resultity_protocol::status::{ConnectionState, NodeStatus};
 
-fn fixture<T: serde::de::DeserializeOwned>(name: &str) -> T {
-    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path).unwrap();
-    if name.ends_with(".json") {
-        serde_json::from_str(&text).unwrap()
-    } else {
-        serde_norway::from_str(&text).unwrap()
-    }
-}
+mod common;
+use common::fixture;
 
 fn network() -> ResultityNetwork {
     fixture("network.yaml")

@@ -35,15 +35,8 @@ use tower_test::mock::{self, Handle};
 
 // ---------- fixtures ----------
 
-fn fixture<T: serde::de::DeserializeOwned>(name: &str) -> T {
-    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path).unwrap();
-    if name.ends_with(".json") {
-        serde_json::from_str(&text).unwrap()
-    } else {
-        serde_norway::from_str(&text).unwrap()
-    }
-}
+mod common;
+use common::fixture;
 
 const NOW_MS: u64 = 1_795_500_700_000;
 const MANAGER_QUERY: &str = "fieldManager=resultity-operator";
@@ -85,6 +78,16 @@ fn running_pod(n: &ResultityNode) -> Pod {
     let live: Pod = fixture("pod-running-ready.yaml");
     pod.status = live.status;
     pod
+}
+
+/// The node's finalized object with a status that last said Ready.
+fn ready_node() -> ResultityNode {
+    let mut n = finalized_node();
+    n.status = Some(ResultityNodeStatus {
+        phase: NodePhase::Ready,
+        ..ResultityNodeStatus::default()
+    });
+    n
 }
 
 fn report() -> NodeStatus {
@@ -307,6 +310,11 @@ impl World {
     }
 }
 
+/// The read of the network every reconcile starts with.
+fn network_read() -> Call {
+    Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml"))
+}
+
 fn no_source() -> FakeSource {
     FakeSource(Err(FetchError::Status {
         url: "unused".into(),
@@ -318,6 +326,22 @@ fn reconcile_node(
     n: ResultityNode,
 ) -> impl FnOnce(Arc<Context>) -> BoxFuture<'static, resultity_operator::Result<Action>> {
     move |ctx| Box::pin(node::reconcile(Arc::new(n), ctx))
+}
+
+/// A node reconcile's script: it reads the network and `n`'s identity Secret, then makes the
+/// calls `then`.
+fn node_script(n: &ResultityNode, then: impl IntoIterator<Item = Call>) -> Vec<Call> {
+    [network_read(), Call::get(SECRET, secret(n))]
+        .into_iter()
+        .chain(then)
+        .collect()
+}
+
+/// Reconciles `n` against `script` (no sidecar is asked anything).
+async fn run_node(n: ResultityNode, script: Vec<Call>) -> resultity_operator::Result<Action> {
+    world(script, FakeSidecar::answering(vec![]), no_source())
+        .run(reconcile_node(n))
+        .await
 }
 
 fn status_of(body: &Value) -> ResultityNodeStatus {
@@ -339,7 +363,7 @@ async fn create_makes_identity_then_pod_then_status() {
     let id_for_pod = created_id.clone();
     let id_for_status = created_id.clone();
     let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        network_read(),
         Call::get_missing(SECRET),
         Call::new(Method::POST, SECRETS)
             .check(move |b| {
@@ -408,10 +432,7 @@ async fn new_object_gets_the_finalizer_first() {
                 })
                 .reply(|_| (200, serde_json::to_value(finalized_node()).unwrap())),
         ];
-    let action = world(script, FakeSidecar::answering(vec![]), no_source())
-        .run(reconcile_node(n))
-        .await
-        .unwrap();
+    let action = run_node(n, script).await.unwrap();
     assert_eq!(action, Action::await_change());
 }
 
@@ -437,26 +458,27 @@ async fn spec_update_drains_then_replaces_the_pod() {
     let sidecar = FakeSidecar::answering(vec![Ok(draining)]);
     let drain_started = Arc::new(Mutex::new(None::<Value>));
     let started = drain_started.clone();
-    let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-        Call::get(SECRET, secret(&changed)),
-        Call::get(POD, &live),
-        // The drain has its own event reason and says why, not the previous phase's reason.
-        Call::event(EVENTS, "Draining").check(|b| {
-            let note = b["note"].as_str().unwrap();
-            assert!(
-                note.contains("out of date") && note.contains("300s"),
-                "{note}"
-            );
-        }),
-        Call::apply_status(NODE_STATUS, &changed).check(move |b| {
-            let s = status_of(b);
-            assert_eq!(s.phase, NodePhase::Draining);
-            assert!(s.drain_started_time.is_some());
-            assert_ne!(s.desired_spec_hash, s.pod_spec_hash, "out of date");
-            *started.lock().unwrap() = Some(b["status"]["drainStartedTime"].clone());
-        }),
-    ];
+    let script = node_script(
+        &changed,
+        [
+            Call::get(POD, &live),
+            // The drain has its own event reason and says why, not the previous phase's reason.
+            Call::event(EVENTS, "Draining").check(|b| {
+                let note = b["note"].as_str().unwrap();
+                assert!(
+                    note.contains("out of date") && note.contains("300s"),
+                    "{note}"
+                );
+            }),
+            Call::apply_status(NODE_STATUS, &changed).check(move |b| {
+                let s = status_of(b);
+                assert_eq!(s.phase, NodePhase::Draining);
+                assert!(s.drain_started_time.is_some());
+                assert_ne!(s.desired_spec_hash, s.pod_spec_hash, "out of date");
+                *started.lock().unwrap() = Some(b["status"]["drainStartedTime"].clone());
+            }),
+        ],
+    );
     let action = world(script, sidecar.clone(), no_source())
         .run(reconcile_node(changed.clone()))
         .await
@@ -481,18 +503,20 @@ async fn spec_update_drains_then_replaces_the_pod() {
     drained.drained = true;
     let sidecar = FakeSidecar::answering(vec![Ok(drained)]);
     let live2 = live.clone();
-    let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-        Call::get(SECRET, secret(&changed)),
-        Call::get(POD, &live),
-        Call::new(Method::DELETE, POD).reply(move |_| (200, serde_json::to_value(&live2).unwrap())),
-        Call::event(EVENTS, "PodReplaced"),
-        Call::apply_status(NODE_STATUS, &changed).check(|b| {
-            let s = status_of(b);
-            assert!(s.drain_started_time.is_none());
-            assert!(s.pod_spec_hash.is_none(), "the deleted pod is not counted");
-        }),
-    ];
+    let script = node_script(
+        &changed,
+        [
+            Call::get(POD, &live),
+            Call::new(Method::DELETE, POD)
+                .reply(move |_| (200, serde_json::to_value(&live2).unwrap())),
+            Call::event(EVENTS, "PodReplaced"),
+            Call::apply_status(NODE_STATUS, &changed).check(|b| {
+                let s = status_of(b);
+                assert!(s.drain_started_time.is_none());
+                assert!(s.pod_spec_hash.is_none(), "the deleted pod is not counted");
+            }),
+        ],
+    );
     let action = world(script, sidecar.clone(), no_source())
         .run(reconcile_node(round2))
         .await
@@ -517,85 +541,74 @@ async fn spec_update_drains_then_replaces_the_pod() {
         phase: NodePhase::Draining,
         ..ResultityNodeStatus::default()
     });
-    let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-        Call::get(SECRET, secret(&changed)),
-        Call::get_missing(POD),
-        Call::apply(POD).check(move |b| {
-            assert_eq!(
-                b["metadata"]["annotations"]["resultity.com/spec-hash"],
-                want.as_str()
-            );
-            let args = b["spec"]["containers"][0]["args"].as_array().unwrap();
-            assert!(args.contains(&json!("--enforce-eager")));
-        }),
-        Call::event(EVENTS, "PodCreated"),
-        Call::apply_status(NODE_STATUS, &changed)
-            .check(|b| assert_eq!(status_of(b).phase, NodePhase::Pending)),
-        Call::event(EVENTS, "Pending"),
-    ];
-    world(script, FakeSidecar::answering(vec![]), no_source())
-        .run(reconcile_node(round3))
-        .await
-        .unwrap();
+    let script = node_script(
+        &changed,
+        [
+            Call::get_missing(POD),
+            Call::apply(POD).check(move |b| {
+                assert_eq!(
+                    b["metadata"]["annotations"]["resultity.com/spec-hash"],
+                    want.as_str()
+                );
+                let args = b["spec"]["containers"][0]["args"].as_array().unwrap();
+                assert!(args.contains(&json!("--enforce-eager")));
+            }),
+            Call::event(EVENTS, "PodCreated"),
+            Call::apply_status(NODE_STATUS, &changed)
+                .check(|b| assert_eq!(status_of(b).phase, NodePhase::Pending)),
+            Call::event(EVENTS, "Pending"),
+        ],
+    );
+    run_node(round3, script).await.unwrap();
 }
 
 #[tokio::test]
 async fn pod_deleted_out_of_band_is_recreated() {
-    let mut n = finalized_node();
-    n.status = Some(ResultityNodeStatus {
-        phase: NodePhase::Ready,
-        ..ResultityNodeStatus::default()
-    });
-    let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-        Call::get(SECRET, secret(&n)),
-        Call::get_missing(POD),
-        Call::apply(POD).check(|b| {
-            assert_eq!(
-                b["metadata"]["labels"]["resultity.com/node-id"],
-                key().id().as_str()
-            );
-        }),
-        Call::event(EVENTS, "PodCreated"),
-        Call::apply_status(NODE_STATUS, &n).check(|b| {
-            let s = status_of(b);
-            assert_eq!(s.phase, NodePhase::Pending);
-            assert_eq!(s.node_id.as_deref(), Some(key().id().as_str()));
-        }),
-        Call::event(EVENTS, "Pending"),
-    ];
-    world(script, FakeSidecar::answering(vec![]), no_source())
-        .run(reconcile_node(n))
-        .await
-        .unwrap();
+    let n = ready_node();
+    let script = node_script(
+        &n,
+        [
+            Call::get_missing(POD),
+            Call::apply(POD).check(|b| {
+                assert_eq!(
+                    b["metadata"]["labels"]["resultity.com/node-id"],
+                    key().id().as_str()
+                );
+            }),
+            Call::event(EVENTS, "PodCreated"),
+            Call::apply_status(NODE_STATUS, &n).check(|b| {
+                let s = status_of(b);
+                assert_eq!(s.phase, NodePhase::Pending);
+                assert_eq!(s.node_id.as_deref(), Some(key().id().as_str()));
+            }),
+            Call::event(EVENTS, "Pending"),
+        ],
+    );
+    run_node(n, script).await.unwrap();
 }
 
 #[tokio::test]
 async fn status_pull_failure_is_unknown_with_a_requeue() {
-    let mut n = finalized_node();
-    n.status = Some(ResultityNodeStatus {
-        phase: NodePhase::Ready,
-        ..ResultityNodeStatus::default()
-    });
+    let n = ready_node();
     let pod = running_pod(&n);
     let sidecar = FakeSidecar::answering(vec![Err(SidecarError::Timeout(Duration::from_secs(3)))]);
-    let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-        Call::get(SECRET, secret(&n)),
-        // Same spec hash: nothing to apply, the pod is read back as is.
-        Call::get(POD, &pod),
-        Call::apply_status(NODE_STATUS, &n).check(|b| {
-            let s = status_of(b);
-            assert_eq!(s.phase, NodePhase::Degraded);
-            assert_eq!(cond(&s, "Registered"), ("Unknown", "SidecarUnreachable"));
-            assert_eq!(cond(&s, "Connected"), ("Unknown", "SidecarUnreachable"));
-            assert_eq!(cond(&s, "ConfigInSync"), ("Unknown", "SidecarUnreachable"));
-            assert_eq!(cond(&s, "RuntimeReady"), ("True", "ContainerReady"));
-            assert_eq!(cond(&s, "Ready").0, "False");
-        }),
-        Call::event(EVENTS, "Degraded"),
-    ];
+    let script = node_script(
+        &n,
+        [
+            // Same spec hash: nothing to apply, the pod is read back as is.
+            Call::get(POD, &pod),
+            Call::apply_status(NODE_STATUS, &n).check(|b| {
+                let s = status_of(b);
+                assert_eq!(s.phase, NodePhase::Degraded);
+                assert_eq!(cond(&s, "Registered"), ("Unknown", "SidecarUnreachable"));
+                assert_eq!(cond(&s, "Connected"), ("Unknown", "SidecarUnreachable"));
+                assert_eq!(cond(&s, "ConfigInSync"), ("Unknown", "SidecarUnreachable"));
+                assert_eq!(cond(&s, "RuntimeReady"), ("True", "ContainerReady"));
+                assert_eq!(cond(&s, "Ready").0, "False");
+            }),
+            Call::event(EVENTS, "Degraded"),
+        ],
+    );
     let action = world(script, sidecar.clone(), no_source())
         .run(reconcile_node(n))
         .await
@@ -607,23 +620,20 @@ async fn status_pull_failure_is_unknown_with_a_requeue() {
 
 #[tokio::test]
 async fn ready_node_status_from_the_sidecar() {
-    let mut n = finalized_node();
-    n.status = Some(ResultityNodeStatus {
-        phase: NodePhase::Ready,
-        ..ResultityNodeStatus::default()
-    });
+    let n = ready_node();
     let pod = running_pod(&n);
-    let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-        Call::get(SECRET, secret(&n)),
-        Call::get(POD, &pod),
-        Call::apply_status(NODE_STATUS, &n).check(|b| {
-            let s = status_of(b);
-            assert_eq!(s.phase, NodePhase::Ready);
-            assert_eq!(s.jobs.unwrap().completed, 1289);
-            assert_eq!(s.models_summary.as_deref(), Some("1/1"));
-        }),
-    ];
+    let script = node_script(
+        &n,
+        [
+            Call::get(POD, &pod),
+            Call::apply_status(NODE_STATUS, &n).check(|b| {
+                let s = status_of(b);
+                assert_eq!(s.phase, NodePhase::Ready);
+                assert_eq!(s.jobs.unwrap().completed, 1289);
+                assert_eq!(s.models_summary.as_deref(), Some("1/1"));
+            }),
+        ],
+    );
     let action = world(
         script,
         FakeSidecar::answering(vec![Ok(report())]),
@@ -760,7 +770,7 @@ async fn unusable_identity_secret_is_invalid_not_overwritten() {
         k8s_openapi::ByteString(b"garbage".to_vec()),
     );
     let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
+        network_read(),
         Call::get(SECRET, bad),
         Call::get_missing(POD),
         Call::apply_status(NODE_STATUS, &n).check(|b| {
@@ -771,10 +781,7 @@ async fn unusable_identity_secret_is_invalid_not_overwritten() {
         }),
         Call::event(EVENTS, "Invalid"),
     ];
-    let action = world(script, FakeSidecar::answering(vec![]), no_source())
-        .run(reconcile_node(n))
-        .await
-        .unwrap();
+    let action = run_node(n, script).await.unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
 }
 
@@ -1131,28 +1138,26 @@ async fn evicted_pod_is_replaced() {
     st.phase = Some("Failed".into());
     st.reason = Some("Evicted".into());
     st.pod_ip = None;
-    let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-        Call::get(SECRET, secret(&n)),
-        Call::get(POD, &evicted),
-        Call::new(Method::DELETE, POD).reply({
-            let p = serde_json::to_value(&evicted).unwrap();
-            move |_| (200, p.clone())
-        }),
-        Call::event(EVENTS, "PodReplaced").check(|b| {
-            assert_eq!(b["type"], "Warning");
-            assert!(b["note"].as_str().unwrap().contains("Evicted"));
-        }),
-        Call::apply_status(NODE_STATUS, &n).check(|b| {
-            let s = status_of(b);
-            assert_eq!(s.phase, NodePhase::Pending);
-            assert_eq!(cond(&s, "PodScheduled"), ("False", "PodMissing"));
-        }),
-    ];
-    let action = world(script, FakeSidecar::answering(vec![]), no_source())
-        .run(reconcile_node(n))
-        .await
-        .unwrap();
+    let script = node_script(
+        &n,
+        [
+            Call::get(POD, &evicted),
+            Call::new(Method::DELETE, POD).reply({
+                let p = serde_json::to_value(&evicted).unwrap();
+                move |_| (200, p.clone())
+            }),
+            Call::event(EVENTS, "PodReplaced").check(|b| {
+                assert_eq!(b["type"], "Warning");
+                assert!(b["note"].as_str().unwrap().contains("Evicted"));
+            }),
+            Call::apply_status(NODE_STATUS, &n).check(|b| {
+                let s = status_of(b);
+                assert_eq!(s.phase, NodePhase::Pending);
+                assert_eq!(cond(&s, "PodScheduled"), ("False", "PodMissing"));
+            }),
+        ],
+    );
+    let action = run_node(n, script).await.unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(2)));
 }
 
@@ -1165,35 +1170,36 @@ async fn api_rejection_becomes_a_condition_and_a_warning() {
     });
     let api_message = "Pod \"gpu-a-node\" is invalid: spec.tolerations[0].operator: \
                        Unsupported value: \"Foo\": supported values: \"Equal\", \"Exists\"";
-    let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-        Call::get(SECRET, secret(&n)),
-        Call::get_missing(POD),
-        Call::apply(POD).reply(move |_| {
-            (
-                422,
-                json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+    let script = node_script(
+        &n,
+        [
+            Call::get_missing(POD),
+            Call::apply(POD).reply(move |_| {
+                (
+                    422,
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
                        "status": "Failure", "reason": "Invalid", "code": 422,
                        "message": api_message}),
-            )
-        }),
-        Call::event(EVENTS, "PodRejected").check(move |b| {
-            assert_eq!(b["type"], "Warning");
-            assert!(b["note"].as_str().unwrap().contains(api_message), "{b}");
-        }),
-        Call::apply_status(NODE_STATUS, &n).check(move |b| {
-            let s = status_of(b);
-            assert_eq!(s.phase, NodePhase::Invalid);
-            let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
-            assert_eq!(
-                (ready.status.as_str(), ready.reason.as_str()),
-                ("False", "RejectedByAPIServer")
-            );
-            assert!(ready.message.contains(api_message), "{}", ready.message);
-            assert!(ready.message.contains("HTTP 422"), "{}", ready.message);
-        }),
-        Call::event(EVENTS, "Invalid").check(|b| assert_eq!(b["type"], "Warning")),
-    ];
+                )
+            }),
+            Call::event(EVENTS, "PodRejected").check(move |b| {
+                assert_eq!(b["type"], "Warning");
+                assert!(b["note"].as_str().unwrap().contains(api_message), "{b}");
+            }),
+            Call::apply_status(NODE_STATUS, &n).check(move |b| {
+                let s = status_of(b);
+                assert_eq!(s.phase, NodePhase::Invalid);
+                let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+                assert_eq!(
+                    (ready.status.as_str(), ready.reason.as_str()),
+                    ("False", "RejectedByAPIServer")
+                );
+                assert!(ready.message.contains(api_message), "{}", ready.message);
+                assert!(ready.message.contains("HTTP 422"), "{}", ready.message);
+            }),
+            Call::event(EVENTS, "Invalid").check(|b| assert_eq!(b["type"], "Warning")),
+        ],
+    );
     let action = world(script, FakeSidecar::answering(vec![]), no_source())
         .run(reconcile_node(n))
         .await
@@ -1219,57 +1225,53 @@ fn cached_node() -> ResultityNode {
 async fn model_cache_claim_is_created_by_apply_owned_by_the_node_before_the_pod() {
     let n = cached_node();
     let uid = n.metadata.uid.clone().unwrap();
-    let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-        Call::get(SECRET, secret(&n)),
-        Call::get_missing(POD),
-        Call::get_missing(CACHE_CLAIM),
-        Call::apply(CACHE_CLAIM).check(move |b| {
-            assert_eq!(b["kind"], "PersistentVolumeClaim");
-            assert_eq!(b["metadata"]["name"], "gpu-a-model-cache");
-            let owner = &b["metadata"]["ownerReferences"][0];
-            assert_eq!(owner["kind"], "ResultityNode");
-            assert_eq!(owner["name"], "gpu-a");
-            assert_eq!(owner["uid"], uid.as_str());
-            assert_eq!(owner["controller"], true);
-            assert_eq!(b["spec"]["resources"]["requests"]["storage"], "200Gi");
-            assert_eq!(b["spec"]["storageClassName"], "fast-ssd");
-            assert_eq!(b["spec"]["accessModes"], json!(["ReadWriteOnce"]));
-        }),
-        Call::event(EVENTS, "CacheClaimCreated"),
-        Call::apply(POD).check(|b| {
-            let volumes = b["spec"]["volumes"].as_array().unwrap();
-            let cache = volumes.iter().find(|v| v["name"] == "model-cache").unwrap();
-            assert_eq!(
-                cache["persistentVolumeClaim"]["claimName"],
-                "gpu-a-model-cache"
-            );
-        }),
-        Call::event(EVENTS, "PodCreated"),
-        Call::apply_status(NODE_STATUS, &n)
-            .check(|b| assert_eq!(status_of(b).phase, NodePhase::Pending)),
-    ];
-    world(script, FakeSidecar::answering(vec![]), no_source())
-        .run(reconcile_node(n))
-        .await
-        .unwrap();
+    let script = node_script(
+        &n,
+        [
+            Call::get_missing(POD),
+            Call::get_missing(CACHE_CLAIM),
+            Call::apply(CACHE_CLAIM).check(move |b| {
+                assert_eq!(b["kind"], "PersistentVolumeClaim");
+                assert_eq!(b["metadata"]["name"], "gpu-a-model-cache");
+                let owner = &b["metadata"]["ownerReferences"][0];
+                assert_eq!(owner["kind"], "ResultityNode");
+                assert_eq!(owner["name"], "gpu-a");
+                assert_eq!(owner["uid"], uid.as_str());
+                assert_eq!(owner["controller"], true);
+                assert_eq!(b["spec"]["resources"]["requests"]["storage"], "200Gi");
+                assert_eq!(b["spec"]["storageClassName"], "fast-ssd");
+                assert_eq!(b["spec"]["accessModes"], json!(["ReadWriteOnce"]));
+            }),
+            Call::event(EVENTS, "CacheClaimCreated"),
+            Call::apply(POD).check(|b| {
+                let volumes = b["spec"]["volumes"].as_array().unwrap();
+                let cache = volumes.iter().find(|v| v["name"] == "model-cache").unwrap();
+                assert_eq!(
+                    cache["persistentVolumeClaim"]["claimName"],
+                    "gpu-a-model-cache"
+                );
+            }),
+            Call::event(EVENTS, "PodCreated"),
+            Call::apply_status(NODE_STATUS, &n)
+                .check(|b| assert_eq!(status_of(b).phase, NodePhase::Pending)),
+        ],
+    );
+    run_node(n, script).await.unwrap();
 
     // The next pass finds the claim it owns and leaves it alone (no write).
     let n = cached_node();
     let owned = resultity_operator::model_cache::build_cache_claim(&n).unwrap();
-    let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-        Call::get(SECRET, secret(&n)),
-        Call::get_missing(POD),
-        Call::get(CACHE_CLAIM, &owned),
-        Call::apply(POD),
-        Call::event(EVENTS, "PodCreated"),
-        Call::apply_status(NODE_STATUS, &n),
-    ];
-    world(script, FakeSidecar::answering(vec![]), no_source())
-        .run(reconcile_node(n))
-        .await
-        .unwrap();
+    let script = node_script(
+        &n,
+        [
+            Call::get_missing(POD),
+            Call::get(CACHE_CLAIM, &owned),
+            Call::apply(POD),
+            Call::event(EVENTS, "PodCreated"),
+            Call::apply_status(NODE_STATUS, &n),
+        ],
+    );
+    run_node(n, script).await.unwrap();
 }
 
 #[tokio::test]
@@ -1277,9 +1279,9 @@ async fn a_foreign_claim_of_the_cache_name_is_refused_not_adopted() {
     let n = cached_node();
     let mut foreign = resultity_operator::model_cache::build_cache_claim(&n).unwrap();
     foreign.metadata.owner_references = None;
-    let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-        Call::get(SECRET, secret(&n)),
+    let script = node_script(
+        &n,
+        [
         Call::get_missing(POD),
         Call::get(CACHE_CLAIM, &foreign),
         // No claim write and no pod: the node is Invalid with the reason.
@@ -1295,19 +1297,17 @@ async fn a_foreign_claim_of_the_cache_name_is_refused_not_adopted() {
             );
         }),
         Call::event(EVENTS, "Invalid"),
-    ];
-    world(script, FakeSidecar::answering(vec![]), no_source())
-        .run(reconcile_node(n))
-        .await
-        .unwrap();
+        ],
+    );
+    run_node(n, script).await.unwrap();
 }
 
 #[tokio::test]
 async fn a_claim_the_api_server_refuses_is_a_condition() {
     let n = cached_node();
-    let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-        Call::get(SECRET, secret(&n)),
+    let script = node_script(
+        &n,
+        [
         Call::get_missing(POD),
         Call::get_missing(CACHE_CLAIM),
         Call::apply(CACHE_CLAIM).reply(|_| {
@@ -1324,11 +1324,9 @@ async fn a_claim_the_api_server_refuses_is_a_condition() {
             assert_eq!(cond(&s, "Ready"), ("False", "RejectedByAPIServer"));
         }),
         Call::event(EVENTS, "Invalid"),
-    ];
-    world(script, FakeSidecar::answering(vec![]), no_source())
-        .run(reconcile_node(n))
-        .await
-        .unwrap();
+        ],
+    );
+    run_node(n, script).await.unwrap();
 }
 
 #[tokio::test]
@@ -1353,20 +1351,21 @@ async fn fleet_member_waits_for_its_rollout_slot() {
     });
     // Held: the out-of-date pod keeps serving; no drain, no delete.
     let sidecar = FakeSidecar::answering(vec![Ok(report())]);
-    let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-        Call::get(SECRET, secret(&held)),
-        Call::get(POD, &live),
-        Call::apply_status(NODE_STATUS, &held).check(|b| {
-            let s = status_of(b);
-            assert_eq!(s.phase, NodePhase::Ready);
-            assert_ne!(s.desired_spec_hash, s.pod_spec_hash);
-            assert_eq!(
-                s.rollout_step,
-                Some(resultity_operator::crd::RolloutStep::Pending)
-            );
-        }),
-    ];
+    let script = node_script(
+        &held,
+        [
+            Call::get(POD, &live),
+            Call::apply_status(NODE_STATUS, &held).check(|b| {
+                let s = status_of(b);
+                assert_eq!(s.phase, NodePhase::Ready);
+                assert_ne!(s.desired_spec_hash, s.pod_spec_hash);
+                assert_eq!(
+                    s.rollout_step,
+                    Some(resultity_operator::crd::RolloutStep::Pending)
+                );
+            }),
+        ],
+    );
     world(script, sidecar.clone(), no_source())
         .run(reconcile_node(held.clone()))
         .await
@@ -1382,14 +1381,15 @@ async fn fleet_member_waits_for_its_rollout_slot() {
         .unwrap()
         .insert("resultity.com/rollout-step".into(), "draining".into());
     let sidecar = FakeSidecar::answering(vec![Ok(report())]);
-    let script = vec![
-        Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-        Call::get(SECRET, secret(&granted)),
-        Call::get(POD, &live),
-        Call::event(EVENTS, "Draining"),
-        Call::apply_status(NODE_STATUS, &granted)
-            .check(|b| assert_eq!(status_of(b).phase, NodePhase::Draining)),
-    ];
+    let script = node_script(
+        &granted,
+        [
+            Call::get(POD, &live),
+            Call::event(EVENTS, "Draining"),
+            Call::apply_status(NODE_STATUS, &granted)
+                .check(|b| assert_eq!(status_of(b).phase, NodePhase::Draining)),
+        ],
+    );
     world(script, sidecar.clone(), no_source())
         .run(reconcile_node(granted))
         .await
@@ -1496,9 +1496,44 @@ mod fleets {
         n
     }
 
+    /// [`member`] for each of `ordinals`, all at the same step.
+    fn members(
+        f: &ResultityFleet,
+        ordinals: std::ops::Range<u32>,
+        step: &str,
+        updated: bool,
+    ) -> Vec<ResultityNode> {
+        ordinals.map(|o| member(f, o, step, updated)).collect()
+    }
+
     fn list(items: Vec<ResultityNode>) -> Value {
         json!({"apiVersion": "resultity.com/v1alpha1", "kind": "ResultityNodeList",
                "metadata": {"resourceVersion": "9"}, "items": items})
+    }
+
+    /// A fleet reconcile's script: it lists the members `nodes`, reads the network, then
+    /// makes the calls `then`.
+    fn fleet_script(nodes: Vec<ResultityNode>, then: impl IntoIterator<Item = Call>) -> Vec<Call> {
+        [Call::get(NODES, list(nodes)), network_read()]
+            .into_iter()
+            .chain(then)
+            .collect()
+    }
+
+    /// The fleet's status write, whose status must pass `check`.
+    fn fleet_status_is(
+        f: &ResultityFleet,
+        check: impl Fn(&ResultityFleetStatus) + Send + 'static,
+    ) -> Call {
+        Call::apply_status(FLEET_STATUS, f).check(move |b| check(&fleet_status(b)))
+    }
+
+    /// Reconciles `f` against `script` (no sidecar is asked anything).
+    async fn run_fleet(f: ResultityFleet, script: Vec<Call>) -> Action {
+        world(script, FakeSidecar::answering(vec![]), no_source())
+            .run(reconcile_fleet(f))
+            .await
+            .unwrap()
     }
 
     fn apply_member(path: &'static str, step: Option<&'static str>) -> Call {
@@ -1540,61 +1575,55 @@ mod fleets {
     #[tokio::test]
     async fn create_makes_ordinal_nodes() {
         let f = gpu_fleet(2, 1);
-        let script = vec![
-            Call::get(NODES, list(vec![])),
-            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-            apply_member(NODE_PATHS[0], None),
-            apply_member(NODE_PATHS[1], None),
-            Call::event(EVENTS, "ScaledUp").check(|b| {
-                assert_eq!(b["note"], "created nodes gpus-0, gpus-1");
-            }),
-            Call::apply_status(FLEET_STATUS, &f).check(|b| {
-                let s = fleet_status(b);
-                assert_eq!(s.observed_generation, Some(1));
-                assert!(s.target_config_digest.is_some());
-                assert_eq!(fcond(&s, "Paused"), ("False", "NotPaused"));
-            }),
-        ];
-        world(script, FakeSidecar::answering(vec![]), no_source())
-            .run(reconcile_fleet(f))
-            .await
-            .unwrap();
+        let script = fleet_script(
+            vec![],
+            [
+                apply_member(NODE_PATHS[0], None),
+                apply_member(NODE_PATHS[1], None),
+                Call::event(EVENTS, "ScaledUp").check(|b| {
+                    assert_eq!(b["note"], "created nodes gpus-0, gpus-1");
+                }),
+                fleet_status_is(&f, |s| {
+                    assert_eq!(s.observed_generation, Some(1));
+                    assert!(s.target_config_digest.is_some());
+                    assert_eq!(fcond(s, "Paused"), ("False", "NotPaused"));
+                }),
+            ],
+        );
+        run_fleet(f, script).await;
     }
 
     #[tokio::test]
     async fn scale_down_deletes_the_highest_ordinals_first() {
         let f = gpu_fleet(1, 1);
-        let nodes: Vec<_> = (0..3).map(|o| member(&f, o, "done", true)).collect();
+        let nodes = members(&f, 0..3, "done", true);
         let gone: Vec<Value> = nodes
             .iter()
             .map(|n| serde_json::to_value(n).unwrap())
             .collect();
         let gone2 = gone.clone();
-        let script = vec![
-            Call::get(NODES, list(nodes)),
-            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-            Call::new(Method::DELETE, NODE_PATHS[2]).reply(move |_| (200, gone[2].clone())),
-            Call::event(EVENTS, "ScaledDown")
-                .check(|b| assert!(b["note"].as_str().unwrap().contains("gpus-2"))),
-            Call::new(Method::DELETE, NODE_PATHS[1]).reply(move |_| (200, gone2[1].clone())),
-            Call::event(EVENTS, "ScaledDown")
-                .check(|b| assert!(b["note"].as_str().unwrap().contains("gpus-1"))),
-            // gpus-0 is as desired: no write.
-            Call::apply_status(FLEET_STATUS, &f).check(|b| {
-                let s = fleet_status(b);
-                assert_eq!(
-                    (s.replicas, s.ready, s.updated, s.unavailable),
-                    (1, 1, 1, 0)
-                );
-                assert_eq!(s.applied_digests[0].nodes, 1);
-                assert_eq!(fcond(&s, "Progressing"), ("True", "RolloutComplete"));
-                assert_eq!(fcond(&s, "Available"), ("True", "MinimumNodesAvailable"));
-            }),
-        ];
-        world(script, FakeSidecar::answering(vec![]), no_source())
-            .run(reconcile_fleet(f))
-            .await
-            .unwrap();
+        let script = fleet_script(
+            nodes,
+            [
+                Call::new(Method::DELETE, NODE_PATHS[2]).reply(move |_| (200, gone[2].clone())),
+                Call::event(EVENTS, "ScaledDown")
+                    .check(|b| assert!(b["note"].as_str().unwrap().contains("gpus-2"))),
+                Call::new(Method::DELETE, NODE_PATHS[1]).reply(move |_| (200, gone2[1].clone())),
+                Call::event(EVENTS, "ScaledDown")
+                    .check(|b| assert!(b["note"].as_str().unwrap().contains("gpus-1"))),
+                // gpus-0 is as desired: no write.
+                fleet_status_is(&f, |s| {
+                    assert_eq!(
+                        (s.replicas, s.ready, s.updated, s.unavailable),
+                        (1, 1, 1, 0)
+                    );
+                    assert_eq!(s.applied_digests[0].nodes, 1);
+                    assert_eq!(fcond(s, "Progressing"), ("True", "RolloutComplete"));
+                    assert_eq!(fcond(s, "Available"), ("True", "MinimumNodesAvailable"));
+                }),
+            ],
+        );
+        run_fleet(f, script).await;
     }
 
     #[tokio::test]
@@ -1604,52 +1633,47 @@ mod fleets {
         let mut f = gpu_fleet(3, 2);
         f.spec.template.spec.runtime.extra_args = vec!["--enforce-eager".into()];
         let old = gpu_fleet(3, 1);
-        let nodes: Vec<_> = (0..3).map(|o| member(&old, o, "done", true)).collect();
-        let script = vec![
-            Call::get(NODES, list(nodes)),
-            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-            apply_member(NODE_PATHS[0], Some("done")).check(|b| {
-                assert_eq!(
-                    b["spec"]["runtime"]["extraArgs"],
-                    json!(["--enforce-eager"])
-                );
-            }),
-            apply_member(NODE_PATHS[1], Some("done")),
-            apply_member(NODE_PATHS[2], Some("done")),
-            Call::apply_status(FLEET_STATUS, &f),
-        ];
-        world(script, FakeSidecar::answering(vec![]), no_source())
-            .run(reconcile_fleet(f.clone()))
-            .await
-            .unwrap();
+        let nodes = members(&old, 0..3, "done", true);
+        let script = fleet_script(
+            nodes,
+            [
+                apply_member(NODE_PATHS[0], Some("done")).check(|b| {
+                    assert_eq!(
+                        b["spec"]["runtime"]["extraArgs"],
+                        json!(["--enforce-eager"])
+                    );
+                }),
+                apply_member(NODE_PATHS[1], Some("done")),
+                apply_member(NODE_PATHS[2], Some("done")),
+                Call::apply_status(FLEET_STATUS, &f),
+            ],
+        );
+        run_fleet(f.clone(), script).await;
 
         // Round 2: the nodes report they are out of date; with maxUnavailable 1 only the
         // highest ordinal is granted its slot; the others wait as pending.
-        let nodes: Vec<_> = (0..3).map(|o| member(&f, o, "done", false)).collect();
-        let script = vec![
-            Call::get(NODES, list(nodes)),
-            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-            apply_member(NODE_PATHS[0], Some("pending")),
-            apply_member(NODE_PATHS[1], Some("pending")),
-            apply_member(NODE_PATHS[2], Some("draining")),
-            Call::apply_status(FLEET_STATUS, &f).check(|b| {
-                let s = fleet_status(b);
-                assert_eq!(s.unavailable, 1);
-                assert_eq!(s.updated, 0);
-                assert_eq!(fcond(&s, "Progressing"), ("True", "RollingOut"));
-                let last = s.last_steps.last().unwrap();
-                assert_eq!(
-                    (last.node.as_str(), last.step),
-                    ("gpus-2", resultity_operator::crd::RolloutStep::Draining)
-                );
-            }),
-            Call::event(EVENTS, "RolloutBatch")
-                .check(|b| assert!(b["note"].as_str().unwrap().contains("gpus-2"), "{b}")),
-        ];
-        let action = world(script, FakeSidecar::answering(vec![]), no_source())
-            .run(reconcile_fleet(f))
-            .await
-            .unwrap();
+        let nodes = members(&f, 0..3, "done", false);
+        let script = fleet_script(
+            nodes,
+            [
+                apply_member(NODE_PATHS[0], Some("pending")),
+                apply_member(NODE_PATHS[1], Some("pending")),
+                apply_member(NODE_PATHS[2], Some("draining")),
+                fleet_status_is(&f, |s| {
+                    assert_eq!(s.unavailable, 1);
+                    assert_eq!(s.updated, 0);
+                    assert_eq!(fcond(s, "Progressing"), ("True", "RollingOut"));
+                    let last = s.last_steps.last().unwrap();
+                    assert_eq!(
+                        (last.node.as_str(), last.step),
+                        ("gpus-2", resultity_operator::crd::RolloutStep::Draining)
+                    );
+                }),
+                Call::event(EVENTS, "RolloutBatch")
+                    .check(|b| assert!(b["note"].as_str().unwrap().contains("gpus-2"), "{b}")),
+            ],
+        );
+        let action = run_fleet(f, script).await;
         assert_eq!(action, Action::requeue(Duration::from_secs(10)));
     }
 
@@ -1657,68 +1681,57 @@ mod fleets {
     async fn paused_fleet_grants_nothing_until_resumed() {
         let mut f = gpu_fleet(3, 2);
         f.spec.strategy.paused = true;
-        let nodes: Vec<_> = (0..3).map(|o| member(&f, o, "pending", false)).collect();
-        let script = vec![
-            Call::get(NODES, list(nodes.clone())),
-            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-            Call::apply_status(FLEET_STATUS, &f).check(|b| {
-                let s = fleet_status(b);
-                assert_eq!(fcond(&s, "Paused"), ("True", "Paused"));
-                assert_eq!(fcond(&s, "Progressing"), ("False", "RolloutPaused"));
+        let nodes = members(&f, 0..3, "pending", false);
+        let script = fleet_script(
+            nodes.clone(),
+            [fleet_status_is(&f, |s| {
+                assert_eq!(fcond(s, "Paused"), ("True", "Paused"));
+                assert_eq!(fcond(s, "Progressing"), ("False", "RolloutPaused"));
                 assert_eq!(s.unavailable, 0);
-            }),
-        ];
-        world(script, FakeSidecar::answering(vec![]), no_source())
-            .run(reconcile_fleet(f.clone()))
-            .await
-            .unwrap();
+            })],
+        );
+        run_fleet(f.clone(), script).await;
 
         f.spec.strategy.paused = false;
-        let script = vec![
-            Call::get(NODES, list(nodes)),
-            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-            apply_member(NODE_PATHS[2], Some("draining")),
-            Call::apply_status(FLEET_STATUS, &f)
-                .check(|b| assert_eq!(fcond(&fleet_status(b), "Paused").0, "False")),
-            Call::event(EVENTS, "RolloutBatch"),
-        ];
-        world(script, FakeSidecar::answering(vec![]), no_source())
-            .run(reconcile_fleet(f))
-            .await
-            .unwrap();
+        let script = fleet_script(
+            nodes,
+            [
+                apply_member(NODE_PATHS[2], Some("draining")),
+                fleet_status_is(&f, |s| assert_eq!(fcond(s, "Paused").0, "False")),
+                Call::event(EVENTS, "RolloutBatch"),
+            ],
+        );
+        run_fleet(f, script).await;
     }
 
     #[tokio::test]
     async fn scale_up_adds_the_lowest_free_ordinals_and_keeps_the_rest() {
         let f = gpu_fleet(3, 2);
         let nodes = vec![member(&f, 0, "done", true)];
-        let script = vec![
-            Call::get(NODES, list(nodes)),
-            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-            // gpus-0 is as desired: no write; the new members start with no step.
-            apply_member(NODE_PATHS[1], None),
-            apply_member(NODE_PATHS[2], None),
-            Call::event(EVENTS, "ScaledUp").check(|b| {
-                assert_eq!(b["note"], "created nodes gpus-1, gpus-2");
-            }),
-            Call::apply_status(FLEET_STATUS, &f).check(|b| {
-                let s = fleet_status(b);
-                assert_eq!(s.ready, 1);
-                // The two new nodes are not serving yet: 1 of 3 is below 3 - maxUnavailable 1.
-                assert_eq!(s.unavailable, 2);
-                assert_eq!(fcond(&s, "Available"), ("False", "TooFewNodesAvailable"));
-            }),
-        ];
-        world(script, FakeSidecar::answering(vec![]), no_source())
-            .run(reconcile_fleet(f))
-            .await
-            .unwrap();
+        let script = fleet_script(
+            nodes,
+            [
+                // gpus-0 is as desired: no write; the new members start with no step.
+                apply_member(NODE_PATHS[1], None),
+                apply_member(NODE_PATHS[2], None),
+                Call::event(EVENTS, "ScaledUp").check(|b| {
+                    assert_eq!(b["note"], "created nodes gpus-1, gpus-2");
+                }),
+                fleet_status_is(&f, |s| {
+                    assert_eq!(s.ready, 1);
+                    // The two new nodes are not serving yet: 1 of 3 is below 3 - maxUnavailable 1.
+                    assert_eq!(s.unavailable, 2);
+                    assert_eq!(fcond(s, "Available"), ("False", "TooFewNodesAvailable"));
+                }),
+            ],
+        );
+        run_fleet(f, script).await;
     }
 
     #[tokio::test]
     async fn a_wrong_known_answer_fails_the_rollout_and_stops_it() {
         let f = gpu_fleet(3, 2);
-        let mut nodes: Vec<_> = (0..2).map(|o| member(&f, o, "pending", false)).collect();
+        let mut nodes = members(&f, 0..2, "pending", false);
         // gpus-2 runs the new pod, Ready and routable, but its model answers wrongly.
         let mut validating = member(&f, 2, "validating", true);
         let why = r#"qwen@main: known-answer self-test failed: choices[0].text is " Lyon", expected " Paris""#;
@@ -1731,35 +1744,32 @@ mod fleets {
             };
         }
         nodes.push(validating);
-        let script = vec![
-            Call::get(NODES, list(nodes)),
-            Call::get(NETWORK, fixture::<ResultityNetwork>("network.yaml")),
-            // Only the failing node is written: nobody else is granted a slot.
-            apply_member(NODE_PATHS[2], Some("failed")),
-            Call::apply_status(FLEET_STATUS, &f).check(|b| {
-                let s = fleet_status(b);
-                assert_eq!(fcond(&s, "Progressing"), ("False", "RolloutFailed"));
-                let last = s.last_steps.last().unwrap();
-                assert_eq!(
-                    (last.node.as_str(), last.step),
-                    ("gpus-2", resultity_operator::crd::RolloutStep::Failed)
-                );
-                assert!(
-                    last.message.contains(r#"expected " Paris""#),
-                    "{}",
-                    last.message
-                );
-            }),
-            Call::event(EVENTS, "RolloutFailed").check(move |b| {
-                assert_eq!(b["type"], "Warning");
-                let note = b["note"].as_str().unwrap();
-                assert_eq!(note, format!("node gpus-2: {why}; the rollout stopped"));
-            }),
-        ];
-        let action = world(script, FakeSidecar::answering(vec![]), no_source())
-            .run(reconcile_fleet(f))
-            .await
-            .unwrap();
+        let script = fleet_script(
+            nodes,
+            [
+                // Only the failing node is written: nobody else is granted a slot.
+                apply_member(NODE_PATHS[2], Some("failed")),
+                fleet_status_is(&f, |s| {
+                    assert_eq!(fcond(s, "Progressing"), ("False", "RolloutFailed"));
+                    let last = s.last_steps.last().unwrap();
+                    assert_eq!(
+                        (last.node.as_str(), last.step),
+                        ("gpus-2", resultity_operator::crd::RolloutStep::Failed)
+                    );
+                    assert!(
+                        last.message.contains(r#"expected " Paris""#),
+                        "{}",
+                        last.message
+                    );
+                }),
+                Call::event(EVENTS, "RolloutFailed").check(move |b| {
+                    assert_eq!(b["type"], "Warning");
+                    let note = b["note"].as_str().unwrap();
+                    assert_eq!(note, format!("node gpus-2: {why}; the rollout stopped"));
+                }),
+            ],
+        );
+        let action = run_fleet(f, script).await;
         assert_eq!(action, Action::requeue(Duration::from_secs(300)));
     }
 }

@@ -41,41 +41,9 @@ fn non_canonical(sig: &[u8; 64]) -> [u8; 64] {
     out
 }
 
-/// A snapshot of the rotation scenario (`k` names the active keys, `retiring` the overlap).
-fn rotation_snapshot(
-    network_id: &NetworkId,
-    version: u64,
-    prev: Option<&SignedConfig>,
-    issued_at_ms: u64,
-    keys: &[&NetworkKeypair],
-    retiring: &[(&NetworkKeypair, u64)],
-) -> ConfigSnapshot {
-    ConfigSnapshot {
-        network_id: network_id.clone(),
-        version,
-        issued_at_ms,
-        expires_at_ms: issued_at_ms + 24 * HOUR,
-        prev_digest: prev.map(|p| p.digest().clone()),
-        payload: NetworkConfig {
-            environment: Environment::Testnet,
-            models: vec![],
-            runtime_images: RuntimeImages::default(),
-            sidecar_image: None,
-            timing: Timing::default(),
-            subclouds: vec![],
-            network_keys: keys.iter().map(|k| k.id().clone()).collect(),
-            retiring_keys: retiring
-                .iter()
-                .map(|(k, t)| RetiringKey {
-                    key: k.id().clone(),
-                    not_after_ms: *t,
-                })
-                .collect(),
-            revoked_node_keys: vec![],
-            penalties: None,
-        },
-    }
-}
+#[path = "../src/config/rotation_fixture.rs"]
+mod rotation_fixture;
+use rotation_fixture::{retiring_keys, rotation_snapshot};
 
 fn trust_after(
     network_id: &NetworkId,
@@ -93,13 +61,7 @@ fn trust_after(
     let trust = ConfigTrust {
         network_id: network_id.clone(),
         keys: keys.iter().map(|k| k.id().clone()).collect(),
-        retiring: retiring
-            .iter()
-            .map(|(k, t)| RetiringKey {
-                key: k.id().clone(),
-                not_after_ms: *t,
-            })
-            .collect(),
+        retiring: retiring_keys(retiring),
         current,
     };
     Ok(serde_json::to_value(trust)?)

@@ -559,8 +559,8 @@ impl ConfigTrust {
 
 #[cfg(test)]
 mod tests {
+    use super::rotation_fixture::keys_config;
     use super::*;
-    use crate::messages::common::Environment;
 
     const NOW: u64 = 1_700_000_000_000;
 
@@ -575,18 +575,7 @@ mod tests {
             issued_at_ms: NOW - 1000,
             expires_at_ms: NOW + 3_600_000,
             prev_digest: prev,
-            payload: NetworkConfig {
-                environment: Environment::Testnet,
-                models: vec![],
-                runtime_images: RuntimeImages::default(),
-                sidecar_image: None,
-                timing: Timing::default(),
-                subclouds: vec![],
-                network_keys: vec![key.id().clone()],
-                retiring_keys: vec![],
-                revoked_node_keys: vec![],
-                penalties: None,
-            },
+            payload: keys_config(&[key], &[]),
         }
     }
 
@@ -704,9 +693,12 @@ mod tests {
 }
 
 #[cfg(test)]
+mod rotation_fixture;
+
+#[cfg(test)]
 mod rotation_tests {
+    use super::rotation_fixture::rotation_snapshot;
     use super::*;
-    use crate::messages::common::Environment;
     use proptest::prelude::*;
 
     const NOW: u64 = 1_700_000_000_000;
@@ -720,7 +712,7 @@ mod rotation_tests {
         NetworkKeypair::from_seed(&[n; 32])
     }
 
-    /// A snapshot naming `keys` as the active set and `retiring` (key, not_after) as the overlap.
+    /// A rotation snapshot of the network [`net`] (see [`rotation_snapshot`]).
     fn snap(
         version: u64,
         prev: Option<&SignedConfig>,
@@ -728,31 +720,7 @@ mod rotation_tests {
         keys: &[&NetworkKeypair],
         retiring: &[(&NetworkKeypair, u64)],
     ) -> ConfigSnapshot {
-        ConfigSnapshot {
-            network_id: net(),
-            version,
-            issued_at_ms,
-            expires_at_ms: issued_at_ms + 24 * HOUR,
-            prev_digest: prev.map(|p| p.digest().clone()),
-            payload: NetworkConfig {
-                environment: Environment::Testnet,
-                models: vec![],
-                runtime_images: RuntimeImages::default(),
-                sidecar_image: None,
-                timing: Default::default(),
-                subclouds: vec![],
-                network_keys: keys.iter().map(|k| k.id().clone()).collect(),
-                retiring_keys: retiring
-                    .iter()
-                    .map(|(k, t)| RetiringKey {
-                        key: k.id().clone(),
-                        not_after_ms: *t,
-                    })
-                    .collect(),
-                revoked_node_keys: vec![],
-                penalties: None,
-            },
-        }
+        rotation_snapshot(&net(), version, prev, issued_at_ms, keys, retiring)
     }
 
     fn sign(k: &NetworkKeypair, s: &ConfigSnapshot) -> SignedConfig {
@@ -764,6 +732,12 @@ mod rotation_tests {
             Ok(ConfigVerdict::New(c)) => trust.apply(&c),
             other => panic!("expected a new config, got {other:?}"),
         }
+    }
+
+    /// Verifies `link` at `now_ms` and applies it; it must be a new config.
+    fn accept(trust: &mut ConfigTrust, link: &SignedConfig, now_ms: u64) {
+        let v = trust.verify(link, now_ms);
+        applied(trust, v);
     }
 
     /// A k1 → k2 rotation: v1 (k1), v2 = rotation signed by k1 with k1 retiring until
@@ -780,14 +754,8 @@ mod rotation_tests {
     fn both_keys_are_trusted_during_the_overlap_and_the_old_one_is_refused_after() {
         let (chain, k1, k2) = rotation();
         let mut trust = ConfigTrust::pinned(net(), vec![k1.id().clone()]);
-        {
-            let v = trust.verify(&chain[0], NOW);
-            applied(&mut trust, v);
-        }
-        {
-            let v = trust.verify(&chain[1], NOW);
-            applied(&mut trust, v);
-        }
+        accept(&mut trust, &chain[0], NOW);
+        accept(&mut trust, &chain[1], NOW);
         assert_eq!(trust.keys_at(NOW), vec![k2.id().clone(), k1.id().clone()]);
         assert_eq!(trust.next_retirement(NOW), Some(NOW + HOUR));
         // During the overlap a snapshot signed by the retiring key is accepted…
@@ -819,17 +787,11 @@ mod rotation_tests {
         let (chain, k1, k2) = rotation();
         let mut trust = ConfigTrust::pinned(net(), vec![k1.id().clone()]);
         for link in &chain[..2] {
-            {
-                let v = trust.verify(link, NOW);
-                applied(&mut trust, v);
-            }
+            accept(&mut trust, link, NOW);
         }
         // Confirmed within the window (issued an hour later, within the clock tolerance).
         let at = NOW + HOUR - 2;
-        {
-            let v = trust.verify(&chain[2], at);
-            applied(&mut trust, v);
-        }
+        accept(&mut trust, &chain[2], at);
         assert_eq!(trust.keys_at(at), vec![k2.id().clone()]);
         let late_old = sign(&k1, &snap(4, Some(&chain[2]), NOW, &[&k1], &[]));
         assert!(matches!(
@@ -859,10 +821,7 @@ mod rotation_tests {
         let later = NOW + 48 * HOUR;
         let v6 = sign(&k3, &snap(6, Some(&v5), later - HOUR, &[&k3], &[]));
         let mut trust = ConfigTrust::pinned(net(), vec![k1.id().clone()]);
-        {
-            let v = trust.verify(&v1, NOW);
-            applied(&mut trust, v);
-        }
+        accept(&mut trust, &v1, NOW);
         // The current snapshot alone cannot be verified with k1…
         assert!(matches!(
             trust.verify(&v6, later),
@@ -896,18 +855,9 @@ mod rotation_tests {
     fn a_chain_does_not_excuse_rollback_equivocation_tampering_or_a_stale_end() {
         let (chain, k1, k2) = rotation();
         let mut trust = ConfigTrust::pinned(net(), vec![k1.id().clone()]);
-        {
-            let v = trust.verify(&chain[0], NOW);
-            applied(&mut trust, v);
-        }
-        {
-            let v = trust.verify(&chain[1], NOW);
-            applied(&mut trust, v);
-        }
-        {
-            let v = trust.verify(&chain[2], NOW + HOUR);
-            applied(&mut trust, v);
-        }
+        accept(&mut trust, &chain[0], NOW);
+        accept(&mut trust, &chain[1], NOW);
+        accept(&mut trust, &chain[2], NOW + HOUR);
         // Rollback: the chain ends below the version in force.
         let old_v2 = sign(&k2, &snap(2, Some(&chain[0]), NOW, &[&k2], &[]));
         assert!(matches!(
@@ -926,10 +876,7 @@ mod rotation_tests {
         ));
         // A tampered step refuses the whole chain.
         let mut fresh = ConfigTrust::pinned(net(), vec![k1.id().clone()]);
-        {
-            let v = fresh.verify(&chain[0], NOW);
-            applied(&mut fresh, v);
-        }
+        accept(&mut fresh, &chain[0], NOW);
         let tampered = chain[1]
             .as_str()
             .replacen("\\\"version\\\":2", "\\\"version\\\":7", 1);
@@ -1010,7 +957,7 @@ mod rotation_tests {
             let mut online = ConfigTrust::pinned(net(), vec![keys[0].id().clone()]);
             for s in &snaps {
                 let at = s.parse_unverified().map(|p| p.issued_at_ms).unwrap_or(NOW);
-                { let v = online.verify(s, at); applied(&mut online, v); }
+                accept(&mut online, s, at);
             }
 
             // Offline since the snapshot of rotation `start` (0 = since v1).
@@ -1018,7 +965,7 @@ mod rotation_tests {
             let since = if start == 0 { 1 } else { rotation_links[start - 1].0 };
             for s in &snaps[..since] {
                 let at = s.parse_unverified().map(|p| p.issued_at_ms).unwrap_or(NOW);
-                { let v = offline.verify(s, at); applied(&mut offline, v); }
+                accept(&mut offline, s, at);
             }
             let mut chain: Vec<SignedConfig> = rotation_links
                 .iter()

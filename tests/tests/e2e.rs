@@ -15,6 +15,9 @@ use resultity_devnet::{
 use resultity_runtime_sim::{chat_prompt, generate};
 use serde_json::{Value, json};
 
+mod common;
+use common::wait_for;
+
 async fn devnet(nodes: usize, runtime: RuntimeChoice, latency_ms: u64) -> Devnet {
     let net = Devnet::start(DevnetConfig {
         nodes,
@@ -26,18 +29,6 @@ async fn devnet(nodes: usize, runtime: RuntimeChoice, latency_ms: u64) -> Devnet
     .unwrap();
     net.wait_ready(Duration::from_secs(15)).await.unwrap();
     net
-}
-
-/// Polls `cond` every 10 ms until it holds; panics after `within`.
-async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + within;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 fn assert_all_verified(s: &Summary) {

@@ -15,6 +15,9 @@ use resultity_runtime_sim::{Faults, chat_prompt, generate_choice};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+mod common;
+use common::wait_for;
+
 async fn devnet(nodes: usize, runtime: RuntimeChoice) -> Devnet {
     let net = Devnet::start(DevnetConfig {
         nodes,
@@ -39,16 +42,28 @@ fn http() -> reqwest::Client {
         .unwrap()
 }
 
-/// Polls `cond` every 10 ms until it holds; panics after `within`.
-async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + within;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// POSTs `body` as JSON to `url`.
+async fn post_json(c: &reqwest::Client, url: &str, body: &Value) -> reqwest::Response {
+    c.post(url).json(body).send().await.unwrap()
+}
+
+/// GETs `url` and parses its JSON body.
+async fn get_json(c: &reqwest::Client, url: &str) -> Value {
+    c.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// The JSON body of an answer that must have `status`.
+async fn answer_with(r: reqwest::Response, status: u16) -> Value {
+    assert_eq!(r.status(), status);
+    r.json().await.unwrap()
+}
+
+/// The job id the network names in a response's headers.
+fn job_id(resp: &reqwest::Response) -> String {
+    resp.headers()["x-resultity-job-id"]
+        .to_str()
+        .unwrap()
+        .to_owned()
 }
 
 async fn hold_streams(net: &Devnet, after_tokens: Option<u32>) {
@@ -110,6 +125,18 @@ impl Sse {
                 }
             }
         }
+    }
+
+    /// Every event's data up to `[DONE]`, which is consumed; `None` if the body ended first.
+    async fn until_done(&mut self) -> Option<Vec<String>> {
+        let mut events = Vec::new();
+        while let Some(data) = self.next().await {
+            if data == "[DONE]" {
+                return Some(events);
+            }
+            events.push(data);
+        }
+        None
     }
 }
 
@@ -184,14 +211,7 @@ fn chat_request(content: &str, max_tokens: u32, stream: bool) -> Value {
 }
 
 async fn job_view(net: &Devnet, job_id: &str) -> Value {
-    http()
-        .get(format!("{}/v1/jobs/{job_id}", net.base_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    get_json(&http(), &format!("{}/v1/jobs/{job_id}", net.base_url())).await
 }
 
 /// A streamed chat completion: several SSE chunks, the first while the runtime still
@@ -202,12 +222,8 @@ async fn streamed_chat_arrives_in_chunks_before_generation_ends_and_equals_the_a
     let net = devnet(1, RuntimeChoice::Vllm).await;
     let url = format!("{}/chat/completions", net.openai_base_url());
     let prompt = "Count the Greek letters, please.";
-    let plain: Value = http()
-        .post(&url)
-        .json(&chat_request(prompt, 64, false))
-        .send()
+    let plain: Value = post_json(&http(), &url, &chat_request(prompt, 64, false))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -221,16 +237,8 @@ async fn streamed_chat_arrives_in_chunks_before_generation_ends_and_equals_the_a
 
     let completed_before = net.nodes[0].sim.stats().completed;
     hold_streams(&net, Some(1)).await;
-    let resp = http()
-        .post(&url)
-        .json(&chat_request(prompt, 64, true))
-        .send()
-        .await
-        .unwrap();
-    let job_id = resp.headers()["x-resultity-job-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let resp = post_json(&http(), &url, &chat_request(prompt, 64, true)).await;
+    let job_id = job_id(&resp);
     let mut sse = Sse::new(resp);
     let mut chunks: Vec<ChatCompletionChunk> = Vec::new();
     // Role chunk, then the first token: both arrive while the runtime holds the rest.
@@ -250,16 +258,12 @@ async fn streamed_chat_arrives_in_chunks_before_generation_ends_and_equals_the_a
     assert_eq!(sim.streamed_tokens, 1, "{sim:?}");
     assert_eq!(sim.completed, completed_before, "{sim:?}");
     hold_streams(&net, None).await;
-    let mut done = false;
-    while let Some(data) = sse.next().await {
-        if data == "[DONE]" {
-            done = true;
-            assert!(sse.next().await.is_none(), "events after [DONE]");
-            break;
-        }
-        chunks.push(serde_json::from_str(&data).unwrap());
-    }
-    assert!(done, "the stream ended without [DONE]");
+    let rest = sse
+        .until_done()
+        .await
+        .expect("the stream ended without [DONE]");
+    assert!(sse.next().await.is_none(), "events after [DONE]");
+    chunks.extend(rest.iter().map(|data| serde_json::from_str(data).unwrap()));
     assert!(chunks.len() >= 4, "{} chunks", chunks.len());
     for c in &chunks {
         assert_eq!(c.object, "chat.completion.chunk");
@@ -337,12 +341,12 @@ fn streaming_node(net: &Devnet) -> Option<usize> {
 async fn a_node_killed_mid_stream_ends_the_stream_with_an_error_event() {
     let mut net = devnet(2, RuntimeChoice::Vllm).await;
     hold_streams(&net, Some(2)).await;
-    let resp = http()
-        .post(format!("{}/chat/completions", net.openai_base_url()))
-        .json(&chat_request("Tell me a long story.", 64, true))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_json(
+        &http(),
+        &format!("{}/chat/completions", net.openai_base_url()),
+        &chat_request("Tell me a long story.", 64, true),
+    )
+    .await;
     let mut sse = Sse::new(resp);
     let first = sse.next().await.unwrap();
     let _: ChatCompletionChunk = serde_json::from_str(&first).unwrap();
@@ -380,7 +384,7 @@ async fn a_node_killed_before_the_first_chunk_restarts_the_stream_elsewhere() {
     let call = tokio::spawn({
         let req = req.clone();
         let url = url.clone();
-        async move { http().post(url).json(&req).send().await.unwrap() }
+        async move { post_json(&http(), &url, &req).await }
     });
     let mut victim = None;
     wait_for("a simulator streaming", Duration::from_secs(15), || {
@@ -394,23 +398,14 @@ async fn a_node_killed_before_the_first_chunk_restarts_the_stream_elsewhere() {
     net.kill_node(victim).unwrap();
     hold_streams(&net, None).await;
     let resp = call.await.unwrap();
-    let job_id = resp.headers()["x-resultity-job-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let mut sse = Sse::new(resp);
+    let job_id = job_id(&resp);
+    let events = Sse::new(resp).until_done().await;
     let mut text = String::new();
-    let mut done = false;
-    while let Some(data) = sse.next().await {
-        if data == "[DONE]" {
-            done = true;
-            break;
-        }
+    for data in events.expect("the stream ended without [DONE]") {
         let v: Value = serde_json::from_str(&data).unwrap();
         assert!(v.get("error").is_none(), "{v}");
         text.push_str(v["choices"][0]["text"].as_str().unwrap_or(""));
     }
-    assert!(done);
     assert_eq!(text, generate_choice(MODEL, "Once upon a time", 64).0);
     let view = job_view(&net, &job_id).await;
     assert_eq!(view["state"], "completed", "{view}");
@@ -427,14 +422,7 @@ async fn the_openai_surface_answers_as_openai_does() {
     let base = net.openai_base_url();
     let c = http();
     // models.retrieve
-    let m: Value = c
-        .get(format!("{base}/models/{MODEL}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let m = get_json(&c, &format!("{base}/models/{MODEL}")).await;
     assert_eq!(m["id"], MODEL, "{m}");
     assert_eq!(m["object"], "model");
     let r = c
@@ -442,32 +430,20 @@ async fn the_openai_surface_answers_as_openai_does() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 404);
-    let e: Value = r.json().await.unwrap();
+    let e = answer_with(r, 404).await;
     assert_eq!(e["error"]["type"], "not_found_error", "{e}");
     assert_eq!(e["error"]["param"], "model", "{e}");
     assert_eq!(e["error"]["code"], "not_found", "{e}");
 
     // Unknown model on a completion: 404 in OpenAI shape, no job text.
-    let r = c
-        .post(format!("{base}/chat/completions"))
-        .json(&json!({"model": "ghost", "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
-    let e: Value = r.json().await.unwrap();
+    let chat = format!("{base}/chat/completions");
+    let ghost = json!({"model": "ghost", "messages": [{"role": "user", "content": "hi"}]});
+    let e = answer_with(post_json(&c, &chat, &ghost).await, 404).await;
     assert_eq!(e["error"]["param"], "model", "{e}");
 
     // The runtime's context-length refusal, unchanged.
-    let r = c
-        .post(format!("{base}/chat/completions"))
-        .json(&chat_request("hello", 100_000, false))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let e: Value = r.json().await.unwrap();
+    let too_long = chat_request("hello", 100_000, false);
+    let e = answer_with(post_json(&c, &chat, &too_long).await, 400).await;
     assert_eq!(e["error"]["code"], "context_length_exceeded", "{e}");
     assert_eq!(e["error"]["param"], "messages", "{e}");
     assert_eq!(e["error"]["type"], "invalid_request_error", "{e}");
@@ -478,37 +454,15 @@ async fn the_openai_surface_answers_as_openai_does() {
     );
     assert!(!msg.contains("job") && !msg.contains("node"), "{e}");
     // The same refusal before a stream starts is an error answer, not an event stream.
-    let r = c
-        .post(format!("{base}/chat/completions"))
-        .json(&chat_request("hello", 100_000, true))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let e: Value = r.json().await.unwrap();
+    let too_long = chat_request("hello", 100_000, true);
+    let e = answer_with(post_json(&c, &chat, &too_long).await, 400).await;
     assert_eq!(e["error"]["code"], "context_length_exceeded", "{e}");
 
     // n is honoured: n choices, choice 0 the n-less answer.
     let mut req = chat_request("Name three colours.", 32, false);
-    let single: Value = c
-        .post(format!("{base}/chat/completions"))
-        .json(&req)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let single = answer_with(post_json(&c, &chat, &req).await, 200).await;
     req["n"] = json!(3);
-    let three: Value = c
-        .post(format!("{base}/chat/completions"))
-        .json(&req)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let three = answer_with(post_json(&c, &chat, &req).await, 200).await;
     let choices = three["choices"].as_array().unwrap();
     assert_eq!(choices.len(), 3, "{three}");
     for (i, ch) in choices.iter().enumerate() {
@@ -518,39 +472,28 @@ async fn the_openai_surface_answers_as_openai_does() {
     assert_ne!(choices[1]["message"], choices[2]["message"]);
     // A bad n is refused naming the parameter.
     req["n"] = json!(0);
-    let r = c
-        .post(format!("{base}/chat/completions"))
-        .json(&req)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let e: Value = r.json().await.unwrap();
+    let e = answer_with(post_json(&c, &chat, &req).await, 400).await;
     assert_eq!(e["error"]["param"], "n", "{e}");
 
     // Finish reasons: a natural stop within max_tokens, "length" when max_tokens cuts.
     for (max, want) in [(64, "stop"), (2, "length")] {
-        let body: Value = c
-            .post(format!("{base}/completions"))
-            .json(&json!({"model": MODEL, "prompt": "Why is the sky blue?", "max_tokens": max}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let req = json!({"model": MODEL, "prompt": "Why is the sky blue?", "max_tokens": max});
+        let body = answer_with(
+            post_json(&c, &format!("{base}/completions"), &req).await,
+            200,
+        )
+        .await;
         assert_eq!(body["choices"][0]["finish_reason"], want, "{body}");
     }
     // Bad JSON: OpenAI shape with the parameter at fault.
     let r = c
-        .post(format!("{base}/chat/completions"))
+        .post(&chat)
         .header("content-type", "application/json")
         .body("{not json")
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 400);
-    let e: Value = r.json().await.unwrap();
+    let e = answer_with(r, 400).await;
     assert_eq!(e["error"]["type"], "invalid_request_error", "{e}");
     assert_eq!(e["error"]["code"], "malformed", "{e}");
     net.shutdown().await;
@@ -562,28 +505,19 @@ async fn the_openai_surface_answers_as_openai_does() {
 async fn a_triton_network_refuses_openai_completions_and_streams_clearly() {
     let net = devnet(1, RuntimeChoice::Triton).await;
     let c = http();
-    let models: Value = c
-        .get(format!("{}/v1/models", net.base_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = get_json(&c, &format!("{}/v1/models", net.base_url())).await;
     assert_eq!(
         models["data"][0]["endpoints"],
         json!(["/v2/models/{model}/infer"]),
         "{models}"
     );
     for stream in [false, true] {
-        let r = c
-            .post(format!("{}/v1/chat/completions", net.base_url()))
-            .json(&chat_request("hi", 8, stream))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 400);
-        let e: Value = r.json().await.unwrap();
+        let chat = format!("{}/v1/chat/completions", net.base_url());
+        let e = answer_with(
+            post_json(&c, &chat, &chat_request("hi", 8, stream)).await,
+            400,
+        )
+        .await;
         assert_eq!(e["error"]["param"], "model", "{e}");
         assert!(
             e["error"]["message"]
@@ -594,12 +528,9 @@ async fn a_triton_network_refuses_openai_completions_and_streams_clearly() {
         );
     }
     // The runtime's own inference still works there.
-    let r = c
-        .post(format!("{}/v2/models/{MODEL}/infer", net.base_url()))
-        .json(&json!({"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let infer = format!("{}/v2/models/{MODEL}/infer", net.base_url());
+    let req =
+        json!({"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]});
+    assert_eq!(post_json(&c, &infer, &req).await.status(), 200);
     net.shutdown().await;
 }

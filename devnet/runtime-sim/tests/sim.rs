@@ -26,6 +26,26 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// GETs `url`.
+async fn get(c: &reqwest::Client, url: impl reqwest::IntoUrl) -> reqwest::Response {
+    c.get(url).send().await.unwrap()
+}
+
+/// POSTs `body` as JSON to `url`.
+async fn post(c: &reqwest::Client, url: impl reqwest::IntoUrl, body: &Value) -> reqwest::Response {
+    c.post(url).json(body).send().await.unwrap()
+}
+
+/// An empty POST to `url` (Triton's repository API).
+async fn post_empty(c: &reqwest::Client, url: impl reqwest::IntoUrl) -> reqwest::Response {
+    c.post(url).send().await.unwrap()
+}
+
+/// A response's JSON body.
+async fn json_of(r: reqwest::Response) -> Value {
+    r.json().await.unwrap()
+}
+
 /// Polls `cond` every 5 ms for up to 5 s.
 async fn wait_for(mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -43,28 +63,12 @@ async fn completions_are_deterministic_and_counted() {
     let s = sim(fast()).await;
     let c = client();
     let body = json!({"model": "sim-model", "prompt": "two plus two", "max_tokens": 8});
-    let r: Value = c
-        .post(format!("{}/v1/completions", s.url()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = json_of(post(&c, format!("{}/v1/completions", s.url()), &body).await).await;
     let (text, n) = generate("sim-model", "two plus two", 8);
     assert_eq!(r["choices"][0]["text"], text);
     assert_eq!(r["usage"]["completion_tokens"], n);
     assert_eq!(r["usage"]["prompt_tokens"], 3);
-    let again: Value = c
-        .post(format!("{}/v1/completions", s.url()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let again = json_of(post(&c, format!("{}/v1/completions", s.url()), &body).await).await;
     assert_eq!(again["choices"], r["choices"]);
     assert_eq!(s.stats().completed, 2);
     assert_eq!(s.stats().generation_tokens_total, 2 * u64::from(n));
@@ -75,26 +79,11 @@ async fn chat_completions_and_models() {
     let s = sim(fast()).await;
     let c = client();
     let body = json!({"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]});
-    let r: Value = c
-        .post(format!("{}/v1/chat/completions", s.url()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = json_of(post(&c, format!("{}/v1/chat/completions", s.url()), &body).await).await;
     let (text, _) = generate("sim-model", "user: hi\n", 16);
     assert_eq!(r["choices"][0]["message"]["content"], text.trim_start());
     assert_eq!(r["object"], "chat.completion");
-    let m: Value = c
-        .get(format!("{}/v1/models", s.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let m = json_of(get(&c, format!("{}/v1/models", s.url())).await).await;
     assert_eq!(m["data"][0]["id"], "sim-model");
 }
 
@@ -109,21 +98,21 @@ async fn bad_requests_get_openai_errors() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    let r = c
-        .post(format!("{}/v1/completions", s.url()))
-        .json(&json!({"model": "other", "prompt": "x"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post(
+        &c,
+        format!("{}/v1/completions", s.url()),
+        &json!({"model": "other", "prompt": "x"}),
+    )
+    .await;
     assert_eq!(r.status(), 404);
     let e: Value = r.json().await.unwrap();
     assert!(e["error"]["message"].as_str().unwrap().contains("other"));
-    let r = c
-        .post(format!("{}/v1/chat/completions", s.url()))
-        .json(&json!({"model": "sim-model"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post(
+        &c,
+        format!("{}/v1/chat/completions", s.url()),
+        &json!({"model": "sim-model"}),
+    )
+    .await;
     assert_eq!(r.status(), 400);
 }
 
@@ -143,12 +132,13 @@ async fn batches_concurrent_requests_up_to_max_batch() {
         let c = c.clone();
         let url = url.clone();
         async move {
-            c.post(url)
-                .json(&json!({"model": "sim-model", "prompt": format!("p{i}")}))
-                .send()
-                .await
-                .unwrap()
-                .status()
+            post(
+                &c,
+                url,
+                &json!({"model": "sim-model", "prompt": format!("p{i}")}),
+            )
+            .await
+            .status()
         }
     });
     let statuses = futures_join(reqs).await;
@@ -182,19 +172,10 @@ async fn down_and_failing_models_and_error_rate() {
         ..Faults::default()
     })
     .await;
+    assert_eq!(get(&c, format!("{}/health", s.url())).await.status(), 503);
     assert_eq!(
-        c.get(format!("{}/health", s.url()))
-            .send()
+        get(&c, format!("{}/v2/health/ready", s.url()))
             .await
-            .unwrap()
-            .status(),
-        503
-    );
-    assert_eq!(
-        c.get(format!("{}/v2/health/ready", s.url()))
-            .send()
-            .await
-            .unwrap()
             .status(),
         503
     );
@@ -203,20 +184,13 @@ async fn down_and_failing_models_and_error_rate() {
         ..Faults::default()
     })
     .await;
-    assert_eq!(
-        c.get(format!("{}/health", s.url()))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    let r = c
-        .post(format!("{}/v1/completions", s.url()))
-        .json(&json!({"model": "sim-model", "prompt": "x"}))
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(get(&c, format!("{}/health", s.url())).await.status(), 200);
+    let r = post(
+        &c,
+        format!("{}/v1/completions", s.url()),
+        &json!({"model": "sim-model", "prompt": "x"}),
+    )
+    .await;
     assert_eq!(r.status(), 500);
     // Half the requests fail, reproducibly for a seed.
     s.set_faults(Faults {
@@ -226,12 +200,12 @@ async fn down_and_failing_models_and_error_rate() {
     .await;
     let mut failed = 0;
     for _ in 0..200 {
-        let r = c
-            .post(format!("{}/v1/completions", s.url()))
-            .json(&json!({"model": "sim-model", "prompt": "x"}))
-            .send()
-            .await
-            .unwrap();
+        let r = post(
+            &c,
+            format!("{}/v1/completions", s.url()),
+            &json!({"model": "sim-model", "prompt": "x"}),
+        )
+        .await;
         if r.status() == 500 {
             failed += 1;
         }
@@ -282,11 +256,8 @@ async fn crash_after_n_requests_stops_the_server() {
     let url = format!("{}/v1/completions", s.url());
     for _ in 0..2 {
         assert!(
-            c.post(&url)
-                .json(&json!({"model": "sim-model", "prompt": "x"}))
-                .send()
+            post(&c, &url, &json!({"model": "sim-model", "prompt": "x"}))
                 .await
-                .unwrap()
                 .status()
                 .is_success()
         );
@@ -312,80 +283,48 @@ async fn triton_kserve_v2() {
     .await;
     let c = client();
     let u = s.url();
+    assert_eq!(get(&c, format!("{u}/v2/health/ready")).await.status(), 200);
     assert_eq!(
-        c.get(format!("{u}/v2/health/ready"))
-            .send()
+        get(&c, format!("{u}/v2/models/resnet/ready"))
             .await
-            .unwrap()
             .status(),
         200
     );
     assert_eq!(
-        c.get(format!("{u}/v2/models/resnet/ready"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        c.get(format!("{u}/v2/models/nope/ready"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        get(&c, format!("{u}/v2/models/nope/ready")).await.status(),
         400
     );
     let req = json!({"id": "42", "inputs": [
         {"name": "INPUT0", "shape": [2], "datatype": "FP32", "data": [1.5, 2.0]},
         {"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["hello"]}]});
-    let r: Value = c
-        .post(format!("{u}/v2/models/llm/infer"))
-        .json(&req)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = json_of(post(&c, format!("{u}/v2/models/llm/infer"), &req).await).await;
     assert_eq!(r["id"], "42");
     assert_eq!(r["outputs"][0]["data"], json!([3.0, 4.0]));
     assert_eq!(
         r["outputs"][1]["data"][0],
         generate("llm", "hello", 16).0.trim_start()
     );
-    let bad = c
-        .post(format!("{u}/v2/models/llm/infer"))
-        .json(&json!({"inputs": [{"name": "x"}]}))
-        .send()
-        .await
-        .unwrap();
+    let bad = post(
+        &c,
+        format!("{u}/v2/models/llm/infer"),
+        &json!({"inputs": [{"name": "x"}]}),
+    )
+    .await;
     assert_eq!(bad.status(), 400);
     // Unload makes the model unready and unknown to inference; load brings it back.
     assert_eq!(
-        c.post(format!("{u}/v2/repository/models/resnet/unload"))
-            .send()
+        post_empty(&c, format!("{u}/v2/repository/models/resnet/unload"))
             .await
-            .unwrap()
             .status(),
         200
     );
     assert_eq!(
-        c.get(format!("{u}/v2/models/resnet/ready"))
-            .send()
+        get(&c, format!("{u}/v2/models/resnet/ready"))
             .await
-            .unwrap()
             .status(),
         400
     );
-    let idx: Value = c
-        .post(format!("{u}/v2/repository/index"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let idx = json_of(post_empty(&c, format!("{u}/v2/repository/index")).await).await;
     let resnet = idx
         .as_array()
         .unwrap()
@@ -394,26 +333,20 @@ async fn triton_kserve_v2() {
         .unwrap();
     assert_eq!(resnet["state"], "UNAVAILABLE");
     assert_eq!(
-        c.post(format!("{u}/v2/repository/models/resnet/load"))
-            .send()
+        post_empty(&c, format!("{u}/v2/repository/models/resnet/load"))
             .await
-            .unwrap()
             .status(),
         200
     );
     assert_eq!(
-        c.get(format!("{u}/v2/models/resnet/ready"))
-            .send()
+        get(&c, format!("{u}/v2/models/resnet/ready"))
             .await
-            .unwrap()
             .status(),
         200
     );
     assert_eq!(
-        c.post(format!("{u}/v2/repository/models/unknown/load"))
-            .send()
+        post_empty(&c, format!("{u}/v2/repository/models/unknown/load"))
             .await
-            .unwrap()
             .status(),
         400
     );
@@ -423,11 +356,8 @@ async fn triton_kserve_v2() {
 async fn vllm_metrics_and_live_fault_api() {
     let s = sim(fast()).await;
     let c = client();
-    let text = c
-        .get(format!("{}/metrics", s.url()))
-        .send()
+    let text = get(&c, format!("{}/metrics", s.url()))
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();
@@ -442,21 +372,14 @@ async fn vllm_metrics_and_live_fault_api() {
             "{name} missing:\n{text}"
         );
     }
-    let r = c
-        .post(format!("{}/sim/faults", s.url()))
-        .json(&json!({"down": true}))
-        .send()
-        .await
-        .unwrap();
+    let r = post(
+        &c,
+        format!("{}/sim/faults", s.url()),
+        &json!({"down": true}),
+    )
+    .await;
     assert_eq!(r.status(), 200);
-    assert_eq!(
-        c.get(format!("{}/health", s.url()))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        503
-    );
+    assert_eq!(get(&c, format!("{}/health", s.url())).await.status(), 503);
     assert_eq!(
         c.post(format!("{}/sim/faults", s.url()))
             .body("[")
@@ -466,14 +389,7 @@ async fn vllm_metrics_and_live_fault_api() {
             .status(),
         400
     );
-    let st: Value = c
-        .get(format!("{}/sim/stats", s.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let st = json_of(get(&c, format!("{}/sim/stats", s.url())).await).await;
     assert_eq!(st["requests"], 0);
 }
 
@@ -492,11 +408,7 @@ async fn busy_runtime_stalls_new_connections_but_not_open_ones() {
     // A keep-alive connection opened while the runtime is idle.
     let open = client();
     assert_eq!(
-        open.get(format!("{}/health", s.url()))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        get(&open, format!("{}/health", s.url())).await.status(),
         200
     );
     let busy = {
@@ -526,11 +438,7 @@ async fn busy_runtime_stalls_new_connections_but_not_open_ones() {
     assert!(s.stats().stalled_connections >= 1);
     // …the open one is served at once…
     assert_eq!(
-        open.get(format!("{}/health", s.url()))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        get(&open, format!("{}/health", s.url())).await.status(),
         200
     );
     // …and once the runtime is idle, new connections are served again.
@@ -553,25 +461,15 @@ async fn llama_cpp_flavor_exports_its_metric_names_and_slots() {
     })
     .await;
     let c = client();
-    let props: Value = c
-        .get(format!("{}/props", s.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let props = json_of(get(&c, format!("{}/props", s.url())).await).await;
     assert_eq!(props["total_slots"], 3);
     c.post(format!("{}/v1/completions", s.url()))
         .json(&json!({"model": "sim-model", "prompt": "x", "max_tokens": 2}))
         .send()
         .await
         .unwrap();
-    let text = c
-        .get(format!("{}/metrics", s.url()))
-        .send()
+    let text = get(&c, format!("{}/metrics", s.url()))
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();
@@ -579,12 +477,5 @@ async fn llama_cpp_flavor_exports_its_metric_names_and_slots() {
     assert!(text.contains("llamacpp:requests_deferred 0"), "{text}");
     assert!(text.contains("llamacpp:tokens_predicted_total 2"), "{text}");
     assert!(!text.contains("vllm:"), "{text}");
-    assert_eq!(
-        c.get(format!("{}/health", s.url()))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    assert_eq!(get(&c, format!("{}/health", s.url())).await.status(), 404);
 }
