@@ -1186,6 +1186,35 @@ fn dockerfiles_match_what_the_pods_expect() {
     );
 }
 
+/// The long flags (and visible aliases) clap derives for `struct_name` in `src`, following
+/// `#[command(flatten)]` fields into the structs they name.
+fn clap_flags(src: &str, struct_name: &str) -> BTreeSet<String> {
+    let body = src
+        .split(&format!("struct {struct_name} {{"))
+        .nth(1)
+        .and_then(|s| s.split("\n}").next())
+        .unwrap_or_else(|| panic!("struct {struct_name} in the sidecar's main.rs"));
+    let field_re = regex::Regex::new(r"^\s*(\w+)\s*:\s*(\w+)").unwrap();
+    let alias_re = regex::Regex::new(r#"visible_alias\s*=\s*"([a-z-]+)""#).unwrap();
+    let mut flags = BTreeSet::new();
+    let mut flatten = false;
+    for line in body.lines() {
+        let line = line.trim();
+        if line.starts_with("#[command(flatten)]") {
+            flatten = true;
+        } else if let Some(c) = field_re.captures(line).filter(|_| !line.starts_with("//")) {
+            if flatten {
+                flags.extend(clap_flags(src, &c[2]));
+            } else {
+                flags.insert(c[1].replace('_', "-"));
+            }
+            flatten = false;
+        }
+        flags.extend(alias_re.captures_iter(line).map(|c| c[1].to_owned()));
+    }
+    flags
+}
+
 /// Every environment variable the Deployment sets is one the operator's command line reads
 /// (a renamed flag would otherwise be ignored silently), and every flag the test pod passes
 /// is one `resultity-sidecar doctor` declares.
@@ -1199,18 +1228,11 @@ fn rendered_settings_are_ones_the_binaries_read() {
         .map(|c| c.get(1).unwrap().as_str())
         .collect();
     let sidecar_main = std::fs::read_to_string(root().join("node-sidecar/src/main.rs")).unwrap();
-    let doctor_args = sidecar_main
-        .split("struct DoctorArgs")
-        .nth(1)
-        .and_then(|s| s.split("\n}").next())
-        .expect("DoctorArgs in the sidecar's main.rs");
-    let field_re = regex::Regex::new(r"(?m)^\s*(\w+)\s*:").unwrap();
-    let mut flags: BTreeSet<String> = field_re
-        .captures_iter(doctor_args)
-        .map(|c| c[1].replace('_', "-"))
-        .collect();
-    let alias_re = regex::Regex::new(r#"visible_alias\s*=\s*"([a-z-]+)""#).unwrap();
-    flags.extend(alias_re.captures_iter(doctor_args).map(|c| c[1].to_owned()));
+    let flags = clap_flags(&sidecar_main, "DoctorArgs");
+    assert!(
+        flags.contains("io-url") && flags.contains("gpu-check"),
+        "flattened argument groups are read: {flags:?}"
+    );
 
     for (name, values) in value_sets() {
         for d in render(&helm, &values) {
