@@ -377,7 +377,7 @@ async fn drain(d: DrainArgs) -> anyhow::Result<()> {
     if !d.wait {
         return Ok(());
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(d.timeout_seconds);
+    let deadline = resultity_sidecar::agent::deadline_after(Duration::from_secs(d.timeout_seconds));
     loop {
         let st = http
             .get(format!("{base}/status"))
