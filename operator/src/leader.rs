@@ -27,11 +27,18 @@ pub struct LeaseConfig {
     pub renew_every: Duration,
 }
 
+/// The longest lease a `Lease` object can record (`leaseDurationSeconds` is an `i32`).
+const MAX_LEASE: Duration = Duration::from_secs(i32::MAX as u64);
+
 impl LeaseConfig {
     /// client-go's proportions: renew deadline two thirds of the lease, retry every third of
     /// the deadline.
+    /// A duration beyond what a Lease records (`i32` seconds) is cut to that, so the lease
+    /// others read says what this replica acts on, and `--lease-seconds` of `u64::MAX` does
+    /// not overflow.
     pub fn new(name: String, identity: String, duration: Duration) -> Self {
-        let renew_deadline = duration * 2 / 3;
+        let duration = duration.min(MAX_LEASE);
+        let renew_deadline = duration / 3 * 2;
         Self {
             name,
             identity,
@@ -268,6 +275,16 @@ mod tests {
         let c = LeaseConfig::new("l".into(), "a".into(), Duration::from_secs(15));
         assert_eq!(c.renew_deadline, Duration::from_secs(10));
         assert!(c.renew_every < c.renew_deadline);
+    }
+
+    #[test]
+    fn a_lease_too_long_for_the_record_is_cut_to_fit() {
+        let c = LeaseConfig::new("l".into(), "a".into(), Duration::from_secs(u64::MAX));
+        assert_eq!(c.duration, Duration::from_secs(2_147_483_647));
+        let now = Timestamp::from_second(1_700_000_000).unwrap();
+        let written = claimed(Lease::default(), &c, now, true);
+        let spec = written.spec.expect("claimed writes a spec");
+        assert_eq!(spec.lease_duration_seconds, Some(i32::MAX));
     }
 
     #[tokio::test(start_paused = true)]
