@@ -192,7 +192,9 @@ pub fn pod_gpus(text: &str, pod: &str, namespace: &str) -> Vec<GpuDevice> {
             // Exported values are small non-negative numbers; saturating casts are intended.
             let whole = |v: f64| v.max(0.0) as u64;
             let used = a.fb_used.map_or(0, whole);
-            let total = used + a.fb_free.map_or(0, whole) + a.fb_reserved.map_or(0, whole);
+            let total = used
+                .saturating_add(a.fb_free.map_or(0, whole))
+                .saturating_add(a.fb_reserved.map_or(0, whole));
             let xid = a.xid.map(whole);
             let ecc = a.ecc_dbe.map(whole);
             let healthy = !xid.is_some_and(xid_is_hardware_fault)
@@ -323,6 +325,18 @@ mod tests {
         assert_eq!(d[0].ecc_uncorrected, Some(3));
         let remap = with_value("DCGM_FI_DEV_ROW_REMAP_FAILURE{gpu=\"1\"", "1");
         assert!(!pod_gpus(&remap, "resultity-node-a-0", "gpu-fleet")[1].healthy);
+    }
+
+    #[test]
+    fn absurd_memory_figures_saturate() {
+        let text = [
+            r#"DCGM_FI_DEV_FB_USED{gpu="0",UUID="GPU-x",pod="p",namespace="n"} 1e300"#,
+            r#"DCGM_FI_DEV_FB_FREE{gpu="0",UUID="GPU-x",pod="p",namespace="n"} 1e300"#,
+        ]
+        .join("\n");
+        let d = pod_gpus(&text, "p", "n");
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].memory_total_mib, u64::MAX);
     }
 
     #[test]
