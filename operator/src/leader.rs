@@ -115,7 +115,7 @@ fn claimed(mut lease: Lease, cfg: &LeaseConfig, now: Timestamp, fresh: bool) -> 
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
     if fresh {
         spec.acquire_time = Some(MicroTime(now));
-        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
     }
     spec.holder_identity = Some(cfg.identity.clone());
     spec.lease_duration_seconds = Some(i32::try_from(cfg.duration.as_secs()).unwrap_or(15));
@@ -285,6 +285,20 @@ mod tests {
         let written = claimed(Lease::default(), &c, now, true);
         let spec = written.spec.expect("claimed writes a spec");
         assert_eq!(spec.lease_duration_seconds, Some(i32::MAX));
+    }
+
+    #[test]
+    fn a_taken_lease_counts_transitions_without_overflow() {
+        let c = LeaseConfig::new("l".into(), "a".into(), Duration::from_secs(15));
+        let now = Timestamp::from_second(1_700_000_000).unwrap();
+        let mut worn = lease("b", now, 15);
+        if let Some(spec) = worn.spec.as_mut() {
+            spec.lease_transitions = Some(i32::MAX);
+        }
+        let taken = claimed(worn, &c, now, true);
+        let spec = taken.spec.expect("claimed writes a spec");
+        assert_eq!(spec.lease_transitions, Some(i32::MAX));
+        assert_eq!(spec.holder_identity.as_deref(), Some("a"));
     }
 
     #[tokio::test(start_paused = true)]
