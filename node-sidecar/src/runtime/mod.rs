@@ -43,7 +43,7 @@ pub enum RuntimeError {
     #[error("runtime failed: {0}")]
     Failed(String),
     /// The call exceeded its timeout.
-    #[error("runtime call timed out after {0:?}")]
+    #[error("runtime call timed out after {} ms", .0.as_millis())]
     Timeout(Duration),
     /// The runtime could not be reached (down, restarting).
     #[error("runtime unreachable: {0}")]
@@ -636,6 +636,12 @@ mod tests {
             }
             other => panic!("expected a bounded rejection, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_timeout_says_its_length_in_ms() {
+        let e = RuntimeError::Timeout(Duration::from_millis(1500));
+        assert_eq!(e.to_string(), "runtime call timed out after 1500 ms");
     }
 
     #[test]
