@@ -80,9 +80,10 @@ impl DcgmSource {
 
     /// Scrapes the exporter and returns this pod's GPUs.
     pub async fn report(&self) -> Result<GpuReport, DcgmError> {
+        // reqwest's own message is generic and repeats the URL; the cause is in its chain.
         let unreachable = |e: reqwest::Error| DcgmError::Unreachable {
             url: self.url.clone(),
-            reason: e.to_string(),
+            reason: resultity_protocol::error_chain(&e.without_url()),
         };
         let mut resp = self.http.get(&self.url).send().await.map_err(unreachable)?;
         let status = resp.status().as_u16();
@@ -325,6 +326,25 @@ mod tests {
         assert_eq!(d[0].ecc_uncorrected, Some(3));
         let remap = with_value("DCGM_FI_DEV_ROW_REMAP_FAILURE{gpu=\"1\"", "1");
         assert!(!pod_gpus(&remap, "resultity-node-a-0", "gpu-fleet")[1].healthy);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_exporter_says_why_once() {
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/metrics", closed.local_addr().unwrap());
+        drop(closed);
+        let source = DcgmSource::new(url.clone(), "p".into(), "n".into()).unwrap();
+        match source.report().await {
+            Err(DcgmError::Unreachable { url: at, reason }) => {
+                assert_eq!(at, url);
+                assert!(reason.to_lowercase().contains("refused"), "{reason}");
+                assert!(
+                    !reason.contains("127.0.0.1"),
+                    "the URL is said once: {reason}"
+                );
+            }
+            other => panic!("expected unreachable, got {other:?}"),
+        }
     }
 
     #[test]

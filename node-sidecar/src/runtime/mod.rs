@@ -305,9 +305,10 @@ fn transport_error(e: reqwest::Error, timeout: Duration) -> RuntimeError {
         // Refused, reset, or closed mid-answer (reqwest reports a body cut short as a decode
         // error): the runtime is down or died under the request,
         // which is not the job's fault (handed back without penalty).
-        RuntimeError::Unavailable(e.to_string())
+        // reqwest's own message is generic; the cause (refused, reset) is in its chain.
+        RuntimeError::Unavailable(resultity_protocol::error_chain(&e))
     } else {
-        RuntimeError::Failed(e.to_string())
+        RuntimeError::Failed(resultity_protocol::error_chain(&e))
     }
 }
 
