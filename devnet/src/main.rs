@@ -109,7 +109,7 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", resultity_protocol::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

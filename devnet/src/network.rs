@@ -105,7 +105,7 @@ pub enum DevnetError {
     Join(#[from] tokio::task::JoinError),
     #[error("no such live node: {0}")]
     NoSuchNode(usize),
-    #[error("timed out after {0:?} waiting for {1}")]
+    #[error("timed out after {} ms waiting for {}", .0.as_millis(), .1)]
     Timeout(Duration, String),
 }
 

@@ -164,7 +164,18 @@ struct ServeArgs {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    match run_cli().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // Each cause once, on one line (anyhow's `Caused by:` list repeats quoted causes).
+            eprintln!("error: {}", resultity_protocol::error_chain(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_cli() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Serve(args) => serve(*args).await,
         Cmd::Keygen { out } => keygen(&out),

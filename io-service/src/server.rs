@@ -81,7 +81,7 @@ impl AppState {
     ) -> ApiError {
         self.metrics.reject(channel, code);
         let err = ApiError::new(code, message, self.now());
-        tracing::debug!(?channel, code = %err.code, message = %err.message, "rejected");
+        tracing::debug!(channel = channel.as_str(), code = %err.code, message = %err.message, "rejected");
         err
     }
 

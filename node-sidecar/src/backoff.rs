@@ -45,7 +45,8 @@ impl Backoff {
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
-        Duration::from_millis(self.rng % (ceiling + 1))
+        // The cap comes from the network's timing and may be u64::MAX.
+        Duration::from_millis(self.rng % ceiling.saturating_add(1))
     }
 
     /// Call after a session stayed up long enough to count as healthy.
@@ -61,6 +62,14 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unbounded_cap_from_the_network_does_not_overflow() {
+        let mut b = Backoff::new(u64::MAX, u64::MAX, 7);
+        assert_eq!(b.ceiling_ms(), u64::MAX);
+        b.next_delay();
+        assert_eq!(b.attempt(), 1);
+    }
 
     #[test]
     fn ceiling_grows_to_the_cap_and_resets() {

@@ -80,9 +80,10 @@ impl DcgmSource {
 
     /// Scrapes the exporter and returns this pod's GPUs.
     pub async fn report(&self) -> Result<GpuReport, DcgmError> {
+        // reqwest's own message is generic and repeats the URL; the cause is in its chain.
         let unreachable = |e: reqwest::Error| DcgmError::Unreachable {
             url: self.url.clone(),
-            reason: e.to_string(),
+            reason: resultity_protocol::error_chain(&e.without_url()),
         };
         let mut resp = self.http.get(&self.url).send().await.map_err(unreachable)?;
         let status = resp.status().as_u16();
@@ -192,7 +193,9 @@ pub fn pod_gpus(text: &str, pod: &str, namespace: &str) -> Vec<GpuDevice> {
             // Exported values are small non-negative numbers; saturating casts are intended.
             let whole = |v: f64| v.max(0.0) as u64;
             let used = a.fb_used.map_or(0, whole);
-            let total = used + a.fb_free.map_or(0, whole) + a.fb_reserved.map_or(0, whole);
+            let total = used
+                .saturating_add(a.fb_free.map_or(0, whole))
+                .saturating_add(a.fb_reserved.map_or(0, whole));
             let xid = a.xid.map(whole);
             let ecc = a.ecc_dbe.map(whole);
             let healthy = !xid.is_some_and(xid_is_hardware_fault)
@@ -323,6 +326,37 @@ mod tests {
         assert_eq!(d[0].ecc_uncorrected, Some(3));
         let remap = with_value("DCGM_FI_DEV_ROW_REMAP_FAILURE{gpu=\"1\"", "1");
         assert!(!pod_gpus(&remap, "resultity-node-a-0", "gpu-fleet")[1].healthy);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_exporter_says_why_once() {
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/metrics", closed.local_addr().unwrap());
+        drop(closed);
+        let source = DcgmSource::new(url.clone(), "p".into(), "n".into()).unwrap();
+        match source.report().await {
+            Err(DcgmError::Unreachable { url: at, reason }) => {
+                assert_eq!(at, url);
+                assert!(reason.to_lowercase().contains("refused"), "{reason}");
+                assert!(
+                    !reason.contains("127.0.0.1"),
+                    "the URL is said once: {reason}"
+                );
+            }
+            other => panic!("expected unreachable, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn absurd_memory_figures_saturate() {
+        let text = [
+            r#"DCGM_FI_DEV_FB_USED{gpu="0",UUID="GPU-x",pod="p",namespace="n"} 1e300"#,
+            r#"DCGM_FI_DEV_FB_FREE{gpu="0",UUID="GPU-x",pod="p",namespace="n"} 1e300"#,
+        ]
+        .join("\n");
+        let d = pod_gpus(&text, "p", "n");
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].memory_total_mib, u64::MAX);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use resultity_protocol::clock::Clock;
 use resultity_protocol::config::{ConfigTrust, ConfigVerdict, SignedConfig};
 use resultity_protocol::messages::GpuReport;
 use resultity_protocol::messages::http::{ConfigDigestResponse, paths};
-use resultity_protocol::{NetworkId, NetworkKeyId, limits};
+use resultity_protocol::{NetworkId, NetworkKeyId, error_chain, limits};
 
 /// What the doctor checks against.
 #[derive(Debug, Clone)]
@@ -343,21 +343,6 @@ async fn fetch_bounded(http: &reqwest::Client, url: &str) -> Result<(u16, Vec<u8
         body.extend_from_slice(&chunk);
     }
     Ok((status, body))
-}
-
-/// An error with its causes, each said once (reqwest's top-level message is generic; the TLS
-/// or connection cause is in the chain).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let s = c.to_string();
-        if !parts.iter().any(|p| p.contains(&s)) {
-            parts.push(s);
-        }
-        cur = c.source();
-    }
-    parts.join(": ")
 }
 
 #[cfg(test)]

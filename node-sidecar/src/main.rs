@@ -301,7 +301,18 @@ fn parse_participation(s: &str) -> Result<Participation, String> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    match run_cli().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // Each cause once, on one line (anyhow's `Caused by:` list repeats quoted causes).
+            eprintln!("error: {}", resultity_protocol::error_chain(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_cli() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -385,7 +396,7 @@ async fn drain(d: DrainArgs) -> anyhow::Result<()> {
     if !d.wait {
         return Ok(());
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(d.timeout_seconds);
+    let deadline = resultity_sidecar::agent::deadline_after(Duration::from_secs(d.timeout_seconds));
     loop {
         let st = http
             .get(format!("{base}/status"))

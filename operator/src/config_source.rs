@@ -75,9 +75,11 @@ impl ConfigSource for HttpConfigSource {
                         timeout: self.timeout,
                     }
                 } else {
+                    // reqwest's own message is generic and repeats the URL; the cause
+                    // (refused, DNS, TLS) is in its chain.
                     FetchError::Unreachable {
                         url: url.clone(),
-                        reason: e.to_string(),
+                        reason: resultity_protocol::error_chain(&e.without_url()),
                     }
                 }
             };
@@ -96,5 +98,29 @@ impl ConfigSource for HttpConfigSource {
                     LimitedError::Http(e) => err(e),
                 })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unreachable_network_says_why_once() {
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let source = HttpConfigSource::new(Duration::from_secs(5)).unwrap();
+        match source.fetch(&base, 0).await {
+            Err(FetchError::Unreachable { url, reason }) => {
+                assert_eq!(url, config_url(&base, 0));
+                assert!(reason.to_lowercase().contains("refused"), "{reason}");
+                assert!(
+                    !reason.contains("127.0.0.1"),
+                    "the URL is said once: {reason}"
+                );
+            }
+            other => panic!("expected unreachable, got {other:?}"),
+        }
     }
 }

@@ -27,11 +27,18 @@ pub struct LeaseConfig {
     pub renew_every: Duration,
 }
 
+/// The longest lease a `Lease` object can record (`leaseDurationSeconds` is an `i32`).
+const MAX_LEASE: Duration = Duration::from_secs(i32::MAX as u64);
+
 impl LeaseConfig {
     /// client-go's proportions: renew deadline two thirds of the lease, retry every third of
     /// the deadline.
+    /// A duration beyond what a Lease records (`i32` seconds) is cut to that, so the lease
+    /// others read says what this replica acts on, and `--lease-seconds` of `u64::MAX` does
+    /// not overflow.
     pub fn new(name: String, identity: String, duration: Duration) -> Self {
-        let renew_deadline = duration * 2 / 3;
+        let duration = duration.min(MAX_LEASE);
+        let renew_deadline = duration / 3 * 2;
         Self {
             name,
             identity,
@@ -108,7 +115,7 @@ fn claimed(mut lease: Lease, cfg: &LeaseConfig, now: Timestamp, fresh: bool) -> 
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
     if fresh {
         spec.acquire_time = Some(MicroTime(now));
-        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
     }
     spec.holder_identity = Some(cfg.identity.clone());
     spec.lease_duration_seconds = Some(i32::try_from(cfg.duration.as_secs()).unwrap_or(15));
@@ -268,6 +275,30 @@ mod tests {
         let c = LeaseConfig::new("l".into(), "a".into(), Duration::from_secs(15));
         assert_eq!(c.renew_deadline, Duration::from_secs(10));
         assert!(c.renew_every < c.renew_deadline);
+    }
+
+    #[test]
+    fn a_lease_too_long_for_the_record_is_cut_to_fit() {
+        let c = LeaseConfig::new("l".into(), "a".into(), Duration::from_secs(u64::MAX));
+        assert_eq!(c.duration, Duration::from_secs(2_147_483_647));
+        let now = Timestamp::from_second(1_700_000_000).unwrap();
+        let written = claimed(Lease::default(), &c, now, true);
+        let spec = written.spec.expect("claimed writes a spec");
+        assert_eq!(spec.lease_duration_seconds, Some(i32::MAX));
+    }
+
+    #[test]
+    fn a_taken_lease_counts_transitions_without_overflow() {
+        let c = LeaseConfig::new("l".into(), "a".into(), Duration::from_secs(15));
+        let now = Timestamp::from_second(1_700_000_000).unwrap();
+        let mut worn = lease("b", now, 15);
+        if let Some(spec) = worn.spec.as_mut() {
+            spec.lease_transitions = Some(i32::MAX);
+        }
+        let taken = claimed(worn, &c, now, true);
+        let spec = taken.spec.expect("claimed writes a spec");
+        assert_eq!(spec.lease_transitions, Some(i32::MAX));
+        assert_eq!(spec.holder_identity.as_deref(), Some("a"));
     }
 
     #[tokio::test(start_paused = true)]

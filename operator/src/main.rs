@@ -182,7 +182,18 @@ fn hostname() -> anyhow::Result<String> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    match run_cli().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // Each cause once, on one line (anyhow's `Caused by:` list repeats quoted causes).
+            eprintln!("error: {}", resultity_protocol::error_chain(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_cli() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => {
             let yaml = resultity_operator::crd::crds_yaml().context("render CRDs")?;

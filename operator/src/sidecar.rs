@@ -106,7 +106,8 @@ impl HttpSidecarClient {
         if e.is_timeout() {
             SidecarError::Timeout(self.timeout)
         } else {
-            SidecarError::Unreachable(e.to_string())
+            // reqwest's own message is generic; the cause (refused, reset) is in its chain.
+            SidecarError::Unreachable(resultity_protocol::error_chain(e))
         }
     }
 

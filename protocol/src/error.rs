@@ -93,18 +93,47 @@ pub enum ProtocolError {
         offered: String,
     },
     /// The next version does not chain to the digest in force (`prev_digest` mismatch).
-    #[error("config version {version} chains to {prev:?}, but {current} is in force")]
+    #[error(
+        "config version {version} chains to {}, but {current} is in force",
+        .prev.as_deref().unwrap_or("no previous version")
+    )]
     ChainMismatch {
         version: u64,
         current: String,
         prev: Option<String>,
     },
     /// No common protocol version between node and network.
-    #[error("no common protocol version (offered {offered:?}, supported {supported:?})")]
+    #[error(
+        "no common protocol version (offered {}, supported {})",
+        versions(.offered),
+        versions(.supported)
+    )]
     NoCommonVersion {
         offered: Vec<u32>,
         supported: Vec<u32>,
     },
+}
+
+/// `e` and its causes on one line, each said once: a cause whose text an outer message
+/// already quotes (`"cannot bind {addr}: {source}"`) is not repeated, and one an outer
+/// message leaves out (reqwest's generic "error sending request") is appended. Binaries print
+/// their final error with this instead of anyhow's `Caused by:` list, which repeats the first.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = c.source();
+    }
+    parts.join(": ")
+}
+
+/// Protocol versions as a person writes them: `1, 2`.
+fn versions(v: &[u32]) -> String {
+    v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
 }
 
 impl ProtocolError {
@@ -144,3 +173,70 @@ impl ProtocolError {
 
 /// Shorthand used across the crate.
 pub type Result<T, E = ProtocolError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("disk full")]
+    struct Root;
+
+    /// Quotes its cause and exposes it, as most of our error types do.
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot write /data/x: {source}")]
+    struct Quoting {
+        source: Root,
+    }
+
+    /// Hides its cause's text, as reqwest's top-level errors do.
+    #[derive(Debug, thiserror::Error)]
+    #[error("error sending request")]
+    struct Hiding {
+        source: Quoting,
+    }
+
+    #[test]
+    fn a_chain_says_each_cause_once() {
+        assert_eq!(
+            error_chain(&Quoting { source: Root }),
+            "cannot write /data/x: disk full"
+        );
+        assert_eq!(
+            error_chain(&Hiding {
+                source: Quoting { source: Root }
+            }),
+            "error sending request: cannot write /data/x: disk full"
+        );
+    }
+
+    #[test]
+    fn messages_name_values_as_a_person_writes_them() {
+        let orphan = ProtocolError::ChainMismatch {
+            version: 3,
+            current: "sha256:aa".into(),
+            prev: None,
+        };
+        assert_eq!(
+            orphan.to_string(),
+            "config version 3 chains to no previous version, but sha256:aa is in force"
+        );
+        let chained = ProtocolError::ChainMismatch {
+            version: 3,
+            current: "sha256:aa".into(),
+            prev: Some("sha256:bb".into()),
+        };
+        assert_eq!(
+            chained.to_string(),
+            "config version 3 chains to sha256:bb, but sha256:aa is in force"
+        );
+        let versions = ProtocolError::NoCommonVersion {
+            offered: vec![3],
+            supported: vec![1, 2],
+        };
+        assert_eq!(
+            versions.to_string(),
+            "no common protocol version (offered 3, supported 1, 2)"
+        );
+    }
+}

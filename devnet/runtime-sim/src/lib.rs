@@ -363,8 +363,9 @@ impl axum::serve::Listener for StallingListener {
             |s: &Shared| s.running.load(Ordering::Relaxed) + s.waiting.load(Ordering::Relaxed) > 0;
         if stall_ms > 0 && busy(&self.shared) {
             self.shared.stalled.fetch_add(1, Ordering::Relaxed);
-            let deadline = tokio::time::Instant::now() + Duration::from_millis(stall_ms);
-            while busy(&self.shared) && tokio::time::Instant::now() < deadline {
+            // A stall too long to represent is a stall until the runtime is idle.
+            let deadline = tokio::time::Instant::now().checked_add(Duration::from_millis(stall_ms));
+            while busy(&self.shared) && deadline.is_none_or(|d| tokio::time::Instant::now() < d) {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
@@ -563,8 +564,7 @@ async fn run_inference(
     output_tokens: u32,
 ) -> Result<(), Refusal> {
     let admitted = admit(s, model).await?;
-    let total = Duration::from_millis(s.cfg.prefill_ms)
-        + Duration::from_micros(admitted.per_token_us * u64::from(output_tokens));
+    let total = decode_time(s.cfg.prefill_ms, admitted.per_token_us, output_tokens);
     if !total.is_zero() {
         let mut crash = s.crash.subscribe();
         tokio::select! {
@@ -629,15 +629,30 @@ async fn admit(s: &Arc<Shared>, model: &str) -> Result<Admitted, Refusal> {
     let running = s.running.fetch_add(1, Ordering::Relaxed) + 1;
     s.max_running.fetch_max(running, Ordering::Relaxed);
     let guard = RunningGuard(s.clone());
-    let cfg = &s.cfg;
-    // Per-token time grows linearly with batch occupancy up to batch_slowdown_pct at full.
-    let per_token_us = cfg.decode_us_per_token
-        + cfg.decode_us_per_token * cfg.batch_slowdown_pct * running / (100 * cfg.max_batch as u64);
     Ok(Admitted {
         _permit: permit,
         _guard: guard,
-        per_token_us,
+        per_token_us: per_token_us(&s.cfg, running),
     })
+}
+
+/// Decode time per token with `running` sequences decoding: it grows linearly with batch
+/// occupancy up to `batch_slowdown_pct` at a full batch. Every factor is a flag, so the
+/// arithmetic saturates instead of overflowing.
+fn per_token_us(cfg: &SimConfig, running: u64) -> u64 {
+    let base = u128::from(cfg.decode_us_per_token);
+    let slowdown = base
+        .saturating_mul(u128::from(cfg.batch_slowdown_pct))
+        .saturating_mul(u128::from(running))
+        / (100 * u128::try_from(cfg.max_batch).unwrap_or(u128::MAX)).max(1);
+    u64::try_from(base.saturating_add(slowdown)).unwrap_or(u64::MAX)
+}
+
+/// Prefill plus `output_tokens` tokens at `per_token_us` each, saturating.
+fn decode_time(prefill_ms: u64, per_token_us: u64, output_tokens: u32) -> Duration {
+    Duration::from_millis(prefill_ms).saturating_add(Duration::from_micros(
+        per_token_us.saturating_mul(u64::from(output_tokens)),
+    ))
 }
 
 struct RunningGuard(Arc<Shared>);
@@ -1179,5 +1194,35 @@ async fn update_faults(State(s): State<Arc<Shared>>, body: axum::body::Bytes) ->
             axum::Json(json!({"error": format!("invalid faults: {e}")})),
         )
             .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_time_saturates_on_extreme_flags() {
+        let cfg = SimConfig {
+            decode_us_per_token: u64::MAX,
+            batch_slowdown_pct: u64::MAX,
+            max_batch: 1,
+            ..SimConfig::default()
+        };
+        assert_eq!(per_token_us(&cfg, u64::MAX), u64::MAX);
+        assert!(decode_time(u64::MAX, u64::MAX, u32::MAX) >= Duration::from_millis(u64::MAX));
+    }
+
+    #[test]
+    fn per_token_time_grows_with_the_batch() {
+        let cfg = SimConfig {
+            decode_us_per_token: 1_000,
+            batch_slowdown_pct: 30,
+            max_batch: 10,
+            ..SimConfig::default()
+        };
+        assert_eq!(per_token_us(&cfg, 1), 1_030);
+        assert_eq!(per_token_us(&cfg, 10), 1_300);
+        assert_eq!(decode_time(20, 1_300, 10), Duration::from_millis(33));
     }
 }

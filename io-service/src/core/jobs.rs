@@ -654,6 +654,19 @@ mod tests {
     }
 
     #[test]
+    fn a_node_claiming_u32_max_slots_finishes_a_job() {
+        let mut core = testkit::core(SchedulerSettings::default());
+        let mut a = TestNode::join(&mut core, 1, u32::MAX, T0);
+        let (job, _rx) = submit(&mut core, "job-1", model(), T0);
+        let got = a.assignments();
+        assert_eq!(got.len(), 1);
+        core.on_ack(&a.id, &job, 1).expect("ack");
+        core.on_result(&a.id, testkit::result_for(&got[0], "done"), T0 + 10)
+            .expect("the holder's result is taken");
+        assert_eq!(core.nodes[&a.id].free_slots(), u32::MAX);
+    }
+
+    #[test]
     fn a_hand_back_is_reassigned_without_penalty() {
         for code in [FailCode::RuntimeUnavailable, FailCode::HandedBack] {
             let (mut core, a, mut b, job) = leased();

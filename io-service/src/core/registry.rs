@@ -102,7 +102,11 @@ impl NodeRecord {
     pub(super) fn job_finished(&mut self, job: &JobId) {
         if self.outstanding.remove(job) || self.cancelled.remove(job) {
             self.reported_in_flight = self.reported_in_flight.saturating_sub(1);
-            self.reported_credits = (self.reported_credits + 1).min(self.max_concurrency);
+            // A node may claim u32::MAX slots; the count saturates at its cap.
+            self.reported_credits = self
+                .reported_credits
+                .saturating_add(1)
+                .min(self.max_concurrency);
         }
     }
 }

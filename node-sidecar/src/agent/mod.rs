@@ -172,6 +172,16 @@ pub struct Agent {
     exit_requested: Notify,
 }
 
+/// `wait` from now. A wait too long to represent (a grace or timeout flag of `u64::MAX`
+/// seconds) is a wait of a century, never an overflow panic.
+pub fn deadline_after(wait: Duration) -> tokio::time::Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    let now = tokio::time::Instant::now();
+    now.checked_add(wait.min(CENTURY))
+        .or_else(|| now.checked_add(Duration::from_secs(24 * 3600)))
+        .unwrap_or(now)
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves consistent data (single assignments).
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -910,4 +920,19 @@ fn set_connection(api: &ApiState, state: ConnectionState, now_ms: u64, error: Op
     api.metrics
         .connected
         .set(i64::from(state == ConnectionState::Connected));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadline_too_far_to_represent_is_a_century_away() {
+        let far = deadline_after(Duration::from_secs(u64::MAX));
+        let fifty_years = Duration::from_secs(50 * 365 * 24 * 3600);
+        assert!(far > tokio::time::Instant::now() + fifty_years);
+        let near = deadline_after(Duration::from_secs(5));
+        assert!(near <= tokio::time::Instant::now() + Duration::from_secs(5));
+        assert!(near > tokio::time::Instant::now() + Duration::from_secs(4));
+    }
 }

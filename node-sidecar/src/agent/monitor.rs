@@ -24,7 +24,10 @@ impl Agent {
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut parallelism_known = false;
         // Health and metrics each have the probe timeout; this bounds the pair.
-        let bound = p.timeout * 2 + Duration::from_secs(1);
+        let bound = p
+            .timeout
+            .saturating_mul(2)
+            .saturating_add(Duration::from_secs(1));
         loop {
             tick.tick().await;
             let raw = match tokio::time::timeout(bound, self.probe_runtime.report()).await {

@@ -186,7 +186,7 @@ impl NetClient {
             } else {
                 NetError::Unreachable {
                     url: url.into(),
-                    reason: e.to_string(),
+                    reason: unreachable_reason(e),
                 }
             }
         })?;
@@ -211,7 +211,7 @@ impl NetClient {
                     } else {
                         NetError::Unreachable {
                             url: url.into(),
-                            reason: e.to_string(),
+                            reason: unreachable_reason(e),
                         }
                     });
                 }
@@ -285,6 +285,13 @@ impl NetClient {
             .or_else(|e| SignedConfig::decode(&bytes).map(|s| vec![s]).map_err(|_| e))
             .map_err(|source| NetError::BadAnswer { url, source })
     }
+}
+
+/// Why a call failed in transport: reqwest's own message is generic ("error sending request
+/// for url (…)"), the cause (refused, reset, DNS, TLS) is in its chain. The URL is said once,
+/// by the error that carries this reason.
+fn unreachable_reason(e: reqwest::Error) -> String {
+    resultity_protocol::error_chain(&e.without_url())
 }
 
 #[cfg(test)]
@@ -387,6 +394,29 @@ mod tests {
         );
         assert!(!bad(ProtocolError::BadSignature { signer: "x".into() }).is_untrusted_signer());
         assert!(!NetError::Timeout { url: "u".into() }.is_untrusted_signer());
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_network_says_why_once() {
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let clock = ManualClock::new(NOW);
+        let key = NetworkKeypair::from_seed(&[1; 32]);
+        let trust =
+            ConfigTrust::pinned(NetworkId::parse("testnet").unwrap(), vec![key.id().clone()]);
+        let net = client_at(&base, trust, &clock);
+        match net.challenge().await {
+            Err(NetError::Unreachable { url, reason }) => {
+                assert!(url.starts_with(&base), "{url}");
+                assert!(reason.to_lowercase().contains("refused"), "{reason}");
+                assert!(
+                    !reason.contains("127.0.0.1"),
+                    "the URL is said once: {reason}"
+                );
+            }
+            other => panic!("expected unreachable, got {other:?}"),
+        }
     }
 
     /// Serves each of `bodies` once, in order, as a 200 answer.

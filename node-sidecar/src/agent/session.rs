@@ -99,7 +99,7 @@ impl Agent {
         loop {
             if self.draining.load(Ordering::SeqCst) {
                 let deadline = *drain_deadline
-                    .get_or_insert_with(|| tokio::time::Instant::now() + self.settings.drain_grace);
+                    .get_or_insert_with(|| super::deadline_after(self.settings.drain_grace));
                 if tokio::time::Instant::now() >= deadline {
                     return self.abandon_drain().await;
                 }
@@ -440,7 +440,7 @@ impl Agent {
                 }
             }
             NetworkMessage::Error { code, message, seq } => {
-                tracing::warn!(%code, %message, ?seq, "network refused a message");
+                tracing::warn!(%code, %message, seq, "network refused a message");
             }
         }
     }

@@ -43,7 +43,7 @@ pub enum RuntimeError {
     #[error("runtime failed: {0}")]
     Failed(String),
     /// The call exceeded its timeout.
-    #[error("runtime call timed out after {0:?}")]
+    #[error("runtime call timed out after {} ms", .0.as_millis())]
     Timeout(Duration),
     /// The runtime could not be reached (down, restarting).
     #[error("runtime unreachable: {0}")]
@@ -305,9 +305,10 @@ fn transport_error(e: reqwest::Error, timeout: Duration) -> RuntimeError {
         // Refused, reset, or closed mid-answer (reqwest reports a body cut short as a decode
         // error): the runtime is down or died under the request,
         // which is not the job's fault (handed back without penalty).
-        RuntimeError::Unavailable(e.to_string())
+        // reqwest's own message is generic; the cause (refused, reset) is in its chain.
+        RuntimeError::Unavailable(resultity_protocol::error_chain(&e))
     } else {
-        RuntimeError::Failed(e.to_string())
+        RuntimeError::Failed(resultity_protocol::error_chain(&e))
     }
 }
 
@@ -462,7 +463,7 @@ async fn send_stream(
     timeout: Duration,
     events: &mpsc::Sender<String>,
 ) -> Result<Usage, RuntimeError> {
-    let resp = req
+    let mut resp = req
         .timeout(timeout)
         .send()
         .await
@@ -471,12 +472,19 @@ async fn send_stream(
     if (200..300).contains(&status) {
         return forward_sse(resp, timeout, events).await;
     }
-    let text = resp.text().await.map_err(|e| transport_error(e, timeout))?;
-    let mut end = text.len().min(MAX_RESPONSE_BYTES);
-    while !text.is_char_boundary(end) {
-        end -= 1;
+    // An error answer is only quoted: read at most MAX_RESPONSE_BYTES of it and drop the rest
+    // unread, so a runtime cannot make the node buffer (or wait out) an endless body.
+    let mut body = Vec::new();
+    while body.len() < MAX_RESPONSE_BYTES
+        && let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| transport_error(e, timeout))?
+    {
+        let room = MAX_RESPONSE_BYTES - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
     }
-    let text = &text[..end];
+    let text = &*String::from_utf8_lossy(&body);
     match status {
         400..=499 => Err(RuntimeError::Rejected {
             status,
@@ -590,6 +598,51 @@ mod tests {
         );
         assert_eq!(usage.prompt_tokens, 3);
         assert_eq!(usage.completion_tokens, 2);
+    }
+
+    /// An error answer whose body never ends is quoted from its start, not buffered whole.
+    #[tokio::test]
+    async fn an_endless_error_body_is_read_bounded() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = sock.read(&mut buf).await;
+            let head = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n";
+            if sock.write_all(head).await.is_err() {
+                return;
+            }
+            let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+            // Until the client hangs up.
+            while sock.write_all(chunk.as_bytes()).await.is_ok() {}
+        });
+        let timeout = Duration::from_secs(60);
+        let client = http_client(timeout).unwrap();
+        let (tx, _rx) = mpsc::channel(8);
+        let got = send_stream(
+            client
+                .post(format!("http://{addr}/v1/completions"))
+                .body("{}"),
+            timeout,
+            &tx,
+        )
+        .await;
+        server.await.unwrap();
+        match got {
+            Err(RuntimeError::Rejected { status, reason, .. }) => {
+                assert_eq!(status, 400);
+                assert_eq!(reason, "x".repeat(512));
+            }
+            other => panic!("expected a bounded rejection, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_timeout_says_its_length_in_ms() {
+        let e = RuntimeError::Timeout(Duration::from_millis(1500));
+        assert_eq!(e.to_string(), "runtime call timed out after 1500 ms");
     }
 
     #[test]

@@ -34,10 +34,20 @@ impl Default for ProbeSettings {
     }
 }
 
+/// Longest probe interval or timeout accepted.
+pub const MAX_PROBE_PERIOD: Duration = Duration::from_secs(3600);
+
 impl ProbeSettings {
     pub fn validate(&self) -> Result<(), String> {
         if self.interval.is_zero() || self.timeout.is_zero() {
             return Err("probe interval and timeout must be positive".into());
+        }
+        // A probe is how the node notices a dead runtime; beyond an hour it notices nothing.
+        if self.interval > MAX_PROBE_PERIOD || self.timeout > MAX_PROBE_PERIOD {
+            return Err(format!(
+                "probe interval and timeout must be at most {} s",
+                MAX_PROBE_PERIOD.as_secs()
+            ));
         }
         if self.failure_threshold == 0 {
             return Err("probe failure threshold must be at least 1".into());
@@ -155,5 +165,20 @@ mod tests {
             ..ProbeSettings::default()
         };
         assert!(zero.validate().is_err());
+        let forever = ProbeSettings {
+            timeout: Duration::from_secs(u64::MAX),
+            ..ProbeSettings::default()
+        };
+        assert!(forever.validate().is_err());
+        let rare = ProbeSettings {
+            interval: MAX_PROBE_PERIOD + Duration::from_secs(1),
+            ..ProbeSettings::default()
+        };
+        assert!(rare.validate().is_err());
+        let hourly = ProbeSettings {
+            interval: MAX_PROBE_PERIOD,
+            ..ProbeSettings::default()
+        };
+        assert!(hourly.validate().is_ok());
     }
 }
