@@ -221,12 +221,28 @@ async fn publish(file: &Path, url: &str, token: &str) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("posting to {url}"))?;
     let status = resp.status();
-    let text = resp.text().await.unwrap_or_default();
+    let text = read_answer(resp)
+        .await
+        .with_context(|| format!("reading the answer of {url}"))?;
     if !status.is_success() {
         bail!("publish refused ({status}): {text}");
     }
     println!("{text}");
     Ok(())
+}
+
+/// The admin API's answer, at most 1 MiB (it is a short JSON object); a longer one is an error
+/// rather than memory spent.
+async fn read_answer(mut resp: reqwest::Response) -> anyhow::Result<String> {
+    const MAX: usize = 1 << 20;
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if body.len() + chunk.len() > MAX {
+            bail!("the answer is over {MAX} bytes");
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -27,6 +27,10 @@ use resultity_protocol::messages::ws::JobResult;
 const MAX_ENTRY_BYTES: u64 = 2 * 1024 * 1024;
 
 /// Failures of the outbox's disk operations.
+/// The largest sequence number an entry's name may carry (2⁶², more results than a node
+/// can ever write), so `next_seq` never overflows.
+const MAX_SEQ: u64 = 1 << 62;
+
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
     #[error("outbox I/O on {path}: {source}")]
@@ -107,6 +111,14 @@ impl Outbox {
             else {
                 continue;
             };
+            // Sequence numbers start at 1 and grow by one per result: a name past this bound
+            // was not written by us, and would make the next sequence number overflow.
+            if seq > MAX_SEQ {
+                return Err(OutboxError::Corrupt {
+                    path,
+                    reason: format!("sequence number {seq} is over {MAX_SEQ}"),
+                });
+            }
             let len = item.metadata().map_err(io(&path))?.len();
             if len > MAX_ENTRY_BYTES {
                 return Err(OutboxError::Corrupt {
@@ -404,6 +416,24 @@ mod tests {
             Outbox::open(dir.path()),
             Err(OutboxError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn an_entry_named_past_the_sequence_bound_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = serde_json::to_vec(&result("j1", 1)).unwrap();
+        fs::write(dir.path().join(format!("{}.result", u64::MAX)), &entry).unwrap();
+        let err = Outbox::open(dir.path()).map(|_| ()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("sequence number 18446744073709551615 is over"),
+            "{err}"
+        );
+        // At the bound itself the outbox opens and takes the next result.
+        fs::remove_file(dir.path().join(format!("{}.result", u64::MAX))).unwrap();
+        fs::write(dir.path().join(format!("{MAX_SEQ:020}.result")), &entry).unwrap();
+        let mut ob = Outbox::open(dir.path()).unwrap();
+        ob.put(&result("j2", 1)).unwrap();
     }
 
     #[cfg(unix)]
