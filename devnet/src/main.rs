@@ -108,10 +108,7 @@ fn main() -> ExitCode {
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("error: {}", resultity_protocol::error_chain(e.as_ref()));
-            ExitCode::FAILURE
-        }
+        Err(e) => resultity_protocol::exit_code(Err(e)),
     }
 }
 

@@ -302,14 +302,8 @@ fn parse_participation(s: &str) -> Result<Participation, String> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match run_cli().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            // Each cause once, on one line (anyhow's `Caused by:` list repeats quoted causes).
-            eprintln!("error: {}", resultity_protocol::error_chain(e.as_ref()));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    // Each cause once, on one line (anyhow's `Caused by:` list repeats quoted causes).
+    resultity_protocol::exit_code(run_cli().await)
 }
 
 async fn run_cli() -> anyhow::Result<()> {
