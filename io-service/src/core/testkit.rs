@@ -17,7 +17,7 @@ use super::{Core, JobOutcome, JobSpec, Outbound, SessionLink};
 use crate::metrics::Metrics;
 use crate::settings::{Limits, SchedulerSettings};
 
-#[path = "../../tests/common/fixture.rs"]
+#[path = "../../tests/it/common/fixture.rs"]
 mod fixture;
 pub(super) use fixture::{model, report};
 

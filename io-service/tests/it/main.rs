@@ -1,0 +1,16 @@
+//! One integration-test binary for the crate: every file here is a module, so the
+//! dependency tree is linked once instead of once per file.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+mod common;
+mod config;
+mod happy_path;
+mod key_rotation;
+mod liveness;
+mod policy;
+mod rejections_http;
+mod rejections_ws;
+mod scheduling;
+mod streaming;
+mod ws_handshake;

@@ -1,0 +1,573 @@
+//! The sidecar against the real reference IO service and the runtime simulator, all on
+//! loopback in one process: jobs, runtime outages, config publication, failing models, drain.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use std::time::Duration;
+
+use resultity_io::{IoService, IoServiceHandle};
+use resultity_protocol::NetworkKeypair;
+use resultity_protocol::config::NetworkConfig;
+use resultity_protocol::messages::{ModelState, NodePhase};
+use resultity_runtime_sim::{Faults, SimConfig, generate};
+use resultity_sidecar::agent::{Agent, Exit};
+use serde_json::{Value, json};
+
+use crate::common;
+use common::{MODEL, Net, Node, http, instant_runtime, settings, spawn};
+
+fn payload() -> NetworkConfig {
+    common::payload(common::quick_timing())
+}
+
+async fn network(sim_cfg: SimConfig) -> Net {
+    common::network(payload(), sim_cfg, 5_000, 10_000).await
+}
+
+/// Polls `cond` every 10 ms for up to 10 s.
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn wait_ready(node: &Node) {
+    let agent = node.agent.clone();
+    wait_for("node ready with an active model", move || {
+        common::serving(&agent.api.status())
+    })
+    .await;
+}
+
+/// Node `name` of `net`, started and waited for until it is ready with an active model.
+async fn ready_node(net: &Net, name: &str) -> Node {
+    let node = spawn(settings(net, name));
+    wait_ready(&node).await;
+    node
+}
+
+/// [`ready_node`], waited for until the network routes jobs to it.
+async fn serving_node(net: &Net, name: &str) -> Node {
+    let node = ready_node(net, name).await;
+    wait_eligible(&net.io).await;
+    node
+}
+
+/// A simulator whose prefill takes `ms` and which decodes at once.
+fn prefill(ms: u64) -> SimConfig {
+    SimConfig {
+        prefill_ms: ms,
+        ..instant_runtime()
+    }
+}
+
+/// The node's own `/readyz` answer.
+async fn readyz(node: &Node) -> reqwest::Response {
+    let addr = node.agent.api_addr().unwrap();
+    http()
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The node's `/status` document, read with its admin token.
+async fn status_doc(node: &Node) -> Value {
+    let addr = node.agent.api_addr().unwrap();
+    http()
+        .get(format!("http://{addr}/status"))
+        .bearer_auth("token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn eligible(io: &IoServiceHandle) -> bool {
+    common::eligible(&io.base_url()).await
+}
+
+async fn wait_eligible(io: &IoServiceHandle) {
+    common::wait_eligible(&io.base_url(), true, Duration::from_secs(10)).await;
+}
+
+/// Submits a 6-token completion of `prompt` to the network, waiting up to `timeout` for the
+/// answer; the request owns its data, so it can be spawned.
+fn submit(
+    io: &IoServiceHandle,
+    prompt: &str,
+    timeout: Duration,
+) -> impl Future<Output = reqwest::Result<reqwest::Response>> + Send + 'static {
+    http()
+        .post(format!("{}/v1/completions", io.base_url()))
+        .json(&json!({"model": MODEL, "prompt": prompt, "max_tokens": 6}))
+        .timeout(timeout)
+        .send()
+}
+
+async fn complete(io: &IoServiceHandle, prompt: &str) -> reqwest::Response {
+    submit(io, prompt, Duration::from_secs(15)).await.unwrap()
+}
+
+#[tokio::test]
+async fn jobs_flow_concurrently_with_verified_results() {
+    let net = network(prefill(100)).await;
+    let node = serving_node(&net, "a").await;
+    let reqs: Vec<_> = (0..16)
+        .map(|i| {
+            let call = submit(&net.io, &format!("prompt {i}"), Duration::from_secs(15));
+            tokio::spawn(async move {
+                let r = call.await.unwrap();
+                let verified = r
+                    .headers()
+                    .get("x-resultity-verified")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                let body: Value = r.json().await.unwrap();
+                (i, verified, body)
+            })
+        })
+        .collect();
+    for r in reqs {
+        let (i, verified, body) = r.await.unwrap();
+        assert_eq!(verified.as_deref(), Some("true"), "{body}");
+        assert_eq!(
+            body["choices"][0]["text"],
+            generate(MODEL, &format!("prompt {i}"), 6).0,
+            "{body}"
+        );
+    }
+    assert!(
+        net.sim.stats().max_running > 1,
+        "runtime saw no parallel requests"
+    );
+    let agent = node.agent.clone();
+    wait_for("all results confirmed", move || agent.outbox_pending() == 0).await;
+    assert_eq!(node.agent.api.status().jobs.completed, 16);
+
+    // The local API reports the same through HTTP with the token.
+    let st = status_doc(&node).await;
+    assert_eq!(st["jobs"]["completed"], 16);
+    assert_eq!(st["registered"], true);
+    assert_eq!(st["applied_config"], st["network_config"]);
+    node.run.abort();
+}
+
+#[tokio::test]
+async fn runtime_down_makes_node_unready_and_back_ready() {
+    let net = network(instant_runtime()).await;
+    let node = ready_node(&net, "a").await;
+    assert_eq!(readyz(&node).await.status(), 200);
+
+    net.sim
+        .set_faults(Faults {
+            down: true,
+            ..Faults::default()
+        })
+        .await;
+    let agent = node.agent.clone();
+    wait_for("runtime reported down", move || {
+        !agent.api.status().runtime.ready
+    })
+    .await;
+    assert_eq!(readyz(&node).await.status(), 503);
+    // The network hears it too: no eligible node, so requests are not routed to it.
+    common::wait_until(
+        "the network to stop routing to a node whose runtime is down",
+        Duration::from_secs(10),
+        || async { !eligible(&net.io).await },
+    )
+    .await;
+
+    net.sim.set_faults(Faults::default()).await;
+    wait_ready(&node).await;
+    wait_eligible(&net.io).await;
+    let r = complete(&net.io, "back").await;
+    assert_eq!(r.status(), 200);
+    node.run.abort();
+}
+
+#[tokio::test]
+async fn published_config_is_applied_and_reported() {
+    let net = network(instant_runtime()).await;
+    let node = ready_node(&net, "a").await;
+    let v1 = node.agent.api.status().applied_config.unwrap();
+    let mut next = payload();
+    next.sidecar_image = Some("example/sidecar:2".into());
+    next.runtime_images.vllm = Some("vllm/vllm-openai:v9".into());
+    let published = net.io.state().publish(next).unwrap();
+    assert!(published.version > v1.version);
+    let agent = node.agent.clone();
+    let want = published.digest.clone();
+    wait_for("new config applied and announced", move || {
+        let s = agent.api.status();
+        s.applied_config.is_some_and(|p| p.digest == want)
+            && s.network_config.is_some_and(|p| p.digest == want)
+    })
+    .await;
+    let st = node.agent.api.status();
+    assert_eq!(st.network_config.unwrap().digest, published.digest);
+    assert!(st.config_error.is_none());
+    // The new runtime image is reported so the operator can roll the pod.
+    assert_eq!(
+        st.desired_runtime_image.as_deref(),
+        Some("vllm/vllm-openai:v9")
+    );
+    node.run.abort();
+
+    // A restarted sidecar keeps the applied config (same data dir) before talking to anyone.
+    let again = Agent::new(settings(&net, "a")).unwrap();
+    assert_eq!(
+        again.api.status().applied_config.unwrap().digest,
+        published.digest
+    );
+}
+
+#[tokio::test]
+async fn model_failing_its_test_inference_stays_failed_and_gets_no_jobs() {
+    let net = network(SimConfig {
+        prefill_ms: 0,
+        decode_us_per_token: 0,
+        faults: Faults {
+            failing_models: vec![MODEL.into()],
+            ..Faults::default()
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    let node = spawn(settings(&net, "a"));
+    let agent = node.agent.clone();
+    wait_for("model failed", move || {
+        agent
+            .api
+            .status()
+            .models
+            .iter()
+            .any(|m| m.state == ModelState::Failed)
+    })
+    .await;
+    let agent = node.agent.clone();
+    wait_for("heartbeat reported", move || {
+        agent.api.status().last_heartbeat_ms.is_some()
+    })
+    .await;
+    assert!(!eligible(&net.io).await);
+    let r = complete(&net.io, "x").await;
+    assert!(
+        !r.status().is_success(),
+        "a job was served by a failed model"
+    );
+    assert_eq!(net.sim.stats().completed, 0);
+    node.run.abort();
+}
+
+#[tokio::test]
+async fn drain_finishes_in_flight_jobs_and_exits_clean() {
+    let net = network(prefill(400)).await;
+    let node = serving_node(&net, "a").await;
+    let calls: Vec<_> = (0..4)
+        .map(|i| {
+            let call = submit(&net.io, &format!("d{i}"), Duration::from_secs(15));
+            tokio::spawn(async move { call.await.unwrap().status() })
+        })
+        .collect();
+    let agent = node.agent.clone();
+    wait_for("jobs in flight", move || {
+        agent.api.status().jobs.in_flight == 4
+    })
+    .await;
+    // SIGTERM: drain, finish what runs, exit.
+    node.agent.drain_and_exit();
+    let exit = tokio::time::timeout(Duration::from_secs(15), node.run)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit, Exit::Drained);
+    for c in calls {
+        assert_eq!(c.await.unwrap(), 200);
+    }
+    assert_eq!(node.agent.outbox_pending(), 0);
+    let st = node.agent.api.status();
+    assert!(st.drained);
+    assert_eq!(st.phase, NodePhase::Drained);
+    assert_eq!(st.jobs.completed, 4);
+}
+
+#[tokio::test]
+async fn operator_drain_keeps_reporting_drained_and_deregisters() {
+    let net = network(instant_runtime()).await;
+    let node = serving_node(&net, "a").await;
+    let addr = node.agent.api_addr().unwrap();
+    let c = http();
+    assert_eq!(
+        c.post(format!("http://{addr}/drain?deregister=maybe"))
+            .bearer_auth("token")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    let r = c
+        .post(format!("http://{addr}/drain?deregister=true"))
+        .bearer_auth("token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let agent = node.agent.clone();
+    wait_for("drained", move || agent.api.status().drained).await;
+    // The network forgot the node.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let v: Value = reqwest::get(format!("{}/v1/nodes", net.io.base_url()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["nodes"].as_array().is_some_and(|n| n.is_empty()) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node not deregistered: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Still up, still reporting drained (a container restart must not rejoin before deletion).
+    assert!(!node.run.is_finished());
+    let st = status_doc(&node).await;
+    assert_eq!(st["drained"], true);
+    assert_eq!(st["phase"], "Drained");
+    node.agent.drain_and_exit();
+    let exit = tokio::time::timeout(Duration::from_secs(5), node.run)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit, Exit::Drained);
+}
+
+#[tokio::test]
+async fn runtime_crash_mid_job_hands_the_job_to_another_node() {
+    let net = network(prefill(2_000)).await;
+    let a = serving_node(&net, "a").await;
+    // Only node A exists when the job is submitted, so A gets it.
+    let call = {
+        let call = submit(&net.io, "keep going", Duration::from_secs(20));
+        tokio::spawn(async move {
+            let r = call.await.unwrap();
+            let node = r
+                .headers()
+                .get("x-resultity-node-id")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (r.status().as_u16(), node, r.json::<Value>().await.unwrap())
+        })
+    };
+    let sim_a = &net.sim;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sim_a.stats().running == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job never reached runtime A"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Node B, with a healthy fast runtime, joins; then A's runtime crashes mid-decode.
+    let sim_b = common::start_sim(instant_runtime()).await;
+    let mut sb = settings(&net, "b");
+    sb.runtime_url = sim_b.url();
+    let b = spawn(sb);
+    wait_ready(&b).await;
+    sim_a.crash();
+    let (code, node, body) = call.await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(node.as_deref(), Some(b.agent.node_id().as_str()));
+    assert_eq!(
+        body["choices"][0]["text"],
+        generate(MODEL, "keep going", 6).0
+    );
+    // A noticed its runtime is gone: not ready, and it reported the job back rather than lose it.
+    let agent = a.agent.clone();
+    wait_for("node A not ready", move || {
+        !agent.api.status().runtime.ready
+    })
+    .await;
+    let st = a.agent.api.status();
+    assert_eq!(st.jobs.completed, 0);
+    assert_eq!(st.jobs.failed + st.jobs.handed_back, 1, "{:?}", st.jobs);
+    assert_eq!(readyz(&a).await.status(), 503);
+    a.run.abort();
+    b.run.abort();
+}
+
+/// A TCP proxy whose existing connections can be frozen: bytes stop flowing both ways but the
+/// sockets stay open, as with a dead NAT entry or a hung peer. New connections flow normally.
+struct FreezingProxy {
+    addr: std::net::SocketAddr,
+    freeze: tokio::sync::watch::Sender<u64>,
+}
+
+impl FreezingProxy {
+    async fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (freeze, _) = tokio::sync::watch::channel(0u64);
+        let tx = freeze.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let generation = *tx.borrow();
+                let mut frozen = tx.subscribe();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let pump = async {
+                        tokio::select! {
+                            _ = tokio::io::copy(&mut cr, &mut sw) => {}
+                            _ = tokio::io::copy(&mut sr, &mut cw) => {}
+                        }
+                    };
+                    tokio::select! {
+                        _ = pump => {}
+                        _ = async { let _ = frozen.wait_for(|g| *g > generation).await; } => {
+                            // Hold both sockets open, forwarding nothing.
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, freeze }
+    }
+
+    fn freeze_existing(&self) {
+        self.freeze.send_modify(|g| *g += 1);
+    }
+}
+
+#[tokio::test]
+async fn silent_network_is_detected_after_two_ping_intervals_and_the_node_reconnects() {
+    let key = NetworkKeypair::generate().unwrap();
+    let mut fast = payload();
+    fast.timing.ping_interval_ms = 200;
+    let io = IoService::start(common::io_settings(&key, fast))
+        .await
+        .unwrap();
+    let proxy = FreezingProxy::start(io.local_addr()).await;
+    let sim = common::start_sim(instant_runtime()).await;
+    let net = Net {
+        io,
+        sim,
+        key,
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let mut st = settings(&net, "a");
+    st.io_url = format!("http://{}", proxy.addr);
+    let node = spawn(st);
+    wait_ready(&node).await;
+    assert_eq!(node.agent.api.status().connection.reconnects, 0);
+
+    proxy.freeze_existing();
+    let agent = node.agent.clone();
+    wait_for("dead connection detected", move || {
+        agent.api.status().connection.reconnects >= 1
+    })
+    .await;
+    let err = node
+        .agent
+        .api
+        .status()
+        .connection
+        .last_error
+        .unwrap_or_default();
+    assert!(err.contains("silent for two ping intervals"), "{err}");
+    // Reconnected through a fresh connection, and jobs flow again once heartbeats (whose pooled
+    // HTTP connection froze too, until its timeout) are fresh again.
+    let since = resultity_protocol::clock::Clock::now_ms(&resultity_protocol::clock::SystemClock);
+    let agent = node.agent.clone();
+    wait_for("heartbeats flowing again", move || {
+        agent
+            .api
+            .status()
+            .last_heartbeat_ms
+            .is_some_and(|t| t > since + 300)
+    })
+    .await;
+    wait_ready(&node).await;
+    wait_eligible(&net.io).await;
+    let r = complete(&net.io, "after the freeze").await;
+    let status = r.status();
+    assert_eq!(status, 200, "{}", r.text().await.unwrap());
+    node.run.abort();
+}
+
+#[tokio::test]
+async fn unwritable_outbox_stops_intake_until_a_write_succeeds() {
+    let net = network(instant_runtime()).await;
+    let node = serving_node(&net, "a").await;
+    let fault = node.agent.outbox_write_fault();
+    fault.set(true);
+
+    // The job runs, but its result cannot be stored: the job fails and intake stops.
+    let first = tokio::spawn(submit(&net.io, "first", Duration::from_secs(20)));
+    let agent = node.agent.clone();
+    wait_for("outbox reported unwritable", move || {
+        let s = agent.api.status();
+        s.outbox_error.is_some() && s.phase == NodePhase::Degraded
+    })
+    .await;
+    let r = readyz(&node).await;
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    let problems = body["problems"].to_string();
+    assert!(problems.contains("results cannot be stored"), "{problems}");
+    assert_eq!(node.agent.api.metrics.credits.get(), 0);
+    let st = node.agent.api.status();
+    assert_eq!(st.jobs.failed, 1, "the job whose result was lost");
+    assert_eq!(st.jobs.completed, 0);
+
+    // A job submitted now is not sent to the node: the runtime sees no new request while
+    // several heartbeats (and many scheduler ticks) pass.
+    let served = net.sim.stats().requests;
+    let second = {
+        let call = submit(&net.io, "second", Duration::from_secs(20));
+        tokio::spawn(async move { call.await.unwrap().status() })
+    };
+    let since = node.agent.api.status().last_heartbeat_ms.unwrap();
+    let agent = node.agent.clone();
+    wait_for("three more heartbeats", move || {
+        agent
+            .api
+            .status()
+            .last_heartbeat_ms
+            .is_some_and(|t| t >= since + 3 * 150)
+    })
+    .await;
+    assert_eq!(
+        net.sim.stats().requests,
+        served,
+        "a job reached the runtime"
+    );
+    assert_eq!(node.agent.api.status().jobs.failed, 1);
+
+    // Writes work again: the node recovers by itself and the waiting job runs — on this
+    // node, which proves it was never handed to it before (a job is not offered to a node
+    // that held it already).
+    fault.set(false);
+    wait_ready(&node).await;
+    assert!(node.agent.api.status().outbox_error.is_none());
+    assert_eq!(readyz(&node).await.status(), 200);
+    assert_eq!(second.await.unwrap(), 200);
+    assert_eq!(node.agent.api.status().jobs.completed, 1);
+    first.abort();
+    node.run.abort();
+}

@@ -1,0 +1,15 @@
+//! One integration-test binary for the crate: every file here is a module, so the
+//! dependency tree is linked once instead of once per file.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+mod common;
+mod doctor;
+mod e2e_io;
+mod key_rotation;
+mod liveness;
+mod local_api;
+mod node_health;
+mod operator_contract;
+mod restarts;
+mod runtime_adapters;

@@ -1,0 +1,17 @@
+//! One integration-test binary for the crate: every file here is a module, so the
+//! dependency tree is linked once instead of once per file.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+mod cel;
+mod common;
+mod crds;
+mod examples;
+mod http_clients;
+mod images;
+mod lease;
+mod models;
+mod pipeline;
+mod rollout;
+mod shutdown;
+mod verifier;
