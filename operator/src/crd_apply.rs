@@ -121,6 +121,90 @@ mod tests {
         .unwrap_or_else(|e| panic!("fixture: {e}"))
     }
 
+    /// Against a mocked API server: each CRD is one server-side apply as the operator's field
+    /// manager with force (what takes fields over from Helm 4's `helm` manager), and a CRD that
+    /// is not yet established is read again until it is.
+    #[tokio::test]
+    async fn applies_each_crd_with_force_and_waits_until_established() {
+        use http::{Method, Request, Response};
+        use kube::client::Body;
+
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let names: Vec<String> = all_crds().iter().map(ResourceExt::name_any).collect();
+        let expected = names.clone();
+        let server = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            // The first CRD answers "not yet" to its apply, then "established" to the read.
+            for i in 0..=expected.len() {
+                let Some((req, send)) = handle.next_request().await else {
+                    panic!("fewer calls than expected: {seen:?}");
+                };
+                let (method, uri) = (req.method().clone(), req.uri().to_string());
+                let ctype = req
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .map(|v| v.to_str().unwrap_or_default().to_owned());
+                let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
+                let mut crd: serde_json::Value = if method == Method::GET {
+                    serde_json::to_value(with_established("False", "")).unwrap_or_default()
+                } else {
+                    serde_json::from_slice(&bytes).unwrap_or_default()
+                };
+                let established = if i == 0 { "False" } else { "True" };
+                crd["status"] = serde_json::json!({"conditions": [{"type": "Established",
+                    "status": established, "reason": "R", "message": "installing"}]});
+                let body = serde_json::to_vec(&crd).unwrap_or_default();
+                send.send_response(Response::new(Body::from(body)));
+                seen.push((method, uri, ctype));
+            }
+            seen
+        });
+        let applied = apply_crds(client, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("apply: {e}"));
+        assert_eq!(applied, names);
+        let seen = server.await.unwrap_or_else(|e| panic!("server: {e}"));
+        let base = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions";
+        assert_eq!(seen[0].0, Method::PATCH);
+        assert_eq!(seen[1].0, Method::GET, "the first CRD is read again");
+        assert!(seen[1].1.starts_with(&format!("{base}/{}", names[0])));
+        for (i, (method, uri, ctype)) in seen.iter().enumerate().filter(|(i, _)| *i != 1) {
+            assert_eq!(*method, Method::PATCH, "{uri}");
+            let name = &names[i.saturating_sub(1)];
+            assert!(uri.starts_with(&format!("{base}/{name}?")), "{uri}");
+            assert!(uri.contains("fieldManager=resultity-operator"), "{uri}");
+            assert!(uri.contains("force=true"), "{uri}");
+            assert_eq!(ctype.as_deref(), Some("application/apply-patch+yaml"));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_crd_never_established_is_an_error_naming_the_reason() {
+        use http::{Request, Response};
+        use kube::client::Body;
+
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        tokio::spawn(async move {
+            while let Some((_req, send)) = handle.next_request().await {
+                let crd = with_established("False", "spec.names.plural is taken");
+                let body = serde_json::to_vec(&crd).unwrap_or_default();
+                send.send_response(Response::new(Body::from(body)));
+            }
+        });
+        // No wait: the first answer decides, without sleeping in the test.
+        let err = apply_crds(client, Duration::ZERO)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("a CRD that is not established was accepted"));
+        assert!(
+            err.to_string()
+                .ends_with("is not established after 0 s (spec.names.plural is taken)"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn established_reads_the_condition_and_its_message() {
         assert_eq!(established(&with_established("True", "")), (true, None));
