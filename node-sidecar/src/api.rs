@@ -99,6 +99,7 @@ pub struct Metrics {
     models: Family<StateLabel, Gauge>,
     model_state: Family<ModelLabel, Gauge>,
     gpu_present: Gauge,
+    gpu_required: Gauge,
     gpu_healthy: Family<GpuLabel, Gauge>,
     gpu_memory_used: Family<GpuLabel, Gauge>,
     gpu_memory_total: Family<GpuLabel, Gauge>,
@@ -139,6 +140,7 @@ impl Default for Metrics {
             models: Family::default(),
             model_state: Family::default(),
             gpu_present: Gauge::default(),
+            gpu_required: Gauge::default(),
             gpu_healthy: Family::default(),
             gpu_memory_used: Family::default(),
             gpu_memory_total: Family::default(),
@@ -248,8 +250,15 @@ impl Default for Metrics {
         );
         r.register(
             "gpu_present",
-            "1 when NVML sees at least one GPU",
+            "1 when the sidecar sees at least one GPU (NVML or dcgm-exporter); exported without a GPU too",
             m.gpu_present.clone(),
+        );
+        // Tells a CPU node (GPU checks off) from a GPU node that lost its GPU, so an alert on
+        // gpu_present == 0 needs no list of which nodes should have one.
+        r.register(
+            "gpu_required",
+            "1 when the node needs a visible GPU to be ready (GPU checks on)",
+            m.gpu_required.clone(),
         );
         r.register(
             "gpu_healthy",
@@ -340,8 +349,9 @@ impl Metrics {
     }
 
     /// Copies the status document's figures into the gauges. Label sets are rebuilt, so a
-    /// model or GPU that went away stops being exported.
-    pub fn refresh(&self, s: &NodeStatus, now_ms: u64) {
+    /// model or GPU that went away stops being exported. `gpu_required`: GPU checks are on.
+    pub fn refresh(&self, s: &NodeStatus, gpu_required: bool, now_ms: u64) {
+        self.gpu_required.set(i64::from(gpu_required));
         self.network_config_version
             .set(to_i64(s.network_config.as_ref().map_or(0, |p| p.version)));
         self.config_in_sync.set(i64::from(s.config_in_sync()));
@@ -543,7 +553,11 @@ async fn readyz(State(s): State<Arc<ApiState>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
-    s.metrics.refresh(&s.status(), SystemClock.now_ms());
+    s.metrics.refresh(
+        &s.status(),
+        s.readiness.gpu_required(),
+        SystemClock.now_ms(),
+    );
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &s.metrics.registry) {
         return (
@@ -658,7 +672,7 @@ mod tests {
             {"model": {"id": "a", "revision": "1"}, "state": "active"},
             {"model": {"id": "b", "revision": "1"}, "state": "failed", "reason": "oom"}
         ]);
-        m.refresh(&status(two, 2_000), 1_000);
+        m.refresh(&status(two, 2_000), true, 1_000);
         let text = scrape(&m);
         for line in [
             "resultity_sidecar_network_suspended 1",
@@ -679,7 +693,7 @@ mod tests {
         }
         // The suspension ended and model b was removed: both disappear from the next scrape.
         let one = json!([{"model": {"id": "a", "revision": "1"}, "state": "active"}]);
-        m.refresh(&status(one, 2_000), 3_000);
+        m.refresh(&status(one, 2_000), true, 3_000);
         let text = scrape(&m);
         assert!(
             text.contains("resultity_sidecar_network_suspended 0"),
@@ -690,6 +704,28 @@ mod tests {
             text.contains("resultity_sidecar_models{state=\"failed\"} 0"),
             "{text}"
         );
+    }
+
+    /// Without a GPU there are no per-GPU series, so the "no GPU visible" alert needs gauges
+    /// that exist anyway: whether a GPU is seen, and whether the node needs one.
+    #[test]
+    fn gpu_visibility_is_exported_without_a_gpu() {
+        let m = Metrics::default();
+        let mut s = status(json!([]), 0);
+        s.gpu = resultity_protocol::messages::GpuReport {
+            present: false,
+            reason: Some("NVML not found".into()),
+            ..Default::default()
+        };
+        m.refresh(&s, true, 1_000);
+        let text = scrape(&m);
+        assert!(text.contains("resultity_sidecar_gpu_present 0"), "{text}");
+        assert!(text.contains("resultity_sidecar_gpu_required 1"), "{text}");
+        assert!(!text.contains("resultity_sidecar_gpu_healthy{"), "{text}");
+        // A CPU node (GPU checks off) says so, and an alert can leave it alone.
+        m.refresh(&s, false, 2_000);
+        let text = scrape(&m);
+        assert!(text.contains("resultity_sidecar_gpu_required 0"), "{text}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod conditions;
 pub mod config_source;
 pub mod controller;
 pub mod crd;
+pub mod crd_apply;
 pub mod decide;
 pub mod error;
 pub mod fleet;

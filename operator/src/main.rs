@@ -1,4 +1,4 @@
-//! `resultity-operator` binary: `crd` prints the CRDs, `run` runs the controllers.
+//! `resultity-operator` binary: `crd` prints (or applies) the CRDs, `run` runs the controllers.
 //! Thin on purpose: everything testable lives in the library.
 
 use std::io::Write;
@@ -24,10 +24,21 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Print every CRD as multi-document YAML (identical to `crds/resultity.yaml`).
-    Crd,
+    /// Print every CRD as multi-document YAML (identical to `crds/resultity.yaml`), or apply them.
+    Crd(CrdArgs),
     /// Run the controllers (kubeconfig from KUBECONFIG/~/.kube/config, else in-cluster).
     Run(Box<RunArgs>),
+}
+
+#[derive(Debug, Args)]
+struct CrdArgs {
+    /// Server-side apply the CRDs as the operator's field manager, with force (taking over
+    /// fields another manager such as Helm 4 applied), and wait until they are established.
+    #[arg(long)]
+    apply: bool,
+    /// With --apply: seconds to wait for each CRD to be established.
+    #[arg(long, default_value_t = 60, requires = "apply")]
+    wait_seconds: u64,
 }
 
 #[derive(Debug, Args)]
@@ -66,6 +77,10 @@ struct RunArgs {
     /// Watch ResultityNodes in this namespace only (default: all namespaces).
     #[arg(long, env = "RESULTITY_WATCH_NAMESPACE")]
     namespace: Option<String>,
+    /// The RBAC grants access to the watched namespace only (Roles, not a ClusterRole): refuse
+    /// to start without --namespace instead of failing every cluster-wide watch.
+    #[arg(long, env = "RESULTITY_NAMESPACED_RBAC", default_value_t = false)]
+    namespaced_rbac: bool,
     /// Elect a leader through a coordination.k8s.io Lease before writing.
     #[arg(long, env = "RESULTITY_LEADER_ELECTION", default_value_t = false)]
     leader_election: bool,
@@ -128,7 +143,21 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
+/// The namespace to watch; an error when namespaced RBAC is declared without one.
+fn watch_namespace(args: &RunArgs) -> anyhow::Result<Option<String>> {
+    let ns = args.namespace.clone().filter(|n| !n.trim().is_empty());
+    if args.namespaced_rbac && ns.is_none() {
+        anyhow::bail!(
+            "--namespaced-rbac (chart value rbac.namespaced) grants access to one namespace only, \
+             so the operator cannot watch the whole cluster: set --namespace \
+             (RESULTITY_WATCH_NAMESPACE, chart value watchNamespace)"
+        );
+    }
+    Ok(ns)
+}
+
 async fn run_command(args: RunArgs) -> anyhow::Result<()> {
+    let namespace = watch_namespace(&args)?;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&args.log).context("parse --log filter")?,
@@ -163,7 +192,7 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
         },
         sidecar_timeout: Duration::from_millis(args.sidecar_timeout_ms),
         config_fetch_timeout: Duration::from_millis(args.config_fetch_timeout_ms),
-        namespace: args.namespace,
+        namespace,
         leader,
         api_url,
         concurrency: args.reconcile_concurrency.max(1),
@@ -189,7 +218,20 @@ async fn main() -> std::process::ExitCode {
 
 async fn run_cli() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Crd => {
+        Command::Crd(CrdArgs {
+            apply: true,
+            wait_seconds,
+        }) => {
+            let client = kube::Client::try_default()
+                .await
+                .context("find the Kubernetes API server (kubeconfig or in-cluster)")?;
+            let wait = Duration::from_secs(wait_seconds);
+            for name in resultity_operator::crd_apply::apply_crds(client, wait).await? {
+                println!("applied and established: {name}");
+            }
+            Ok(())
+        }
+        Command::Crd(CrdArgs { apply: false, .. }) => {
             let yaml = resultity_operator::crd::crds_yaml().context("render CRDs")?;
             std::io::stdout()
                 .write_all(yaml.as_bytes())
@@ -202,9 +244,51 @@ async fn run_cli() -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory;
+    use clap::{CommandFactory, Parser};
 
-    use super::Cli;
+    use super::{Cli, Command, watch_namespace};
+
+    fn run_args(argv: &[&str]) -> Box<super::RunArgs> {
+        let argv = ["resultity-operator", "run"].iter().chain(argv);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(args) => args,
+            Command::Crd(_) => panic!("parsed as crd"),
+        }
+    }
+
+    /// A chart installed with namespaced RBAC but no watch namespace would fail every
+    /// cluster-wide list with 403 forever; the operator refuses to start instead.
+    #[test]
+    fn namespaced_rbac_without_a_namespace_refuses_to_start() {
+        let err = watch_namespace(&run_args(&["--namespaced-rbac"])).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("--namespaced-rbac"), "{msg}");
+        assert!(msg.contains("RESULTITY_WATCH_NAMESPACE"), "{msg}");
+        let err = watch_namespace(&run_args(&["--namespaced-rbac", "--namespace= "]));
+        assert!(err.is_err(), "a blank namespace is no namespace");
+        assert_eq!(
+            watch_namespace(&run_args(&["--namespaced-rbac", "--namespace=gpu"])).unwrap(),
+            Some("gpu".to_owned())
+        );
+        assert_eq!(watch_namespace(&run_args(&[])).unwrap(), None);
+    }
+
+    #[test]
+    fn crd_apply_is_opt_in() {
+        let parse = |argv: &[&str]| Cli::try_parse_from(argv).map(|c| c.command);
+        assert!(matches!(
+            parse(&["resultity-operator", "crd"]),
+            Ok(Command::Crd(super::CrdArgs { apply: false, .. }))
+        ));
+        assert!(matches!(
+            parse(&["resultity-operator", "crd", "--apply", "--wait-seconds=5"]),
+            Ok(Command::Crd(super::CrdArgs {
+                apply: true,
+                wait_seconds: 5
+            }))
+        ));
+        assert!(parse(&["resultity-operator", "crd", "--wait-seconds=5"]).is_err());
+    }
 
     #[test]
     fn cli_is_consistent_and_every_run_flag_reads_the_environment() {

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -84,19 +85,31 @@ fn value_sets() -> Vec<(String, Vec<PathBuf>)> {
 }
 
 fn render(helm: &Path, values: &[PathBuf]) -> Vec<Value> {
+    render_with(helm, values, &[])
+}
+
+/// Renders with value files and `--set-json` overrides (`key=json`).
+fn render_with(helm: &Path, values: &[PathBuf], sets: &[&str]) -> Vec<Value> {
+    let out = helm_template(helm, values, sets);
+    assert!(
+        out.status.success(),
+        "helm template {values:?} {sets:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_documents(&String::from_utf8(out.stdout).unwrap())
+}
+
+fn helm_template(helm: &Path, values: &[PathBuf], sets: &[&str]) -> std::process::Output {
     let mut cmd = Command::new(helm);
     cmd.args(["template", "resultity", "--namespace", "resultity-system"])
         .arg(chart());
     for v in values {
         cmd.arg("--values").arg(v);
     }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "helm template {values:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse_documents(&String::from_utf8(out.stdout).unwrap())
+    for s in sets {
+        cmd.arg("--set-json").arg(s);
+    }
+    cmd.output().unwrap()
 }
 
 fn parse_documents(yaml: &str) -> Vec<Value> {
@@ -196,6 +209,8 @@ fn lost_fields(orig: &Value, back: &Value, path: &str, out: &mut Vec<String>) {
             for (k, v) in a {
                 match b.get(k) {
                     Some(w) => lost_fields(v, w, &format!("{path}.{k}"), out),
+                    // An explicit null (clearing a field on upgrade) is an absent field.
+                    None if v.is_null() => {}
                     None => out.push(format!("{path}.{k}")),
                 }
             }
@@ -233,6 +248,7 @@ fn parse_typed(doc: &Value) -> Result<(), String> {
         ("v1", "ConfigMap") => round_trip::<ConfigMap>(doc),
         ("v1", "Pod") => round_trip::<Pod>(doc),
         ("apps/v1", "Deployment") => round_trip::<Deployment>(doc),
+        ("batch/v1", "Job") => round_trip::<Job>(doc),
         ("rbac.authorization.k8s.io/v1", "ClusterRole") => round_trip::<ClusterRole>(doc),
         ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
             round_trip::<ClusterRoleBinding>(doc)
@@ -306,6 +322,7 @@ fn every_rendered_document_parses_into_its_type() {
         "NetworkPolicy",
         "ResultityNetwork",
         "Pod",
+        "Job",
     ] {
         assert!(kinds.contains(k), "no value set renders a {k}: {kinds:?}");
     }
@@ -318,11 +335,25 @@ fn registry_override_reaches_every_image_and_pull_secrets_apply() {
         chart().join("ci/private-registry-values.yaml"),
         chart().join("ci/network-values.yaml"),
     ];
-    let docs = render(&helm, &values);
+    check_registry_override(&render(&helm, &values));
+    // An umbrella chart's `global.imageRegistry` does the same, and wins over the chart's own.
+    let network = vec![chart().join("ci/network-values.yaml")];
+    let global = r#"global={"imageRegistry":"registry.example.com/mirror"}"#;
+    let pull = r#"imagePullSecrets=[{"name":"regcred"}]"#;
+    check_registry_override(&render_with(&helm, &network, &[global, pull]));
+    let both = [
+        global,
+        pull,
+        r#"imageRegistry="registry.example.com/other""#,
+    ];
+    check_registry_override(&render_with(&helm, &network, &both));
+}
+
+fn check_registry_override(docs: &[Value]) {
     let mut images = Vec::new();
-    for d in &docs {
+    for d in docs {
         let spec = match kind(d) {
-            "Deployment" => &d["spec"]["template"]["spec"],
+            "Deployment" | "Job" => &d["spec"]["template"]["spec"],
             "Pod" => &d["spec"],
             _ => continue,
         };
@@ -343,8 +374,8 @@ fn registry_override_reaches_every_image_and_pull_secrets_apply() {
     }
     assert_eq!(
         images.len(),
-        3,
-        "operator, default sidecar, doctor: {images:?}"
+        4,
+        "operator, default sidecar, doctor, CRD upgrade hook: {images:?}"
     );
     for i in &images {
         assert!(
@@ -371,6 +402,201 @@ fn registry_override_reaches_every_image_and_pull_secrets_apply() {
             && e["value"] == "registry.example.com/mirror"),
         "the operator is not told the registry: {env:?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// NetworkPolicies
+
+/// The NetworkPolicy in namespace `ns` (the chart renders at most one per namespace).
+fn policy<'a>(docs: &'a [Value], ns: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| kind(d) == "NetworkPolicy" && d["metadata"]["namespace"] == ns)
+        .unwrap_or_else(|| panic!("no NetworkPolicy in {ns}"))
+}
+
+fn egress_rules(policy: &Value) -> &Vec<Value> {
+    policy["spec"]["egress"].as_array().unwrap()
+}
+
+/// The TCP ports of an egress rule.
+fn rule_ports(rule: &Value) -> Vec<u64> {
+    rule["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["protocol"] == "TCP")
+        .map(|p| p["port"].as_u64().unwrap())
+        .collect()
+}
+
+/// The IO rule: the one whose peers are `networkPolicy.ioCIDRs` of the value set.
+fn io_ports(policy: &Value) -> Vec<u64> {
+    let io = egress_rules(policy)
+        .iter()
+        .find(|r| r["to"][0]["ipBlock"]["cidr"] == "203.0.113.0/24")
+        .unwrap_or_else(|| panic!("no IO egress rule in {policy}"));
+    rule_ports(io)
+}
+
+/// The operator (and the `helm test` pod, which shares its labels) and node pods may reach the
+/// IO service on the port its URL names, not a fixed 443.
+#[test]
+fn io_egress_ports_follow_the_io_endpoint() {
+    let Some(helm) = helm() else { return };
+    let values = vec![chart().join("ci/private-registry-values.yaml")];
+    let cases: [(&[&str], &[u64]); 6] = [
+        (&[], &[443]),
+        (
+            &[r#"network.ioEndpoint="http://io.resultity:8080""#],
+            &[8080],
+        ),
+        (&[r#"network.ioEndpoint="http://io.resultity""#], &[80]),
+        (
+            &[r#"network.ioEndpoint="https://[fd00::1]:8443/api""#],
+            &[8443],
+        ),
+        (
+            &[
+                r#"network.ioEndpoint="https://io.resultity""#,
+                r#"tests.ioEndpoint="http://io-staging:8080""#,
+            ],
+            &[443, 8080],
+        ),
+        (
+            &[
+                r#"network.ioEndpoint="http://io.resultity:8080""#,
+                r#"networkPolicy.ioPorts=[9000,9001]"#,
+            ],
+            &[9000, 9001],
+        ),
+    ];
+    for (sets, want) in cases {
+        let docs = render_with(&helm, &values, sets);
+        for ns in ["resultity-system", "resultity", "resultity-b"] {
+            assert_eq!(io_ports(policy(&docs, ns)), want, "{ns} with {sets:?}");
+        }
+    }
+}
+
+/// Node pods default to `gpu.visibility: devicePlugin`, where the sidecar reads dcgm-exporter
+/// on port 9400 of the node: the node policy must let it through, or no GPU is ever visible.
+#[test]
+fn node_pods_may_reach_dcgm_exporter() {
+    let Some(helm) = helm() else { return };
+    let values = vec![chart().join("ci/private-registry-values.yaml")];
+    let dcgm_rules = |docs: &[Value]| -> Vec<Value> {
+        egress_rules(policy(docs, "resultity"))
+            .iter()
+            .filter(|r| r["ports"].as_array().is_some_and(|p| p.len() == 1))
+            .filter(|r| matches!(rule_ports(r)[..], [9400 | 9500]))
+            .cloned()
+            .collect()
+    };
+    let default = render(&helm, &values);
+    let rules = dcgm_rules(&default);
+    assert_eq!(rules.len(), 1, "no dcgm-exporter egress by default");
+    // The default URL is the node's host IP: only "anywhere" (or an ipBlock) reaches it.
+    assert!(rules[0].get("to").is_none(), "{}", rules[0]);
+    assert!(
+        egress_rules(policy(&default, "resultity-system"))
+            .iter()
+            .all(|r| !rule_ports(r).contains(&9400)),
+        "the operator does not read dcgm-exporter"
+    );
+
+    let narrowed = render_with(
+        &helm,
+        &values,
+        &[
+            "networkPolicy.dcgmExporter.port=9500",
+            r#"networkPolicy.dcgmExporter.to=[{"ipBlock":{"cidr":"10.20.0.0/16"}}]"#,
+        ],
+    );
+    let rules = dcgm_rules(&narrowed);
+    assert_eq!(rule_ports(&rules[0]), [9500]);
+    assert_eq!(rules[0]["to"][0]["ipBlock"]["cidr"], "10.20.0.0/16");
+
+    let off = render_with(
+        &helm,
+        &values,
+        &["networkPolicy.dcgmExporter.enabled=false"],
+    );
+    assert!(dcgm_rules(&off).is_empty(), "dcgm egress when disabled");
+}
+
+// ---------------------------------------------------------------------------------------
+// Upgrades between value sets
+
+/// A merge of `new` over `live` as an upgrade applies it, both by Helm 3's three-way merge and
+/// by server-side apply: fields the previous manifest set and the new one drops are removed,
+/// an explicit null removes, everything else the new manifest sets wins, and fields the API
+/// server defaulted (never in a manifest) stay.
+fn upgrade(live: &Value, old: &Value, new: &Value) -> Value {
+    let Value::Object(n) = new else {
+        return new.clone();
+    };
+    // Creating: nothing live yet (an explicit null then just means absent).
+    let mut out = match live {
+        Value::Object(l) => l.clone(),
+        _ => serde_json::Map::new(),
+    };
+    if let Value::Object(o) = old {
+        for k in o.keys().filter(|k| !n.contains_key(*k)) {
+            out.remove(k);
+        }
+    }
+    for (k, v) in n {
+        if v.is_null() {
+            out.remove(k);
+        } else {
+            let merged = match out.get(k) {
+                Some(lv) => upgrade(lv, &old[k], v),
+                None => upgrade(&Value::Null, &old[k], v),
+            };
+            out.insert(k.clone(), merged);
+        }
+    }
+    Value::Object(out)
+}
+
+/// The API server's defaulting and validation of `spec.strategy` (apps/v1 Deployment).
+fn default_strategy(strategy: &Value) -> Value {
+    let mut s = strategy.clone();
+    if s.get("type").is_none() {
+        s["type"] = "RollingUpdate".into();
+    }
+    if s["type"] == "RollingUpdate" && s.get("rollingUpdate").is_none() {
+        s["rollingUpdate"] = serde_json::json!({"maxSurge": "25%", "maxUnavailable": "25%"});
+    }
+    s
+}
+
+fn strategy_problem(strategy: &Value) -> Option<String> {
+    (strategy["type"] == "Recreate" && strategy.get("rollingUpdate").is_some()).then(|| {
+        format!("spec.strategy.rollingUpdate: Forbidden: may not be specified when strategy type is 'Recreate' ({strategy})")
+    })
+}
+
+/// `helm upgrade --set leaderElection.enabled=false` from an install with it on (and back)
+/// leaves a Deployment the API server accepts.
+#[test]
+fn toggling_leader_election_keeps_the_deployment_strategy_valid() {
+    let Some(helm) = helm() else { return };
+    let strategy = |enabled: bool| {
+        let docs = render_with(&helm, &[], &[&format!("leaderElection.enabled={enabled}")]);
+        let d = docs.iter().find(|d| kind(d) == "Deployment").unwrap();
+        d["spec"]["strategy"].clone()
+    };
+    let (on, off) = (strategy(true), strategy(false));
+    assert_eq!(on["type"], "RollingUpdate");
+    assert_eq!(off["type"], "Recreate");
+    for (from, to, name) in [(&on, &off, "on -> off"), (&off, &on, "off -> on")] {
+        let installed = default_strategy(&upgrade(&Value::Null, &Value::Null, from));
+        assert_eq!(strategy_problem(&installed), None, "install ({name})");
+        let upgraded = default_strategy(&upgrade(&installed, from, to));
+        assert_eq!(strategy_problem(&upgraded), None, "upgrade {name}");
+        assert_eq!(upgraded["type"], to["type"], "upgrade {name}");
+    }
 }
 
 fn helm_values() -> Value {
@@ -766,14 +992,30 @@ fn operator_kinds() -> impl Fn(&str) -> Option<(String, String)> {
     }
 }
 
-fn operator_grants() -> BTreeSet<Grant> {
+/// The module behind `resultity-operator crd --apply`, run by the chart's CRD upgrade hook
+/// Job under its own ServiceAccount, never by the operator Deployment.
+const CRD_APPLY_SOURCE: &str = "operator/src/crd_apply.rs";
+
+/// Grants the operator's code needs: the Deployment's (`hook == false`), or the CRD upgrade
+/// hook's (`hook == true`).
+fn code_grants(hook: bool) -> BTreeSet<Grant> {
     let mut files = Vec::new();
     rust_files(&root().join("operator/src"), &mut files);
+    files.retain(|(path, _)| (path == CRD_APPLY_SOURCE) == hook);
     files.sort();
+    assert!(!files.is_empty(), "{CRD_APPLY_SOURCE} moved?");
     match derive_grants(&files, &operator_kinds()) {
         Ok(g) => g,
         Err(p) => panic!("cannot derive the operator's RBAC:\n{}", p.join("\n")),
     }
+}
+
+fn operator_grants() -> BTreeSet<Grant> {
+    code_grants(false)
+}
+
+fn is_hook(doc: &Value) -> bool {
+    doc["metadata"]["annotations"]["helm.sh/hook"].is_string()
 }
 
 fn grants_of(rules: &[PolicyRule]) -> BTreeSet<Grant> {
@@ -794,7 +1036,13 @@ fn grants_of(rules: &[PolicyRule]) -> BTreeSet<Grant> {
     out
 }
 
+/// Grants of the operator's roles (hooks excluded).
 fn rendered_grants(docs: &[Value]) -> BTreeSet<Grant> {
+    let docs: Vec<Value> = docs.iter().filter(|d| !is_hook(d)).cloned().collect();
+    roles_grants(&docs)
+}
+
+fn roles_grants(docs: &[Value]) -> BTreeSet<Grant> {
     let mut out = BTreeSet::new();
     for d in docs {
         let rules = match kind(d) {
@@ -900,10 +1148,13 @@ fn rbac_grants_exactly_what_the_operator_code_uses() {
         &[chart().join("ci/leader-election-values.yaml")],
     ));
     let default = rendered_grants(&render(&helm, &[]));
+    let namespaced_docs = render(&helm, &[chart().join("ci/namespaced-rbac-values.yaml")]);
+    let namespaced = rendered_grants(&namespaced_docs);
     let expected_default: BTreeSet<Grant> = needed.iter().filter(|g| !lease(g)).cloned().collect();
     for (name, have, want) in [
         ("leader election on", &with_leader, &needed),
         ("default values", &default, &expected_default),
+        ("rbac.namespaced", &namespaced, &expected_default),
     ] {
         let missing: BTreeSet<Grant> = want.difference(have).cloned().collect();
         let extra: BTreeSet<Grant> = have.difference(want).cloned().collect();
@@ -914,6 +1165,202 @@ fn rbac_grants_exactly_what_the_operator_code_uses() {
             show(&extra)
         );
     }
+}
+
+/// With `rbac.namespaced` nothing namespaced is granted cluster-wide: the ClusterRole holds
+/// only cluster-scoped kinds, the rest is a Role in `watchNamespace` (and events of the
+/// cluster-scoped networks in `default`), and the operator is told to refuse a cluster-wide
+/// watch.
+#[test]
+fn namespaced_rbac_grants_namespaced_kinds_in_the_watched_namespace_only() {
+    let Some(helm) = helm() else { return };
+    let docs = render(&helm, &[chart().join("ci/namespaced-rbac-values.yaml")]);
+    let docs: Vec<Value> = docs.into_iter().filter(|d| !is_hook(d)).collect();
+    let cluster_scoped: BTreeSet<&str> = [
+        "resultitynetworks",
+        "resultitynetworks/status",
+        "customresourcedefinitions",
+    ]
+    .into();
+    let of_kind = |k: &str| -> Vec<&Value> { docs.iter().filter(|d| kind(d) == k).collect() };
+    let cluster_roles = of_kind("ClusterRole");
+    assert_eq!(cluster_roles.len(), 1, "one ClusterRole");
+    let cluster = roles_grants(&[cluster_roles[0].clone()]);
+    for (_, res, verb) in &cluster {
+        assert!(
+            cluster_scoped.contains(res.as_str()),
+            "rbac.namespaced grants {verb} on {res} cluster-wide"
+        );
+    }
+    let needed = operator_grants();
+    let sa = &of_kind("Deployment")[0]["spec"]["template"]["spec"]["serviceAccountName"];
+    for ns in ["resultity", "default"] {
+        let roles: Vec<Value> = of_kind("Role")
+            .into_iter()
+            .filter(|r| r["metadata"]["namespace"] == ns)
+            .cloned()
+            .collect();
+        assert!(!roles.is_empty(), "no Role in {ns}");
+        let bound = of_kind("RoleBinding").into_iter().any(|b| {
+            b["metadata"]["namespace"] == ns
+                && b["subjects"][0]["name"] == *sa
+                && b["subjects"][0]["namespace"] == "resultity-system"
+        });
+        assert!(bound, "no RoleBinding of the operator in {ns}");
+    }
+    let in_watched = roles_grants(
+        &of_kind("Role")
+            .into_iter()
+            .filter(|r| r["metadata"]["namespace"] == "resultity")
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
+    let namespaced_needed: BTreeSet<Grant> = needed
+        .iter()
+        .filter(|g| !cluster_scoped.contains(g.1.as_str()) && g.0 != "coordination.k8s.io")
+        .cloned()
+        .collect();
+    assert_eq!(in_watched, namespaced_needed, "the Role in watchNamespace");
+    let env = &of_kind("Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        env.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "RESULTITY_NAMESPACED_RBAC" && e["value"] == "true"),
+        "the operator is not told its RBAC is namespaced: {env}"
+    );
+    // A Role cannot cover "every namespace": the chart refuses the combination.
+    let out = helm_template(&helm, &[], &["rbac.namespaced=true"]);
+    assert!(
+        !out.status.success(),
+        "rbac.namespaced without watchNamespace rendered"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs watchNamespace"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The CRD upgrade hook: a pre-install/pre-upgrade Job running `resultity-operator crd --apply`
+/// from the operator image, under a ServiceAccount created before it with exactly the verbs
+/// that code uses, on this chart's CRDs.
+#[test]
+fn crd_upgrade_hook_applies_the_crds_with_exactly_the_verbs_it_uses() {
+    let needed = code_grants(true);
+    assert_eq!(
+        needed,
+        [
+            (
+                "apiextensions.k8s.io",
+                "customresourcedefinitions",
+                "create"
+            ),
+            ("apiextensions.k8s.io", "customresourcedefinitions", "get"),
+            ("apiextensions.k8s.io", "customresourcedefinitions", "patch"),
+        ]
+        .into_iter()
+        .map(|(a, b, c)| (a.into(), b.into(), c.into()))
+        .collect(),
+        "derived:\n{}",
+        show(&needed)
+    );
+    let operator_main = std::fs::read_to_string(root().join("operator/src/main.rs")).unwrap();
+    let crd_flags = clap_flags(&operator_main, "CrdArgs");
+    let Some(helm) = helm() else { return };
+    let docs = render(&helm, &[]);
+    let hooks: Vec<&Value> = docs.iter().filter(|d| is_hook(d)).collect();
+    let weight = |d: &Value| -> i64 {
+        d["metadata"]["annotations"]["helm.sh/hook-weight"]
+            .as_str()
+            .unwrap_or("0")
+            .parse()
+            .unwrap()
+    };
+    let job = hooks
+        .iter()
+        .find(|d| kind(d) == "Job")
+        .expect("a CRD upgrade hook Job");
+    let phases = job["metadata"]["annotations"]["helm.sh/hook"]
+        .as_str()
+        .unwrap();
+    assert!(
+        phases.split(',').any(|p| p == "pre-upgrade")
+            && phases.split(',').any(|p| p == "pre-install"),
+        "{phases}"
+    );
+    let pod = &job["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let deploy = docs.iter().find(|d| kind(d) == "Deployment").unwrap();
+    assert_eq!(
+        c["image"], deploy["spec"]["template"]["spec"]["containers"][0]["image"],
+        "the hook applies the CRDs of the operator being installed"
+    );
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args[..2], ["crd", "--apply"]);
+    for a in &args[1..] {
+        let flag = a.trim_start_matches("--").split('=').next().unwrap();
+        assert!(
+            crd_flags.contains(flag),
+            "`crd` has no --{flag}: {crd_flags:?}"
+        );
+    }
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    let sa = pod["serviceAccountName"].as_str().unwrap();
+    for k in ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"] {
+        let d = hooks
+            .iter()
+            .find(|d| kind(d) == k)
+            .unwrap_or_else(|| panic!("no hook {k}"));
+        assert!(
+            weight(d) < weight(job),
+            "{k} must exist before the Job runs"
+        );
+        assert_eq!(d["metadata"]["annotations"]["helm.sh/hook"], phases, "{k}");
+    }
+    let binding = hooks
+        .iter()
+        .find(|d| kind(d) == "ClusterRoleBinding")
+        .unwrap();
+    assert_eq!(binding["subjects"][0]["name"], sa);
+    let role: Vec<Value> = hooks
+        .iter()
+        .filter(|d| kind(d) == "ClusterRole")
+        .map(|d| (*d).clone())
+        .collect();
+    assert_eq!(role[0]["metadata"]["name"], binding["roleRef"]["name"]);
+    assert_eq!(roles_grants(&role), needed, "hook ClusterRole");
+    // get and patch name this chart's CRDs.
+    let crds: BTreeSet<String> = crd_files(&root().join("crds"))
+        .iter()
+        .flat_map(|(_, t)| parse_documents(t))
+        .map(|d| d["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    for rule in role[0]["rules"].as_array().unwrap() {
+        if rule["verbs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v == "create")
+        {
+            continue; // create cannot be limited by name
+        }
+        let names: BTreeSet<String> = rule["resourceNames"]
+            .as_array()
+            .unwrap_or_else(|| panic!("unrestricted rule {rule}"))
+            .iter()
+            .map(|n| n.as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(names, crds, "{rule}");
+    }
+    // Off: no hook at all.
+    let off = render_with(&helm, &[], &["crdUpgrade.enabled=false"]);
+    assert!(!off.iter().any(is_hook), "crdUpgrade.enabled=false");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1101,6 +1548,62 @@ async fn dashboard_and_alerts_query_only_exported_metrics() {
     ] {
         assert!(queried.contains(m), "the dashboard does not show {m}");
     }
+}
+
+/// promtool: `$PROMTOOL`, else `promtool` on `PATH` (Debian's `prometheus` package). Missing
+/// outside CI: skipped with a note; with `CI=true`: a failure.
+fn promtool() -> Option<PathBuf> {
+    let candidate =
+        std::env::var_os("PROMTOOL").map_or_else(|| PathBuf::from("promtool"), PathBuf::from);
+    if Command::new(&candidate)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Some(candidate);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "promtool is required when CI=true: apt-get install prometheus"
+    );
+    eprintln!("SKIPPED: promtool not found (set PROMTOOL or install Debian's prometheus package)");
+    None
+}
+
+/// The alerts' own unit tests (`charts/resultity-operator/tests/alerts_test.yaml`) against the
+/// rules the chart renders: what each alert says, and when it fires.
+#[test]
+fn alerts_pass_their_promtool_unit_tests() {
+    let Some(helm) = helm() else { return };
+    let Some(promtool) = promtool() else { return };
+    let docs = render(&helm, &[chart().join("ci/monitoring-values.yaml")]);
+    let rule = docs
+        .iter()
+        .find(|d| kind(d) == "PrometheusRule")
+        .expect("monitoring values render a PrometheusRule");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("chart-promtool");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("rules.yaml"),
+        serde_norway::to_string(&rule["spec"]).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(
+        chart().join("tests/alerts_test.yaml"),
+        dir.join("alerts_test.yaml"),
+    )
+    .unwrap();
+    let out = Command::new(&promtool)
+        .args(["test", "rules"])
+        .arg(dir.join("alerts_test.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool test rules failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 // ---------------------------------------------------------------------------------------
