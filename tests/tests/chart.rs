@@ -1221,7 +1221,11 @@ fn clap_flags(src: &str, struct_name: &str) -> BTreeSet<String> {
 #[test]
 fn rendered_settings_are_ones_the_binaries_read() {
     let Some(helm) = helm() else { return };
+    // The log flags are the shared logging crate's, flattened into the operator's command.
     let operator_main = std::fs::read_to_string(root().join("operator/src/main.rs")).unwrap();
+    assert!(operator_main.contains("log: resultity_logging::LogArgs"));
+    let operator_main =
+        operator_main + &std::fs::read_to_string(root().join("logging/src/lib.rs")).unwrap();
     let env_re = regex::Regex::new(r#"env\s*=\s*"([A-Z_]+)""#).unwrap();
     let declared: BTreeSet<&str> = env_re
         .captures_iter(&operator_main)
