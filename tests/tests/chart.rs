@@ -1250,6 +1250,19 @@ fn rendered_settings_are_ones_the_binaries_read() {
                             "{name}: the Deployment sets {var}, which resultity-operator does not read"
                         );
                     }
+                    // `logFormat` reaches the operator (the monitoring set asks for JSON).
+                    let format = c["env"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|e| e["name"] == "RESULTITY_LOG_FORMAT")
+                        .map(|e| e["value"].as_str().unwrap());
+                    let expected = if name == "monitoring-values" || name == "all" {
+                        "json"
+                    } else {
+                        "text"
+                    };
+                    assert_eq!(format, Some(expected), "{name}: RESULTITY_LOG_FORMAT");
                 }
                 "Pod" => {
                     let args = d["spec"]["containers"][0]["args"].as_array().unwrap();
