@@ -42,6 +42,8 @@ struct Cli {
     /// Print one summary JSON object as the last stdout line.
     #[arg(long, env = "RESULTITY_DEVNET_JSON")]
     json: bool,
+    #[command(flatten)]
+    log: resultity_logging::LogArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -77,18 +79,16 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .init();
+    // Only errors by default: the progress table and the summary are the output.
+    if let Err(e) = cli.log.init("error") {
+        return resultity_logging::exit_code(Err(anyhow::Error::new(e)));
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: tokio runtime: {e}");
-            return ExitCode::FAILURE;
+            return resultity_logging::exit_code(Err(
+                anyhow::Error::new(e).context("starting the tokio runtime")
+            ));
         }
     };
     let result = rt.block_on(async move {
@@ -108,7 +108,7 @@ fn main() -> ExitCode {
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
-        Err(e) => resultity_protocol::exit_code(Err(e)),
+        Err(e) => resultity_logging::exit_code(Err(e)),
     }
 }
 

@@ -19,6 +19,8 @@ use resultity_protocol::{NetworkId, NetworkKeypair};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    log: resultity_logging::LogArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,19 +160,19 @@ struct ServeArgs {
     /// Invalid signatures within one session before it is closed (4002).
     #[arg(long, env = "RESULTITY_IO_MAX_INVALID_SIGNATURES", default_value_t = 5)]
     max_invalid_signatures: u32,
-    /// Log filter (tracing-subscriber EnvFilter syntax).
-    #[arg(long, env = "RUST_LOG", default_value = "info")]
-    log: String,
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    // Each cause once, on one line (anyhow's `Caused by:` list repeats quoted causes).
-    resultity_protocol::exit_code(run_cli().await)
+    // Each cause once, on one line (anyhow's `Caused by:` list repeats quoted causes), in the
+    // log format.
+    resultity_logging::exit_code(run_cli().await)
 }
 
 async fn run_cli() -> anyhow::Result<()> {
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    cli.log.init("info")?;
+    match cli.cmd {
         Cmd::Serve(args) => serve(*args).await,
         Cmd::Keygen { out } => keygen(&out),
         Cmd::Config(ConfigCmd::Publish {
@@ -240,9 +242,6 @@ async fn read_answer(mut resp: reqwest::Response) -> anyhow::Result<String> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
-        .init();
     let key_text = std::fs::read_to_string(&args.key_file)
         .with_context(|| format!("reading key file {}", args.key_file.display()))?;
     let key =

@@ -23,6 +23,8 @@ struct Cli {
     /// or the network (checks a pod's arguments).
     #[arg(long, global = true, env = "RESULTITY_DRY_RUN")]
     dry_run: bool,
+    #[command(flatten)]
+    log: resultity_logging::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -302,17 +304,14 @@ fn parse_participation(s: &str) -> Result<Participation, String> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    // Each cause once, on one line (anyhow's `Caused by:` list repeats quoted causes).
-    resultity_protocol::exit_code(run_cli().await)
+    // Each cause once, on one line (anyhow's `Caused by:` list repeats quoted causes), in the
+    // log format.
+    resultity_logging::exit_code(run_cli().await)
 }
 
 async fn run_cli() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let cli = Cli::parse();
+    cli.log.init("info")?;
     match cli.command {
         Command::Run(a) => run(*a, cli.dry_run).await,
         Command::Drain(d) if cli.dry_run => {

@@ -20,6 +20,8 @@ use resultity_operator::validate::Defaults;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: resultity_logging::LogArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,9 +116,6 @@ struct RunArgs {
     /// Seconds running reconciles may take to finish after SIGTERM/Ctrl-C.
     #[arg(long, env = "RESULTITY_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     shutdown_grace_seconds: u64,
-    /// Log filter (tracing-subscriber EnvFilter syntax).
-    #[arg(long, env = "RESULTITY_LOG", default_value = "info")]
-    log: String,
 }
 
 async fn shutdown_signal() {
@@ -158,15 +157,15 @@ fn watch_namespace(args: &RunArgs) -> anyhow::Result<Option<String>> {
 
 async fn run_command(args: RunArgs) -> anyhow::Result<()> {
     let namespace = watch_namespace(&args)?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&args.log).context("parse --log filter")?,
-        )
-        .init();
     let config = kube::Config::infer()
         .await
         .context("find the Kubernetes API server (kubeconfig or in-cluster)")?;
     let api_url = config.cluster_url.to_string();
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        api_server = %api_url,
+        "resultity-operator starting"
+    );
     let client = kube::Client::try_from(config)
         .with_context(|| format!("build a client for the API server {api_url}"))?;
     let leader = if args.leader_election {
@@ -212,12 +211,15 @@ fn hostname() -> anyhow::Result<String> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    // Each cause once, on one line (anyhow's `Caused by:` list repeats quoted causes).
-    resultity_protocol::exit_code(run_cli().await)
+    // Each cause once, on one line (anyhow's `Caused by:` list repeats quoted causes), in the
+    // log format.
+    resultity_logging::exit_code(run_cli().await)
 }
 
 async fn run_cli() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    cli.log.init("info")?;
+    match cli.command {
         Command::Crd(CrdArgs {
             apply: true,
             wait_seconds,
@@ -295,7 +297,8 @@ mod tests {
         Cli::command().debug_assert();
         let cmd = Cli::command();
         let run = cmd.find_subcommand("run").unwrap();
-        for arg in run.get_arguments() {
+        // The global log flags are declared on the top-level command.
+        for arg in run.get_arguments().chain(cmd.get_arguments()) {
             let id = arg.get_id().as_str();
             if id == "help" || id == "version" {
                 continue;

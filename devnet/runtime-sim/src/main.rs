@@ -59,6 +59,8 @@ struct Args {
     /// Serve no /health endpoint (as llama-cpp-python's server).
     #[arg(long, env = "SIM_NO_HEALTH_ENDPOINT")]
     no_health_endpoint: bool,
+    #[command(flatten)]
+    log: resultity_logging::LogArgs,
 }
 
 fn parse_flavor(s: &str) -> Result<Flavor, String> {
@@ -70,13 +72,13 @@ fn parse_flavor(s: &str) -> Result<Flavor, String> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    let a = Args::parse();
+async fn main() -> std::process::ExitCode {
+    // Each cause once, on one line, in the log format.
+    resultity_logging::exit_code(run(Args::parse()).await)
+}
+
+async fn run(a: Args) -> anyhow::Result<()> {
+    a.log.init("info")?;
     let cfg = SimConfig {
         models: a.models,
         prefill_ms: a.prefill_ms,

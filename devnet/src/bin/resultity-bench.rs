@@ -55,7 +55,9 @@ struct Cli {
         long,
         env = "RESULTITY_BENCH_ONLY",
         default_value = "p1,p2,p3,p4",
-        value_delimiter = ','
+        value_delimiter = ',',
+        // A misspelt name would otherwise run nothing and report success.
+        value_parser = ["p1", "p2", "p3", "p4"]
     )]
     only: Vec<String>,
     /// P4: streamed requests per path (direct and through the network).
@@ -80,6 +82,8 @@ struct Cli {
     /// Print one JSON object with every figure as the last stdout line.
     #[arg(long, env = "RESULTITY_BENCH_JSON")]
     json: bool,
+    #[command(flatten)]
+    log: resultity_logging::LogArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,15 +162,14 @@ struct P3 {
     setup_s: f64,
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .init();
+fn main() -> std::process::ExitCode {
+    // Each cause once, on one line, in the log format.
+    resultity_logging::exit_code(run(Cli::parse()))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    // Only errors by default: the progress lines and the report are the output.
+    cli.log.init("error")?;
     let rt = tokio::runtime::Runtime::new()?;
     let out = rt.block_on(async move {
         if let Some(Cmd::IoServer { sessions }) = cli.command {

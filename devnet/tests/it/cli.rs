@@ -178,3 +178,105 @@ async fn serve_with_triton_prints_the_kserve_endpoint_it_serves() {
     assert_eq!(e["error"]["param"], "model", "{e}");
     drop(child);
 }
+
+/// Every stderr line of a run with `--log-format json` parsed; no escape byte in any format
+/// (stderr is a pipe here, and colour is for terminals).
+fn log_lines(format: &str, stderr: &[u8]) -> Vec<Value> {
+    let text = String::from_utf8_lossy(stderr);
+    assert!(
+        !text.contains('\x1b'),
+        "escape byte in {format} logs:\n{text}"
+    );
+    if format != "json" {
+        return Vec::new();
+    }
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+#[test]
+fn logs_are_json_lines_or_plain_text_into_a_pipe() {
+    for format in ["json", "text"] {
+        let out = Command::new(BIN)
+            .args(["--nodes", "1", "--jobs", "2", "--latency-ms", "1"])
+            .args(["--log", "info", "--log-format", format])
+            .env_remove("NO_COLOR")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines = log_lines(format, &out.stderr);
+        if format == "text" {
+            assert!(String::from_utf8_lossy(&out.stderr).contains(" INFO "));
+            continue;
+        }
+        // The in-process IO service and sidecar log through the same subscriber.
+        let registered = lines
+            .iter()
+            .find(|l| l["message"] == "node registered")
+            .unwrap_or_else(|| panic!("no registration event: {lines:?}"));
+        assert_eq!(registered["level"], "INFO");
+        assert!(registered["node"].is_string(), "{registered}");
+    }
+}
+
+#[test]
+fn a_failing_run_ends_its_json_log_with_one_error_line() {
+    let out = Command::new(BIN)
+        .args(["--jobs", "0", "--log-format", "json"])
+        .env_remove("RESULTITY_LOG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let lines = log_lines("json", &out.stderr);
+    let last = lines.last().unwrap();
+    assert_eq!(last["level"], "ERROR");
+    assert_eq!(last["message"], "--jobs must be at least 1");
+}
+
+const BENCH: &str = env!("CARGO_BIN_EXE_resultity-bench");
+
+/// The bench's internal IO server starts, logs, and stops as soon as its stdin closes.
+#[test]
+fn bench_logs_are_json_lines_or_plain_text_into_a_pipe() {
+    for format in ["json", "text"] {
+        let out = Command::new(BENCH)
+            .args(["io-server", "--sessions", "1"])
+            .env("RESULTITY_LOG", "info")
+            .env("RESULTITY_LOG_FORMAT", format)
+            .env_remove("NO_COLOR")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines = log_lines(format, &out.stderr);
+        if format == "json" {
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l["message"] == "resultity-io listening"),
+                "{lines:?}"
+            );
+        } else {
+            assert!(String::from_utf8_lossy(&out.stderr).contains("resultity-io listening"));
+        }
+    }
+}
+
+#[test]
+fn bench_refuses_an_unknown_benchmark_name() {
+    let out = Command::new(BENCH)
+        .args(["--only", "p1,p9"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("p9"));
+}

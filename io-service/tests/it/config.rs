@@ -326,6 +326,120 @@ async fn command_line_keygen_serve_and_publish() {
     let _ = std::fs::remove_file(&cfg_path);
 }
 
+/// `serve` with each log format and stderr piped, until the listening event, then killed:
+/// every JSON line parses and the event carries its fields; neither format writes an escape
+/// byte into a pipe (colour is for terminals).
+#[test]
+fn command_line_logs_are_json_lines_or_plain_text_into_a_pipe() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let bin = env!("CARGO_BIN_EXE_resultity-io");
+    let key_path = temp_path("log-network.key");
+    let key = NetworkKeypair::generate().unwrap();
+    std::fs::write(&key_path, key.to_key_file_text()).unwrap();
+    let cfg_path = temp_path("log-network.json");
+    std::fs::write(&cfg_path, serde_json::to_string(&payload()).unwrap()).unwrap();
+    for format in ["json", "text"] {
+        let mut child = KillOnDrop(
+            Command::new(bin)
+                // Before the subcommand here, after it for --log: both places work.
+                .args(["--log-format", format, "serve", "--log", "info"])
+                .args(["--listen", "127.0.0.1:0", "--network-id", "clinet"])
+                .arg("--key-file")
+                .arg(&key_path)
+                .arg("--config-file")
+                .arg(&cfg_path)
+                .env_remove("NO_COLOR")
+                .env_remove("RESULTITY_LOG")
+                .env_remove("RESULTITY_LOG_FORMAT")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let stderr = child.0.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut lines = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !lines
+            .iter()
+            .any(|l: &String| l.contains("resultity-io listening"))
+        {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => lines.push(line),
+                Err(_) => panic!("no listening event in {format}:\n{}", lines.join("\n")),
+            }
+        }
+        drop(child);
+        // The pipe closes with the process, which ends the reader.
+        lines.extend(rx.iter());
+        let text = lines.join("\n");
+        assert!(
+            !text.contains('\x1b'),
+            "escape byte in {format} logs:\n{text}"
+        );
+        if format == "text" {
+            assert!(text.contains(" INFO "), "{text}");
+            continue;
+        }
+        let events: Vec<serde_json::Value> = lines
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        let listening = events
+            .iter()
+            .find(|e| e["message"] == "resultity-io listening")
+            .unwrap();
+        assert_eq!(listening["level"], "INFO");
+        assert_eq!(listening["network"], "clinet");
+        assert_eq!(listening["key"], key.id().as_str());
+        assert!(
+            listening["local_addr"]
+                .as_str()
+                .unwrap()
+                .starts_with("127.0.0.1:")
+        );
+    }
+    let _ = std::fs::remove_file(&key_path);
+    let _ = std::fs::remove_file(&cfg_path);
+}
+
+/// A bad filter is reported once, in the chosen format, and the service does not start.
+#[test]
+fn a_bad_log_filter_is_one_json_error_line() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_resultity-io"))
+        .args(["keygen", "--out", "/nonexistent/never-written.key"])
+        .args(["--log", "resultity=loud", "--log-format", "json"])
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    let line: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(line["level"], "ERROR");
+    let message = line["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("invalid log filter \"resultity=loud\""),
+        "{message}"
+    );
+    assert_eq!(
+        message.matches("invalid log filter").count(),
+        1,
+        "{message}"
+    );
+}
+
 #[tokio::test]
 async fn a_restart_continues_the_version_chain_from_the_state_file() {
     let state = temp_path("config-state.json");

@@ -70,10 +70,27 @@ fn sidecar(
     dir: &std::path::Path,
     api_port: u16,
 ) -> Sidecar {
+    let child = sidecar_command(io, key, sim, dir, api_port)
+        .env("RESULTITY_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Sidecar(child)
+}
+
+/// The sidecar's `run` command against this network, stdio not yet chosen.
+fn sidecar_command(
+    io: &str,
+    key: &NetworkKeypair,
+    sim: &str,
+    dir: &std::path::Path,
+    api_port: u16,
+) -> Command {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("token"), "token").unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_resultity-sidecar"))
-        .arg("run")
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_resultity-sidecar"));
+    cmd.arg("run")
         .args([
             "--io-endpoint",
             io,
@@ -101,13 +118,49 @@ fn sidecar(
             "--admin-token-file={}",
             dir.join("token").display()
         ))
-        .arg(format!("--listen=127.0.0.1:{api_port}"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    Sidecar(child)
+        .arg(format!("--listen=127.0.0.1:{api_port}"));
+    cmd
+}
+
+/// Runs `cmd` with stderr piped until a stderr line contains `wanted` (at most 20 s), then
+/// kills it; returns everything it wrote to stderr.
+async fn stderr_until(mut cmd: Command, wanted: &str) -> Vec<u8> {
+    let mut child = Sidecar(cmd.stderr(Stdio::piped()).spawn().unwrap());
+    let stderr = child.0.stderr.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    // A blocking reader on its own thread: the test's runtime also runs the IO service.
+    std::thread::spawn(move || {
+        let mut reader = std::io::BufReader::new(stderr);
+        loop {
+            let mut line = Vec::new();
+            match std::io::BufRead::read_until(&mut reader, b'\n', &mut line) {
+                Ok(n) if n > 0 && tx.send(line).is_ok() => {}
+                _ => break,
+            }
+        }
+    });
+    let mut out = Vec::new();
+    let seen = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = rx.recv().await {
+            out.extend_from_slice(&line);
+            if String::from_utf8_lossy(&line).contains(wanted) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    drop(child);
+    // The pipe closes with the process, which ends the reader.
+    while let Some(line) = rx.recv().await {
+        out.extend_from_slice(&line);
+    }
+    assert!(
+        matches!(seen, Ok(true)),
+        "no stderr line with {wanted:?}:\n{}",
+        String::from_utf8_lossy(&out)
+    );
+    out
 }
 
 /// Polls `cond` every 20 ms for up to 20 s.
@@ -321,4 +374,51 @@ async fn sigterm_drains_in_flight_jobs_and_exits_zero() {
         .collect();
     assert!(left.is_empty(), "outbox not empty: {left:?}");
     net.io.shutdown().await;
+}
+
+/// The real sidecar with each log format, chosen by the environment variables, and stderr
+/// piped, until it has registered: every JSON line parses and the registration event carries
+/// its fields; neither format writes an escape byte into a pipe (colour is for terminals).
+#[tokio::test]
+async fn logs_are_json_lines_or_plain_text_into_a_pipe() {
+    let net = loopback(0).await;
+    for format in ["json", "text"] {
+        let mut cmd = sidecar_command(
+            &net.base,
+            &net.key,
+            &net.runtime.url(),
+            &net.node_dir,
+            net.port,
+        );
+        cmd.env("RESULTITY_LOG_FORMAT", format)
+            .env("RESULTITY_LOG", "info")
+            .env_remove("NO_COLOR")
+            .stdout(Stdio::null());
+        // The event itself, not the readiness warning "not registered with the network".
+        let wanted = match format {
+            "json" => r#""message":"registered with the network""#,
+            _ => ": registered with the network",
+        };
+        let stderr = stderr_until(cmd, wanted).await;
+        let text = String::from_utf8(stderr).unwrap();
+        assert!(
+            !text.contains('\x1b'),
+            "escape byte in {format} logs:\n{text}"
+        );
+        if format == "text" {
+            assert!(text.contains(" INFO "), "{text}");
+            continue;
+        }
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        let registered = lines
+            .iter()
+            .find(|l| l["message"] == "registered with the network")
+            .unwrap_or_else(|| panic!("no registration event:\n{text}"));
+        assert_eq!(registered["level"], "INFO");
+        assert!(registered["node_id"].is_string(), "{registered}");
+        assert!(registered["protocol"].is_number(), "{registered}");
+    }
 }

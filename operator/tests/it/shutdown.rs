@@ -91,3 +91,77 @@ async fn crd_wait_failure_stops_before_the_controllers_and_names_the_server() {
         other => panic!("expected a CRD error, got {other:?}"),
     }
 }
+
+/// The real binary against a kubeconfig naming a server that never answers, with each log
+/// format and stderr piped: its start event and its final error (the CRDs cannot be
+/// confirmed) are JSON lines that parse, or plain text; neither has an escape byte.
+#[test]
+fn binary_logs_are_json_lines_or_plain_text_into_a_pipe() {
+    // Accepts connections into the backlog and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = format!("https://{}", silent.local_addr().unwrap());
+    let kubeconfig = std::env::temp_dir().join(format!(
+        "resultity-operator-test-kubeconfig-{}-{}",
+        std::process::id(),
+        silent.local_addr().unwrap().port()
+    ));
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: t\n\
+             clusters: [{{name: t, cluster: {{server: \"{server}\", insecure-skip-tls-verify: true}}}}]\n\
+             users: [{{name: t, user: {{token: t}}}}]\n\
+             contexts: [{{name: t, context: {{cluster: t, user: t}}}}]\n"
+        ),
+    )
+    .unwrap();
+    for format in ["json", "text"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_resultity-operator"))
+            .args([
+                "run",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--crd-wait-seconds",
+                "1",
+            ])
+            .args(["--log-format", format])
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("NO_COLOR")
+            .env_remove("RESULTITY_LOG")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            !stderr.contains('\x1b'),
+            "escape byte in {format}:\n{stderr}"
+        );
+        if format == "text" {
+            assert!(stderr.contains("resultity-operator starting"), "{stderr}");
+            assert!(
+                stderr.lines().last().unwrap().starts_with("error: "),
+                "{stderr}"
+            );
+            continue;
+        }
+        let lines: Vec<serde_json::Value> = stderr
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        let start = lines
+            .iter()
+            .find(|l| l["message"] == "resultity-operator starting")
+            .unwrap();
+        assert_eq!(start["level"], "INFO");
+        assert_eq!(start["version"], env!("CARGO_PKG_VERSION"));
+        assert!(start["api_server"].as_str().unwrap().starts_with(&server));
+        let last = lines.last().unwrap();
+        assert_eq!(last["level"], "ERROR");
+        assert!(
+            last["message"].as_str().unwrap().contains(&server[8..]),
+            "the error names the server: {last}"
+        );
+    }
+    let _ = std::fs::remove_file(&kubeconfig);
+}

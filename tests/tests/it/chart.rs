@@ -1724,7 +1724,11 @@ fn clap_flags(src: &str, struct_name: &str) -> BTreeSet<String> {
 #[test]
 fn rendered_settings_are_ones_the_binaries_read() {
     let Some(helm) = helm() else { return };
+    // The log flags are the shared logging crate's, flattened into the operator's command.
     let operator_main = std::fs::read_to_string(root().join("operator/src/main.rs")).unwrap();
+    assert!(operator_main.contains("log: resultity_logging::LogArgs"));
+    let operator_main =
+        operator_main + &std::fs::read_to_string(root().join("logging/src/lib.rs")).unwrap();
     let env_re = regex::Regex::new(r#"env\s*=\s*"([A-Z_]+)""#).unwrap();
     let declared: BTreeSet<&str> = env_re
         .captures_iter(&operator_main)
@@ -1749,6 +1753,19 @@ fn rendered_settings_are_ones_the_binaries_read() {
                             "{name}: the Deployment sets {var}, which resultity-operator does not read"
                         );
                     }
+                    // `logFormat` reaches the operator (the monitoring set asks for JSON).
+                    let format = c["env"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|e| e["name"] == "RESULTITY_LOG_FORMAT")
+                        .map(|e| e["value"].as_str().unwrap());
+                    let expected = if name == "monitoring-values" || name == "all" {
+                        "json"
+                    } else {
+                        "text"
+                    };
+                    assert_eq!(format, Some(expected), "{name}: RESULTITY_LOG_FORMAT");
                 }
                 "Pod" => {
                     let args = d["spec"]["containers"][0]["args"].as_array().unwrap();

@@ -479,3 +479,38 @@ async fn llama_cpp_flavor_exports_its_metric_names_and_slots() {
     assert!(!text.contains("vllm:"), "{text}");
     assert_eq!(get(&c, format!("{}/health", s.url())).await.status(), 404);
 }
+
+/// The binary on a port already taken: it stops with one error line, JSON with
+/// `--log-format json`, plain text otherwise, and no escape byte written into the pipe.
+#[test]
+fn the_binary_reports_its_final_error_in_the_log_format() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for format in ["json", "text"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_resultity-runtime-sim"))
+            .args(["--listen", &addr, "--log-format", format])
+            .env_remove("NO_COLOR")
+            .env_remove("RESULTITY_LOG")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            !stderr.contains('\x1b'),
+            "escape byte in {format}:\n{stderr}"
+        );
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{stderr}");
+        let message = if format == "json" {
+            let line: Value = serde_json::from_str(lines[0]).unwrap();
+            assert_eq!(line["level"], "ERROR");
+            line["message"].as_str().unwrap().to_owned()
+        } else {
+            lines[0].strip_prefix("error: ").unwrap().to_owned()
+        };
+        assert!(
+            message.starts_with("starting the runtime simulator: "),
+            "{message}"
+        );
+    }
+}
