@@ -117,3 +117,123 @@ async fn node_offline_across_two_rotations_catches_up_and_serves() {
     );
     node.run.abort();
 }
+
+/// What a leaked retiring key signs is refused by the node's trust store, and the refusal
+/// survives a restart: after k1 → k2 (k1 retiring for 12 s), k1 can neither extend its window
+/// nor make itself active again, so after the 12 s the node no longer trusts k1's signature on
+/// any network answer.
+#[test]
+fn a_leaked_retiring_key_cannot_extend_its_window_or_reactivate_itself() {
+    use resultity_protocol::clock::{Clock, ManualClock};
+    use resultity_protocol::config::{ConfigSnapshot, RetiringKey};
+    use resultity_protocol::{ErrorCode, NodeKeypair};
+    use resultity_sidecar::agent::NetClient;
+    use resultity_sidecar::config_store::OfferError;
+
+    const T: u64 = 1_767_225_600_000;
+    let dir = tempfile::tempdir().unwrap();
+    let config_dir = dir.path().join("config");
+    let (k1, k2) = (
+        NetworkKeypair::from_seed(&[1; 32]),
+        NetworkKeypair::from_seed(&[2; 32]),
+    );
+    let snap = |version: u64, prev: Option<&SignedConfig>, keys: &[&NetworkKeypair]| {
+        let mut payload = common::payload(common::quick_timing());
+        payload.network_keys = keys.iter().map(|k| k.id().clone()).collect();
+        ConfigSnapshot {
+            network_id: common::net_id(),
+            version,
+            issued_at_ms: T,
+            expires_at_ms: T + 86_400_000,
+            prev_digest: prev.map(|p| p.digest().clone()),
+            payload,
+        }
+    };
+    let code = |r: Result<(), OfferError>| match r {
+        Err(OfferError::Refused(e)) => e.code(),
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(_) => panic!("applied"),
+    };
+    let v1 = SignedConfig::sign(&k1, &snap(1, None, &[&k1])).unwrap();
+    let mut rotation = snap(2, Some(&v1), &[&k2]);
+    rotation.payload.retiring_keys = vec![RetiringKey {
+        key: k1.id().clone(),
+        not_after_ms: T + 12_000,
+    }];
+    let v2 = SignedConfig::sign(&k1, &rotation).unwrap();
+    let mut extend = snap(3, Some(&v2), &[&k2]);
+    extend.payload.retiring_keys = vec![RetiringKey {
+        key: k1.id().clone(),
+        not_after_ms: T + 86_400_000,
+    }];
+    let extend = SignedConfig::sign(&k1, &extend).unwrap();
+    let reactivate_inside = SignedConfig::sign(&k1, &snap(3, Some(&v2), &[&k1])).unwrap();
+    let reactivate_after = SignedConfig::sign(&k1, &snap(4, Some(&extend), &[&k1])).unwrap();
+
+    let mut store = ConfigStore::open(
+        &config_dir,
+        ConfigTrust::pinned(common::net_id(), vec![k1.id().clone()]),
+    )
+    .unwrap();
+    store.offer(&v1, T).unwrap();
+    store.offer(&v2, T).unwrap();
+    // Inside the window: the extension and a self-re-activation are refused.
+    assert_eq!(
+        code(store.offer(&extend, T + 5_000).map(|_| ())),
+        ErrorCode::ConfigEquivocation
+    );
+    assert_eq!(
+        code(store.offer(&reactivate_inside, T + 5_000).map(|_| ())),
+        ErrorCode::ConfigEquivocation
+    );
+    assert_eq!(
+        code(
+            store
+                .offer_chain(&[extend.clone(), reactivate_after.clone()], T + 5_000)
+                .map(|_| ())
+        ),
+        ErrorCode::ConfigEquivocation
+    );
+    drop(store);
+
+    // Restarted after the window: the persisted trust is the one the rotation fixed.
+    let after = T + 12_000;
+    let mut store = ConfigStore::open(
+        &config_dir,
+        ConfigTrust::pinned(common::net_id(), vec![k1.id().clone()]),
+    )
+    .unwrap();
+    assert_eq!(store.current().map(|c| c.snapshot.version), Some(2));
+    assert_eq!(store.trust().keys_at(after), vec![k2.id().clone()]);
+    assert_eq!(
+        code(
+            store
+                .offer_chain(&[extend, reactivate_after.clone()], after)
+                .map(|_| ())
+        ),
+        ErrorCode::UnknownSigner
+    );
+    assert_eq!(
+        code(store.offer(&reactivate_after, after).map(|_| ())),
+        ErrorCode::UnknownSigner
+    );
+    // The keys that verify network answers (heartbeat.ok, hello, session frames) follow.
+    let clock = std::sync::Arc::new(ManualClock::new(T + 5_000));
+    let net = NetClient::new(
+        "http://127.0.0.1:9",
+        common::net_id(),
+        NodeKeypair::generate().unwrap(),
+        store.trust().clone(),
+        clock.clone(),
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    assert!(
+        net.keys_now().0.find(k1.id().as_str()).is_ok(),
+        "inside the window"
+    );
+    clock.set(after);
+    assert_eq!(clock.now_ms(), after);
+    assert!(net.keys_now().0.find(k1.id().as_str()).is_err());
+    assert!(net.keys_now().0.find(k2.id().as_str()).is_ok());
+}
