@@ -493,6 +493,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let v3_active_reactivates = SignedConfig::sign(&k2, &r(3, Some(&v2), mid, &[k1, &k2], &[]))?;
     let v3_ended_entry =
         SignedConfig::sign(&k2, &r(3, Some(&v2), TS + HOUR, &[&k2], &[(k1, TS + HOUR)]))?;
+    // Active sets compare as sets: a retiring key may reorder the set, not shrink it.
+    let v2_two = SignedConfig::sign(k1, &r(2, Some(&v1), TS, &[&k2, &k3], &[(k1, TS + HOUR)]))?;
+    let v3_reordered = SignedConfig::sign(
+        k1,
+        &r(3, Some(&v2_two), mid, &[&k3, &k2], &[(k1, TS + HOUR)]),
+    )?;
+    let v3_shrunk = SignedConfig::sign(k1, &r(3, Some(&v2_two), mid, &[&k2], &[(k1, TS + HOUR)]))?;
     let v2_emergency = SignedConfig::sign(k1, &r(2, Some(&v1), TS, &[&k2], &[]))?;
     let v3_after_emergency =
         SignedConfig::sign(k1, &r(3, Some(&v2_emergency), TS + 1, &[k1], &[]))?;
@@ -539,6 +546,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "v3 listing a retiring entry that has ended",
             &v3_ended_entry,
         ),
+        ("v2 rotating to k2 and k3", &v2_two),
+        (
+            "v3 by the retiring key, active set reordered",
+            &v3_reordered,
+        ),
+        (
+            "v3 by the retiring key, dropping k3 from the active set",
+            &v3_shrunk,
+        ),
         ("v2 emergency rotation dropping k1", &v2_emergency),
         ("v3 by k1 after the emergency rotation", &v3_after_emergency),
     ];
@@ -546,6 +562,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let at_v2 = trust_after(&network_id, &[&k2], &[(k1, TS + HOUR)], Some(&v2))?;
     let at_v4 = trust_after(&network_id, &[&k3], &[(&k2, TS + 3 * HOUR)], Some(&v4))?;
     let pinned_k3 = trust_after(&network_id, &[&k3], &[], None)?;
+    let at_v2_two = trust_after(&network_id, &[&k2, &k3], &[(k1, TS + HOUR)], Some(&v2_two))?;
     let case = |name: &str,
                 trust: &Value,
                 chain: &[&str],
@@ -745,6 +762,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             TS + HOUR + 1,
             None,
             Some(3)
+        ),
+        case(
+            "retiring key names the active set in another order (compared as a set)",
+            &at_v2_two,
+            &["v3 by the retiring key, active set reordered"],
+            mid,
+            None,
+            Some(3)
+        ),
+        case(
+            "retiring key drops a key from the active set",
+            &at_v2_two,
+            &["v3 by the retiring key, dropping k3 from the active set"],
+            mid,
+            Some("config_equivocation"),
+            None
         ),
         case(
             "emergency rotation drops the old key at once",
