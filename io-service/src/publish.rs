@@ -13,7 +13,9 @@
 
 use std::path::Path;
 
-use resultity_protocol::config::{ConfigSnapshot, NetworkConfig, RetiringKey, SignedConfig};
+use resultity_protocol::config::{
+    ConfigSnapshot, ConfigTrust, NetworkConfig, RetiringKey, SignedConfig, VerifiedConfig,
+};
 use resultity_protocol::envelope::RawEnvelope;
 use resultity_protocol::messages::ConfigPointer;
 use resultity_protocol::{NetworkId, NetworkKeypair, Purpose, limits};
@@ -226,6 +228,49 @@ pub fn signing_key<'a>(
         })
 }
 
+/// The key to sign `next` with after `prev`: as [`signing_key`], except that a snapshot that
+/// changes the active set is signed by a held key of that set, since nodes refuse a key
+/// change signed by a retiring key (spec §8.4).
+pub fn signing_key_for<'a>(
+    held: &[&'a NetworkKeypair],
+    prev: &NetworkConfig,
+    next: &NetworkConfig,
+    now_ms: u64,
+) -> Result<&'a NetworkKeypair, IoError> {
+    if !is_rotation(prev, next) {
+        return signing_key(held, prev, now_ms);
+    }
+    held.iter()
+        .rev()
+        .find(|k| prev.network_keys.contains(k.id()))
+        .copied()
+        .ok_or_else(|| IoError::InvalidConfig {
+            what: "network_keys".into(),
+            reason: "changing the active keys needs a held key of the active set".into(),
+        })
+}
+
+/// Verifies `next` as a node holding `prev` does (spec §8.3 and the rotation rules of §8.4),
+/// so the service never serves a snapshot every node would refuse — one that extends a
+/// retiring key's window, for instance.
+pub fn check_next(prev: &Published, next: &Published, now_ms: u64) -> Result<(), IoError> {
+    let mut trust = ConfigTrust::pinned(
+        prev.snapshot.network_id.clone(),
+        prev.snapshot.payload.network_keys.clone(),
+    );
+    trust.apply(&VerifiedConfig {
+        snapshot: prev.snapshot.clone(),
+        signed: prev.signed.clone(),
+    });
+    trust
+        .verify(&next.signed, now_ms)
+        .map(|_| ())
+        .map_err(|e| IoError::InvalidConfig {
+            what: format!("config version {}", next.snapshot.version),
+            reason: format!("nodes would refuse it: {e}"),
+        })
+}
+
 /// The payload of a rotation from `old` to `new`: `new` replaces `old` in the active set and
 /// `old` is retiring until `not_after_ms`.
 pub fn rotation_payload(
@@ -400,6 +445,42 @@ mod tests {
         let confirmed = confirmation_payload(&rotation, NOW + 1_000).unwrap();
         assert!(confirmed.retiring_keys.is_empty());
         assert!(!is_rotation(&rotation, &confirmed));
+    }
+
+    #[test]
+    fn the_service_never_signs_what_the_rotation_rules_refuse() {
+        let (k1, k2, k3) = (
+            NetworkKeypair::from_seed(&[1; 32]),
+            NetworkKeypair::from_seed(&[2; 32]),
+            NetworkKeypair::from_seed(&[3; 32]),
+        );
+        let net = NetworkId::parse("testnet").unwrap();
+        let v1 = sign_next(&k1, &net, None, payload(&[&k1]), NOW, 60_000).unwrap();
+        let rotation = rotation_payload(payload(&[&k1]), &k1, &k2, NOW + 1_000);
+        let v2 = sign_next(&k1, &net, Some(&v1), rotation.clone(), NOW, 60_000).unwrap();
+        check_next(&v1, &v2, NOW).unwrap();
+        // During the overlap the retiring key signs, but a change of keys is signed by the
+        // active one.
+        let held = [&k1, &k2, &k3];
+        assert_eq!(
+            signing_key_for(&held, &rotation, &rotation, NOW)
+                .unwrap()
+                .id(),
+            k1.id()
+        );
+        let onward = rotation_payload(rotation.clone(), &k2, &k3, NOW + 2_000);
+        let key = signing_key_for(&held, &rotation, &onward, NOW).unwrap();
+        assert_eq!(key.id(), k2.id());
+        let v3 = sign_next(key, &net, Some(&v2), onward.clone(), NOW, 60_000).unwrap();
+        check_next(&v2, &v3, NOW).unwrap();
+        let by_retiring = sign_next(&k1, &net, Some(&v2), onward, NOW, 60_000).unwrap();
+        assert!(check_next(&v2, &by_retiring, NOW).is_err());
+        // Extending the retiring window is refused before it is published.
+        let mut extended = rotation;
+        extended.retiring_keys[0].not_after_ms = NOW + 86_400_000;
+        let v3 = sign_next(&k1, &net, Some(&v2), extended, NOW, 60_000).unwrap();
+        let err = check_next(&v2, &v3, NOW).unwrap_err().to_string();
+        assert!(err.contains("may only be shortened"), "{err}");
     }
 
     #[test]

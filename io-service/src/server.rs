@@ -181,7 +181,12 @@ impl AppState {
             return Ok(None);
         };
         let now = self.now();
-        let key = publish::signing_key(&self.settings.held_keys(), &prev.snapshot.payload, now)?;
+        let key = publish::signing_key_for(
+            &self.settings.held_keys(),
+            &prev.snapshot.payload,
+            &payload,
+            now,
+        )?;
         let next = publish::sign_next(
             key,
             &self.settings.network_id,
@@ -190,6 +195,7 @@ impl AppState {
             now,
             self.settings.config_ttl_ms,
         )?;
+        publish::check_next(&prev, &next, now)?;
         // Persist before serving: a restart must continue from this version, never below.
         if publish::is_rotation(&prev.snapshot.payload, &next.snapshot.payload) {
             let mut kept: Vec<Published> = self.rotations().as_ref().clone();

@@ -77,11 +77,18 @@ impl StreamState {
                 ),
             ));
         }
-        if events.is_empty() || events.len() > MAX_EVENTS_PER_CHUNK {
+        if events.is_empty() {
             return Err((
                 ErrorCode::Malformed,
+                "a chunk carries at least one event".to_owned(),
+            ));
+        }
+        // A listed limit (spec §10), so `too_large` like every other limit, not `malformed`.
+        if events.len() > MAX_EVENTS_PER_CHUNK {
+            return Err((
+                ErrorCode::TooLarge,
                 format!(
-                    "a chunk carries 1 to {MAX_EVENTS_PER_CHUNK} events, not {}",
+                    "a chunk carries at most {MAX_EVENTS_PER_CHUNK} events, not {}",
                     events.len()
                 ),
             ));
@@ -149,6 +156,16 @@ mod tests {
         assert_eq!(
             s.accept(&job(), 2, &[], 100).map_err(|e| e.0),
             Err(ErrorCode::Malformed)
+        );
+        assert_eq!(
+            s.accept(
+                &job(),
+                2,
+                &vec!["e".to_owned(); MAX_EVENTS_PER_CHUNK + 1],
+                100_000
+            )
+            .map_err(|e| e.0),
+            Err(ErrorCode::TooLarge)
         );
         assert_eq!(
             s.accept(&job(), 2, &ev(&"x".repeat(200)), 100)

@@ -469,6 +469,40 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     other.payload.sidecar_image = Some("ghcr.io/resultity/sidecar:0.1.1".into());
     let v2_other = SignedConfig::sign(k1, &other)?;
     let v2_unchained = SignedConfig::sign(k1, &r(2, None, TS, &[&k2], &[(k1, TS + HOUR)]))?;
+    // The rotation rules (§8.4), from v2 (k2 active, k1 retiring until TS + HOUR).
+    let mid = TS + HOUR / 2;
+    let v3_extend = SignedConfig::sign(k1, &r(3, Some(&v2), mid, &[&k2], &[(k1, TS + 25 * HOUR)]))?;
+    let v4_reactivate = SignedConfig::sign(k1, &r(4, Some(&v3_extend), mid, &[k1], &[]))?;
+    let v3_reactivate = SignedConfig::sign(k1, &r(3, Some(&v2), mid, &[k1], &[]))?;
+    let v3_retiring_rotates =
+        SignedConfig::sign(k1, &r(3, Some(&v2), mid, &[&k3], &[(k1, TS + HOUR)]))?;
+    let v3_active_extends =
+        SignedConfig::sign(&k2, &r(3, Some(&v2), mid, &[&k2], &[(k1, TS + 25 * HOUR)]))?;
+    let v3_untrusted_retiring = SignedConfig::sign(
+        &k2,
+        &r(
+            3,
+            Some(&v2),
+            mid,
+            &[&k2],
+            &[(k1, TS + HOUR), (&k3, TS + HOUR)],
+        ),
+    )?;
+    let v3_shorten = SignedConfig::sign(k1, &r(3, Some(&v2), mid, &[&k2], &[(k1, mid + 1)]))?;
+    let v3_drop = SignedConfig::sign(&k2, &r(3, Some(&v2), mid, &[&k2], &[]))?;
+    let v3_active_reactivates = SignedConfig::sign(&k2, &r(3, Some(&v2), mid, &[k1, &k2], &[]))?;
+    let v3_ended_entry =
+        SignedConfig::sign(&k2, &r(3, Some(&v2), TS + HOUR, &[&k2], &[(k1, TS + HOUR)]))?;
+    // Active sets compare as sets: a retiring key may reorder the set, not shrink it.
+    let v2_two = SignedConfig::sign(k1, &r(2, Some(&v1), TS, &[&k2, &k3], &[(k1, TS + HOUR)]))?;
+    let v3_reordered = SignedConfig::sign(
+        k1,
+        &r(3, Some(&v2_two), mid, &[&k3, &k2], &[(k1, TS + HOUR)]),
+    )?;
+    let v3_shrunk = SignedConfig::sign(k1, &r(3, Some(&v2_two), mid, &[&k2], &[(k1, TS + HOUR)]))?;
+    let v2_emergency = SignedConfig::sign(k1, &r(2, Some(&v1), TS, &[&k2], &[]))?;
+    let v3_after_emergency =
+        SignedConfig::sign(k1, &r(3, Some(&v2_emergency), TS + 1, &[k1], &[]))?;
     let snapshots = [
         ("v1", &v1),
         ("v2", &v2),
@@ -478,11 +512,57 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("v3 signed by the retiring key", &v3_by_retiring),
         ("v2 other content", &v2_other),
         ("v2 without prev_digest", &v2_unchained),
+        (
+            "v3 by the retiring key extending its own window",
+            &v3_extend,
+        ),
+        (
+            "v4 by the retiring key re-activating itself after the extension",
+            &v4_reactivate,
+        ),
+        (
+            "v3 by the retiring key re-activating itself",
+            &v3_reactivate,
+        ),
+        (
+            "v3 by the retiring key rotating to k3",
+            &v3_retiring_rotates,
+        ),
+        (
+            "v3 by the active key extending the retiring window",
+            &v3_active_extends,
+        ),
+        (
+            "v3 listing an untrusted key as retiring",
+            &v3_untrusted_retiring,
+        ),
+        ("v3 by the retiring key shortening its window", &v3_shorten),
+        ("v3 by the active key dropping the retiring key", &v3_drop),
+        (
+            "v3 by the active key re-activating the retiring key",
+            &v3_active_reactivates,
+        ),
+        (
+            "v3 listing a retiring entry that has ended",
+            &v3_ended_entry,
+        ),
+        ("v2 rotating to k2 and k3", &v2_two),
+        (
+            "v3 by the retiring key, active set reordered",
+            &v3_reordered,
+        ),
+        (
+            "v3 by the retiring key, dropping k3 from the active set",
+            &v3_shrunk,
+        ),
+        ("v2 emergency rotation dropping k1", &v2_emergency),
+        ("v3 by k1 after the emergency rotation", &v3_after_emergency),
     ];
     let at_v1 = trust_after(&network_id, &[k1], &[], Some(&v1))?;
     let at_v2 = trust_after(&network_id, &[&k2], &[(k1, TS + HOUR)], Some(&v2))?;
     let at_v4 = trust_after(&network_id, &[&k3], &[(&k2, TS + 3 * HOUR)], Some(&v4))?;
     let pinned_k3 = trust_after(&network_id, &[&k3], &[], None)?;
+    let at_v2_two = trust_after(&network_id, &[&k2, &k3], &[(k1, TS + HOUR)], Some(&v2_two))?;
     let case = |name: &str,
                 trust: &Value,
                 chain: &[&str],
@@ -589,6 +669,135 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             None
         ),
         case("same snapshot again", &at_v2, &["v2"], TS + 1, None, None),
+        case(
+            "retiring key extends its own window",
+            &at_v2,
+            &["v3 by the retiring key extending its own window"],
+            mid,
+            Some("config_equivocation"),
+            None
+        ),
+        case(
+            "extend then re-activate, within the original window (catch-up chain)",
+            &at_v2,
+            &[
+                "v3 by the retiring key extending its own window",
+                "v4 by the retiring key re-activating itself after the extension"
+            ],
+            mid,
+            Some("config_equivocation"),
+            None
+        ),
+        case(
+            "extend then re-activate, after the original window",
+            &at_v2,
+            &[
+                "v3 by the retiring key extending its own window",
+                "v4 by the retiring key re-activating itself after the extension"
+            ],
+            TS + HOUR + 1,
+            Some("unknown_signer"),
+            None
+        ),
+        case(
+            "re-activation signed only by the retiring key",
+            &at_v2,
+            &["v3 by the retiring key re-activating itself"],
+            mid,
+            Some("config_equivocation"),
+            None
+        ),
+        case(
+            "retiring key rotates to a key of its choosing",
+            &at_v2,
+            &["v3 by the retiring key rotating to k3"],
+            mid,
+            Some("config_equivocation"),
+            None
+        ),
+        case(
+            "active key extends a retiring window",
+            &at_v2,
+            &["v3 by the active key extending the retiring window"],
+            mid,
+            Some("config_equivocation"),
+            None
+        ),
+        case(
+            "retiring entry for a key not trusted now",
+            &at_v2,
+            &["v3 listing an untrusted key as retiring"],
+            mid,
+            Some("config_equivocation"),
+            None
+        ),
+        case(
+            "retiring key shortens its own window",
+            &at_v2,
+            &["v3 by the retiring key shortening its window"],
+            mid,
+            None,
+            Some(3)
+        ),
+        case(
+            "active key drops the retiring key",
+            &at_v2,
+            &["v3 by the active key dropping the retiring key"],
+            mid,
+            None,
+            Some(3)
+        ),
+        case(
+            "active key re-activates the retiring key",
+            &at_v2,
+            &["v3 by the active key re-activating the retiring key"],
+            mid,
+            None,
+            Some(3)
+        ),
+        case(
+            "a retiring entry that has ended grants nothing and is allowed",
+            &at_v2,
+            &["v3 listing a retiring entry that has ended"],
+            TS + HOUR + 1,
+            None,
+            Some(3)
+        ),
+        case(
+            "retiring key names the active set in another order (compared as a set)",
+            &at_v2_two,
+            &["v3 by the retiring key, active set reordered"],
+            mid,
+            None,
+            Some(3)
+        ),
+        case(
+            "retiring key drops a key from the active set",
+            &at_v2_two,
+            &["v3 by the retiring key, dropping k3 from the active set"],
+            mid,
+            Some("config_equivocation"),
+            None
+        ),
+        case(
+            "emergency rotation drops the old key at once",
+            &at_v1,
+            &["v2 emergency rotation dropping k1"],
+            TS + 1,
+            None,
+            Some(2)
+        ),
+        case(
+            "old key after an emergency rotation (catch-up chain)",
+            &at_v1,
+            &[
+                "v2 emergency rotation dropping k1",
+                "v3 by k1 after the emergency rotation"
+            ],
+            TS + 2,
+            Some("unknown_signer"),
+            None
+        ),
     ]);
 
     let vectors = json!({

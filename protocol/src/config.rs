@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::crypto::NetworkKeypair;
 use crate::envelope::{self, RawEnvelope};
-use crate::error::{ProtocolError, Result};
+use crate::error::{ProtocolError, Result, RotationFault};
 use crate::ids::{NetworkId, NetworkKeyId, NodeId};
 use crate::limits;
 use crate::messages::common::{Environment, ModelRef, RuntimeKind, Timing};
@@ -533,10 +533,67 @@ impl ConfigTrust {
                 });
             }
         }
+        self.check_rotation(signer, &snapshot, now_ms)?;
         Ok(ConfigVerdict::New(Box::new(VerifiedConfig {
             snapshot,
             signed: signed.clone(),
         })))
+    }
+
+    /// The rotation rules (spec §8.4), so that a leaked retiring key can neither outlive nor
+    /// undo the rotation that retired it:
+    /// - a snapshot signed by a retiring key names the same active set (compared as a set):
+    ///   only an active key may change it, so only an active key re-activates a retired one;
+    /// - a retiring entry whose window is still open at `now_ms` names a key of the active set
+    ///   (the snapshot retires it and fixes its window) or a retiring key whose window it does
+    ///   not extend; an entry that already ended grants nothing and is allowed.
+    fn check_rotation(
+        &self,
+        signer: &NetworkKeyId,
+        snapshot: &ConfigSnapshot,
+        now_ms: u64,
+    ) -> Result<()> {
+        let payload = &snapshot.payload;
+        let conflict = |fault| ProtocolError::RotationConflict {
+            version: snapshot.version,
+            fault,
+        };
+        if !self.keys.contains(signer) && !same_set(&payload.network_keys, &self.keys) {
+            return Err(conflict(RotationFault::RetiringSignerChangesKeys {
+                signer: signer.to_string(),
+            }));
+        }
+        for entry in &payload.retiring_keys {
+            // Active again (apply drops the entry), retired by this very snapshot, or over.
+            if payload.network_keys.contains(&entry.key)
+                || self.keys.contains(&entry.key)
+                || entry.not_after_ms <= now_ms
+            {
+                continue;
+            }
+            let end = self
+                .retiring
+                .iter()
+                .filter(|r| r.key == entry.key && now_ms < r.not_after_ms)
+                .map(|r| r.not_after_ms)
+                .max();
+            match end {
+                Some(end) if entry.not_after_ms <= end => {}
+                Some(end) => {
+                    return Err(conflict(RotationFault::WindowExtended {
+                        key: entry.key.to_string(),
+                        not_after_ms: end,
+                        offered_ms: entry.not_after_ms,
+                    }));
+                }
+                None => {
+                    return Err(conflict(RotationFault::NotTrusted {
+                        key: entry.key.to_string(),
+                    }));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Makes a verified snapshot the one in force and adopts its key set for the next one:
@@ -555,6 +612,11 @@ impl ConfigTrust {
             .cloned()
             .collect();
     }
+}
+
+/// Whether `a` and `b` name the same keys, whatever their order and repetitions.
+fn same_set(a: &[NetworkKeyId], b: &[NetworkKeyId]) -> bool {
+    a.iter().all(|k| b.contains(k)) && b.iter().all(|k| a.contains(k))
 }
 
 #[cfg(test)]
@@ -796,6 +858,160 @@ mod rotation_tests {
         let late_old = sign(&k1, &snap(4, Some(&chain[2]), NOW, &[&k1], &[]));
         assert!(matches!(
             trust.verify(&late_old, NOW),
+            Err(ProtocolError::UnknownSigner { .. })
+        ));
+    }
+
+    fn conflict(v: Result<ConfigVerdict>) -> RotationFault {
+        match v {
+            Err(ProtocolError::RotationConflict { fault, .. }) => fault,
+            other => panic!("expected a rotation conflict, got {other:?}"),
+        }
+    }
+
+    /// The k1 → k2 rotation applied: k2 active, k1 retiring until `NOW + HOUR`.
+    fn at_rotation() -> (ConfigTrust, SignedConfig, NetworkKeypair, NetworkKeypair) {
+        let (chain, k1, k2) = rotation();
+        let mut trust = ConfigTrust::pinned(net(), vec![k1.id().clone()]);
+        accept(&mut trust, &chain[0], NOW);
+        accept(&mut trust, &chain[1], NOW);
+        (trust, chain[1].clone(), k1, k2)
+    }
+
+    #[test]
+    fn a_retiring_key_cannot_extend_its_window_then_reactivate_itself() {
+        let (mut trust, v2, k1, k2) = at_rotation();
+        let inside = NOW + HOUR / 2;
+        // k1, leaked, re-lists itself as retiring for a day.
+        let extend = sign(
+            &k1,
+            &snap(3, Some(&v2), inside, &[&k2], &[(&k1, NOW + 24 * HOUR)]),
+        );
+        assert_eq!(
+            conflict(trust.verify(&extend, inside)),
+            RotationFault::WindowExtended {
+                key: k1.id().to_string(),
+                not_after_ms: NOW + HOUR,
+                offered_ms: NOW + 24 * HOUR,
+            }
+        );
+        // The same extension signed by the active key is refused too: nobody extends.
+        let by_active = sign(
+            &k2,
+            &snap(3, Some(&v2), inside, &[&k2], &[(&k1, NOW + 24 * HOUR)]),
+        );
+        assert!(matches!(
+            conflict(trust.verify(&by_active, inside)),
+            RotationFault::WindowExtended { .. }
+        ));
+        // Inside its window k1 cannot make itself active again…
+        let reactivate = sign(&k1, &snap(3, Some(&v2), inside, &[&k1], &[]));
+        assert_eq!(
+            conflict(trust.verify(&reactivate, inside)),
+            RotationFault::RetiringSignerChangesKeys {
+                signer: k1.id().to_string()
+            }
+        );
+        // …nor after it: the window is the one the rotation fixed.
+        let after = NOW + HOUR;
+        let late = sign(&k1, &snap(4, Some(&extend), after - 1, &[&k1], &[]));
+        assert!(matches!(
+            trust.verify(&late, after),
+            Err(ProtocolError::KeyRetired { not_after_ms, .. }) if not_after_ms == NOW + HOUR
+        ));
+        assert_eq!(trust.keys_at(after), vec![k2.id().clone()]);
+        // The same sequence as a catch-up chain is refused step by step.
+        assert!(matches!(
+            trust.verify_chain(&[extend.clone(), late.clone()], inside),
+            Err(ProtocolError::RotationConflict { version: 3, .. })
+        ));
+        assert!(matches!(
+            trust.verify_chain(&[extend, late], after),
+            Err(ProtocolError::KeyRetired { .. })
+        ));
+        // What a retiring key may still sign: the same key lists, or a shorter window.
+        let shorten = sign(
+            &k1,
+            &snap(3, Some(&v2), inside, &[&k2], &[(&k1, inside + 1)]),
+        );
+        accept(&mut trust, &shorten, inside);
+        assert_eq!(trust.keys_at(inside + 1), vec![k2.id().clone()]);
+    }
+
+    #[test]
+    fn only_an_active_key_reactivates_a_retired_one_or_adds_a_retiring_entry() {
+        let (trust, v2, k1, k2) = at_rotation();
+        let inside = NOW + HOUR / 2;
+        // A key nobody trusts now cannot be smuggled in as retiring, by any signer.
+        let k3 = key(3);
+        let smuggle = sign(
+            &k2,
+            &snap(
+                3,
+                Some(&v2),
+                inside,
+                &[&k2],
+                &[(&k1, NOW + HOUR), (&k3, NOW + HOUR)],
+            ),
+        );
+        assert_eq!(
+            conflict(trust.verify(&smuggle, inside)),
+            RotationFault::NotTrusted {
+                key: k3.id().to_string()
+            }
+        );
+        // A retiring key cannot rotate to a key of its choosing either.
+        let hijack = sign(
+            &k1,
+            &snap(3, Some(&v2), inside, &[&k3], &[(&k1, NOW + HOUR)]),
+        );
+        assert!(matches!(
+            conflict(trust.verify(&hijack, inside)),
+            RotationFault::RetiringSignerChangesKeys { .. }
+        ));
+        // The active key may re-activate k1 (a rotation called off), during the window or after.
+        let mut undo = trust.clone();
+        let back = sign(&k2, &snap(3, Some(&v2), inside, &[&k1, &k2], &[]));
+        accept(&mut undo, &back, inside);
+        assert_eq!(undo.keys_at(NOW + 2 * HOUR).len(), 2);
+        let mut later = trust.clone();
+        let back_later = sign(&k2, &snap(3, Some(&v2), NOW + 2 * HOUR, &[&k1], &[]));
+        accept(&mut later, &back_later, NOW + 2 * HOUR);
+        assert_eq!(later.keys_at(NOW + 2 * HOUR), vec![k1.id().clone()]);
+        // A list a retiring key signs with the same set in another order changes nothing.
+        let (k4, k5) = (key(4), key(5));
+        let mut two = ConfigTrust::pinned(net(), vec![k4.id().clone(), k5.id().clone()]);
+        let r = sign(&k4, &snap(1, None, NOW, &[&k2, &k3], &[(&k4, NOW + HOUR)]));
+        accept(&mut two, &r, NOW);
+        let same = sign(
+            &k4,
+            &snap(2, Some(&r), NOW, &[&k3, &k2, &k3], &[(&k4, NOW + HOUR)]),
+        );
+        accept(&mut two, &same, NOW);
+        // A confirmation issued after the window may still list the ended entry: it grants
+        // nothing.
+        let (trust, v2, k1, k2) = at_rotation();
+        let mut after = trust.clone();
+        let stale = sign(
+            &k2,
+            &snap(3, Some(&v2), NOW + HOUR, &[&k2], &[(&k1, NOW + HOUR)]),
+        );
+        accept(&mut after, &stale, NOW + HOUR);
+        assert_eq!(after.keys_at(NOW + HOUR), vec![k2.id().clone()]);
+    }
+
+    #[test]
+    fn an_emergency_rotation_drops_the_old_key_at_once() {
+        let (k1, k2) = (key(1), key(2));
+        let v1 = sign(&k1, &snap(1, None, NOW, &[&k1], &[]));
+        let mut trust = ConfigTrust::pinned(net(), vec![k1.id().clone()]);
+        accept(&mut trust, &v1, NOW);
+        let emergency = sign(&k1, &snap(2, Some(&v1), NOW, &[&k2], &[]));
+        accept(&mut trust, &emergency, NOW);
+        assert_eq!(trust.keys_at(NOW), vec![k2.id().clone()]);
+        let by_old = sign(&k1, &snap(3, Some(&emergency), NOW, &[&k1], &[]));
+        assert!(matches!(
+            trust.verify(&by_old, NOW),
             Err(ProtocolError::UnknownSigner { .. })
         ));
     }

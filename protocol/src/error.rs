@@ -102,6 +102,10 @@ pub enum ProtocolError {
         current: String,
         prev: Option<String>,
     },
+    /// The snapshot breaks a key-rotation rule (spec §8.4) of the trust in force: a leaked
+    /// retiring key must not be able to outlive or undo the rotation that retired it.
+    #[error("config version {version} contradicts the key rotation in force: {fault}")]
+    RotationConflict { version: u64, fault: RotationFault },
     /// No common protocol version between node and network.
     #[error(
         "no common protocol version (offered {}, supported {})",
@@ -112,6 +116,27 @@ pub enum ProtocolError {
         offered: Vec<u32>,
         supported: Vec<u32>,
     },
+}
+
+/// Which key-rotation rule (spec §8.4) a snapshot breaks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RotationFault {
+    /// Signed by a retiring key, yet names another active key set: only an active key may
+    /// change the active set (and so re-activate a retired key).
+    #[error("it is signed by the retiring key {signer}, which may not change the active keys")]
+    RetiringSignerChangesKeys { signer: String },
+    /// Moves a retiring key's window end later than the snapshot in force allows.
+    #[error(
+        "it moves the end of retiring key {key}'s window from {not_after_ms} to {offered_ms}; a window may only be shortened"
+    )]
+    WindowExtended {
+        key: String,
+        not_after_ms: u64,
+        offered_ms: u64,
+    },
+    /// Lists as retiring a key that is neither active nor retiring now.
+    #[error("it lists {key} as retiring, but that key is not trusted now")]
+    NotTrusted { key: String },
 }
 
 /// `e` and its causes on one line, each said once: a cause whose text an outer message
@@ -171,7 +196,11 @@ impl ProtocolError {
             Self::StaleTimestamp { .. } => ErrorCode::StaleTimestamp,
             Self::Expired { .. } | Self::NotYetValid { .. } => ErrorCode::ConfigExpired,
             Self::Rollback { .. } => ErrorCode::ConfigRollback,
-            Self::Equivocation { .. } | Self::ChainMismatch { .. } => ErrorCode::ConfigEquivocation,
+            // The snapshot contradicts the rotation in force as an equivocating one contradicts
+            // the version in force: the same 409, and a catch-up chain holding it is refused.
+            Self::Equivocation { .. }
+            | Self::ChainMismatch { .. }
+            | Self::RotationConflict { .. } => ErrorCode::ConfigEquivocation,
         }
     }
 

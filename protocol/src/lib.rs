@@ -37,6 +37,6 @@ pub use codes::ErrorCode;
 pub use config::{ConfigDigest, ConfigSnapshot, ConfigTrust, ConfigVerdict, SignedConfig};
 pub use crypto::{NetworkKeypair, NodeKeypair};
 pub use envelope::RawEnvelope;
-pub use error::{ProtocolError, error_chain, exit_code};
+pub use error::{ProtocolError, RotationFault, error_chain, exit_code};
 pub use ids::{JobId, NetworkId, NetworkKeyId, NodeId};
 pub use purpose::Purpose;

@@ -166,7 +166,7 @@ impl Core {
 
     pub fn on_ack(&mut self, node: &NodeId, job_id: &JobId, epoch: u64) -> Result<(), Refusal> {
         let job = self.jobs.get(job_id).ok_or_else(|| not_assigned(job_id))?;
-        self.lease_check(job, node, epoch)?;
+        self.lease_check(job, node, epoch).map_err(|f| f.refusal)?;
         if let Some(job) = self.jobs.get_mut(job_id)
             && let JobState::Assigned(lease) = &mut job.state
         {
@@ -201,11 +201,12 @@ impl Core {
             );
             return Ok(());
         }
-        if let Err(refusal) = self.lease_check(job, node, result.lease_epoch) {
-            // Fenced or foreign: never acceptable, so confirmed ("needed no more") to clear the
-            // node's outbox, and refused with the reason.
+        if let Err(fault) = self.lease_check(job, node, result.lease_epoch) {
+            // Fenced, never issued or foreign: never acceptable, so confirmed ("needed no
+            // more") to clear the node's outbox, and refused with the reason.
             self.confirm(node, &result);
-            if refusal.0 == ErrorCode::StaleLease {
+            let LeaseFault { refusal, fenced } = fault;
+            if fenced {
                 self.metrics.stale_results.inc();
                 if let Some(rec) = self.nodes.get_mut(node) {
                     rec.job_finished(&result.job_id);
@@ -316,10 +317,8 @@ impl Core {
         now: u64,
     ) -> Result<(), Refusal> {
         let job = self.jobs.get(job_id).ok_or_else(|| not_assigned(job_id))?;
-        if let Err(refusal) = self.lease_check(job, node, epoch) {
-            if refusal.0 == ErrorCode::StaleLease
-                && let Some(rec) = self.nodes.get_mut(node)
-            {
+        if let Err(LeaseFault { refusal, fenced }) = self.lease_check(job, node, epoch) {
+            if fenced && let Some(rec) = self.nodes.get_mut(node) {
                 // The node gave up a job we had already taken back: its slot is free.
                 rec.job_finished(job_id);
                 self.dispatch(now);
@@ -375,8 +374,8 @@ impl Core {
         now: u64,
     ) -> Result<(StreamSink, Vec<String>), Refusal> {
         let job = self.jobs.get(job_id).ok_or_else(|| not_assigned(job_id))?;
-        if let Err(refusal) = self.lease_check(job, node, epoch) {
-            if refusal.0 == ErrorCode::StaleLease {
+        if let Err(LeaseFault { refusal, fenced }) = self.lease_check(job, node, epoch) {
+            if fenced {
                 // Still streaming a lease that was taken back (e.g. across a reconnect, when
                 // the first cancel had no session to go to): stop it.
                 self.send(
@@ -438,12 +437,13 @@ impl Core {
         );
     }
 
-    /// Checks that `node` holds the current lease of `job` at `epoch`.
-    fn lease_check(&self, job: &Job, node: &NodeId, epoch: u64) -> Result<(), Refusal> {
-        if let JobState::Assigned(lease) = &job.state
-            && &lease.node == node
-            && job.lease_epoch == epoch
-        {
+    /// Checks that `node` holds the current lease of `job` at `epoch` (spec §7.5): a job
+    /// never leased to `node` is `not_assigned`; any other epoch of a job it holds or held is
+    /// `stale_lease` — fenced when the network issued that lease and took it back, else an
+    /// epoch it never issued to the node, which frees and cancels nothing.
+    fn lease_check(&self, job: &Job, node: &NodeId, epoch: u64) -> Result<(), LeaseFault> {
+        let holds = matches!(&job.state, JobState::Assigned(lease) if &lease.node == node);
+        if holds && job.lease_epoch == epoch {
             return Ok(());
         }
         if job.leases.iter().any(|(n, e)| n == node && *e == epoch) {
@@ -455,18 +455,36 @@ impl Core {
                 JobState::Completed { .. } => "it was completed elsewhere".to_owned(),
                 JobState::Failed { .. } => "it has failed".to_owned(),
             };
-            return Err((
-                ErrorCode::StaleLease,
-                format!(
-                    "lease {epoch} of job {} is no longer current: {now_state}",
-                    job.id
+            return Err(LeaseFault {
+                refusal: (
+                    ErrorCode::StaleLease,
+                    format!(
+                        "lease {epoch} of job {} is no longer current: {now_state}",
+                        job.id
+                    ),
                 ),
-            ));
+                fenced: true,
+            });
         }
-        Err((
-            ErrorCode::NotAssigned,
-            format!("job {} is not assigned to this node", job.id),
-        ))
+        if holds || job.leases.iter().any(|(n, _)| n == node) {
+            return Err(LeaseFault {
+                refusal: (
+                    ErrorCode::StaleLease,
+                    format!(
+                        "lease {epoch} of job {} was never issued to this node; its lease is {}",
+                        job.id, job.lease_epoch
+                    ),
+                ),
+                fenced: false,
+            });
+        }
+        Err(LeaseFault {
+            refusal: (
+                ErrorCode::NotAssigned,
+                format!("job {} is not assigned to this node", job.id),
+            ),
+            fenced: false,
+        })
     }
 
     /// Fails every unfinished job (service shutting down) so waiting callers are answered.
@@ -634,6 +652,13 @@ pub(super) fn check_result_binding(
     Ok(())
 }
 
+/// Why a message about a lease is refused; `fenced`: the network issued that lease to the
+/// node and took it back, so the node's slot and the lease's run are to be released.
+struct LeaseFault {
+    refusal: Refusal,
+    fenced: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use resultity_protocol::messages::FailCode;
@@ -701,6 +726,28 @@ mod tests {
             rec.penalty.reason(),
             Some("node failed the job (runtime_error): HTTP 500")
         );
+    }
+
+    #[test]
+    fn a_result_for_an_epoch_never_issued_is_a_stale_lease_and_keeps_the_lease() {
+        let mut core = testkit::core(SchedulerSettings::default());
+        let mut a = TestNode::join(&mut core, 1, 4, T0);
+        let other = TestNode::join(&mut core, 2, 1, T0);
+        let (job, _rx) = submit(&mut core, "job-1", model(), T0);
+        let got = a.assignments();
+        core.on_ack(&a.id, &job, 1).expect("ack");
+        let mut forged = testkit::result_for(&got[0], "done");
+        forged.lease_epoch = 7;
+        let refused = core.on_result(&a.id, forged, T0 + 10);
+        assert_eq!(refused.map_err(|e| e.0), Err(ErrorCode::StaleLease));
+        assert!(cancels(&a.sent()).is_empty(), "the current lease runs on");
+        assert_eq!(core.nodes[&a.id].free_slots(), 3, "its slot stays taken");
+        // A node that never held the job is not_assigned, whatever the epoch.
+        let foreign = core.on_result(&other.id, testkit::result_for(&got[0], "x"), T0 + 10);
+        assert_eq!(foreign.map_err(|e| e.0), Err(ErrorCode::NotAssigned));
+        // The holder's real result is still taken.
+        core.on_result(&a.id, testkit::result_for(&got[0], "done"), T0 + 20)
+            .expect("the holder's result");
     }
 
     #[test]

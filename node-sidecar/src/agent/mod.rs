@@ -464,7 +464,18 @@ impl Agent {
             .await
             .current()
             .map_or(0, |c| c.snapshot.version);
-        let chain: Vec<SignedConfig> = self.net.fetch_config(since).await?;
+        let chain: Vec<SignedConfig> = match self.net.fetch_config(since).await {
+            Ok(chain) => chain,
+            // The network answered with something no snapshot can be read from (a link of
+            // another purpose or over 4 MiB, a chain over 16 links): a refused config like
+            // any other, so it is reported and backed off instead of fetched at every
+            // heartbeat.
+            Err(e @ (NetError::BadAnswer { .. } | NetError::TooLarge { .. })) => {
+                self.refuse_config_answer(&e);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         let Some(signed) = chain.last().cloned() else {
             return Ok(());
         };
@@ -519,6 +530,26 @@ impl Agent {
         self.reconcile_models().await;
         self.set_phase();
         Ok(())
+    }
+
+    /// Records a config answer that could not be read as refused: under the digest the
+    /// network announces (so the heartbeat does not fetch it again before the backoff), or,
+    /// when none was announced yet, under the digest of the refusal itself (which still
+    /// holds back catch-up syncs).
+    fn refuse_config_answer(&self, e: &NetError) {
+        let now = self.clock.now_ms();
+        let reason = format!("refused config answer: {e}");
+        let key = self
+            .api
+            .status()
+            .network_config
+            .map(|p| p.digest)
+            .unwrap_or_else(|| {
+                resultity_protocol::config::ConfigDigest::of_body(reason.as_bytes())
+            });
+        let retry_at = lock(&self.config_refusal).record(&key, now);
+        tracing::warn!(%reason, retry_at_ms = retry_at, "config not applied; the last good config stays in force");
+        self.api.update(|s| s.config_error = Some(reason));
     }
 
     /// Activates the models the applied config allows, deactivates the rest.

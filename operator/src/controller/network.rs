@@ -49,6 +49,7 @@ pub fn refusal_reason(e: &ProtocolError) -> &'static str {
         ProtocolError::NotYetValid { .. } => "NotYetValid",
         ProtocolError::Equivocation { .. } => "Equivocation",
         ProtocolError::ChainMismatch { .. } => "ChainMismatch",
+        ProtocolError::RotationConflict { .. } => "RotationConflict",
         ProtocolError::UnknownSigner { .. } | ProtocolError::KeyRetired { .. } => "UnknownSigner",
         ProtocolError::BadSignature { .. } => "BadSignature",
         ProtocolError::WrongAudience { .. } => "WrongNetwork",

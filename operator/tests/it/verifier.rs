@@ -1069,6 +1069,67 @@ fn config_verified(conditions: &[Condition]) -> &Condition {
 }
 
 #[test]
+fn a_retiring_key_can_neither_extend_its_window_nor_reactivate_itself() {
+    use resultity_protocol::config::RetiringKey;
+    let window_end = NOW_MS + 12_000;
+    let (v1, v2, _) = rotation(window_end);
+    let k1 = net_key();
+    let k2 = NetworkKeypair::from_seed(&[2; 32]);
+    let at_v1 = holding(&bare_network(), v1.as_str().as_bytes(), NOW_MS);
+    let at_v2 = holding(&at_v1, &chain(&[&v2]), NOW_MS + 1_000);
+    // Inside its window the leaked k1 keeps k2 active but re-lists itself for a day.
+    let mut ext = snapshot(3, Some(v2.digest().clone()));
+    ext.payload.network_keys = vec![k2.id().clone()];
+    ext.payload.retiring_keys = vec![RetiringKey {
+        key: k1.id().clone(),
+        not_after_ms: NOW_MS + 86_400_000,
+    }];
+    let ext = SignedConfig::sign(&k1, &ext).unwrap();
+    let (refused, notice) =
+        network::compute_network_status(&at_v2, &Ok(chain(&[&ext])), NOW_MS + 2_000);
+    let verified = config_verified(&refused.conditions);
+    assert_eq!(
+        (verified.status.as_str(), verified.reason.as_str()),
+        ("False", "RotationConflict")
+    );
+    assert!(
+        verified.message.contains("may only be shortened"),
+        "{}",
+        verified.message
+    );
+    assert!(notice.is_some_and(|n| n.warning));
+    assert_eq!(refused.config_version, Some(2));
+    assert_eq!(
+        refused.retiring_keys[0].not_after_time.0.as_millisecond(),
+        i64::try_from(window_end).unwrap(),
+        "the window stays the one the rotation fixed"
+    );
+    let mut at_ext = at_v2.clone();
+    at_ext.status = Some(refused);
+    // After the original window, k1 signs a snapshot that makes itself active again.
+    let mut back = snapshot(4, Some(ext.digest().clone()));
+    back.payload.network_keys = vec![k1.id().clone()];
+    let back = SignedConfig::sign(&k1, &back).unwrap();
+    let later = window_end + 1_000;
+    let (s, _) = network::compute_network_status(&at_ext, &Ok(chain(&[&ext, &back])), later);
+    assert_eq!(config_verified(&s.conditions).reason, "UnknownSigner");
+    assert_eq!(s.config_version, Some(2));
+    assert_eq!(s.trusted_keys, [k2.id().as_str()]);
+    assert!(s.retiring_keys.is_empty());
+    // Inside the window, re-activation signed only by the retiring key is refused too.
+    let mut inside = snapshot(3, Some(v2.digest().clone()));
+    inside.payload.network_keys = vec![k1.id().clone()];
+    let inside = SignedConfig::sign(&k1, &inside).unwrap();
+    let (s, _) = network::compute_network_status(
+        &at_v2,
+        &Ok(inside.as_str().as_bytes().to_vec()),
+        NOW_MS + 2_000,
+    );
+    assert_eq!(config_verified(&s.conditions).reason, "RotationConflict");
+    assert_eq!(s.trusted_keys, [k2.id().as_str()]);
+}
+
+#[test]
 fn an_operator_down_past_a_rotation_window_catches_up_without_re_pinning() {
     let window_end = NOW_MS + 30_000;
     let (v1, v2, v3) = rotation(window_end);
