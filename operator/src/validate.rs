@@ -298,10 +298,10 @@ pub fn spec_problems(node: &ResultityNode) -> Vec<String> {
                 );
             }
             if let Some(t) = &c.volume_claim_template {
-                if !is_positive_quantity(&t.size) {
+                if !is_positive_quantity(&t.size.0) {
                     problems.push(format!(
                         "spec.modelCache.volumeClaimTemplate.size {} is not a positive quantity such as 200Gi",
-                        t.size
+                        t.size.0
                     ));
                 }
                 if t.access_modes.is_empty() {
@@ -320,11 +320,11 @@ pub fn spec_problems(node: &ResultityNode) -> Vec<String> {
                 ));
             }
             if let Some(d) = &c.empty_dir
-                && !is_positive_quantity(&d.size_limit)
+                && !is_positive_quantity(&d.size_limit.0)
             {
                 problems.push(format!(
                     "spec.modelCache.emptyDir.sizeLimit {} is not a positive quantity such as 100Gi",
-                    d.size_limit
+                    d.size_limit.0
                 ));
             }
         }
@@ -419,10 +419,11 @@ pub fn spec_problems(node: &ResultityNode) -> Vec<String> {
         }
     }
     if let Some(shm) = &overrides.shm_size
-        && !is_positive_quantity(shm)
+        && !is_positive_quantity(&shm.0)
     {
         problems.push(format!(
-            "spec.pod.shmSize {shm} is not a positive quantity such as 16Gi"
+            "spec.pod.shmSize {} is not a positive quantity such as 16Gi",
+            shm.0
         ));
     }
     problems

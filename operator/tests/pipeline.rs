@@ -111,6 +111,50 @@ fn pod_for_device_plugin_node_reads_dcgm() {
     assert!(sidecar_args(&pod).contains(&format!("--dcgm-url={url}")));
 }
 
+/// Integer quantities (`cpu: 8` unquoted) are read as quantities and reach the pod as the
+/// same numbers.
+#[test]
+fn integer_quantities_reach_the_pod() {
+    let node: ResultityNode = fixture("node-int-quantities.yaml");
+    let pod = build_pod(&node, &resolved(&node), &node_id(), &Defaults::default()).unwrap();
+    let spec = pod.spec.as_ref().unwrap();
+    let quantity = |c: usize, which: &str, name: &str| {
+        let r = spec.containers[c].resources.as_ref().unwrap();
+        let map = if which == "limits" {
+            &r.limits
+        } else {
+            &r.requests
+        };
+        map.as_ref().unwrap()[name].0.clone()
+    };
+    assert_eq!(quantity(0, "requests", "cpu"), "8");
+    assert_eq!(quantity(0, "requests", "memory"), "68719476736");
+    assert_eq!(quantity(0, "limits", "cpu"), "16");
+    assert_eq!(quantity(0, "limits", "memory"), "80Gi");
+    assert_eq!(quantity(0, "limits", "nvidia.com/gpu"), "1");
+    assert_eq!(quantity(1, "requests", "cpu"), "1");
+    assert_eq!(quantity(1, "requests", "memory"), "134217728");
+    let size_limit = |name: &str| {
+        let v = spec
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == name);
+        v.and_then(|v| v.empty_dir.as_ref())
+            .and_then(|d| d.size_limit.as_ref())
+            .map(|q| q.0.clone())
+    };
+    assert_eq!(size_limit("dshm").as_deref(), Some("17179869184"));
+    assert_eq!(size_limit("model-cache").as_deref(), Some("107374182400"));
+    // Serialized as the pod API reads them back.
+    let json = serde_json::to_value(&pod).unwrap();
+    assert_eq!(
+        json["spec"]["containers"][0]["resources"]["requests"]["cpu"],
+        "8"
+    );
+}
+
 #[test]
 fn pod_for_openai_cpu_node() {
     let node: ResultityNode = fixture("node-openai-cpu.yaml");
