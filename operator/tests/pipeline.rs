@@ -684,6 +684,45 @@ fn status_keeps_transition_time_when_unchanged() {
     );
 }
 
+/// `gpu.visibility: none` turns the sidecar's GPU checks off: nothing is checked, so nothing
+/// is unhealthy, and the node is Ready when everything else is.
+#[test]
+fn status_gpu_checks_off_is_not_unhealthy() {
+    let pod: Pod = fixture("pod-running-ready.yaml");
+    let mut node: ResultityNode = fixture("node-vllm.yaml");
+    node.spec.gpu.visibility = GpuVisibility::None;
+    node.spec.gpu.min_memory_mib = None;
+    // What the sidecar reports with its checks off.
+    let mut off = report();
+    off.gpu.present = false;
+    off.gpu.devices.clear();
+    off.gpu.reason = Some("GPU checks are off (--gpu-check off)".into());
+    let s = status_with(
+        node.clone(),
+        Some(&pod),
+        SidecarObservation::Report(Box::new(off)),
+        None,
+    );
+    assert_eq!(cond(&s, types::GPU_HEALTHY), ("True", "ChecksOff"));
+    assert_eq!(cond(&s, types::READY), ("True", "NodeReady"));
+    assert_eq!(s.phase, NodePhase::Ready);
+    let msg = &s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == types::GPU_HEALTHY)
+        .unwrap()
+        .message;
+    assert!(msg.contains("visibility is none"), "{msg}");
+
+    // The same report on a node that asks for a GPU is still no GPU.
+    let mut absent = report();
+    absent.gpu.present = false;
+    absent.gpu.devices.clear();
+    let s = status_for(Some(&pod), SidecarObservation::Report(Box::new(absent)));
+    assert_eq!(cond(&s, types::GPU_HEALTHY), ("False", "NoGPU"));
+    assert_eq!(s.phase, NodePhase::Degraded);
+}
+
 #[test]
 fn status_gpu_trouble_and_network_verdict() {
     let pod: Pod = fixture("pod-running-ready.yaml");
