@@ -115,7 +115,10 @@ fn pod_for_device_plugin_node_reads_dcgm() {
 /// same numbers.
 #[test]
 fn integer_quantities_reach_the_pod() {
-    let node: ResultityNode = fixture("node-int-quantities.yaml");
+    // As the operator receives it from the API server: JSON, where `8` is a number (YAML
+    // would hand a String field the digits).
+    let yaml: serde_json::Value = fixture("node-int-quantities.yaml");
+    let node: ResultityNode = serde_json::from_value(yaml).unwrap();
     let pod = build_pod(&node, &resolved(&node), &node_id(), &Defaults::default()).unwrap();
     let spec = pod.spec.as_ref().unwrap();
     let quantity = |c: usize, which: &str, name: &str| {
