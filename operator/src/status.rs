@@ -644,7 +644,9 @@ pub fn compute_node_status(o: &Observed<'_>) -> ResultityNodeStatus {
         None => sidecar_unknown(types::SELF_TEST_PASSED),
     });
     let phase = match o.blocker {
-        Some(Blocker::Invalid(_) | Blocker::Rejected(_)) => NodePhase::Invalid,
+        Some(Blocker::Invalid(_) | Blocker::Rejected(_) | Blocker::Unsupported(_)) => {
+            NodePhase::Invalid
+        }
         Some(_) => NodePhase::Pending,
         None if o.node.spec.paused => NodePhase::Paused,
         None if draining => NodePhase::Draining,

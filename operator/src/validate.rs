@@ -41,6 +41,9 @@ pub enum Blocker {
     /// The API server refused the object built from the spec (a field it validates and we
     /// could not); a person must change the spec.
     Rejected(crate::error::Rejection),
+    /// The spec needs an API the cluster does not serve (DRA's `resource.k8s.io`); the
+    /// cluster or the spec must change.
+    Unsupported(String),
 }
 
 impl Blocker {
@@ -51,6 +54,7 @@ impl Blocker {
             Self::WaitingForNetworkConfig(_) => "WaitingForNetworkConfig",
             Self::Invalid(_) => "InvalidSpec",
             Self::Rejected(_) => "RejectedByAPIServer",
+            Self::Unsupported(_) => "UnsupportedByCluster",
         }
     }
     /// Human-readable message.
@@ -62,6 +66,7 @@ impl Blocker {
             }
             Self::Invalid(problems) => problems.join("; "),
             Self::Rejected(r) => r.to_string(),
+            Self::Unsupported(why) => why.clone(),
         }
     }
 }
