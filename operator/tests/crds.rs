@@ -490,8 +490,10 @@ mod cost {
                         let mut args = self.args(")")?;
                         if ["all", "exists", "exists_one", "map", "filter"].contains(&name.as_str())
                         {
-                            let (Some(body), Some(Expr::Ident(var)), 2) =
-                                (args.pop(), args.pop(), args.len() + 2)
+                            let body = args.pop();
+                            let var = args.pop();
+                            let (Some(body), Some(Expr::Ident(var)), true) =
+                                (body, var, args.is_empty())
                             else {
                                 return Err(format!("macro {name} takes a variable and a body"));
                             };
