@@ -408,7 +408,7 @@ pub fn build_pod(
             // vLLM/NCCL need a large shared memory segment; the container default is 64 MiB.
             empty_dir: Some(EmptyDirVolumeSource {
                 medium: Some("Memory".into()),
-                size_limit: overrides.shm_size.clone().map(Quantity),
+                size_limit: overrides.shm_size.clone(),
                 ..EmptyDirVolumeSource::default()
             }),
             ..Volume::default()

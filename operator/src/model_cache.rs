@@ -9,7 +9,6 @@ use k8s_openapi::api::core::v1::{
     PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Volume, VolumeMount,
     VolumeResourceRequirements,
 };
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 
@@ -105,7 +104,7 @@ pub fn cache_volume(node: &ResultityNode, cache: &ModelCacheSpec) -> Volume {
         });
     } else if let Some(dir) = &cache.empty_dir {
         v.empty_dir = Some(EmptyDirVolumeSource {
-            size_limit: Some(Quantity(dir.size_limit.clone())),
+            size_limit: Some(dir.size_limit.clone()),
             ..EmptyDirVolumeSource::default()
         });
     }
@@ -148,7 +147,7 @@ pub fn build_cache_claim(node: &ResultityNode) -> Option<PersistentVolumeClaim> 
             resources: Some(VolumeResourceRequirements {
                 requests: Some(BTreeMap::from([(
                     "storage".to_owned(),
-                    Quantity(template.size.clone()),
+                    template.size.clone(),
                 )])),
                 ..VolumeResourceRequirements::default()
             }),
@@ -196,17 +195,17 @@ pub fn startup_probe_timing(budget_seconds: u32) -> (i32, i32) {
     )
 }
 
-/// Whether `s` is a positive Kubernetes quantity (`200Gi`, `1.5T`, `500M`, `1e9`), as the
-/// API server parses them.
+/// Whether `s` is a positive Kubernetes quantity (`200Gi`, `1.5T`, `500M`, `1e9`, `+8`, an
+/// integer written unquoted), as the API server parses them.
 pub fn is_positive_quantity(s: &str) -> bool {
+    let s = s.strip_prefix('+').unwrap_or(s);
     let number_end = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(s.len());
     let (number, suffix) = s.split_at(number_end);
     let valid_number = !number.is_empty()
         && number.matches('.').count() <= 1
-        && number.chars().any(|c| c.is_ascii_digit())
-        && !number.ends_with('.');
+        && number.chars().any(|c| c.is_ascii_digit());
     let valid_suffix = matches!(
         suffix,
         "" | "Ki"
@@ -273,11 +272,15 @@ mod tests {
 
     #[test]
     fn quantities() {
-        for ok in ["200Gi", "1", "1.5T", "500M", "1e9", "0.5Gi", "100Mi", "2E"] {
+        // What the CRD's quantity pattern admits and is above zero, signs and a bare
+        // trailing point included (the API server parses `1.Gi` as 1Gi).
+        for ok in [
+            "200Gi", "1", "1.5T", "500M", "1e9", "0.5Gi", "100Mi", "2E", "+8", "1.Gi",
+        ] {
             assert!(is_positive_quantity(ok), "{ok}");
         }
         for bad in [
-            "", "0", "0Gi", "Gi", "-1Gi", "10GB", "1.2.3Gi", "1.Gi", "ten", "1 Gi", "1e",
+            "", "0", "+0", "0Gi", "Gi", "-1Gi", "10GB", "1.2.3Gi", "ten", "1 Gi", "1e", "+",
         ] {
             assert!(!is_positive_quantity(bad), "{bad}");
         }

@@ -11,7 +11,7 @@ use resultity_protocol::status::{ConnectionState, NodeStatus};
 use crate::build::{runtime_container_name, sidecar_container_name};
 use crate::conditions::{Cond, FALSE, TRUE, UNKNOWN, settle};
 use crate::crd::{
-    ConfigRef, GpuStatus, JobsStatus, ModelStateStatus, NodePhase, ResultityNode,
+    ConfigRef, GpuStatus, GpuVisibility, JobsStatus, ModelStateStatus, NodePhase, ResultityNode,
     ResultityNodeStatus,
 };
 use crate::validate::Blocker;
@@ -39,6 +39,10 @@ pub mod types {
     /// reason `Loading`, the message carries the progress.
     pub const MODELS_LOADED: &str = "ModelsLoaded";
 }
+
+/// The `GPUHealthy` reason of a node with `spec.gpu.visibility: none`: True, since nothing is
+/// requested and nothing is checked.
+pub const REASON_GPU_CHECKS_OFF: &str = "ChecksOff";
 
 /// The `SelfTestPassed` reason a fleet rollout treats as final: the runtime answers, wrongly.
 pub const REASON_KNOWN_ANSWER_MISMATCH: &str = "KnownAnswerMismatch";
@@ -488,6 +492,14 @@ pub fn compute_node_status(o: &Observed<'_>) -> ResultityNodeStatus {
     };
 
     let gpu_healthy = match report {
+        // Checks off means "not checked", not "unhealthy": True, so Ready follows the rest,
+        // with a reason that says nothing was checked.
+        _ if o.node.spec.gpu.visibility == GpuVisibility::None => Cond::new(
+            GPU_HEALTHY,
+            TRUE,
+            REASON_GPU_CHECKS_OFF,
+            "spec.gpu.visibility is none: the node requests no GPU and none is checked",
+        ),
         None => sidecar_unknown(GPU_HEALTHY),
         Some(r) if !r.gpu.present => Cond::new(
             GPU_HEALTHY,
@@ -632,7 +644,9 @@ pub fn compute_node_status(o: &Observed<'_>) -> ResultityNodeStatus {
         None => sidecar_unknown(types::SELF_TEST_PASSED),
     });
     let phase = match o.blocker {
-        Some(Blocker::Invalid(_) | Blocker::Rejected(_)) => NodePhase::Invalid,
+        Some(Blocker::Invalid(_) | Blocker::Rejected(_) | Blocker::Unsupported(_)) => {
+            NodePhase::Invalid
+        }
         Some(_) => NodePhase::Pending,
         None if o.node.spec.paused => NodePhase::Paused,
         None if draining => NodePhase::Draining,

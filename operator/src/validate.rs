@@ -41,6 +41,9 @@ pub enum Blocker {
     /// The API server refused the object built from the spec (a field it validates and we
     /// could not); a person must change the spec.
     Rejected(crate::error::Rejection),
+    /// The spec needs an API the cluster does not serve (DRA's `resource.k8s.io`); the
+    /// cluster or the spec must change.
+    Unsupported(String),
 }
 
 impl Blocker {
@@ -51,6 +54,7 @@ impl Blocker {
             Self::WaitingForNetworkConfig(_) => "WaitingForNetworkConfig",
             Self::Invalid(_) => "InvalidSpec",
             Self::Rejected(_) => "RejectedByAPIServer",
+            Self::Unsupported(_) => "UnsupportedByCluster",
         }
     }
     /// Human-readable message.
@@ -62,6 +66,7 @@ impl Blocker {
             }
             Self::Invalid(problems) => problems.join("; "),
             Self::Rejected(r) => r.to_string(),
+            Self::Unsupported(why) => why.clone(),
         }
     }
 }
@@ -298,10 +303,10 @@ pub fn spec_problems(node: &ResultityNode) -> Vec<String> {
                 );
             }
             if let Some(t) = &c.volume_claim_template {
-                if !is_positive_quantity(&t.size) {
+                if !is_positive_quantity(&t.size.0) {
                     problems.push(format!(
                         "spec.modelCache.volumeClaimTemplate.size {} is not a positive quantity such as 200Gi",
-                        t.size
+                        t.size.0
                     ));
                 }
                 if t.access_modes.is_empty() {
@@ -320,11 +325,11 @@ pub fn spec_problems(node: &ResultityNode) -> Vec<String> {
                 ));
             }
             if let Some(d) = &c.empty_dir
-                && !is_positive_quantity(&d.size_limit)
+                && !is_positive_quantity(&d.size_limit.0)
             {
                 problems.push(format!(
                     "spec.modelCache.emptyDir.sizeLimit {} is not a positive quantity such as 100Gi",
-                    d.size_limit
+                    d.size_limit.0
                 ));
             }
         }
@@ -419,10 +424,11 @@ pub fn spec_problems(node: &ResultityNode) -> Vec<String> {
         }
     }
     if let Some(shm) = &overrides.shm_size
-        && !is_positive_quantity(shm)
+        && !is_positive_quantity(&shm.0)
     {
         problems.push(format!(
-            "spec.pod.shmSize {shm} is not a positive quantity such as 16Gi"
+            "spec.pod.shmSize {} is not a positive quantity such as 16Gi",
+            shm.0
         ));
     }
     problems

@@ -30,6 +30,10 @@ pub struct Context {
     pub events: Arc<events::EventPublisher>,
     pub defaults: Defaults,
     pub clock: Arc<dyn Clock>,
+    /// Set once the API server was seen serving `resource.k8s.io`: DRA cannot be switched off
+    /// without restarting the API server, and a check per DRA node reconcile would cost a
+    /// request each.
+    pub dra_served: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Context {
@@ -64,6 +68,7 @@ impl Context {
             events,
             defaults,
             clock,
+            dra_served: Arc::default(),
         }
     }
 

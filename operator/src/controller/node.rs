@@ -23,8 +23,8 @@ use crate::build::{
     pod_spec_hash, sidecar_container_name,
 };
 use crate::crd::{
-    DeletionPolicy, LABEL_FLEET, LABEL_MANAGED_BY, LABEL_ROLLOUT_STEP, MANAGER, NodePhase,
-    ResultityNetwork, ResultityNode, ResultityNodeStatus, RolloutStep,
+    DeletionPolicy, GpuVisibility, LABEL_FLEET, LABEL_MANAGED_BY, LABEL_ROLLOUT_STEP, MANAGER,
+    NodePhase, ResultityNetwork, ResultityNode, ResultityNodeStatus, RolloutStep,
 };
 use crate::decide::{DeleteReason, DrainState, PodAction, ReplacementGate, decide_pod_action};
 use crate::error::{ApplyError, DereferenceError, Error, Rejection, Result};
@@ -171,6 +171,43 @@ async fn ensure_cache_claim(
             None => Err(write("apply")(e)),
         },
     }
+}
+
+/// API group of DRA's ResourceClaimTemplates and claims.
+const DRA_GROUP: &str = "resource.k8s.io";
+
+/// Dereference step for a `gpu.visibility: dra` node: whether the API server serves
+/// `resource.k8s.io` in any version. One that does not (Kubernetes 1.32 by default) accepts
+/// the pod's `resourceClaims` and silently drops them, so the pod would run without its GPU
+/// claim; such a node is refused with a reason instead. `Ok(Err(..))`: a blocker.
+async fn check_dra_served(
+    node: &ResultityNode,
+    ctx: &Context,
+) -> Result<Result<(), Blocker>, DereferenceError> {
+    use std::sync::atomic::Ordering;
+    if node.spec.gpu.visibility != GpuVisibility::Dra || ctx.dra_served.load(Ordering::Relaxed) {
+        return Ok(Ok(()));
+    }
+    let groups = ctx
+        .client
+        .list_api_groups()
+        .await
+        .map_err(|source| DereferenceError::Read {
+            kind: "APIGroupList",
+            name: "/apis".into(),
+            source,
+        })?;
+    let served = groups
+        .groups
+        .iter()
+        .any(|g| g.name == DRA_GROUP && !g.versions.is_empty());
+    if served {
+        ctx.dra_served.store(true, Ordering::Relaxed);
+        return Ok(Ok(()));
+    }
+    Ok(Err(Blocker::Unsupported(format!(
+        "spec.gpu.visibility dra needs Dynamic Resource Allocation, but this API server serves no {DRA_GROUP} version; it would accept the pod and drop its GPU claim. Enable DRA in the cluster (on Kubernetes 1.32 the DynamicResourceAllocation feature gate and {DRA_GROUP}/v1beta1), or use visibility devicePlugin"
+    ))))
 }
 
 /// Where to reach the pod's sidecar, if it is running.
@@ -547,6 +584,10 @@ async fn apply(node: &ResultityNode, ctx: &Context) -> Result<Action> {
         .and_then(|_| validate_node(node, refs.network.as_ref(), &ctx.defaults));
     // The cache claim before the pod that mounts it; a claim that cannot be made blocks the
     // pod as an invalid spec does.
+    let resolved = match resolved {
+        Ok(r) => check_dra_served(node, ctx).await?.map(|()| r),
+        Err(b) => Err(b),
+    };
     let resolved = match resolved {
         Ok(r) => ensure_cache_claim(node, ctx, &ns).await?.map(|()| r),
         Err(b) => Err(b),

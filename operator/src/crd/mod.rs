@@ -33,11 +33,46 @@ pub const ANNOTATION_SPEC_HASH: &str = "resultity.com/spec-hash";
 
 /// Every CRD the operator serves, in a stable order.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![
+    let mut crds = vec![
         ResultityNetwork::crd(),
         ResultityNode::crd(),
         ResultityFleet::crd(),
-    ]
+    ];
+    for version in crds.iter_mut().flat_map(|c| c.spec.versions.iter_mut()) {
+        if let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+            && let Ok(mut value) = serde_json::to_value(&*schema)
+        {
+            type_int_or_string(&mut value);
+            if let Ok(typed) = serde_json::from_value(value) {
+                *schema = typed;
+            }
+        }
+    }
+    crds
+}
+
+/// kube's schema rewriting strips the types from `anyOf` branches, leaving an int-or-string
+/// that admits any value (a boolean `cpu: true` would pass the API server and then fail to
+/// deserialize in the operator). Restore controller-gen's `anyOf: [integer, string]`.
+fn type_int_or_string(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(obj) => {
+            if obj.get("x-kubernetes-int-or-string") == Some(&serde_json::Value::Bool(true))
+                && obj.get("anyOf") == Some(&serde_json::json!([{}, {}]))
+            {
+                obj.insert(
+                    "anyOf".into(),
+                    serde_json::json!([{"type": "integer"}, {"type": "string"}]),
+                );
+            }
+            obj.values_mut().for_each(type_int_or_string);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(type_int_or_string),
+        _ => {}
+    }
 }
 
 /// All CRDs as multi-document YAML, exactly as `crds/resultity.yaml` holds them.

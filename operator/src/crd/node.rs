@@ -6,6 +6,7 @@ use k8s_openapi::api::core::v1::{
     Affinity, EnvFromSource, EnvVar, LocalObjectReference, ResourceRequirements, Toleration,
     Volume, VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -114,7 +115,7 @@ pub struct RuntimeSpec {
     pub volume_mounts: Vec<VolumeMount>,
     /// CPU and memory; GPU limits come from `spec.gpu`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::crd::schema::runtime_resources")]
+    #[schemars(schema_with = "crate::crd::schema::resources")]
     pub resources: Option<ResourceRequirements>,
     /// How long the runtime may take to first answer (download and load its weights) before
     /// the kubelet restarts it. Defaults to a budget that follows the models' size.
@@ -150,7 +151,7 @@ fn default_access_modes() -> Vec<CacheAccessMode> {
 }
 
 /// A PersistentVolumeClaim the operator creates for the node and deletes with it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CacheClaimTemplate {
     /// Storage class of the claim; the cluster's default class when absent.
@@ -160,13 +161,10 @@ pub struct CacheClaimTemplate {
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
     )]
     pub storage_class_name: Option<String>,
-    /// Requested capacity, a quantity such as `200Gi`.
-    #[schemars(length(min = 1, max = 64))]
-    #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))",
-        "message": "modelCache.volumeClaimTemplate.size must be a positive quantity such as 200Gi"
-    }]))]
-    pub size: String,
+    /// Requested capacity, a quantity such as `200Gi`. Positive: the validate step refuses
+    /// zero or less (the node turns `Invalid`).
+    #[schemars(schema_with = "crate::crd::schema::quantity")]
+    pub size: Quantity,
     #[serde(default = "default_access_modes")]
     #[schemars(length(min = 1, max = 4))]
     pub access_modes: Vec<CacheAccessMode>,
@@ -208,19 +206,16 @@ pub struct CacheHostPath {
 
 /// A scratch volume that lives as long as the pod: weights are downloaded again on every
 /// pod replacement, but never fill the node's disk past `sizeLimit`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CacheEmptyDir {
-    #[schemars(length(min = 1, max = 64))]
-    #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))",
-        "message": "modelCache.emptyDir.sizeLimit must be a positive quantity such as 100Gi"
-    }]))]
-    pub size_limit: String,
+    /// A positive quantity such as `100Gi`.
+    #[schemars(schema_with = "crate::crd::schema::quantity")]
+    pub size_limit: Quantity,
 }
 
 /// Where the runtime keeps model weights; exactly one source.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "(has(self.volumeClaimTemplate) ? 1 : 0) + (has(self.existingClaim) ? 1 : 0) + (has(self.hostPath) ? 1 : 0) + (has(self.emptyDir) ? 1 : 0) == 1",
@@ -254,7 +249,7 @@ pub struct ModelCacheSpec {
 pub struct SidecarSpec {
     /// Replaces the default (100m CPU and 128Mi requested, 512Mi memory limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::crd::schema::sidecar_resources")]
+    #[schemars(schema_with = "crate::crd::schema::resources")]
     pub resources: Option<ResourceRequirements>,
     /// Extra mounts of `spec.pod.volumes` into the sidecar container.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -294,12 +289,8 @@ pub struct PodOverrides {
     /// unbounded up to the memory limit when absent. NCCL and vLLM's tensor parallelism need
     /// more than the container runtime's 64 MiB default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 64))]
-    #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))",
-        "message": "pod.shmSize must be a positive quantity such as 16Gi"
-    }]))]
-    pub shm_size: Option<String>,
+    #[schemars(schema_with = "crate::crd::schema::quantity")]
+    pub shm_size: Option<Quantity>,
     /// Extra volumes for `runtime.volumeMounts` and `sidecar.volumeMounts`. The operator's
     /// own volume names (`dshm`, `identity`, `state`, `tmp`, `model-cache`) are refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

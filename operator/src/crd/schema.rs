@@ -43,32 +43,29 @@ pub fn volumes(generator: &mut SchemaGenerator) -> Schema {
     })
 }
 
-/// Every request and limit a quantity: the rule both container resource fields carry.
-const QUANTITY_RULE: &str = "(!has(self.limits) || self.limits.all(k, isQuantity(self.limits[k]))) && (!has(self.requests) || self.requests.all(k, isQuantity(self.requests[k])))";
+/// The OpenAPI `pattern` controller-gen emits for `resource.Quantity`: the API server checks it
+/// on strings only, so an integer (`cpu: 8`) passes as it does in a pod.
+pub const QUANTITY_PATTERN: &str = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$";
 
-/// Resource maps a CEL rule walks must be bounded, or the API server's cost estimate assumes a
-/// request-sized map and refuses the CRD; a container names a handful of resources.
+/// A `resource.Quantity` as controller-gen renders it: an integer or a string of the quantity
+/// pattern. Checked by the schema, not by CEL: the API server types an int-or-string as `dyn`
+/// sized like a whole request, so even one `isQuantity` per map entry blows its cost budget,
+/// and `isQuantity` has no overload for an integer.
+pub fn quantity(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "x-kubernetes-int-or-string": true,
+        "anyOf": [{"type": "integer"}, {"type": "string"}],
+        "pattern": QUANTITY_PATTERN,
+    })
+}
+
+/// A container names a handful of resources; the bound keeps the maps' size known to the API
+/// server (and to anything that walks them).
 const MAX_RESOURCE_NAMES: u64 = 16;
 
-/// The runtime container's `resources`.
-pub fn runtime_resources(generator: &mut SchemaGenerator) -> Schema {
-    resources(
-        generator,
-        "resources: every request and limit must be a quantity such as 500m, 8 or 64Gi",
-    )
-}
-
-/// The sidecar container's `resources`.
-pub fn sidecar_resources(generator: &mut SchemaGenerator) -> Schema {
-    resources(
-        generator,
-        "sidecar.resources: every request and limit must be a quantity such as 500m, 8 or 64Gi",
-    )
-}
-
 /// `ResourceRequirements` in the pod API's shape, without its (long, repeated) descriptions,
-/// with bounded `limits`/`requests` and the quantity rule.
-fn resources(generator: &mut SchemaGenerator, message: &str) -> Schema {
+/// with bounded `limits`/`requests` whose values are quantities (strings or integers).
+pub fn resources(generator: &mut SchemaGenerator) -> Schema {
     let item = generator.subschema_for::<k8s_openapi::api::core::v1::ResourceRequirements>();
     let mut value = serde_json::Value::from(item);
     strip_descriptions(&mut value);
@@ -76,20 +73,18 @@ fn resources(generator: &mut SchemaGenerator, message: &str) -> Schema {
         serde_json::Value::Object(map) => map,
         _ => serde_json::Map::new(),
     };
+    let quantity = serde_json::Value::from(quantity(generator));
     if let Some(serde_json::Value::Object(props)) = map.get_mut("properties") {
         for key in ["limits", "requests"] {
             if let Some(serde_json::Value::Object(m)) = props.get_mut(key) {
                 m.insert("maxProperties".into(), MAX_RESOURCE_NAMES.into());
+                m.insert("additionalProperties".into(), quantity.clone());
             }
         }
     }
     map.insert("type".into(), "object".into());
     // The field is optional; `resources: null` stays accepted as before.
     map.insert("nullable".into(), true.into());
-    map.insert(
-        "x-kubernetes-validations".into(),
-        serde_json::json!([{"rule": QUANTITY_RULE, "message": message}]),
-    );
     Schema::from(map)
 }
 

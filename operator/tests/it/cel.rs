@@ -4,7 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers may panic
 
 use kube::core::cel::Validator;
-use resultity_operator::crd::all_crds;
+use resultity_operator::crd::{ResultityNode, all_crds};
+use resultity_operator::validate::spec_problems;
 use serde_json::{Value, json};
 
 fn schema(name: &str) -> Value {
@@ -31,12 +32,62 @@ fn example(name: &str) -> Value {
     serde_norway::from_str(&text).unwrap()
 }
 
-/// The CEL messages of the failed rules (empty when the object passes).
+/// Whether `value` matches the OpenAPI `pattern` (RE2 syntax, as the API server's Go regexp
+/// and CEL's `matches` both read it).
+fn matches_pattern(pattern: &str, value: &str) -> bool {
+    let escaped = pattern.replace('\\', "\\\\").replace('\'', "\\'");
+    let check = json!({
+        "type": "string",
+        "x-kubernetes-validations": [{"rule": format!("self.matches('{escaped}')")}],
+    });
+    Validator::new()
+        .validate(&check, &json!(value), None)
+        .is_ok()
+}
+
+/// The OpenAPI `pattern`s `object` breaks, as the API server checks them: on strings only,
+/// so an integer where a quantity is expected is never matched against the pattern.
+fn pattern_failures(schema: &Value, object: &Value, path: &str, out: &mut Vec<String>) {
+    match object {
+        Value::String(s) => {
+            if let Some(p) = schema.get("pattern").and_then(Value::as_str)
+                && !matches_pattern(p, s)
+            {
+                out.push(format!("{path}: {s} does not match {p}"));
+            }
+        }
+        Value::Object(map) => {
+            for (k, v) in map {
+                let child = schema
+                    .get("properties")
+                    .and_then(|p| p.get(k))
+                    .or_else(|| schema.get("additionalProperties").filter(|a| a.is_object()));
+                if let Some(child) = child {
+                    pattern_failures(child, v, &format!("{path}.{k}"), out);
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(item) = schema.get("items") {
+                for (i, v) in items.iter().enumerate() {
+                    pattern_failures(item, v, &format!("{path}[{i}]"), out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// What the API server refuses: the CEL messages of the failed rules, then each broken
+/// `pattern` by path (empty when the object passes).
 fn failures(crd: &str, object: &Value) -> Vec<String> {
-    match Validator::new().validate(&schema(crd), object, None) {
+    let schema = schema(crd);
+    let mut out = match Validator::new().validate(&schema, object, None) {
         Ok(()) => Vec::new(),
         Err(errors) => errors.into_vec().into_iter().map(|e| e.message).collect(),
-    }
+    };
+    pattern_failures(&schema, object, "", &mut out);
+    out
 }
 
 const NODES: &str = "resultitynodes.resultity.com";
@@ -173,7 +224,7 @@ fn pod_fields_are_validated_as_the_pod_api_does() {
     rejected(
         &["spec", "runtime", "resources"],
         json!({"limits": {"memory": "abc"}}),
-        "quantity",
+        ".spec.runtime.resources.limits.memory: abc does not match",
     );
     // What the pod API accepts passes.
     let mut fine = node.clone();
@@ -282,22 +333,50 @@ fn model_cache_has_exactly_one_source_with_quantities() {
             .any(|m| m.contains("exactly one of volumeClaimTemplate")),
         "{f:?}"
     );
-    for bad in ["0", "ten", "10GB", "-5Gi"] {
+    // Not a quantity: the schema's pattern refuses it.
+    for bad in ["ten", "10GB", "1 Gi"] {
         let f = node_with(
             &["modelCache"],
             json!({"volumeClaimTemplate": {"size": bad}}),
         );
         assert!(
             f.iter()
-                .any(|m| m.contains("positive quantity such as 200Gi")),
+                .any(|m| m.starts_with(".spec.modelCache.volumeClaimTemplate.size:")),
             "{bad}: {f:?}"
         );
         let f = node_with(&["modelCache"], json!({"emptyDir": {"sizeLimit": bad}}));
         assert!(
             f.iter()
-                .any(|m| m.contains("positive quantity such as 100Gi")),
+                .any(|m| m.starts_with(".spec.modelCache.emptyDir.sizeLimit:")),
             "{bad}: {f:?}"
         );
+    }
+    // A quantity, but not above zero: admitted by the schema (a `> 0` in CEL would need
+    // `quantity()` on an int-or-string, sized by the server as a whole request), refused by
+    // the operator's validate step, which turns the node Invalid naming the field.
+    for (zero, cache) in [
+        ("0", json!({"volumeClaimTemplate": {"size": "0"}})),
+        ("-5Gi", json!({"emptyDir": {"sizeLimit": "-5Gi"}})),
+        ("0 as an integer", json!({"emptyDir": {"sizeLimit": 0}})),
+    ] {
+        let mut node = example("node.yaml");
+        node["spec"]["modelCache"] = cache;
+        assert_eq!(failures(NODES, &node), Vec::<String>::new(), "{zero}");
+        let node: ResultityNode = serde_json::from_value(node).unwrap();
+        let problems = spec_problems(&node);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("is not a positive quantity")),
+            "{zero}: {problems:?}"
+        );
+    }
+    for fine in [json!(200), json!("1.5Ti"), json!("+8Gi"), json!("1e3")] {
+        let f = node_with(
+            &["modelCache"],
+            json!({"volumeClaimTemplate": {"size": fine}}),
+        );
+        assert_eq!(f, Vec::<String>::new(), "{fine}");
     }
     let f = node_with(
         &["modelCache"],
@@ -328,8 +407,7 @@ fn pod_overrides_are_checked_where_cel_is_cheap() {
     // cost budget.
     let f = node_with(&["pod", "shmSize"], json!("lots"));
     assert!(
-        f.iter()
-            .any(|m| m.contains("pod.shmSize must be a positive quantity")),
+        f.iter().any(|m| m.starts_with(".spec.pod.shmSize: lots")),
         "{f:?}"
     );
     let f = node_with(
@@ -356,4 +434,56 @@ fn pod_overrides_are_checked_where_cel_is_cheap() {
         ),
         Vec::<String>::new()
     );
+}
+
+/// Quantities as a pod accepts them: integers unquoted, strings in the quantity syntax, in
+/// every quantity field; the same pattern the API server enforces.
+#[test]
+fn integer_and_string_quantities_are_accepted_where_a_pod_accepts_them() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/node-int-quantities.yaml"
+    ))
+    .unwrap();
+    let node: Value = serde_norway::from_str(&text).unwrap();
+    assert_eq!(failures(NODES, &node), Vec::<String>::new());
+    // The same spec in a fleet's template.
+    let mut fleet = example("fleet.yaml");
+    fleet["spec"]["template"]["spec"] = node["spec"].clone();
+    assert_eq!(failures(FLEETS, &fleet), Vec::<String>::new());
+
+    for (value, ok) in [
+        (json!(8), true),
+        (json!("8"), true),
+        (json!("500m"), true),
+        (json!("64Gi"), true),
+        (json!("1.5"), true),
+        (json!(".5"), true),
+        (json!("1e3"), true),
+        (json!("1E-3"), true),
+        (json!("+2"), true),
+        (json!("8 Gi"), false),
+        (json!("64GB"), false),
+        (json!("Gi"), false),
+        (json!("ten"), false),
+        (json!(""), false),
+    ] {
+        for field in ["runtime", "sidecar"] {
+            let f = node_with(
+                &[field, "resources"],
+                json!({"limits": {"cpu": value.clone()}, "requests": {"nvidia.com/gpu": value.clone()}}),
+            );
+            assert_eq!(f.is_empty(), ok, "{field} {value}: {f:?}");
+        }
+        let f = node_with(&["pod", "shmSize"], value.clone());
+        assert_eq!(f.is_empty(), ok, "shmSize {value}: {f:?}");
+    }
+    // The pattern the schema carries is controller-gen's for resource.Quantity.
+    let limits = &schema(NODES)["properties"]["spec"]["properties"]["runtime"]["properties"]["resources"]
+        ["properties"]["limits"]["additionalProperties"];
+    assert_eq!(
+        limits["pattern"],
+        r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+    );
+    assert_eq!(limits["x-kubernetes-int-or-string"], true);
 }

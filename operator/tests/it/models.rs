@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers may panic
 
 use k8s_openapi::api::core::v1::{Container, Pod, Volume};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use resultity_operator::build::{build_pod, pod_spec_hash};
@@ -404,7 +405,7 @@ fn escape_hatches_refuse_what_would_break_the_node() {
     p.labels.insert("resultity.com/node".into(), "other".into());
     p.annotations
         .insert("resultity.com/spec-hash".into(), "0".into());
-    p.shm_size = Some("lots".into());
+    p.shm_size = Some(Quantity("lots".into()));
     cases.push(("operator_labels_and_bad_shm", n));
     let mut n = base.clone();
     n.spec.pod.as_mut().unwrap().volumes = vec![

@@ -111,6 +111,53 @@ fn pod_for_device_plugin_node_reads_dcgm() {
     assert!(sidecar_args(&pod).contains(&format!("--dcgm-url={url}")));
 }
 
+/// Integer quantities (`cpu: 8` unquoted) are read as quantities and reach the pod as the
+/// same numbers.
+#[test]
+fn integer_quantities_reach_the_pod() {
+    // As the operator receives it from the API server: JSON, where `8` is a number (YAML
+    // would hand a String field the digits).
+    let yaml: serde_json::Value = fixture("node-int-quantities.yaml");
+    let node: ResultityNode = serde_json::from_value(yaml).unwrap();
+    let pod = build_pod(&node, &resolved(&node), &node_id(), &Defaults::default()).unwrap();
+    let spec = pod.spec.as_ref().unwrap();
+    let quantity = |c: usize, which: &str, name: &str| {
+        let r = spec.containers[c].resources.as_ref().unwrap();
+        let map = if which == "limits" {
+            &r.limits
+        } else {
+            &r.requests
+        };
+        map.as_ref().unwrap()[name].0.clone()
+    };
+    assert_eq!(quantity(0, "requests", "cpu"), "8");
+    assert_eq!(quantity(0, "requests", "memory"), "68719476736");
+    assert_eq!(quantity(0, "limits", "cpu"), "16");
+    assert_eq!(quantity(0, "limits", "memory"), "80Gi");
+    assert_eq!(quantity(0, "limits", "nvidia.com/gpu"), "1");
+    assert_eq!(quantity(1, "requests", "cpu"), "1");
+    assert_eq!(quantity(1, "requests", "memory"), "134217728");
+    let size_limit = |name: &str| {
+        let v = spec
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == name);
+        v.and_then(|v| v.empty_dir.as_ref())
+            .and_then(|d| d.size_limit.as_ref())
+            .map(|q| q.0.clone())
+    };
+    assert_eq!(size_limit("dshm").as_deref(), Some("17179869184"));
+    assert_eq!(size_limit("model-cache").as_deref(), Some("107374182400"));
+    // Serialized as the pod API reads them back.
+    let json = serde_json::to_value(&pod).unwrap();
+    assert_eq!(
+        json["spec"]["containers"][0]["resources"]["requests"]["cpu"],
+        "8"
+    );
+}
+
 #[test]
 fn pod_for_openai_cpu_node() {
     let node: ResultityNode = fixture("node-openai-cpu.yaml");
@@ -638,6 +685,45 @@ fn status_keeps_transition_time_when_unchanged() {
             .iter()
             .all(|c| c.last_transition_time.0.as_second() == 1_700_000_000)
     );
+}
+
+/// `gpu.visibility: none` turns the sidecar's GPU checks off: nothing is checked, so nothing
+/// is unhealthy, and the node is Ready when everything else is.
+#[test]
+fn status_gpu_checks_off_is_not_unhealthy() {
+    let pod: Pod = fixture("pod-running-ready.yaml");
+    let mut node: ResultityNode = fixture("node-vllm.yaml");
+    node.spec.gpu.visibility = GpuVisibility::None;
+    node.spec.gpu.min_memory_mib = None;
+    // What the sidecar reports with its checks off.
+    let mut off = report();
+    off.gpu.present = false;
+    off.gpu.devices.clear();
+    off.gpu.reason = Some("GPU checks are off (--gpu-check off)".into());
+    let s = status_with(
+        node.clone(),
+        Some(&pod),
+        SidecarObservation::Report(Box::new(off)),
+        None,
+    );
+    assert_eq!(cond(&s, types::GPU_HEALTHY), ("True", "ChecksOff"));
+    assert_eq!(cond(&s, types::READY), ("True", "NodeReady"));
+    assert_eq!(s.phase, NodePhase::Ready);
+    let msg = &s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == types::GPU_HEALTHY)
+        .unwrap()
+        .message;
+    assert!(msg.contains("visibility is none"), "{msg}");
+
+    // The same report on a node that asks for a GPU is still no GPU.
+    let mut absent = report();
+    absent.gpu.present = false;
+    absent.gpu.devices.clear();
+    let s = status_for(Some(&pod), SidecarObservation::Report(Box::new(absent)));
+    assert_eq!(cond(&s, types::GPU_HEALTHY), ("False", "NoGPU"));
+    assert_eq!(s.phase, NodePhase::Degraded);
 }
 
 #[test]

@@ -1834,3 +1834,116 @@ mod fleets {
         assert_eq!(action, Action::requeue(Duration::from_secs(300)));
     }
 }
+
+// ---------- DRA on a server that may not serve it ----------
+
+fn dra_node() -> ResultityNode {
+    let mut n = finalized_node();
+    n.spec.gpu.visibility = resultity_operator::crd::GpuVisibility::Dra;
+    n.spec.gpu.resource_claim_template_name = Some("single-gpu".into());
+    n
+}
+
+/// `GET /apis`, with `resource.k8s.io` among the groups or not.
+fn api_groups(dra: bool) -> Call {
+    let group = |name: &str, version: &str| {
+        let gv = format!("{name}/{version}");
+        json!({"name": name, "versions": [{"groupVersion": gv, "version": version}],
+               "preferredVersion": {"groupVersion": gv, "version": version}})
+    };
+    let mut groups = vec![group("apps", "v1"), group("resultity.com", "v1alpha1")];
+    if dra {
+        groups.push(group("resource.k8s.io", "v1beta1"));
+    }
+    Call::get(
+        "/apis",
+        json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}),
+    )
+}
+
+/// A default Kubernetes 1.32 server serves no `resource.k8s.io` and would accept the pod with
+/// its `resourceClaims` dropped: the node is refused with a reason and a warning instead, and
+/// no pod is created.
+#[tokio::test]
+async fn dra_node_on_a_server_without_dra_is_refused_not_created_without_its_claim() {
+    let mut n = dra_node();
+    n.status = Some(ResultityNodeStatus {
+        phase: NodePhase::Pending,
+        ..ResultityNodeStatus::default()
+    });
+    let script = node_script(
+        &n,
+        [
+            Call::get_missing(POD),
+            api_groups(false),
+            Call::apply_status(NODE_STATUS, &n).check(|b| {
+                let s = status_of(b);
+                assert_eq!(s.phase, NodePhase::Invalid);
+                let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+                assert_eq!(
+                    (ready.status.as_str(), ready.reason.as_str()),
+                    ("False", "UnsupportedByCluster")
+                );
+                assert!(
+                    ready.message.contains("serves no resource.k8s.io version"),
+                    "{}",
+                    ready.message
+                );
+            }),
+            Call::event(EVENTS, "Invalid").check(|b| {
+                assert_eq!(b["type"], "Warning");
+                assert!(
+                    b["note"].as_str().unwrap().contains("resource.k8s.io"),
+                    "{b}"
+                );
+            }),
+        ],
+    );
+    let action = run_node(n, script).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+}
+
+/// Where DRA is served the pod is created with its claim, and the answer is remembered: the
+/// next reconcile does not ask again.
+#[tokio::test]
+async fn dra_node_on_a_server_with_dra_gets_its_claim_and_asks_once() {
+    let n = dra_node();
+    let created = Arc::new(Mutex::new(None::<Value>));
+    let keep = created.clone();
+    let mut script = node_script(
+        &n,
+        [
+            Call::get_missing(POD),
+            api_groups(true),
+            Call::apply(POD)
+                .check(|b| {
+                    assert_eq!(b["spec"]["resourceClaims"][0]["name"], "gpu", "{b}");
+                    assert_eq!(
+                        b["spec"]["resourceClaims"][0]["resourceClaimTemplateName"],
+                        "single-gpu"
+                    );
+                })
+                .check(move |b| *keep.lock().unwrap() = Some(b.clone())),
+            Call::event(EVENTS, "PodCreated"),
+            Call::apply_status(NODE_STATUS, &n),
+        ],
+    );
+    let served = created.clone();
+    script.extend(node_script(
+        &n,
+        [
+            Call::new(Method::GET, POD)
+                .reply(move |_| (200, served.lock().unwrap().clone().unwrap())),
+            Call::apply_status(NODE_STATUS, &n),
+        ],
+    ));
+    let (first, second) = (n.clone(), n);
+    world(script, FakeSidecar::answering(vec![]), no_source())
+        .run(move |ctx| {
+            Box::pin(async move {
+                node::reconcile(Arc::new(first), ctx.clone()).await.unwrap();
+                node::reconcile(Arc::new(second), ctx).await.unwrap();
+            })
+        })
+        .await;
+}
