@@ -5,8 +5,7 @@
 //! The length prefixes make the encoding injective, so no (purpose, body) pair can be
 //! re-split into another.
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use data_encoding::BASE64URL_NOPAD;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use zeroize::Zeroizing;
 
@@ -62,7 +61,7 @@ pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
 
 /// Encodes bytes as unpadded base64url, the encoding of every binary field on the wire.
 pub fn b64(bytes: &[u8]) -> String {
-    URL_SAFE_NO_PAD.encode(bytes)
+    BASE64URL_NOPAD.encode(bytes)
 }
 
 /// Decodes unpadded base64url into exactly `N` bytes.
@@ -76,8 +75,9 @@ pub fn unb64<const N: usize>(field: &'static str, text: &str) -> Result<[u8; N]>
             text.len()
         )));
     }
-    let v = URL_SAFE_NO_PAD
-        .decode(text)
+    // Strict: non-zero trailing bits (a second spelling of the same bytes) and padding are refused.
+    let v = BASE64URL_NOPAD
+        .decode(text.as_bytes())
         .map_err(|e| invalid(format!("bad base64url: {e}")))?;
     v.try_into()
         .map_err(|_| invalid(format!("expected {N} bytes")))
@@ -173,6 +173,22 @@ keypair_type!(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base64url_has_one_spelling_per_value() {
+        let text = b64(&[0xff; 32]);
+        assert_eq!(unb64::<32>("f", &text).unwrap(), [0xff; 32]);
+        // 32 bytes leave 2 unused bits in the last character: "8" (…111100) is the only
+        // spelling; "_" (…111111) sets them and must not decode to the same key.
+        assert!(text.ends_with('8'), "{text}");
+        let mut other = text[..text.len() - 1].to_owned();
+        other.push('_');
+        let err = unb64::<32>("f", &other).unwrap_err().to_string();
+        assert!(err.contains("bad base64url"), "{err}");
+        // Standard-alphabet characters and padding are not base64url.
+        assert!(unb64::<32>("f", &text.replacen('_', "+", 1)).is_err());
+        assert!(unb64::<32>("f", &format!("{}=", &text[..text.len() - 1])).is_err());
+    }
 
     #[test]
     fn signature_input_layout() {
