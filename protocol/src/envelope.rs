@@ -13,9 +13,10 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::{self, NetworkKeypair, NodeKeypair};
+use crate::crypto;
 use crate::error::{ProtocolError, Result};
 use crate::ids::{NetworkKeyId, NodeId};
+use crate::keys::{NetworkKeypair, NodeKeypair};
 use crate::purpose::{Purpose, SignedBy};
 
 /// Envelope format version this crate writes and accepts.

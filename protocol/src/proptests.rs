@@ -6,9 +6,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::config::{ConfigSnapshot, ConfigTrust, SignedConfig};
-use crate::crypto::{NetworkKeypair, NodeKeypair};
 use crate::envelope::{self, RawEnvelope};
 use crate::ids::{NetworkId, NodeId};
+use crate::keys::{NetworkKeypair, NodeKeypair};
 use crate::messages::http::*;
 use crate::messages::ws::*;
 use crate::purpose::Purpose;

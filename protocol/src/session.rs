@@ -8,10 +8,10 @@
 use ed25519_dalek::VerifyingKey;
 use serde::de::DeserializeOwned;
 
-use crate::crypto::{NetworkKeypair, NodeKeypair};
 use crate::envelope::{self, RawEnvelope};
 use crate::error::{ProtocolError, Result};
 use crate::ids::{NetworkId, NetworkKeyId, NodeId};
+use crate::keys::{NetworkKeypair, NodeKeypair};
 use crate::limits;
 use crate::messages::ws::{Auth, NetworkMessage, NodeMessage, Sequenced};
 use crate::purpose::{Purpose, SignedBy};

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::common::*;
 use crate::codes::ErrorCode;
-use crate::config::ConfigDigest;
+use crate::digest::ConfigDigest;
 use crate::ids::{JobId, NetworkId, NodeId};
 use crate::purpose::Purpose;
 
@@ -192,7 +192,7 @@ pub struct JobResult {
 impl JobResult {
     /// The digest `output_digest` must hold for `output`.
     pub fn digest_output(output: &str) -> String {
-        crate::config::sha256_text(output.as_bytes())
+        crate::digest::sha256_text(output.as_bytes())
     }
     /// True when `output_digest` matches `output`.
     pub fn output_digest_matches(&self) -> bool {
