@@ -384,7 +384,7 @@ impl Core {
         }
         known.sort_by(f64::total_cmp);
         let mid = known.len() / 2;
-        Some(if known.len() % 2 == 0 {
+        Some(if known.len().is_multiple_of(2) {
             (known[mid - 1] + known[mid]) / 2.0
         } else {
             known[mid]
