@@ -100,6 +100,9 @@ pub struct Summary {
     pub jobs_per_s: f64,
     pub signatures_verified: u64,
     pub messages_rejected: u64,
+    /// Completed jobs per node id, every node of the network listed (0 for one that served
+    /// none), so a starved node shows.
+    pub jobs_per_node: BTreeMap<String, u64>,
     /// Why jobs failed (first few), for people; not part of the JSON contract.
     #[serde(skip)]
     pub failures: Vec<String>,
@@ -122,6 +125,9 @@ impl Summary {
     pub fn with_network(mut self, net: &Devnet) -> Self {
         self.jobs_reassigned = net.jobs_reassigned();
         self.messages_rejected = net.messages_rejected();
+        for n in &net.nodes {
+            self.jobs_per_node.entry(n.node_id()).or_insert(0);
+        }
         self
     }
 }
@@ -306,6 +312,11 @@ pub async fn run_load(
             }
         }
     }
+    s.jobs_per_node = progress
+        .per_node()
+        .into_iter()
+        .map(|(node, (jobs, _))| (node, jobs))
+        .collect();
     lat.sort_by(f64::total_cmp);
     s.p50_ms = round3(percentile(&lat, 0.50));
     s.p99_ms = round3(percentile(&lat, 0.99));
@@ -347,6 +358,7 @@ mod tests {
             [
                 "jobs_completed",
                 "jobs_failed",
+                "jobs_per_node",
                 "jobs_per_s",
                 "jobs_reassigned",
                 "jobs_submitted",

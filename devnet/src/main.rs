@@ -266,6 +266,13 @@ fn print_table(s: &Summary) {
         println!("{k:<22}{v:>12}");
     }
     println!("{:-<34}", "");
+    let completed = s.jobs_completed.max(1) as f64;
+    println!("jobs per node");
+    for (node, jobs) in &s.jobs_per_node {
+        let share = 100.0 * *jobs as f64 / completed;
+        println!("  {node}  {jobs:>8} {share:>6.1}%");
+    }
+    println!("{:-<34}", "");
     let verdict = if s.all_verified() {
         "OK: every job completed with a verified signature"
     } else {

@@ -108,6 +108,13 @@ pub struct SchedulerSettings {
     pub finished_history: usize,
     /// Largest output a node may return.
     pub max_output_bytes: u32,
+    /// How sharply the choice among eligible nodes follows the score: a node's chance is
+    /// weighted by `exp((score − best score) / choice_temperature)`, so every this many points
+    /// below the best divide its weight by e. 0 always picks the best score.
+    pub choice_temperature: f64,
+    /// Seed of the node choice's random draws; `None` seeds from the process's entropy.
+    /// Tests set it so that a run is reproducible.
+    pub choice_seed: Option<u64>,
 }
 
 impl Default for SchedulerSettings {
@@ -126,6 +133,8 @@ impl Default for SchedulerSettings {
             latency_ref_ms: 1_000.0,
             finished_history: 10_000,
             max_output_bytes: u32::try_from(limits::MAX_ENVELOPE_BYTES / 2).unwrap_or(u32::MAX),
+            choice_temperature: 20.0,
+            choice_seed: None,
         }
     }
 }

@@ -37,6 +37,7 @@ fn json_summary_is_the_last_stdout_line_and_exit_status_reflects_it() {
             [
                 "jobs_completed",
                 "jobs_failed",
+                "jobs_per_node",
                 "jobs_per_s",
                 "jobs_reassigned",
                 "jobs_submitted",
@@ -52,6 +53,40 @@ fn json_summary_is_the_last_stdout_line_and_exit_status_reflects_it() {
         assert_eq!(v["jobs_failed"], 0);
         // Not a TTY: no progress bar escapes in the output.
         assert!(!String::from_utf8_lossy(&out.stderr).contains("\x1b["));
+    }
+}
+
+/// One caller sending jobs one after another to 4 equal nodes: each serves a fair share
+/// (100 of 400, ±35), not one node everything while the others idle.
+#[test]
+fn four_equal_nodes_share_400_sequential_jobs() {
+    let out = Command::new(BIN)
+        .args(["--nodes", "4", "--jobs", "400", "--concurrency", "1"])
+        .args(["--latency-ms", "1", "--json"])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let per_node = v["jobs_per_node"].as_object().unwrap();
+    assert_eq!(per_node.len(), 4, "{v}");
+    let total: u64 = per_node.values().map(|n| n.as_u64().unwrap()).sum();
+    assert_eq!(total, 400, "{v}");
+    for (node, jobs) in per_node {
+        let jobs = jobs.as_u64().unwrap();
+        assert!(
+            (60..=140).contains(&jobs),
+            "node {node} served {jobs} of 400: {v}"
+        );
+    }
+    // The human summary lists the same nodes.
+    for node in per_node.keys() {
+        assert!(stdout.contains(node.as_str()), "{stdout}");
     }
 }
 

@@ -667,9 +667,17 @@ mod tests {
     use super::*;
     use crate::settings::SchedulerSettings;
 
+    /// The best score always wins (no draw): these tests are about leases, not the choice.
+    fn argmax() -> Core {
+        testkit::core(SchedulerSettings {
+            choice_temperature: 0.0,
+            ..SchedulerSettings::default()
+        })
+    }
+
     /// A job leased to `a` (the preferred node) with `b` standing by.
     fn leased() -> (Core, TestNode, TestNode, JobId) {
-        let mut core = testkit::core(SchedulerSettings::default());
+        let mut core = argmax();
         let mut a = TestNode::join(&mut core, 1, 4, T0);
         let b = TestNode::join(&mut core, 2, 2, T0);
         let (job, _rx) = submit(&mut core, "job-1", model(), T0);
@@ -730,7 +738,7 @@ mod tests {
 
     #[test]
     fn a_result_for_an_epoch_never_issued_is_a_stale_lease_and_keeps_the_lease() {
-        let mut core = testkit::core(SchedulerSettings::default());
+        let mut core = argmax();
         let mut a = TestNode::join(&mut core, 1, 4, T0);
         let other = TestNode::join(&mut core, 2, 1, T0);
         let (job, _rx) = submit(&mut core, "job-1", model(), T0);

@@ -22,7 +22,10 @@
 //!   participation accepts the environment, runtime ready and GPUs healthy, and for the job's
 //!   model: approved, active on the node, runtime allowed, enough GPU memory, subcloud admitted;
 //! * never more outstanding (unacked or running) jobs on a node than its credits;
-//! * score = free-credit share + latency EWMA + decaying penalty, 0–1000;
+//! * score = free-credit share + latency EWMA (the fleet's median for a node with none yet) +
+//!   decaying penalty, 0–1000; among the eligible nodes with free credits one is drawn with
+//!   weight `exp((score − best) / choice_temperature)`, so equal nodes share the load and a
+//!   slow or penalized node gets less;
 //! * ack timeout / execution deadline / invalid result → the lease is taken back, the node is
 //!   penalized, the job is reassigned with `lease_epoch + 1` up to `max_attempts`; repeated
 //!   failures suspend the node for a cooldown.
@@ -136,6 +139,8 @@ pub struct Core {
     queue: VecDeque<JobId>,
     /// Finished jobs, oldest first, kept for `job_view` up to `finished_history`.
     finished: VecDeque<JobId>,
+    /// Draws for the weighted node choice; seeded from the settings in tests.
+    rng: scheduling::ChoiceRng,
 }
 
 impl Core {
@@ -146,6 +151,7 @@ impl Core {
         config: Arc<NetworkConfig>,
         config_digest: ConfigDigest,
     ) -> Self {
+        let rng = scheduling::ChoiceRng::new(sched.choice_seed);
         Self {
             sched,
             limits,
@@ -158,6 +164,7 @@ impl Core {
             jobs: HashMap::new(),
             queue: VecDeque::new(),
             finished: VecDeque::new(),
+            rng,
         }
     }
 

@@ -14,7 +14,7 @@ use super::registry::NodeRecord;
 use super::{Core, Outbound, ms_to_s};
 
 impl Core {
-    /// Assigns queued jobs to the best eligible nodes with free credits.
+    /// Assigns queued jobs to eligible nodes with free credits, drawn by score.
     pub fn dispatch(&mut self, now: u64) {
         if self.queue.is_empty() {
             return;
@@ -27,13 +27,15 @@ impl Core {
                 still_queued.push_back(job_id);
                 continue;
             }
+            // Drawn before the job is borrowed; one draw per job considered.
+            let u = self.rng.unit();
             let Some(job) = self.jobs.get(&job_id) else {
                 continue;
             };
             if !matches!(job.state, JobState::Queued) {
                 continue;
             }
-            let decision = self.choose_node(job, now);
+            let decision = self.choose_node(job, now, u);
             match decision {
                 Choice::Node(node) => self.assign(&job_id, &node, now),
                 Choice::AllTried => {
@@ -55,11 +57,17 @@ impl Core {
         self.refresh_gauges(now);
     }
 
-    /// The best eligible node with free credits that has not held this job before.
-    fn choose_node(&self, job: &Job, now: u64) -> Choice {
+    /// An eligible node with free credits that has not held this job before, drawn with
+    /// weight `exp((score − best) / choice_temperature)`; `u` is a uniform draw in [0, 1).
+    ///
+    /// Always taking the best score starves every node but one: the node that served last
+    /// keeps the best latency figure, so equal nodes must share by chance, with the score
+    /// only tilting the odds (an e-fold per `choice_temperature` points).
+    fn choose_node(&self, job: &Job, now: u64, u: f64) -> Choice {
         let tried = |id: &NodeId| job.leases.iter().any(|(n, _)| n == id);
         let mut untried_candidates = 0usize;
-        let mut best: Option<(u32, u32, &NodeId)> = None;
+        let prior = self.latency_prior();
+        let mut candidates: Vec<(u32, u32, &NodeId)> = Vec::new();
         // Triton answers KServe v2 only: OpenAI jobs (and so every stream) go to the other
         // nodes of a mixed network.
         let openai_job = matches!(job.spec.kind, JobKind::ChatCompletion | JobKind::Completion);
@@ -78,21 +86,10 @@ impl Core {
             if free == 0 {
                 continue;
             }
-            let score = self.score(rec, now);
-            let better = match best {
-                None => true,
-                // Deterministic tie-break (score, free slots, then node id) keeps tests and
-                // operators' expectations reproducible.
-                Some((s, f, id)) => {
-                    (score, free, std::cmp::Reverse(&rec.id)) > (s, f, std::cmp::Reverse(id))
-                }
-            };
-            if better {
-                best = Some((score, free, &rec.id));
-            }
+            candidates.push((self.score_with(rec, now, prior), free, &rec.id));
         }
-        match best {
-            Some((_, _, id)) => Choice::Node(id.clone()),
+        match pick(&mut candidates, self.sched.choice_temperature, u) {
+            Some(id) => Choice::Node(id.clone()),
             // A retry with no untried eligible node fails now, with the last reason, rather
             // than leaving its caller waiting; a first attempt waits for a node until its
             // deadline.
@@ -370,16 +367,113 @@ impl Core {
 
     /// 0–1000: 400 for the share of free credits, 300 for latency, 300 for a clean record.
     pub(super) fn score(&self, rec: &NodeRecord, now: u64) -> u32 {
+        self.score_with(rec, now, self.latency_prior())
+    }
+
+    /// The latency figure assumed for a node that has none yet: the median of the nodes'
+    /// EWMAs. A new or recovered node then starts level with the fleet rather than below the
+    /// node that has been serving (and so always holds the freshest figure).
+    pub(super) fn latency_prior(&self) -> Option<f64> {
+        let mut known: Vec<f64> = self
+            .nodes
+            .values()
+            .filter_map(|n| n.latency_ewma_ms)
+            .collect();
+        if known.is_empty() {
+            return None;
+        }
+        known.sort_by(f64::total_cmp);
+        let mid = known.len() / 2;
+        Some(if known.len().is_multiple_of(2) {
+            (known[mid - 1] + known[mid]) / 2.0
+        } else {
+            known[mid]
+        })
+    }
+
+    /// [`Self::score`] with the no-history latency given (computed once per choice).
+    fn score_with(&self, rec: &NodeRecord, now: u64, prior: Option<f64>) -> u32 {
         let free = if rec.max_concurrency == 0 {
             0.0
         } else {
             f64::from(rec.free_slots()) / f64::from(rec.max_concurrency)
         };
         let r = self.sched.latency_ref_ms.max(1.0);
-        let latency = rec.latency_ewma_ms.map_or(0.5, |l| r / (r + l.max(0.0)));
+        // With no figure anywhere, the reference latency (half marks) for everyone.
+        let latency = rec
+            .latency_ewma_ms
+            .or(prior)
+            .map_or(0.5, |l| r / (r + l.max(0.0)));
         let penalty = rec.penalty.at(now, self.sched.penalty_half_life_ms) / PENALTY_MAX;
         let s = 400.0 * free + 300.0 * latency + 300.0 * (1.0 - penalty);
         s.round().clamp(0.0, 1000.0) as u32
+    }
+}
+
+/// Draws one of `candidates` (score, free slots, id) with weight
+/// `exp((score − best) / temperature)` using the uniform draw `u` in [0, 1). A temperature
+/// of 0 (or anything not positive and finite) takes the best score, ties broken by free
+/// slots then node id.
+fn pick<'a>(
+    candidates: &mut [(u32, u32, &'a NodeId)],
+    temperature: f64,
+    u: f64,
+) -> Option<&'a NodeId> {
+    // Node ids order the draw: the registry's hash map iterates in a per-process order,
+    // which would make a seeded draw land on a different node each run.
+    candidates.sort_by(|a, b| a.2.cmp(b.2));
+    let best = candidates.iter().max_by(|a, b| {
+        (a.0, a.1, std::cmp::Reverse(a.2)).cmp(&(b.0, b.1, std::cmp::Reverse(b.2)))
+    })?;
+    if !(temperature.is_finite() && temperature > 0.0) {
+        return Some(best.2);
+    }
+    let top = f64::from(best.0);
+    let weight = |score: u32| ((f64::from(score) - top) / temperature).exp();
+    let total: f64 = candidates.iter().map(|c| weight(c.0)).sum();
+    let mut target = u.clamp(0.0, 1.0) * total;
+    for c in candidates.iter() {
+        let w = weight(c.0);
+        if target < w {
+            return Some(c.2);
+        }
+        target -= w;
+    }
+    // Rounding left the target past the last weight: the last candidate.
+    candidates.last().map(|c| c.2)
+}
+
+/// SplitMix64: small, seedable, and good enough to spread jobs (no security role: a node
+/// gains nothing by predicting who gets the next job, every assignment is still bound to
+/// its lease and checked).
+#[derive(Debug, Clone)]
+pub(super) struct ChoiceRng(u64);
+
+impl ChoiceRng {
+    pub(super) fn new(seed: Option<u64>) -> Self {
+        Self(seed.unwrap_or_else(|| {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos()),
+            );
+            h.finish()
+        }))
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub(super) fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 
@@ -409,6 +503,8 @@ mod tests {
         core.config.timing.ack_timeout_ms
     }
 
+    /// With the seeded draw, the best node by far (a penalized node sits 120 points lower, a
+    /// busy one 300: weights of e^-6 and e^-15) takes the job.
     #[test]
     fn a_job_goes_to_the_eligible_node_with_the_best_score() {
         let mut core = testkit::core(SchedulerSettings::default());
@@ -520,9 +616,13 @@ mod tests {
         assert_eq!(core.job_view(&second).map(|v| v.state), Some("queued"));
     }
 
-    /// Two nodes with every slot free: `first` wins the tie on free slots.
+    /// Two nodes with every slot free: `first` wins the tie on free slots. The choice takes
+    /// the best score here (temperature 0), so these tests are about timing, not the draw.
     fn two_nodes(sched: SchedulerSettings) -> (Core, TestNode, TestNode) {
-        let mut core = testkit::core(sched);
+        let mut core = testkit::core(SchedulerSettings {
+            choice_temperature: 0.0,
+            ..sched
+        });
         let first = TestNode::join(&mut core, 1, 4, T0);
         let second = TestNode::join(&mut core, 2, 2, T0);
         (core, first, second)
@@ -693,5 +793,241 @@ mod tests {
             Some(a.id.clone())
         );
         assert_eq!(core.verdict(&a.id, back).penalty, 0);
+    }
+    /// One caller sending jobs one after another: the job goes out, the node that got it
+    /// acks, and its result arrives `latency(node)` ms later, when the next job is sent.
+    /// Every node heartbeats at each step so none goes stale over a long run. Returns the
+    /// index of the node that served and the time its result arrived.
+    fn serve_next(
+        core: &mut Core,
+        nodes: &mut [TestNode],
+        job: &str,
+        now: u64,
+        latency: &dyn Fn(usize) -> u64,
+    ) -> (usize, u64) {
+        for n in nodes.iter() {
+            core.heartbeat(&n.id, report(4), now).expect("heartbeat");
+        }
+        let (job_id, _rx) = submit(core, job, model(), now);
+        let mut holder = None;
+        for (i, n) in nodes.iter_mut().enumerate() {
+            for a in n.assignments() {
+                assert!(holder.is_none(), "one job, one assignment");
+                holder = Some((i, a));
+            }
+        }
+        let (i, a) = holder.expect("an eligible node takes the job");
+        core.on_ack(&nodes[i].id, &job_id, a.lease_epoch)
+            .expect("ack");
+        let done = now + latency(i);
+        core.on_result(&nodes[i].id, result_for(&a, "ok"), done)
+            .expect("result");
+        (i, done)
+    }
+
+    fn seeded(seed: u64) -> Core {
+        testkit::core(SchedulerSettings {
+            choice_seed: Some(seed),
+            ..SchedulerSettings::default()
+        })
+    }
+
+    #[test]
+    fn equal_nodes_share_sequential_jobs() {
+        for seed in 1..=5 {
+            let mut core = seeded(seed);
+            let mut nodes: Vec<TestNode> = (1..=4)
+                .map(|i| TestNode::join(&mut core, i, 4, T0))
+                .collect();
+            let mut served = [0u32; 4];
+            let mut now = T0;
+            for k in 0..400u64 {
+                // Latency varies from job to job, not from node to node.
+                let lat = 45 + (k * 7) % 11;
+                let (i, done) =
+                    serve_next(&mut core, &mut nodes, &format!("job-{k}"), now, &|_| lat);
+                served[i] += 1;
+                now = done;
+            }
+            // A fair share is 100 of 400 (standard deviation 8.7): ±28 is over 3 deviations.
+            for (i, n) in served.iter().enumerate() {
+                assert!(
+                    (72..=128).contains(n),
+                    "seed {seed}: node {i} served {n} of 400: {served:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_node_that_joins_mid_run_gets_a_job_soon() {
+        for seed in 1..=10 {
+            let mut core = seeded(seed);
+            let mut nodes: Vec<TestNode> = (1..=3)
+                .map(|i| TestNode::join(&mut core, i, 4, T0))
+                .collect();
+            let mut now = T0;
+            for k in 0..100 {
+                now = serve_next(&mut core, &mut nodes, &format!("job-{k}"), now, &|_| 100).1;
+            }
+            nodes.push(TestNode::join(&mut core, 4, 4, now));
+            let score = |core: &Core, n: &TestNode| core.score(&core.nodes[&n.id], now);
+            // No latency figure yet: it starts level with the fleet's median, not below it.
+            assert_eq!(
+                score(&core, &nodes[3]),
+                score(&core, &nodes[0]),
+                "seed {seed}"
+            );
+            // At one chance in four per job, 20 jobs without one happen 0.3 % of the time;
+            // at 100 ms a job that is 2 s.
+            let first = (100..120).find(|k| {
+                let (i, done) =
+                    serve_next(&mut core, &mut nodes, &format!("job-{k}"), now, &|_| 100);
+                now = done;
+                i == 3
+            });
+            assert!(
+                first.is_some(),
+                "seed {seed}: the new node got none of 20 jobs"
+            );
+        }
+    }
+
+    #[test]
+    fn a_node_five_times_slower_gets_fewer_jobs() {
+        for seed in 1..=5 {
+            let mut core = seeded(seed);
+            let mut nodes: Vec<TestNode> = (1..=4)
+                .map(|i| TestNode::join(&mut core, i, 4, T0))
+                .collect();
+            let latency = |i: usize| if i == 0 { 500 } else { 100 };
+            let mut served = [0u32; 4];
+            let mut now = T0;
+            for k in 0..400 {
+                let (i, done) =
+                    serve_next(&mut core, &mut nodes, &format!("job-{k}"), now, &latency);
+                served[i] += 1;
+                now = done;
+            }
+            let fewest_fast = served[1..].iter().copied().min().unwrap_or(0);
+            assert!(
+                served[0] < fewest_fast,
+                "seed {seed}: slow node served {} ({served:?})",
+                served[0]
+            );
+            // It still gets some work, so its figure can recover.
+            assert!(served[0] > 0, "seed {seed}: {served:?}");
+        }
+    }
+
+    #[test]
+    fn a_penalized_node_is_drawn_less() {
+        let mut core = seeded(3);
+        let mut nodes: Vec<TestNode> = (1..=3)
+            .map(|i| TestNode::join(&mut core, i, 4, T0))
+            .collect();
+        core.penalize(
+            &nodes[0].id,
+            PENALTY_TIMEOUT,
+            "stall",
+            Some(FailureCause::AckTimeout),
+            T0,
+        );
+        let mut served = [0u32; 3];
+        let mut now = T0;
+        // 300 jobs at 50 ms: 15 s, a quarter of the penalty's half-life.
+        for k in 0..300 {
+            let (i, done) = serve_next(&mut core, &mut nodes, &format!("job-{k}"), now, &|_| 50);
+            served[i] += 1;
+            now = done;
+        }
+        assert!(served[0] * 10 < served[1].min(served[2]), "{served:?}");
+    }
+
+    #[test]
+    fn credits_are_never_exceeded() {
+        for seed in 1..=10u64 {
+            let mut core = seeded(seed);
+            let sizes = [1u32, 2, 3, 4];
+            let mut nodes: Vec<TestNode> = sizes
+                .iter()
+                .zip(1u8..)
+                .map(|(&max, i)| TestNode::join(&mut core, i, max, T0))
+                .collect();
+            let ids: Vec<NodeId> = nodes.iter().map(|n| n.id.clone()).collect();
+            let check = |core: &Core, what: &str| {
+                for (id, max) in ids.iter().zip(sizes) {
+                    let held = core.nodes[id].outstanding.len();
+                    assert!(
+                        held <= max as usize,
+                        "seed {seed}, {what}: {held} on a node of {max}"
+                    );
+                }
+            };
+            let mut open = Vec::new();
+            let mut rxs = Vec::new();
+            for k in 0..30 {
+                let (_, rx) = submit(&mut core, &format!("job-{k}"), model(), T0);
+                rxs.push(rx);
+                check(&core, "submitting");
+            }
+            let mut now = T0;
+            let mut x = seed;
+            loop {
+                for n in nodes.iter_mut() {
+                    open.extend(n.assignments().into_iter().map(|a| (n.id.clone(), a)));
+                }
+                let stats = core.stats();
+                assert_eq!(stats.in_flight, open.len(), "seed {seed}");
+                if open.is_empty() {
+                    break;
+                }
+                // Every credit is in use while jobs wait.
+                if stats.queued > 0 {
+                    assert_eq!(open.len(), 10, "seed {seed}");
+                }
+                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                let (node, a) = open.swap_remove((x >> 33) as usize % open.len());
+                now += 7;
+                core.on_ack(&node, &a.job_id, a.lease_epoch).expect("ack");
+                core.on_result(&node, result_for(&a, "ok"), now)
+                    .expect("result");
+                check(&core, "completing");
+            }
+            assert_eq!(core.stats().queued, 0, "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn the_draw_weights_nodes_by_their_score_gap() {
+        let ids: Vec<NodeId> = (1..=2u8)
+            .map(|i| {
+                resultity_protocol::NodeKeypair::from_seed(&[i; 32])
+                    .id()
+                    .clone()
+            })
+            .collect();
+        let draws = 10_000;
+        let share_of_second = |temperature: f64, scores: [u32; 2]| {
+            let hits = (0..draws)
+                .filter(|k| {
+                    let u = (f64::from(*k) + 0.5) / f64::from(draws);
+                    let mut c = [(scores[0], 4, &ids[0]), (scores[1], 4, &ids[1])];
+                    pick(&mut c, temperature, u) == Some(&ids[1])
+                })
+                .count();
+            hits as f64 / f64::from(draws)
+        };
+        // One temperature below: weight e^-1 against 1.
+        let want = (-1f64).exp() / (1.0 + (-1f64).exp());
+        assert!((share_of_second(20.0, [1000, 980]) - want).abs() < 1e-3);
+        assert!((share_of_second(20.0, [980, 1000]) - (1.0 - want)).abs() < 1e-3);
+        assert_eq!(share_of_second(20.0, [900, 900]), 0.5);
+        // Temperature 0: always the best; on a tie, the lower node id.
+        assert_eq!(share_of_second(0.0, [1000, 980]), 0.0);
+        assert_eq!(share_of_second(0.0, [980, 1000]), 1.0);
+        let lower = if ids[0] < ids[1] { 0.0 } else { 1.0 };
+        assert_eq!(share_of_second(0.0, [900, 900]), lower);
+        assert_eq!(pick(&mut [], 20.0, 0.5), None);
     }
 }

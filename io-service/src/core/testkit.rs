@@ -54,7 +54,12 @@ pub(super) fn config() -> NetworkConfig {
     }
 }
 
+/// A core whose node choice draws from a fixed seed unless the test picks one.
 pub(super) fn core(sched: SchedulerSettings) -> Core {
+    let sched = SchedulerSettings {
+        choice_seed: sched.choice_seed.or(Some(7)),
+        ..sched
+    };
     Core::new(
         sched,
         Limits::default(),

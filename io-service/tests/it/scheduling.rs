@@ -63,7 +63,9 @@ async fn silent_node_loses_the_job_and_is_deprioritized() {
         "{s} vs {g}"
     );
 
-    // The next jobs all go to the healthy node.
+    // The next jobs are all served by the healthy node. The silent one is still drawn, at
+    // e^-6 of the healthy node's weight (its penalty costs it 120 points): one of the 5 about
+    // 1 % of the time (and reassigned at its ack timeout), two practically never.
     for _ in 0..5 {
         let resp = call(&io).await.unwrap();
         assert_eq!(
@@ -71,8 +73,8 @@ async fn silent_node_loses_the_job_and_is_deprioritized() {
             good.key.id().as_str()
         );
     }
-    assert_eq!(silent_rt.assigned(), 1);
-    assert_eq!(io.state().metrics.jobs_reassigned.get(), 1);
+    assert!(silent_rt.assigned() <= 2, "{}", silent_rt.assigned());
+    assert!(io.state().metrics.jobs_reassigned.get() <= 2);
     silent_rt.stop();
     good_rt.stop();
     io.shutdown().await;
