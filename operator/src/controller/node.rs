@@ -31,7 +31,7 @@ use crate::decide::{
 };
 use crate::error::{ApplyError, DereferenceError, Error, Rejection, Result};
 use crate::sidecar::SidecarTarget;
-use crate::status::{Observed, SidecarObservation, compute_node_status};
+use crate::status::{Observed, SidecarObservation, compute_node_status, status_needs_write};
 use crate::validate::{Blocker, validate_node};
 
 /// Finalizer that holds a ResultityNode until its sidecar drained and deregistered.
@@ -681,7 +681,11 @@ async fn apply(node: &ResultityNode, ctx: &Context) -> Result<Action> {
         .labels()
         .get(LABEL_ROLLOUT_STEP)
         .and_then(|s| RolloutStep::parse(s));
-    write_status(node, ctx, &ns, &status).await?;
+    // An unchanged status is not written again: at thousands of nodes those writes would be
+    // most of what the operator asks of the API server.
+    if status_needs_write(node.status.as_ref(), &status) {
+        write_status(node, ctx, &ns, &status).await?;
+    }
     announce_phase(node, ctx, &prev, &status).await;
 
     let unreachable = matches!(observation, SidecarObservation::Unreachable { .. });
