@@ -8,7 +8,10 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::build::pod_spec_hash;
+use crate::conditions::find;
+use crate::crd::{NodePhase, ResultityNodeStatus, RolloutStep};
 use crate::status::SidecarObservation;
+use crate::status::types::{NETWORK_ROUTABLE, SELF_TEST_PASSED};
 
 /// Whether a pod whose spec is out of date may be replaced now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +156,62 @@ pub fn decide_pod_action(
             },
         },
     }
+}
+
+/// Resync of a node that is Ready, routable and self-tested: nothing is waited for.
+pub const READY_RESYNC: Duration = Duration::from_secs(60);
+/// Backoff cap while a Ready node waits for the network's verdict or its self-test.
+pub const ROUTABLE_POLL_CAP: Duration = Duration::from_secs(30);
+/// Backoff cap while the node's fleet waits for it in `validating`: at most `maxUnavailable`
+/// nodes are there, and every second they wait holds the next wave back.
+pub const VALIDATING_POLL_CAP: Duration = Duration::from_secs(5);
+const POLL_MIN: Duration = Duration::from_secs(1);
+
+/// How soon to look at the node again, from the status just computed and the pod action.
+///
+/// What a node waits for after it turns Ready (the network's first verdict, its self-test)
+/// shows only in the sidecar's report, which no watch delivers, so it is polled: on a backoff
+/// anchored at the status's latest condition flip (1 s, 2 s, 4 s … since the delay is the time
+/// since then), capped. The anchor lives in the status, so the backoff survives an operator
+/// restart and restarts itself on any change.
+pub fn requeue_after(
+    status: &ResultityNodeStatus,
+    action: &PodAction,
+    sidecar_unreachable: bool,
+    now: &Time,
+) -> Duration {
+    let is_true = |t: &str| find(&status.conditions, t).is_some_and(|c| c.status == "True");
+    let validating = status.rollout_step == Some(RolloutStep::Validating);
+    let waiting = match status.phase {
+        NodePhase::Invalid => return Duration::from_secs(300),
+        _ if sidecar_unreachable => return Duration::from_secs(15),
+        NodePhase::Ready => !(is_true(NETWORK_ROUTABLE) && is_true(SELF_TEST_PASSED)),
+        // The new pod runs; what it still lacks (registration, models, engine) comes from
+        // the sidecar too.
+        NodePhase::Starting | NodePhase::Loading | NodePhase::Degraded => {
+            validating && *action == PodAction::Keep(KeepReason::Current)
+        }
+        _ => false,
+    };
+    if !waiting {
+        return match status.phase {
+            NodePhase::Ready => READY_RESYNC,
+            _ => action.requeue(),
+        };
+    }
+    let cap = if validating {
+        VALIDATING_POLL_CAP
+    } else {
+        ROUTABLE_POLL_CAP
+    };
+    let since = status
+        .conditions
+        .iter()
+        .map(|c| &c.last_transition_time)
+        .max_by_key(|t| t.0);
+    since
+        .map_or(POLL_MIN, |t| elapsed_since(t, now))
+        .clamp(POLL_MIN, cap)
 }
 
 #[cfg(test)]
@@ -367,6 +426,128 @@ mod tests {
         assert_eq!(
             PodAction::Delete(DeleteReason::Drained).drain_started(Some(&prev)),
             None
+        );
+    }
+
+    fn cond(
+        type_: &str,
+        status: &str,
+        since: i64,
+    ) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: "Test".into(),
+            message: String::new(),
+            observed_generation: Some(1),
+            last_transition_time: at(since),
+        }
+    }
+
+    /// A status of `phase` whose Ready flipped at `ready_since` and whose routability and
+    /// self-test are as given (flipped at -3600 unless they flipped later).
+    fn status(
+        phase: NodePhase,
+        ready_since: i64,
+        routable: (&str, i64),
+        self_tested: &str,
+        step: Option<RolloutStep>,
+    ) -> ResultityNodeStatus {
+        ResultityNodeStatus {
+            phase,
+            rollout_step: step,
+            conditions: vec![
+                cond(
+                    "Ready",
+                    if phase == NodePhase::Ready {
+                        "True"
+                    } else {
+                        "False"
+                    },
+                    ready_since,
+                ),
+                cond(NETWORK_ROUTABLE, routable.0, routable.1),
+                cond(SELF_TEST_PASSED, self_tested, -3600),
+            ],
+            ..ResultityNodeStatus::default()
+        }
+    }
+
+    #[test]
+    fn requeue_waits_for_what_a_node_still_lacks_on_a_backoff_not_a_fixed_minute() {
+        use KeepReason::*;
+        use NodePhase::*;
+        use RolloutStep::Validating;
+        let secs = Duration::from_secs;
+        let keep = PodAction::Keep(Current);
+        let now = at(0);
+        let look = |s: &ResultityNodeStatus| requeue_after(s, &keep, false, &now);
+        // Ready with nothing to wait for: the slow resync.
+        assert_eq!(
+            look(&status(Ready, -10, ("True", -10), "True", None)),
+            READY_RESYNC
+        );
+        assert_eq!(
+            look(&status(Ready, -10, ("True", -10), "True", Some(Validating))),
+            READY_RESYNC
+        );
+        // Ready a moment ago, no verdict yet: 1 s, 2 s, 4 s … since the flip, capped.
+        let fresh = |ago: i64, step| status(Ready, -ago, ("Unknown", -ago), "True", step);
+        assert_eq!(look(&fresh(0, None)), secs(1));
+        assert_eq!(look(&fresh(1, None)), secs(1));
+        assert_eq!(look(&fresh(2, None)), secs(2));
+        assert_eq!(look(&fresh(4, None)), secs(4));
+        assert_eq!(look(&fresh(8, None)), secs(8));
+        assert_eq!(look(&fresh(600, None)), ROUTABLE_POLL_CAP);
+        // A fleet waiting for it in validating: a tighter cap.
+        assert_eq!(look(&fresh(4, Some(Validating))), secs(4));
+        assert_eq!(look(&fresh(600, Some(Validating))), VALIDATING_POLL_CAP);
+        // The anchor is the latest flip: Ready long ago, routability lost just now.
+        assert_eq!(
+            look(&status(Ready, -9000, ("False", -2), "True", None)),
+            secs(2)
+        );
+        // Routable but the self-test still runs.
+        assert_eq!(
+            look(&status(Ready, -3, ("True", -3), "Unknown", None)),
+            secs(3)
+        );
+        // A clock behind the flip never asks for less than the minimum.
+        assert_eq!(look(&fresh(-5, None)), secs(1));
+        // Not Ready yet while validating: the sidecar's progress is polled as well.
+        assert_eq!(
+            look(&status(
+                Loading,
+                -2,
+                ("Unknown", -2),
+                "Unknown",
+                Some(Validating)
+            )),
+            secs(2)
+        );
+        // Not Ready and nobody waits on it: the pod action's own interval.
+        assert_eq!(
+            look(&status(Loading, -2, ("Unknown", -2), "Unknown", None)),
+            keep.requeue()
+        );
+        let drain = PodAction::Drain { started: at(-1) };
+        assert_eq!(
+            requeue_after(
+                &status(Draining, -2, ("False", -2), "True", Some(Validating)),
+                &drain,
+                false,
+                &now
+            ),
+            drain.requeue()
+        );
+        // Unreachable and invalid keep their own intervals.
+        assert_eq!(
+            requeue_after(&fresh(0, Some(Validating)), &keep, true, &now),
+            secs(15)
+        );
+        assert_eq!(
+            look(&status(Invalid, 0, ("Unknown", 0), "Unknown", None)),
+            secs(300)
         );
     }
 }

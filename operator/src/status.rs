@@ -738,3 +738,117 @@ pub fn compute_node_status(o: &Observed<'_>) -> ResultityNodeStatus {
         conditions: settle(conds, &previous.conditions, generation, o.now),
     }
 }
+
+/// How long a written status may stand when only its heartbeat time and job counters moved:
+/// those change at every pull, and writing them each time would cost the API server one
+/// request per node per resync for no decision anyone makes. Kubernetes' own Node status is
+/// refreshed on the same terms (`nodeStatusReportFrequency`, 5 minutes).
+pub const STATUS_REFRESH: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Whether the computed status must be written over `written` (the status the object
+/// carries). Conditions compare whole: `settle` keeps a condition's `lastTransitionTime`
+/// unless its status flipped, so an unchanged condition is equal.
+pub fn status_needs_write(
+    written: Option<&ResultityNodeStatus>,
+    computed: &ResultityNodeStatus,
+) -> bool {
+    let Some(written) = written else {
+        return true;
+    };
+    let steady = |s: &ResultityNodeStatus| ResultityNodeStatus {
+        last_heartbeat_time: s
+            .last_heartbeat_time
+            .as_ref()
+            .map(|_| Time(Timestamp::UNIX_EPOCH)),
+        jobs: s.jobs.as_ref().map(|_| JobsStatus::default()),
+        ..s.clone()
+    };
+    if steady(written) != steady(computed) {
+        return true;
+    }
+    match (&written.last_heartbeat_time, &computed.last_heartbeat_time) {
+        (Some(w), Some(c)) => {
+            let moved = c.0.as_millisecond().saturating_sub(w.0.as_millisecond());
+            u128::try_from(moved).unwrap_or(0) >= STATUS_REFRESH.as_millis()
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: i64) -> Time {
+        Time(Timestamp::from_second(1_800_000_000 + s).unwrap_or(Timestamp::UNIX_EPOCH))
+    }
+
+    fn written() -> ResultityNodeStatus {
+        ResultityNodeStatus {
+            phase: NodePhase::Ready,
+            last_heartbeat_time: Some(at(0)),
+            jobs: Some(JobsStatus {
+                completed: 10,
+                failed: 0,
+                in_flight: 2,
+            }),
+            conditions: settle(
+                vec![Cond::new(types::READY, TRUE, "NodeReady", "")],
+                &[],
+                Some(1),
+                &at(-100),
+            ),
+            ..ResultityNodeStatus::default()
+        }
+    }
+
+    #[test]
+    fn status_is_written_only_when_it_changes() {
+        let w = written();
+        assert!(status_needs_write(None, &w), "nothing written yet");
+        assert!(!status_needs_write(Some(&w), &w), "unchanged");
+
+        // The heartbeat and the job counters moved, within the refresh interval: no write.
+        let mut busy = w.clone();
+        busy.last_heartbeat_time = Some(at(60));
+        busy.jobs = Some(JobsStatus {
+            completed: 99,
+            failed: 1,
+            in_flight: 0,
+        });
+        assert!(!status_needs_write(Some(&w), &busy));
+        // Past it: refreshed.
+        busy.last_heartbeat_time = Some(at(300));
+        assert!(status_needs_write(Some(&w), &busy));
+
+        // A condition recomputed at a later time without a flip keeps its transition time,
+        // so it compares equal; a flip or a new message is a change.
+        let mut same = w.clone();
+        same.conditions = settle(
+            vec![Cond::new(types::READY, TRUE, "NodeReady", "")],
+            &w.conditions,
+            Some(1),
+            &at(50),
+        );
+        assert!(!status_needs_write(Some(&w), &same));
+        let mut flipped = w.clone();
+        flipped.conditions = settle(
+            vec![Cond::new(types::READY, FALSE, "NotConnected", "Backoff")],
+            &w.conditions,
+            Some(1),
+            &at(50),
+        );
+        assert!(status_needs_write(Some(&w), &flipped));
+
+        // Everything else counts: phase, generation, counters appearing.
+        let mut phase = w.clone();
+        phase.phase = NodePhase::Degraded;
+        assert!(status_needs_write(Some(&w), &phase));
+        let mut generation = w.clone();
+        generation.observed_generation = Some(2);
+        assert!(status_needs_write(Some(&w), &generation));
+        let mut first_heartbeat = w.clone();
+        first_heartbeat.last_heartbeat_time = None;
+        assert!(status_needs_write(Some(&first_heartbeat), &w));
+    }
+}

@@ -26,10 +26,12 @@ use crate::crd::{
     DeletionPolicy, GpuVisibility, LABEL_FLEET, LABEL_MANAGED_BY, LABEL_ROLLOUT_STEP, MANAGER,
     NodePhase, ResultityNetwork, ResultityNode, ResultityNodeStatus, RolloutStep,
 };
-use crate::decide::{DeleteReason, DrainState, PodAction, ReplacementGate, decide_pod_action};
+use crate::decide::{
+    DeleteReason, DrainState, PodAction, ReplacementGate, decide_pod_action, requeue_after,
+};
 use crate::error::{ApplyError, DereferenceError, Error, Rejection, Result};
 use crate::sidecar::SidecarTarget;
-use crate::status::{Observed, SidecarObservation, compute_node_status};
+use crate::status::{Observed, SidecarObservation, compute_node_status, status_needs_write};
 use crate::validate::{Blocker, validate_node};
 
 /// Finalizer that holds a ResultityNode until its sidecar drained and deregistered.
@@ -679,15 +681,20 @@ async fn apply(node: &ResultityNode, ctx: &Context) -> Result<Action> {
         .labels()
         .get(LABEL_ROLLOUT_STEP)
         .and_then(|s| RolloutStep::parse(s));
-    write_status(node, ctx, &ns, &status).await?;
+    // An unchanged status is not written again: at thousands of nodes those writes would be
+    // most of what the operator asks of the API server.
+    if status_needs_write(node.status.as_ref(), &status) {
+        write_status(node, ctx, &ns, &status).await?;
+    }
     announce_phase(node, ctx, &prev, &status).await;
 
-    Ok(match (&status.phase, &observation) {
-        (NodePhase::Invalid, _) => Action::requeue(Duration::from_secs(300)),
-        (_, SidecarObservation::Unreachable { .. }) => Action::requeue(Duration::from_secs(15)),
-        (NodePhase::Ready, _) => Action::requeue(Duration::from_secs(60)),
-        _ => Action::requeue(action.requeue()),
-    })
+    let unreachable = matches!(observation, SidecarObservation::Unreachable { .. });
+    Ok(Action::requeue(requeue_after(
+        &status,
+        &action,
+        unreachable,
+        &now,
+    )))
 }
 
 /// Status step: server-side apply of the computed status.

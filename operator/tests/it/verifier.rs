@@ -645,6 +645,77 @@ async fn ready_node_status_from_the_sidecar() {
     assert_eq!(action, Action::requeue(Duration::from_secs(60)));
 }
 
+/// The API requests of a node reconcile with nothing to do: the network, the identity Secret
+/// and the pod. Its budget, counted by the scripted server (a call beyond the script fails).
+const STEADY_STATE_REQUESTS: usize = 3;
+
+#[tokio::test]
+async fn steady_state_reconcile_writes_no_status() {
+    // First pass: the status is written.
+    let n = ready_node();
+    let pod = running_pod(&n);
+    let written = Arc::new(Mutex::new(None::<Value>));
+    let keep = written.clone();
+    let script = node_script(
+        &n,
+        [
+            Call::get(POD, &pod),
+            Call::apply_status(NODE_STATUS, &n)
+                .check(move |b| *keep.lock().unwrap() = Some(b["status"].clone())),
+        ],
+    );
+    world(
+        script,
+        FakeSidecar::answering(vec![Ok(report())]),
+        no_source(),
+    )
+    .run(reconcile_node(n.clone()))
+    .await
+    .unwrap();
+    let mut settled = n.clone();
+    settled.status =
+        Some(serde_json::from_value(written.lock().unwrap().clone().unwrap()).unwrap());
+
+    // Next pass: a later heartbeat and more jobs done, nothing else. Reads only.
+    let mut later = report();
+    later.last_heartbeat_ms = later.last_heartbeat_ms.map(|ms| ms + 30_000);
+    later.jobs.completed += 7;
+    let script = node_script(&settled, [Call::get(POD, &pod)]);
+    assert_eq!(script.len(), STEADY_STATE_REQUESTS);
+    let action = world(script, FakeSidecar::answering(vec![Ok(later)]), no_source())
+        .run(reconcile_node(settled.clone()))
+        .await
+        .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+
+    // The network stops routing to it: that is a change, written at once.
+    let mut penalized = report();
+    if let Some(v) = penalized.verdict.as_mut() {
+        v.eligible = false;
+        v.reason = Some("penalized: 3 failed jobs".into());
+    }
+    let script = node_script(
+        &settled,
+        [
+            Call::get(POD, &pod),
+            Call::apply_status(NODE_STATUS, &settled).check(|b| {
+                let s = status_of(b);
+                assert_eq!(cond(&s, "NetworkRoutable"), ("False", "NotEligible"));
+            }),
+        ],
+    );
+    let action = world(
+        script,
+        FakeSidecar::answering(vec![Ok(penalized)]),
+        no_source(),
+    )
+    .run(reconcile_node(settled))
+    .await
+    .unwrap();
+    // Ready but not routable: looked at again within seconds, not a minute.
+    assert_eq!(action, Action::requeue(Duration::from_secs(1)));
+}
+
 fn deleting(policy: DeletionPolicy) -> ResultityNode {
     let mut n = finalized_node();
     n.spec.identity.deletion_policy = policy;
