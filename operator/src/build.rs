@@ -21,51 +21,20 @@ use crate::crd::{
     LABEL_NODE_ID, MANAGER, ResultityNode, RuntimeKind,
 };
 use crate::error::{Error, Result};
+use crate::pod_contract::{
+    GPU_CLAIM, IDENTITY_DIR, RUNTIME, SECRET_ADMIN_TOKEN, SECRET_KEY_FILE, SIDECAR,
+    SIDECAR_STATE_DIR, SIDECAR_UID, finished_reason,
+};
 use crate::validate::{Defaults, Resolved};
 
-/// Key of the node's ed25519 key file in the identity Secret.
-pub const SECRET_KEY_FILE: &str = "node.key";
-/// Key of the bearer token that guards the sidecar's admin API.
-pub const SECRET_ADMIN_TOKEN: &str = "admin-token";
-/// Where the sidecar finds its identity.
-pub const IDENTITY_DIR: &str = "/var/run/resultity/identity";
-const RUNTIME: &str = "runtime";
-const SIDECAR: &str = "sidecar";
 /// Extra time beyond the drain timeout for the sidecar to flush and exit.
 const GRACE_MARGIN_SECONDS: i64 = 30;
-/// The sidecar's durable state (outbox, applied config).
-pub const SIDECAR_STATE_DIR: &str = "/var/lib/resultity";
-/// Mount paths the operator gives each container; user mounts may not reuse them.
-pub const RUNTIME_MOUNT_PATHS: &[&str] = &["/dev/shm", crate::model_cache::CACHE_DIR];
-pub const SIDECAR_MOUNT_PATHS: &[&str] = &[IDENTITY_DIR, SIDECAR_STATE_DIR, "/tmp"];
-/// Volume names the operator uses in the pod.
-pub const OPERATOR_VOLUMES: &[&str] = &[
-    "dshm",
-    "identity",
-    "state",
-    "tmp",
-    crate::model_cache::CACHE_VOLUME,
-];
-/// Non-root uid of the distroless sidecar image.
-const SIDECAR_UID: i64 = 65532;
-
-/// Name of the pod-level ResourceClaim the runtime and the sidecar share in DRA mode.
-pub const GPU_CLAIM: &str = "gpu";
 
 fn gpu_claim_ref() -> ResourceClaim {
     ResourceClaim {
         name: GPU_CLAIM.into(),
         ..ResourceClaim::default()
     }
-}
-
-/// Name of the runtime container (status reads its container status).
-pub fn runtime_container_name() -> &'static str {
-    RUNTIME
-}
-/// Name of the sidecar container.
-pub fn sidecar_container_name() -> &'static str {
-    SIDECAR
 }
 
 fn labels(node: &ResultityNode, node_id: Option<&str>) -> BTreeMap<String, String> {
@@ -548,17 +517,8 @@ pub fn pinned_network_keys(pod: &Pod) -> Option<Vec<String>> {
 /// drain and replace the fleet. A new pod, or one replacing a finished pod (its state is
 /// gone with it), gets the keys trusted now.
 pub fn keep_live_pins(resolved: &mut Resolved, live: Option<&Pod>) {
-    let running = live.filter(|p| crate::decide::finished_reason(p).is_none());
+    let running = live.filter(|p| finished_reason(p).is_none());
     if let Some(keys) = running.and_then(pinned_network_keys) {
         resolved.network_keys = keys;
     }
-}
-
-/// The spec hash a live pod was created with.
-pub fn pod_spec_hash(pod: &Pod) -> Option<&str> {
-    pod.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ANNOTATION_SPEC_HASH))
-        .map(String::as_str)
 }

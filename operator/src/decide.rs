@@ -7,9 +7,9 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use crate::build::pod_spec_hash;
 use crate::conditions::find;
 use crate::crd::{NodePhase, ResultityNodeStatus, RolloutStep};
+use crate::pod_contract::{finished_reason, pod_spec_hash};
 use crate::status::SidecarObservation;
 use crate::status::types::{NETWORK_ROUTABLE, SELF_TEST_PASSED};
 
@@ -93,13 +93,6 @@ impl PodAction {
             _ => Duration::from_secs(10),
         }
     }
-}
-
-/// A pod in phase Failed or Succeeded never runs again (eviction, node shutdown).
-pub(crate) fn finished_reason(pod: &Pod) -> Option<String> {
-    let status = pod.status.as_ref()?;
-    matches!(status.phase.as_deref(), Some("Failed" | "Succeeded"))
-        .then(|| status.reason.clone().unwrap_or_else(|| "Failed".into()))
 }
 
 fn elapsed_since(since: &Time, now: &Time) -> Duration {

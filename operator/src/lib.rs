@@ -20,6 +20,7 @@ pub mod images;
 pub mod leader;
 pub mod metrics;
 pub mod model_cache;
+pub mod pod_contract;
 pub mod rollout;
 pub mod runtime;
 pub mod sidecar;

@@ -8,12 +8,12 @@ use k8s_openapi::jiff::Timestamp;
 use resultity_protocol::messages::common::{ModelState, NodePhase as SidecarPhase, SelfTest};
 use resultity_protocol::status::{ConnectionState, NodeStatus};
 
-use crate::build::{runtime_container_name, sidecar_container_name};
 use crate::conditions::{Cond, FALSE, TRUE, UNKNOWN, settle};
 use crate::crd::{
     ConfigRef, GpuStatus, GpuVisibility, JobsStatus, ModelStateStatus, NodePhase, ResultityNode,
     ResultityNodeStatus,
 };
+use crate::pod_contract::{runtime_container_name, sidecar_container_name};
 use crate::validate::Blocker;
 
 /// Condition types of a ResultityNode.

@@ -277,8 +277,8 @@ pub fn validate_node(
 /// rules refuse, checked again here because an API server may not evaluate them, plus what
 /// CEL cannot express (mounts that name a volume, literal secrets).
 pub fn spec_problems(node: &ResultityNode) -> Vec<String> {
-    use crate::build::{OPERATOR_VOLUMES, RUNTIME_MOUNT_PATHS, SIDECAR_MOUNT_PATHS};
     use crate::model_cache::{cache_env_names, is_positive_quantity};
+    use crate::pod_contract::{OPERATOR_VOLUMES, RUNTIME_MOUNT_PATHS, SIDECAR_MOUNT_PATHS};
     let spec = &node.spec;
     let kind = spec.runtime.kind;
     let mut problems = Vec::new();

@@ -18,10 +18,7 @@ use resultity_protocol::crypto::{b64, random_bytes};
 use resultity_protocol::status::NodeStatus;
 
 use super::Context;
-use crate::build::{
-    SECRET_ADMIN_TOKEN, SECRET_KEY_FILE, build_identity_secret, build_pod, keep_live_pins,
-    pod_spec_hash, sidecar_container_name,
-};
+use crate::build::{build_identity_secret, build_pod, keep_live_pins};
 use crate::crd::{
     DeletionPolicy, GpuVisibility, LABEL_FLEET, LABEL_MANAGED_BY, LABEL_ROLLOUT_STEP, MANAGER,
     NodePhase, ResultityNetwork, ResultityNode, ResultityNodeStatus, RolloutStep,
@@ -30,6 +27,9 @@ use crate::decide::{
     DeleteReason, DrainState, PodAction, ReplacementGate, decide_pod_action, requeue_after,
 };
 use crate::error::{ApplyError, DereferenceError, Error, Rejection, Result};
+use crate::pod_contract::{
+    SECRET_ADMIN_TOKEN, SECRET_KEY_FILE, pod_spec_hash, sidecar_container_name,
+};
 use crate::sidecar::SidecarTarget;
 use crate::status::{Observed, SidecarObservation, compute_node_status, status_needs_write};
 use crate::validate::{Blocker, validate_node};

@@ -7,12 +7,11 @@
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use resultity_operator::build::{
-    build_identity_secret, build_pod, pod_spec_hash, runtime_container_name,
-};
+use resultity_operator::build::{build_identity_secret, build_pod};
 use resultity_operator::crd::{
     GpuVisibility, NodePhase, ResultityNetwork, ResultityNode, ResultityNodeStatus,
 };
+use resultity_operator::pod_contract::{pod_spec_hash, runtime_container_name};
 use resultity_operator::status::{Observed, SidecarObservation, compute_node_status, types};
 use resultity_operator::validate::{Blocker, Defaults, Resolved, validate_node};
 use resultity_protocol::NodeKeypair;
