@@ -21,11 +21,10 @@ use tokio::sync::oneshot;
 use crate::core::{CompletedJob, JobOutcome, JobSpec};
 use crate::error::ApiError;
 use crate::metrics::Channel;
-use crate::node_http::read_body;
-use crate::server::AppState;
+use crate::state::{AppState, read_body};
 use crate::stream::StreamSink;
 
-pub const JOB_ID_HEADER: &str = "x-resultity-job-id";
+pub use crate::error::JOB_ID_HEADER;
 pub const NODE_ID_HEADER: &str = "x-resultity-node-id";
 pub const VERIFIED_HEADER: &str = "x-resultity-verified";
 

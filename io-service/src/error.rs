@@ -12,6 +12,9 @@ use resultity_protocol::messages::ws::RuntimeRefusal;
 use resultity_protocol::{ErrorCode, ProtocolError};
 use serde_json::{Value, json};
 
+/// Header naming the job an answer (or an error after the job was created) belongs to.
+pub const JOB_ID_HEADER: &str = "x-resultity-job-id";
+
 /// A refused request, ready to be answered. Built through `AppState::reject` so every
 /// rejection is counted by reason before it leaves.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -119,7 +122,7 @@ impl IntoResponse for ApiError {
             .as_deref()
             .and_then(|j| HeaderValue::from_str(j).ok())
         {
-            resp.headers_mut().insert(crate::api::JOB_ID_HEADER, v);
+            resp.headers_mut().insert(JOB_ID_HEADER, v);
         }
         if let Some(ms) = self.retry_after_ms {
             // Retry-After is whole seconds; round up so clients never retry early.

@@ -30,6 +30,7 @@ pub mod publish;
 pub mod server;
 pub mod session;
 pub mod settings;
+pub mod state;
 pub mod stream;
 
 pub use error::{ApiError, IoError};

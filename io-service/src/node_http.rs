@@ -19,40 +19,7 @@ use resultity_protocol::{ErrorCode, Purpose, limits};
 
 use crate::error::ApiError;
 use crate::metrics::Channel;
-use crate::server::AppState;
-
-/// Reads a request body up to the configured limit.
-pub async fn read_body(
-    state: &AppState,
-    body: Body,
-    channel: Channel,
-) -> Result<axum::body::Bytes, ApiError> {
-    let max = state.settings.limits.max_body_bytes;
-    let wait = std::time::Duration::from_millis(state.settings.limits.body_timeout_ms);
-    let Ok(read) = tokio::time::timeout(wait, axum::body::to_bytes(body, max)).await else {
-        return Err(state.reject(
-            channel,
-            ErrorCode::Timeout,
-            format!("request body not received within {} ms", wait.as_millis()),
-        ));
-    };
-    read.map_err(|e| {
-        let text = e.to_string();
-        if text.contains("length limit") {
-            state.reject(
-                channel,
-                ErrorCode::TooLarge,
-                format!("body exceeds {max} bytes"),
-            )
-        } else {
-            state.reject(
-                channel,
-                ErrorCode::Malformed,
-                format!("cannot read body: {text}"),
-            )
-        }
-    })
-}
+use crate::state::{AppState, read_body};
 
 /// A JSON answer signed with the network key.
 fn signed<T: serde::Serialize>(

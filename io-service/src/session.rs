@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::core::{Outbound, RateLimiter, SessionLink};
 use crate::metrics::Channel;
-use crate::server::AppState;
+use crate::state::AppState;
 
 /// tungstenite's own limit sits above ours so an oversize message is answered with
 /// `too_large` before the socket is closed, instead of a bare transport error.
@@ -265,7 +265,7 @@ impl Live {
             // arrived meanwhile are read before the ping timer may call the peer dead.
             let next = tokio::select! {
                 biased;
-                _ = crate::server::stopped(&mut shutdown) => Next::Close(close::GOING_AWAY, "network shutting down".into()),
+                _ = crate::state::stopped(&mut shutdown) => Next::Close(close::GOING_AWAY, "network shutting down".into()),
                 frame = socket.recv() => {
                     last_heard = tokio::time::Instant::now();
                     match frame {
