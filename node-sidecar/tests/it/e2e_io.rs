@@ -184,6 +184,15 @@ async fn runtime_down_makes_node_unready_and_back_ready() {
         || async { !eligible(&net.io).await },
     )
     .await;
+    // With the node's own words for why.
+    let view = common::only_node_view(&net.io.base_url()).await;
+    assert_eq!(view["eligible"], false, "{view}");
+    assert!(
+        view["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("node not ready: runtime not ready")),
+        "{view}"
+    );
 
     net.sim.set_faults(Faults::default()).await;
     wait_ready(&node).await;
