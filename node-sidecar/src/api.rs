@@ -459,6 +459,9 @@ pub struct ApiState {
     admin_token: String,
     /// What `/readyz` and the phase are computed from; logs each change.
     pub readiness: Readiness,
+    /// Signalled on every change of the readiness verdict, so the heartbeat carries it to the
+    /// network at once instead of at the next interval.
+    pub readiness_changed: tokio::sync::Notify,
 }
 
 impl ApiState {
@@ -471,6 +474,7 @@ impl ApiState {
             deregister: std::sync::atomic::AtomicBool::new(false),
             admin_token,
             readiness: Readiness::default(),
+            readiness_changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -494,7 +498,9 @@ impl ApiState {
             f(&mut s);
             self.readiness.problems(&s)
         };
-        self.readiness.observe(&problems);
+        if self.readiness.observe(&problems) {
+            self.readiness_changed.notify_one();
+        }
     }
 
     /// Why the node is not ready, empty when it is.

@@ -40,6 +40,19 @@ impl Readiness {
                 connection_word(s.connection.state)
             ));
         }
+        p.extend(self.serve_problems(s));
+        if s.draining {
+            p.push("draining".to_owned());
+        }
+        p
+    }
+
+    /// Why the node cannot serve jobs although it may be registered and in sync: the runtime
+    /// is down, a GPU is faulty or missing, no model is servable, or the outbox cannot be
+    /// written. These are the reasons the heartbeat carries to the network (it knows the
+    /// session, registration and drain itself); empty when the node can serve.
+    pub fn serve_problems(&self, s: &NodeStatus) -> Vec<String> {
+        let mut p = Vec::new();
         if !s.runtime.ready {
             p.push(match &s.runtime.reason {
                 Some(r) => format!("runtime not ready: {r}"),
@@ -55,20 +68,13 @@ impl Readiness {
         if let Some(e) = &s.outbox_error {
             p.push(format!("results cannot be stored: {e}"));
         }
-        if s.draining {
-            p.push("draining".to_owned());
-        }
         p
     }
 
-    /// Whether the node cannot serve jobs although it is registered and in sync: the runtime
-    /// is down, a GPU is faulty or missing, no model is active, or the outbox cannot be
-    /// written (the `Degraded` phase).
+    /// Whether the node cannot serve jobs although it is registered and in sync (the
+    /// `Degraded` phase).
     pub fn cannot_serve(&self, s: &NodeStatus) -> bool {
-        !s.runtime.ready
-            || s.outbox_error.is_some()
-            || gpu_problem(s, self.gpu_required()).is_some()
-            || model_problem(s).is_some()
+        !self.serve_problems(s).is_empty()
     }
 
     /// Logs the verdict for `problems` if it differs from the last one seen; returns whether

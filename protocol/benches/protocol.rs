@@ -61,6 +61,7 @@ fn heartbeat(node: &NodeKeypair, net: &NetworkId, nonce: u64) -> HeartbeatReques
                 runtime_version: None,
                 runtime_image: None,
             },
+            not_ready: vec![],
         },
     }
 }

@@ -109,7 +109,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         nonce: crypto::b64(&[7u8; 16]),
     };
     let ping = serde_json::to_string(&PingRequest { hdr: hdr.clone() })?;
-    let heartbeat = serde_json::to_string(&HeartbeatRequest {
+    let heartbeat_request = HeartbeatRequest {
         hdr: RequestHeader {
             nonce: crypto::b64(&[8u8; 16]),
             ..hdr.clone()
@@ -152,8 +152,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 runtime_version: None,
                 runtime_image: None,
             },
+            not_ready: vec![],
         },
-    })?;
+    };
+    let heartbeat = serde_json::to_string(&heartbeat_request)?;
+    // The same node with its outbox unwritable: it says why, and advertises no slot.
+    let mut not_ready = heartbeat_request.clone();
+    not_ready.hdr.nonce = crypto::b64(&[9u8; 16]);
+    not_ready.report.phase = NodePhase::Degraded;
+    not_ready.report.credits = 0;
+    not_ready.report.not_ready =
+        vec!["results cannot be stored: No space left on device (os error 28)".into()];
+    let heartbeat_not_ready = serde_json::to_string(&not_ready)?;
     let snapshot = ConfigSnapshot {
         network_id: network_id.clone(),
         version: 1,
@@ -810,6 +820,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "envelopes": [
             envelope_vector("http ping", "node", &node, Purpose::HttpPing, &ping),
             envelope_vector("http heartbeat", "node", &node, Purpose::HttpHeartbeat, &heartbeat),
+            envelope_vector("http heartbeat not ready", "node", &node, Purpose::HttpHeartbeat, &heartbeat_not_ready),
             envelope_vector("ws job.result", "node", &node, Purpose::WsJobResult, &result),
             envelope_vector("ws job.assign", "network", &network, Purpose::WsJobAssign, &assign),
             chunk_vectors[0].clone(),

@@ -319,8 +319,13 @@ impl Core {
         let job = self.jobs.get(job_id).ok_or_else(|| not_assigned(job_id))?;
         if let Err(LeaseFault { refusal, fenced }) = self.lease_check(job, node, epoch) {
             if fenced && let Some(rec) = self.nodes.get_mut(node) {
-                // The node gave up a job we had already taken back: its slot is free.
-                rec.job_finished(job_id);
+                // The node gave up a job we had already taken back: its slot is free, unless
+                // the node said it cannot take work.
+                if code.withholds_slot() {
+                    rec.job_given_up(job_id);
+                } else {
+                    rec.job_finished(job_id);
+                }
                 self.dispatch(now);
             }
             return Err(refusal);
@@ -340,9 +345,14 @@ impl Core {
             // from newer nodes are not the node's fault.
             _ => {}
         }
-        // The node no longer runs it: its credit is free again (no zombie).
+        // The node no longer runs it: its credit is free again (no zombie) — unless the node
+        // gave it back because it cannot take work, when its next `credits` decides.
         if let Some(rec) = self.nodes.get_mut(node) {
-            rec.job_finished(job_id);
+            if code.withholds_slot() {
+                rec.job_given_up(job_id);
+            } else {
+                rec.job_finished(job_id);
+            }
         }
         if code.retriable() {
             self.take_back(job_id, Some(node), &why, now);
@@ -714,7 +724,14 @@ mod tests {
             assert_eq!((rec.failed, rec.penalty.at(t, 1)), (0, 0.0), "{code}");
             assert_eq!(rec.penalty.reason(), None, "{code}");
             assert!(rec.outstanding.is_empty() && rec.cancelled.is_empty());
-            assert_eq!(rec.free_slots(), 4, "its credit is free again");
+            // The node cannot take work now: the slot comes back with its next `credits`.
+            assert_eq!(
+                rec.free_slots(),
+                3,
+                "{code}: slot freed before the node said so"
+            );
+            core.on_credits(&a.id, 4, 0, t + 10);
+            assert_eq!(core.nodes[&a.id].free_slots(), 4, "{code}");
         }
     }
 

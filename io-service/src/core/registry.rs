@@ -13,8 +13,11 @@ use resultity_protocol::{JobId, NodeId};
 use super::jobs::{JobState, assignment};
 use super::penalties::PenaltyState;
 use super::views::gauge;
-use super::{Core, Outbound, RateLimiter, Refusal, SessionLink, not_registered};
+use super::{Core, Outbound, RateLimiter, Refusal, SessionLink, clip, not_registered};
 use crate::settings::Limits;
+
+/// Most of a node's own not-ready reasons quoted in its verdict (the report is peer input).
+const MAX_REASONS_QUOTED: usize = 4;
 
 /// What the network knows of one registered node.
 #[derive(Debug)]
@@ -99,15 +102,52 @@ impl NodeRecord {
         by_cap.min(by_credits)
     }
 
+    /// A job the node held ended: its slot is free again.
     pub(super) fn job_finished(&mut self, job: &JobId) {
-        if self.outstanding.remove(job) || self.cancelled.remove(job) {
-            self.reported_in_flight = self.reported_in_flight.saturating_sub(1);
+        if self.job_given_up(job) {
             // A node may claim u32::MAX slots; the count saturates at its cap.
             self.reported_credits = self
                 .reported_credits
                 .saturating_add(1)
                 .min(self.max_concurrency);
         }
+    }
+
+    /// A job the node gave back because it cannot take it (not ready, full, handing work
+    /// back): the node no longer holds it, but its slot stays taken until the node's next
+    /// `credits` says otherwise. Freeing it here would undo the 0 credits a node that is not
+    /// ready advertised, and every hand-back would fetch the next job to bounce. Returns
+    /// whether the node held the job.
+    pub(super) fn job_given_up(&mut self, job: &JobId) -> bool {
+        let held = self.outstanding.remove(job) || self.cancelled.remove(job);
+        if held {
+            // `free_slots` takes jobs beyond the reported in-flight count off the reported
+            // credits; keep that difference so the slot stays taken: one fewer counted job,
+            // or, with none counted, one fewer credit.
+            if self.reported_in_flight > 0 {
+                self.reported_in_flight -= 1;
+            } else {
+                self.reported_credits = self.reported_credits.saturating_sub(1);
+            }
+        }
+        held
+    }
+
+    /// Why the node says it cannot serve jobs (from its last heartbeat), if it says so.
+    pub(super) fn reported_not_ready(&self) -> Option<String> {
+        let reasons = &self.report.as_ref()?.not_ready;
+        if reasons.is_empty() {
+            return None;
+        }
+        let mut quoted: Vec<String> = reasons
+            .iter()
+            .take(MAX_REASONS_QUOTED)
+            .map(|r| clip(r))
+            .collect();
+        if reasons.len() > MAX_REASONS_QUOTED {
+            quoted.push(format!("and {} more", reasons.len() - MAX_REASONS_QUOTED));
+        }
+        Some(format!("node not ready: {}", quoted.join("; ")))
     }
 }
 
@@ -324,5 +364,158 @@ impl Core {
             rec.drained = true;
             rec.draining = true;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use resultity_protocol::messages::FailCode;
+
+    use super::super::testkit::{self, T0, TestNode, model, report, submit};
+    use crate::settings::SchedulerSettings;
+
+    /// A node that advertised 0 credits (not ready) while running jobs, with more queued: the
+    /// jobs it fails or hands back return no slot, so nothing new reaches it until it
+    /// advertises credits again.
+    #[test]
+    fn a_hand_back_does_not_restore_a_credit_the_node_took_away() {
+        let mut core = testkit::core(SchedulerSettings::default());
+        let mut a = TestNode::join(&mut core, 1, 2, T0);
+        let (j1, _r1) = submit(&mut core, "job-1", model(), T0);
+        let (j2, _r2) = submit(&mut core, "job-2", model(), T0);
+        assert_eq!(a.assignments().len(), 2);
+        core.on_ack(&a.id, &j1, 1).expect("ack");
+        core.on_ack(&a.id, &j2, 1).expect("ack");
+        let mut t = T0 + 100;
+        // The outbox became unwritable: 0 credits, both jobs still running.
+        core.on_credits(&a.id, 0, 2, t);
+        let queued: Vec<_> = (3..8)
+            .map(|i| submit(&mut core, &format!("job-{i}"), model(), t))
+            .collect();
+        assert!(a.assignments().is_empty(), "no credits, no assignment");
+
+        t += 100;
+        core.on_fail(
+            &a.id,
+            &j1,
+            1,
+            FailCode::OutboxUnavailable,
+            "disk full",
+            None,
+            t,
+        )
+        .expect("holder fails its lease");
+        assert!(
+            a.assignments().is_empty(),
+            "the failed job's slot came back although the node advertised 0 credits"
+        );
+        t += 100;
+        core.on_fail(
+            &a.id,
+            &j2,
+            1,
+            FailCode::HandedBack,
+            "outbox cannot be written",
+            None,
+            t,
+        )
+        .expect("holder hands its lease back");
+        assert!(
+            a.assignments().is_empty(),
+            "the hand-back restored a credit"
+        );
+        core.tick(t + 10);
+        assert!(a.assignments().is_empty());
+        assert_eq!(core.nodes[&a.id].free_slots(), 0);
+        assert_eq!(core.stats().queued, queued.len() + 2);
+
+        // Writable again: the node says so, and work flows.
+        t += 100;
+        core.on_credits(&a.id, 2, 0, t);
+        assert_eq!(a.assignments().len(), 2);
+    }
+
+    /// A job assigned after the node's last advertisement and handed back keeps its slot
+    /// taken as well (the arithmetic differs: it was never in the reported in-flight count).
+    #[test]
+    fn a_hand_back_of_a_job_assigned_since_the_last_advertisement_frees_no_slot() {
+        let mut core = testkit::core(SchedulerSettings::default());
+        let mut a = TestNode::join(&mut core, 1, 2, T0);
+        let (j1, _r1) = submit(&mut core, "job-1", model(), T0);
+        assert_eq!(a.assignments().len(), 1);
+        assert_eq!(core.nodes[&a.id].free_slots(), 1);
+        core.on_fail(
+            &a.id,
+            &j1,
+            1,
+            FailCode::HandedBack,
+            "runtime down",
+            None,
+            T0 + 10,
+        )
+        .expect("holder hands its lease back");
+        assert_eq!(core.nodes[&a.id].free_slots(), 1, "slot stays taken");
+        core.on_credits(&a.id, 2, 0, T0 + 20);
+        assert_eq!(core.nodes[&a.id].free_slots(), 2);
+    }
+
+    /// The node's own not-ready reasons make it ineligible, with them as the reason, from the
+    /// heartbeat that carries them until the one that clears them.
+    #[test]
+    fn a_node_reporting_not_ready_is_not_eligible_and_says_why() {
+        let mut core = testkit::core(SchedulerSettings::default());
+        let mut a = TestNode::join(&mut core, 1, 4, T0);
+        let t = T0 + 100;
+        let mut sick = report(4);
+        sick.not_ready = vec![
+            "results cannot be stored: No space left on device".into(),
+            "no GPU visible to the sidecar: no device found".into(),
+        ];
+        let verdict = core.heartbeat(&a.id, sick, t).expect("heartbeat");
+        assert!(!verdict.eligible);
+        let reason = verdict.reason.expect("a reason");
+        assert_eq!(
+            reason,
+            "node not ready: results cannot be stored: No space left on device; \
+             no GPU visible to the sidecar: no device found"
+        );
+        let view = core.node_views(t).remove(0);
+        assert!(!view.eligible);
+        assert_eq!(view.reason.as_deref(), Some(reason.as_str()));
+        // Its free credits do not make it a candidate: a job finds no eligible node.
+        assert_eq!(core.nodes[&a.id].free_slots(), 4);
+        let refused = core.submit(
+            resultity_protocol::JobId::parse("job-1").expect("job id"),
+            testkit::chat_spec(model()),
+            t,
+        );
+        assert_eq!(
+            refused.err().map(|e| e.0),
+            Some(resultity_protocol::ErrorCode::NoEligibleNode)
+        );
+        assert!(a.assignments().is_empty());
+
+        let verdict = core
+            .heartbeat(&a.id, report(4), t + 100)
+            .expect("heartbeat");
+        assert!(verdict.eligible, "{:?}", verdict.reason);
+        let (_job, _rx) = submit(&mut core, "job-2", model(), t + 100);
+        assert_eq!(a.assignments().len(), 1, "routed again once it is ready");
+    }
+
+    /// Peer-supplied reasons are bounded in the verdict.
+    #[test]
+    fn a_node_s_not_ready_reasons_are_bounded_in_its_verdict() {
+        let mut core = testkit::core(SchedulerSettings::default());
+        let a = TestNode::join(&mut core, 1, 4, T0);
+        let mut sick = report(4);
+        sick.not_ready = vec!["x".repeat(10_000); 1_000];
+        let reason = core
+            .heartbeat(&a.id, sick, T0 + 1)
+            .expect("heartbeat")
+            .reason
+            .expect("a reason");
+        assert!(reason.len() < 1_000, "{} bytes", reason.len());
+        assert!(reason.ends_with("; and 996 more"), "{reason}");
     }
 }

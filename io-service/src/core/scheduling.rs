@@ -287,6 +287,9 @@ impl Core {
         if !report.participation.accepts(self.config.environment) {
             return Err("participation excludes this network's environment".into());
         }
+        if let Some(why) = rec.reported_not_ready() {
+            return Err(why);
+        }
         if !report.runtime.ready {
             return Err("runtime not ready".into());
         }

@@ -188,16 +188,20 @@ pub(super) fn submit(
     now: u64,
 ) -> (JobId, oneshot::Receiver<JobOutcome>) {
     let job_id = JobId::parse(id).expect("test job id");
-    let spec = JobSpec {
+    let rx = core
+        .submit(job_id.clone(), chat_spec(model), now)
+        .expect("an eligible node serves the model");
+    (job_id, rx)
+}
+
+/// A chat job for `model`.
+pub(super) fn chat_spec(model: ModelRef) -> JobSpec {
+    JobSpec {
         model,
         kind: JobKind::ChatCompletion,
         request: serde_json::json!({"messages": []}),
         stream: None,
-    };
-    let rx = core
-        .submit(job_id.clone(), spec, now)
-        .expect("an eligible node serves the model");
-    (job_id, rx)
+    }
 }
 
 /// A result bound exactly as `a` dictates.

@@ -120,6 +120,8 @@ pub enum Exit {
 
 /// How often an unwritable outbox is probed for recovery.
 const OUTBOX_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Least time between a heartbeat and one sent early for a readiness change.
+const PROMPT_HEARTBEAT_GAP: Duration = Duration::from_secs(1);
 
 /// The running agent's shared state.
 #[derive(Debug)]
@@ -585,6 +587,7 @@ impl Agent {
 
     fn node_report(&self, runtime: RuntimeReport) -> NodeReport {
         let st = self.api.status();
+        let not_ready = self.api.readiness.serve_problems(&st);
         NodeReport {
             phase: st.phase,
             config: st.applied_config,
@@ -598,6 +601,7 @@ impl Agent {
             models: st.models,
             gpu: st.gpu,
             runtime,
+            not_ready,
             software: st.software,
         }
     }
@@ -863,11 +867,20 @@ impl Agent {
             {
                 tracing::warn!(error = %e, "re-registration failed");
             }
+            let sent = tokio::time::Instant::now();
             if let Err(e) = self.heartbeat().await {
                 tracing::warn!(error = %e, "heartbeat failed");
             }
-            let interval = self.timing().heartbeat_interval_ms.max(100);
-            tokio::time::sleep(Duration::from_millis(interval)).await;
+            let interval = Duration::from_millis(self.timing().heartbeat_interval_ms.max(100));
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                // A readiness change goes out at once, so the network stops (or resumes)
+                // routing within one heartbeat of it; at most one such early heartbeat per
+                // gap, so a flapping condition cannot flood the network.
+                () = self.api.readiness_changed.notified() => {
+                    tokio::time::sleep_until(sent + interval.min(PROMPT_HEARTBEAT_GAP)).await;
+                }
+            }
         }
     }
 

@@ -60,7 +60,8 @@ fn ws_url(base: &str) -> String {
 /// Frees a job's slot exactly once, however its task ends. A job that ends normally is
 /// released *before* its result or failure is sent, so the network never sees a free slot the
 /// node does not have yet; the network counts that slot free on receipt, so no `credits`
-/// message is needed. Only an aborted job (cancel, drain grace ended) ends without a message,
+/// message is needed (except after a failure that withholds the slot, see
+/// `FailCode::withholds_slot`). Only an aborted job (cancel, drain grace ended) ends without a message,
 /// and then the node advertises its credits to prove the slot free.
 struct InFlight {
     agent: Arc<Agent>,
@@ -455,6 +456,10 @@ impl Agent {
             reason,
             refusal: None,
         });
+        // The network frees no slot for such a refusal; this says how many are free.
+        if code.withholds_slot() {
+            self.advertise_credits();
+        }
     }
 
     fn assign(self: Arc<Self>, a: JobAssignment) {
@@ -552,12 +557,15 @@ impl Agent {
             // Waits for room rather than dropping the message when the session's queue is
             // full (a streamed job's chunks may just have filled it); without a session,
             // `send` keeps a failure for the next one (results are in the outbox).
+            // The network frees a credit for every job that ends, except one given back
+            // because the node cannot take it: after those, and whenever the node takes no
+            // jobs (or has no free slot), it says how many are free, after the job's message.
+            let withheld =
+                matches!(&msg, NodeMessage::JobFail { code, .. } if code.withholds_slot());
             if !agent.send_wait(msg.clone()).await {
                 agent.send(msg);
             }
-            // The network frees a credit for every job that ends; a node that takes no jobs
-            // (or has no free slot) says so again, after the job's message.
-            if agent.credits() == 0 {
+            if withheld || agent.credits() == 0 {
                 agent.advertise_credits();
             }
         });

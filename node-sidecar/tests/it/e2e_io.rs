@@ -184,6 +184,15 @@ async fn runtime_down_makes_node_unready_and_back_ready() {
         || async { !eligible(&net.io).await },
     )
     .await;
+    // With the node's own words for why.
+    let view = common::only_node_view(&net.io.base_url()).await;
+    assert_eq!(view["eligible"], false, "{view}");
+    assert!(
+        view["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("node not ready: runtime not ready")),
+        "{view}"
+    );
 
     net.sim.set_faults(Faults::default()).await;
     wait_ready(&node).await;
@@ -569,5 +578,124 @@ async fn unwritable_outbox_stops_intake_until_a_write_succeeds() {
     assert_eq!(second.await.unwrap(), 200);
     assert_eq!(node.agent.api.status().jobs.completed, 1);
     first.abort();
+    node.run.abort();
+}
+
+/// A node whose outbox becomes unwritable while both its slots are busy and more jobs wait:
+/// the network learns why from the next heartbeat, sent at once rather than at the (long)
+/// interval, lists the node `eligible: false` with that reason, and sends it no job to bounce
+/// meanwhile: the failed jobs' slots stay taken until the node advertises credits again.
+#[tokio::test]
+async fn a_not_ready_node_is_ineligible_with_its_reason_and_gets_no_bounces() {
+    const HEARTBEAT_MS: u64 = 4_000;
+    let net = common::network(
+        common::payload(resultity_protocol::messages::Timing {
+            heartbeat_interval_ms: HEARTBEAT_MS,
+            ..common::quick_timing()
+        }),
+        prefill(300),
+        20_000,
+        30_000,
+    )
+    .await;
+    let mut st = settings(&net, "a");
+    st.max_concurrency = Some(2);
+    let node = spawn(st);
+    wait_ready(&node).await;
+    common::wait_eligible(&net.io.base_url(), true, Duration::from_secs(20)).await;
+    let fault = node.agent.outbox_write_fault();
+    fault.set(true);
+
+    // Both slots busy, then more work queued at the network.
+    let busy: Vec<_> = (0..2)
+        .map(|i| {
+            tokio::spawn(submit(
+                &net.io,
+                &format!("busy {i}"),
+                Duration::from_secs(30),
+            ))
+        })
+        .collect();
+    let agent = node.agent.clone();
+    wait_for("both slots busy", move || {
+        agent.api.status().jobs.in_flight == 2
+    })
+    .await;
+    let waiting: Vec<_> = (0..8)
+        .map(|i| {
+            let call = submit(&net.io, &format!("waiting {i}"), Duration::from_secs(30));
+            tokio::spawn(async move { call.await.unwrap().status() })
+        })
+        .collect();
+
+    // The first result cannot be stored: the node turns not ready.
+    let agent = node.agent.clone();
+    wait_for("outbox reported unwritable", move || {
+        agent.api.status().outbox_error.is_some()
+    })
+    .await;
+    let since = tokio::time::Instant::now();
+    let io_url = net.io.base_url();
+    let mut view = common::only_node_view(&io_url).await;
+    while view["eligible"] != false {
+        assert!(
+            since.elapsed() < Duration::from_millis(HEARTBEAT_MS),
+            "still eligible one heartbeat interval after the outbox failed: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        view = common::only_node_view(&io_url).await;
+    }
+    let reason = view["reason"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        reason.starts_with("node not ready: ") && reason.contains("results cannot be stored"),
+        "{view}"
+    );
+    // The node got the same verdict back, where the operator reads it.
+    let agent = node.agent.clone();
+    wait_for("the verdict reached the node", move || {
+        agent.api.status().verdict.is_some_and(|v| {
+            !v.eligible && v.reason.is_some_and(|r| r.contains("cannot be stored"))
+        })
+    })
+    .await;
+    let doc = status_doc(&node).await;
+    assert_eq!(doc["verdict"]["eligible"], false, "{doc}");
+
+    // Both running jobs end (their results are lost); over several heartbeats, nothing else
+    // reaches the node: no job is handed to it only to be handed straight back.
+    let agent = node.agent.clone();
+    wait_for("both running jobs ended", move || {
+        let s = agent.api.status();
+        s.jobs.in_flight == 0 && s.jobs.failed == 2
+    })
+    .await;
+    let served = net.sim.stats().requests;
+    let settle = tokio::time::Instant::now() + Duration::from_millis(HEARTBEAT_MS + 500);
+    while tokio::time::Instant::now() < settle {
+        let jobs = node.agent.api.status().jobs;
+        assert_eq!(
+            (jobs.handed_back, jobs.rejected, jobs.in_flight),
+            (0, 0, 0),
+            "jobs bounced off a node that is not ready: {jobs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        net.sim.stats().requests,
+        served,
+        "a job reached the runtime"
+    );
+    assert_eq!(common::only_node_view(&io_url).await["eligible"], false);
+
+    // Writable again: the node says so at once and the waiting jobs run, each on its first
+    // attempt (none was tried on this node before).
+    fault.set(false);
+    for w in waiting {
+        assert_eq!(w.await.unwrap(), 200);
+    }
+    assert_eq!(node.agent.api.status().jobs.handed_back, 0);
+    for b in busy {
+        b.abort();
+    }
     node.run.abort();
 }

@@ -360,5 +360,26 @@ async fn no_visible_gpu_is_not_ready_with_the_reason() {
         }),
         "{body}"
     );
+    // The network hears it too: not eligible, with the node's reason, not a score of 850.
+    let io_url = net.io.base_url();
+    common::wait_until(
+        "the network lists the node",
+        Duration::from_secs(20),
+        || {
+            let io_url = io_url.clone();
+            async move {
+                common::only_node_view(&io_url).await["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("node not ready: no GPU visible to the sidecar"))
+            }
+        },
+    )
+    .await;
+    let view = common::only_node_view(&io_url).await;
+    assert_eq!(view["eligible"], false, "{view}");
+    assert!(
+        !eligible(&net.io).await,
+        "the model is offered by a node that cannot serve it"
+    );
     run.abort();
 }

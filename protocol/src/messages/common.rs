@@ -396,6 +396,20 @@ impl FailCode {
         !matches!(self, Self::RuntimeRejected | Self::OutputTooLarge)
     }
 
+    /// Whether the node said with this failure that it cannot take the job's slot back now (it
+    /// is not ready, full or handing work back): the network frees no slot for it and waits
+    /// for the node's next `credits`, which the node sends after such a failure. Returning
+    /// the slot at once would send the node another job to bounce, one per round trip.
+    pub fn withholds_slot(self) -> bool {
+        matches!(
+            self,
+            Self::HandedBack
+                | Self::RuntimeUnavailable
+                | Self::OutboxUnavailable
+                | Self::OverCapacity
+        )
+    }
+
     /// Whether the failure says something about the node's health (and so may be penalized).
     /// Hand-backs, capacity races, syncing and unknown codes never are.
     pub fn node_fault(self) -> bool {

@@ -134,6 +134,12 @@ pub struct NodeReport {
     pub gpu: GpuReport,
     pub runtime: RuntimeReport,
     pub software: Software,
+    /// Why the node cannot serve jobs now (what its `/readyz` says: runtime down, GPU missing
+    /// or faulty, no model servable, results cannot be stored), one reason per entry; empty
+    /// when it can. Absent from nodes that predate the field, which the network then judges
+    /// by `runtime` and `gpu` alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ready: Vec<String>,
 }
 
 /// `POST /v1/node/heartbeat`, purpose `http/heartbeat`.

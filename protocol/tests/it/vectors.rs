@@ -291,6 +291,33 @@ fn stream_binding_vectors() {
     assert!(plain.check_stream(Some(&summary)).is_err());
 }
 
+/// The heartbeat vectors read as heartbeats; the node's not-ready reasons are optional, so the
+/// plain one (as an older node sends it) has no such field and reads as "none given".
+#[test]
+fn heartbeat_vectors_carry_readiness_only_when_not_ready() {
+    use resultity_protocol::messages::http::HeartbeatRequest;
+    let (v, _) = load();
+    let body = |name: &str| {
+        let e = v["envelopes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| s(e, "name") == name)
+            .unwrap_or_else(|| panic!("vector {name}"));
+        s(e, "body").to_owned()
+    };
+    let plain = body("http heartbeat");
+    assert!(!plain.contains("not_ready"), "{plain}");
+    let hb: HeartbeatRequest = serde_json::from_str(&plain).unwrap();
+    assert!(hb.report.not_ready.is_empty());
+    let hb: HeartbeatRequest = serde_json::from_str(&body("http heartbeat not ready")).unwrap();
+    assert_eq!(
+        hb.report.not_ready,
+        ["results cannot be stored: No space left on device (os error 28)"]
+    );
+    assert_eq!(hb.report.credits, 0);
+}
+
 #[test]
 fn invalid_requests_fail_with_their_code() {
     use resultity_protocol::messages::http::{PingRequest, open_node_request};

@@ -65,5 +65,6 @@ pub fn report(max_concurrency: u32) -> NodeReport {
             generation_tokens_total: None,
         },
         software: Software::default(),
+        not_ready: vec![],
     }
 }

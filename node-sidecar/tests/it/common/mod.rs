@@ -245,3 +245,18 @@ pub async fn wait_eligible(io_url: &str, want: bool, within: Duration) {
     )
     .await;
 }
+
+/// The IO service's view of its only node (`GET /v1/nodes`).
+pub async fn only_node_view(io_url: &str) -> Value {
+    let v: Value = http()
+        .get(format!("{io_url}/v1/nodes"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let nodes = v["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 1, "{v}");
+    nodes[0].clone()
+}
