@@ -244,7 +244,8 @@ struct Args {
     /// File holding the bearer token for /status and /drain.
     #[arg(long, env = "RESULTITY_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
-    /// Time to finish in-flight jobs when draining, in seconds.
+    /// How long a drain may take, in seconds: in-flight jobs still running then are handed
+    /// back to the network (no penalty) and the node reports drained a few seconds later.
     #[arg(
         long,
         visible_alias = "drain-timeout-seconds",

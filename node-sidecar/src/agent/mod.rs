@@ -163,6 +163,8 @@ pub struct Agent {
     /// up, reconnecting, a signal after a preStop drain) works to the same deadline.
     drain_deadline: std::sync::OnceLock<tokio::time::Instant>,
     registered: AtomicBool,
+    /// This node deregistered (now or, per the drained marker, before a restart).
+    left_network: AtomicBool,
     config_changed: Notify,
     /// The last refused snapshot: not fetched again before its backoff ends.
     config_refusal: Mutex<crate::config_refusal::ConfigRefusal>,
@@ -318,6 +320,7 @@ impl Agent {
             draining: AtomicBool::new(kept_drained.is_some()),
             drain_deadline: std::sync::OnceLock::new(),
             registered: AtomicBool::new(false),
+            left_network: AtomicBool::new(kept_drained.as_ref().is_some_and(|m| m.deregistered)),
             config_changed: Notify::new(),
             config_refusal: Mutex::new(Default::default()),
             jobs: Mutex::new(HashMap::new()),
@@ -835,10 +838,18 @@ impl Agent {
             e = work => e,
             _ = &mut stop => Exit::Stopped,
         };
+        // Drained and staying up: a later `POST /drain?deregister=true` (the preStop hook after
+        // an operator drain) still takes the node out of the network.
+        let mut drain_requests = self.api.drain.subscribe();
         while exit == Exit::Drained && !self.exit_when_drained.load(Ordering::SeqCst) {
             tokio::select! {
                 _ = &mut stop => exit = Exit::Stopped,
                 _ = self.exit_requested.notified() => {}
+                Ok(()) = drain_requests.changed() => {
+                    if self.api.deregister_requested() {
+                        self.leave_network().await;
+                    }
+                }
             }
         }
         drain_watch.abort();
@@ -942,26 +953,34 @@ impl Agent {
         }
     }
 
+    /// Deregisters once; status and gauges then say not registered.
+    async fn leave_network(&self) {
+        if self.left_network.load(Ordering::SeqCst) {
+            return;
+        }
+        match self.deregister("the node drained and is leaving").await {
+            Ok(()) => {
+                tracing::info!("deregistered from the network");
+                self.left_network.store(true, Ordering::SeqCst);
+                self.registered.store(false, Ordering::SeqCst);
+                self.api.update(|s| s.registered = false);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "deregistration failed; the network will expire the node")
+            }
+        }
+    }
+
     async fn finish_drain(&self) -> Exit {
         self.api.update(|s| s.drained = true);
         self.set_phase();
         tracing::info!("drained");
         // A pod being deleted (SIGTERM) or removed by the operator leaves the network now,
         // rather than when the network stops hearing heartbeats.
-        let mut deregistered = false;
         if self.api.deregister_requested() || self.exit_when_drained.load(Ordering::SeqCst) {
-            match self.deregister("the node drained and is leaving").await {
-                Ok(()) => {
-                    tracing::info!("deregistered from the network");
-                    deregistered = true;
-                    self.registered.store(false, Ordering::SeqCst);
-                    self.api.update(|s| s.registered = false);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "deregistration failed; the network will expire the node")
-                }
-            }
+            self.leave_network().await;
         }
+        let deregistered = self.left_network.load(Ordering::SeqCst);
         // Drained for the operator or the preStop hook: a restart of this container before the
         // pod is gone must not rejoin.
         if self.api.drain_requested()

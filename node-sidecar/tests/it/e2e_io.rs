@@ -355,6 +355,40 @@ async fn operator_drain_keeps_reporting_drained_and_deregisters() {
     assert_eq!(exit, Exit::Drained);
 }
 
+/// An operator drain without deregistration, then the pod's preStop hook asking to
+/// deregister: the drained node still leaves the network.
+#[tokio::test]
+async fn a_deregister_request_after_the_drain_still_leaves_the_network() {
+    let net = network(instant_runtime()).await;
+    let node = serving_node(&net, "a").await;
+    let addr = node.agent.api_addr().unwrap();
+    let id = node.agent.node_id().to_string();
+    let drain = |query: &'static str| {
+        http()
+            .post(format!("http://{addr}/drain{query}"))
+            .bearer_auth("token")
+            .send()
+    };
+    assert_eq!(drain("").await.unwrap().status(), 202);
+    let agent = node.agent.clone();
+    wait_for("drained", move || agent.api.status().drained).await;
+    assert!(io_node(&net.io, &id).await.is_some());
+    assert!(node.agent.api.status().registered);
+    assert_eq!(drain("?deregister=true").await.unwrap().status(), 202);
+    common::wait_until(
+        "the node gone from the network",
+        Duration::from_secs(10),
+        || async { io_node(&net.io, &id).await.is_none() },
+    )
+    .await;
+    let agent = node.agent.clone();
+    wait_for("status says not registered", move || {
+        !agent.api.status().registered
+    })
+    .await;
+    node.run.abort();
+}
+
 /// The IO service's view of node `id` (`None` while it does not know the node).
 async fn io_node(io: &IoServiceHandle, id: &str) -> Option<Value> {
     let v: Value = http()
