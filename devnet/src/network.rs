@@ -296,6 +296,7 @@ impl Devnet {
             listen: loopback,
             admin_token: String::new(),
             drain_grace: Duration::from_secs(5),
+            pod_uid: None,
             // Loopback machines need not have GPUs.
             gpu: GpuSettings::off(),
             enforce_gpu_memory: false,

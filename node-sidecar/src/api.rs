@@ -456,6 +456,9 @@ pub struct ApiState {
     pub drain: watch::Sender<bool>,
     /// `POST /drain?deregister=true`: leave the network once drained.
     deregister: std::sync::atomic::AtomicBool,
+    /// A `POST /drain` came (the operator or the preStop hook), not only a signal: the
+    /// drained state is then kept across a restart of the container.
+    requested: std::sync::atomic::AtomicBool,
     admin_token: String,
     /// What `/readyz` and the phase are computed from; logs each change.
     pub readiness: Readiness,
@@ -472,6 +475,7 @@ impl ApiState {
             metrics: Metrics::default(),
             drain,
             deregister: std::sync::atomic::AtomicBool::new(false),
+            requested: std::sync::atomic::AtomicBool::new(false),
             admin_token,
             readiness: Readiness::default(),
             readiness_changed: tokio::sync::Notify::new(),
@@ -481,6 +485,11 @@ impl ApiState {
     /// Whether a drain request asked to deregister from the network afterwards.
     pub fn deregister_requested(&self) -> bool {
         self.deregister.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether the drain was asked for through `POST /drain` (rather than by a signal alone).
+    pub fn drain_requested(&self) -> bool {
+        self.requested.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// A copy of the status document (a poisoned lock still holds the last written state).
@@ -620,7 +629,7 @@ async fn drain(
             other => {
                 return (
                     StatusCode::BAD_REQUEST,
-                    axum::Json(json!({"error": format!("unknown drain parameter {other:?}; use deregister=true|false")})),
+                    axum::Json(json!({"error": format!("unknown drain parameter '{other}'; use deregister=true|false")})),
                 )
                     .into_response();
             }
@@ -630,6 +639,7 @@ async fn drain(
         s.deregister
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
+    s.requested.store(true, std::sync::atomic::Ordering::SeqCst);
     s.drain.send_replace(true);
     (
         StatusCode::ACCEPTED,

@@ -11,6 +11,7 @@ pub mod config_refusal;
 pub mod config_store;
 pub mod dcgm;
 pub mod doctor;
+pub mod drain_state;
 pub mod gpu;
 pub mod identity;
 pub mod models;

@@ -244,7 +244,8 @@ struct Args {
     /// File holding the bearer token for /status and /drain.
     #[arg(long, env = "RESULTITY_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
-    /// Time to finish in-flight jobs when draining, in seconds.
+    /// How long a drain may take, in seconds: in-flight jobs still running then are handed
+    /// back to the network (no penalty) and the node reports drained a few seconds later.
     #[arg(
         long,
         visible_alias = "drain-timeout-seconds",
@@ -252,6 +253,11 @@ struct Args {
         default_value_t = 120
     )]
     drain_grace_seconds: u64,
+    /// This pod's UID (Downward API metadata.uid). A node drained through `POST /drain`
+    /// stays drained when its container restarts in the same pod; a new pod starts fresh.
+    /// Unset: every start is fresh.
+    #[arg(long, env = "RESULTITY_POD_UID")]
+    pod_uid: Option<String>,
     #[command(flatten)]
     gpu: GpuArgs,
     /// Refuse models whose GPU memory requirement the node does not meet.
@@ -445,6 +451,7 @@ async fn run(a: Args, dry_run: bool) -> anyhow::Result<()> {
         listen: a.listen,
         admin_token,
         drain_grace: Duration::from_secs(a.drain_grace_seconds),
+        pod_uid: a.pod_uid.filter(|u| !u.is_empty()),
         gpu: a.gpu.settings(),
         enforce_gpu_memory: a.enforce_gpu_memory,
         outbox_sync: a.outbox_sync,

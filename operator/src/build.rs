@@ -29,6 +29,13 @@ use crate::validate::{Defaults, Resolved};
 
 /// Extra time beyond the drain timeout for the sidecar to flush and exit.
 const GRACE_MARGIN_SECONDS: i64 = 30;
+/// How long the preStop hook waits beyond the drain timeout: the sidecar hands its running
+/// jobs back at the timeout and reports drained a few seconds later (its bound for the last
+/// confirmations is 3 s).
+const PRE_STOP_MARGIN_SECONDS: i64 = 10;
+// The kubelet's grace period covers the preStop hook and then SIGTERM: the hook must end
+// well inside it, or the sidecar is killed before it says it drained.
+const _: () = assert!(PRE_STOP_MARGIN_SECONDS + 10 <= GRACE_MARGIN_SECONDS);
 
 fn gpu_claim_ref() -> ResourceClaim {
     ResourceClaim {
@@ -262,9 +269,11 @@ fn sidecar_container(node: &ResultityNode, resolved: &Resolved, defaults: &Defau
         ..EnvVar::default()
     };
     // Pod identity picks this pod's series from the exporter; the node's IP locates it.
+    // The pod's UID tells the sidecar a restart of its container (stay drained) from a new pod.
     let mut env = vec![
         field("RESULTITY_POD_NAME", "metadata.name"),
         field("RESULTITY_POD_NAMESPACE", "metadata.namespace"),
+        field("RESULTITY_POD_UID", "metadata.uid"),
     ];
     if spec.gpu.visibility == GpuVisibility::DevicePlugin {
         env.push(field("RESULTITY_HOST_IP", "status.hostIP"));
@@ -318,8 +327,9 @@ fn sidecar_container(node: &ResultityNode, resolved: &Resolved, defaults: &Defau
         liveness_probe: Some(http_probe("/healthz", "admin", 10, 3)),
         readiness_probe: Some(http_probe("/readyz", "admin", 5, 3)),
         // Drain before the kubelet sends SIGTERM: the network stops dispatching and in-flight
-        // jobs finish or are handed back. Exec (not httpGet) so the admin token never appears
-        // in the pod spec.
+        // jobs finish or are handed back, then the node leaves the network. Exec (not httpGet)
+        // so the admin token never appears in the pod spec; the URL carries the admin port the
+        // sidecar listens on.
         lifecycle: Some(Lifecycle {
             pre_stop: Some(LifecycleHandler {
                 exec: Some(ExecAction {
@@ -327,8 +337,13 @@ fn sidecar_container(node: &ResultityNode, resolved: &Resolved, defaults: &Defau
                         "/resultity-sidecar".to_owned(),
                         "drain".to_owned(),
                         "--wait".to_owned(),
+                        "--deregister".to_owned(),
+                        format!("--url=http://127.0.0.1:{}", defaults.sidecar_port),
                         format!("--admin-token-file={token_file}"),
-                        format!("--timeout-seconds={}", spec.drain_timeout_seconds),
+                        format!(
+                            "--timeout-seconds={}",
+                            i64::from(spec.drain_timeout_seconds) + PRE_STOP_MARGIN_SECONDS
+                        ),
                     ]),
                 }),
                 ..LifecycleHandler::default()

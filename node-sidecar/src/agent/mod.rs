@@ -76,7 +76,11 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Bearer token for `/status` and `/drain` (empty disables them).
     pub admin_token: String,
+    /// How long a drain may take: at its end the jobs still running are handed back.
     pub drain_grace: Duration,
+    /// The pod this container runs in (its UID, from the Downward API): tells a restart of
+    /// the same container, which stays drained, from a new pod, which starts fresh.
+    pub pod_uid: Option<String>,
     /// Where GPU status comes from (NVML, dcgm-exporter, or off on CPU-only rigs).
     pub gpu: GpuSettings,
     /// Refuse models whose GPU memory requirement the node's GPUs do not meet.
@@ -118,6 +122,10 @@ pub enum Exit {
     Stopped,
 }
 
+/// How long a drain that reached its deadline waits for the network to confirm the last
+/// results after handing the running jobs back; the drain ends within its timeout plus this.
+pub const DRAIN_HAND_BACK_BOUND: Duration = Duration::from_secs(3);
+
 /// How often an unwritable outbox is probed for recovery.
 const OUTBOX_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Least time between a heartbeat and one sent early for a readiness change.
@@ -153,7 +161,12 @@ pub struct Agent {
     /// Mirrors `status.runtime.ready` so the per-job credit count needs no status copy.
     runtime_ready: AtomicBool,
     draining: AtomicBool,
+    /// When the drain must be over: set once, when draining starts, so every path (session
+    /// up, reconnecting, a signal after a preStop drain) works to the same deadline.
+    drain_deadline: std::sync::OnceLock<tokio::time::Instant>,
     registered: AtomicBool,
+    /// This node deregistered (now or, per the drained marker, before a restart).
+    left_network: AtomicBool,
     config_changed: Notify,
     /// The last refused snapshot: not fetched again before its backoff ends.
     config_refusal: Mutex<crate::config_refusal::ConfigRefusal>,
@@ -242,6 +255,8 @@ impl Agent {
             &settings.runtime_options,
         )?;
         let gpu = GpuProbe::new(&settings.gpu);
+        let kept_drained =
+            crate::drain_state::load(&settings.data_dir, settings.pod_uid.as_deref());
         let status = NodeStatus {
             format: STATUS_FORMAT,
             node_id: key.id().clone(),
@@ -271,6 +286,16 @@ impl Agent {
             drained: false,
             software: software(&settings),
         };
+        let mut status = status;
+        if let Some(m) = &kept_drained {
+            tracing::info!(
+                deregistered = m.deregistered,
+                "this pod drained before the container restarted: staying drained, not rejoining the network"
+            );
+            status.phase = NodePhase::Drained;
+            status.draining = true;
+            status.drained = true;
+        }
         let api = ApiState::new(status, settings.admin_token.clone());
         api.readiness.set_gpu_required(gpu.required());
         let max_concurrency = settings
@@ -294,8 +319,10 @@ impl Agent {
             gpu_healthy: AtomicBool::new(true),
             outbox_writable: AtomicBool::new(true),
             runtime_ready: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
+            draining: AtomicBool::new(kept_drained.is_some()),
+            drain_deadline: std::sync::OnceLock::new(),
             registered: AtomicBool::new(false),
+            left_network: AtomicBool::new(kept_drained.as_ref().is_some_and(|m| m.deregistered)),
             config_changed: Notify::new(),
             config_refusal: Mutex::new(Default::default()),
             jobs: Mutex::new(HashMap::new()),
@@ -743,8 +770,11 @@ impl Agent {
         }
     }
 
-    /// Starts draining: no new jobs, network told by the session.
+    /// Starts draining: no new jobs, network told by the session. The drain's deadline starts
+    /// now.
     pub fn start_drain(&self) {
+        self.drain_deadline
+            .get_or_init(|| deadline_after(self.settings.drain_grace));
         if !self.draining.swap(true, Ordering::SeqCst) {
             tracing::info!("draining: no new jobs; finishing in-flight work");
             self.api.drain.send_replace(true);
@@ -758,6 +788,11 @@ impl Agent {
         self.exit_when_drained.store(true, Ordering::SeqCst);
         self.exit_requested.notify_one();
         self.start_drain();
+    }
+
+    /// When the drain must end (`None` until draining starts).
+    fn drain_deadline(&self) -> Option<tokio::time::Instant> {
+        self.drain_deadline.get().copied()
     }
 
     fn drained(&self) -> bool {
@@ -807,10 +842,18 @@ impl Agent {
             e = work => e,
             _ = &mut stop => Exit::Stopped,
         };
+        // Drained and staying up: a later `POST /drain?deregister=true` (the preStop hook after
+        // an operator drain) still takes the node out of the network.
+        let mut drain_requests = self.api.drain.subscribe();
         while exit == Exit::Drained && !self.exit_when_drained.load(Ordering::SeqCst) {
             tokio::select! {
                 _ = &mut stop => exit = Exit::Stopped,
                 _ = self.exit_requested.notified() => {}
+                Ok(()) = drain_requests.changed() => {
+                    if self.api.deregister_requested() {
+                        self.leave_network().await;
+                    }
+                }
             }
         }
         drain_watch.abort();
@@ -822,6 +865,11 @@ impl Agent {
     }
 
     async fn main_loop(self: Arc<Self>) -> Exit {
+        if self.api.status().drained {
+            // Drained before this container restarted: stay out of the network; `run` keeps
+            // reporting it until the pod is deleted.
+            return Exit::Drained;
+        }
         let t = self.timing();
         let mut backoff = Backoff::random(t.backoff_base_ms, t.backoff_cap_ms);
         // Register (retrying) — unless drained meanwhile.
@@ -862,7 +910,9 @@ impl Agent {
 
     async fn heartbeat_loop(self: Arc<Self>) {
         loop {
+            // A draining node that lost its registration (it deregistered) does not rejoin.
             if !self.registered.load(Ordering::SeqCst)
+                && !self.draining.load(Ordering::SeqCst)
                 && let Err(e) = self.register().await
             {
                 tracing::warn!(error = %e, "re-registration failed");
@@ -916,18 +966,49 @@ impl Agent {
         }
     }
 
+    /// Deregisters once; status and gauges then say not registered.
+    async fn leave_network(&self) {
+        if self.left_network.load(Ordering::SeqCst) {
+            return;
+        }
+        match self.deregister("the node drained and is leaving").await {
+            Ok(()) => {
+                tracing::info!("deregistered from the network");
+                self.left_network.store(true, Ordering::SeqCst);
+                self.registered.store(false, Ordering::SeqCst);
+                self.api.update(|s| s.registered = false);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "deregistration failed; the network will expire the node")
+            }
+        }
+    }
+
     async fn finish_drain(&self) -> Exit {
         self.api.update(|s| s.drained = true);
         self.set_phase();
         tracing::info!("drained");
-        if self.api.deregister_requested() {
-            match self.deregister("the operator removed this node").await {
-                Ok(()) => tracing::info!("deregistered from the network"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "deregistration failed; the network will expire the node")
-                }
+        // A pod being deleted (SIGTERM) or removed by the operator leaves the network now,
+        // rather than when the network stops hearing heartbeats.
+        if self.api.deregister_requested() || self.exit_when_drained.load(Ordering::SeqCst) {
+            self.leave_network().await;
+        }
+        let deregistered = self.left_network.load(Ordering::SeqCst);
+        // Drained for the operator or the preStop hook: a restart of this container before the
+        // pod is gone must not rejoin.
+        if self.api.drain_requested()
+            && let Some(pod_uid) = self.settings.pod_uid.clone()
+        {
+            let marker = crate::drain_state::DrainedMarker {
+                pod_uid,
+                deregistered,
+                drained_at_ms: self.clock.now_ms(),
+            };
+            if let Err(e) = crate::drain_state::store(&self.settings.data_dir, &marker) {
+                tracing::warn!(error = %e, "a restart of this container would rejoin the network");
             }
         }
+        self.set_phase();
         Exit::Drained
     }
 }

@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use resultity_protocol::messages::ws::NodeMessage;
-use resultity_protocol::messages::{FailCode, GpuReport, RuntimeReport};
+use resultity_protocol::messages::{GpuReport, RuntimeReport};
 use tokio::time::MissedTickBehavior;
 
-use super::{Agent, default_max_concurrency, lock};
+use super::{Agent, default_max_concurrency};
 use crate::runtime::Runtime;
 use crate::runtime::probe::ProbeVerdict;
 
@@ -158,22 +157,5 @@ impl Agent {
             self.reconcile_models().await;
         }
         self.set_phase();
-    }
-
-    /// Aborts every running job and gives it back to the network for another node.
-    fn hand_back_running(&self, reason: &str) {
-        let handles: Vec<_> = lock(&self.jobs).drain().collect();
-        for ((job_id, lease_epoch), h) in handles {
-            h.abort();
-            self.send(NodeMessage::JobFail {
-                job_id,
-                lease_epoch,
-                code: FailCode::HandedBack,
-                reason: reason.to_owned(),
-                refusal: None,
-            });
-            self.api.update(|s| s.jobs.handed_back += 1);
-            self.api.metrics.job("handed_back");
-        }
     }
 }

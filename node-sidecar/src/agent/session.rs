@@ -96,14 +96,11 @@ impl Agent {
     pub(super) async fn session_loop(self: Arc<Self>) -> Exit {
         let t = self.timing();
         let mut backoff = Backoff::random(t.backoff_base_ms, t.backoff_cap_ms);
-        let mut drain_deadline: Option<tokio::time::Instant> = None;
         loop {
-            if self.draining.load(Ordering::SeqCst) {
-                let deadline = *drain_deadline
-                    .get_or_insert_with(|| super::deadline_after(self.settings.drain_grace));
-                if tokio::time::Instant::now() >= deadline {
-                    return self.abandon_drain().await;
-                }
+            if let Some(deadline) = self.drain_deadline()
+                && tokio::time::Instant::now() >= deadline
+            {
+                return self.abandon_drain().await;
             }
             set_connection(
                 &self.api,
@@ -112,10 +109,13 @@ impl Agent {
                 None,
             );
             let started = Instant::now();
-            let end = self.clone().run_session(drain_deadline).await;
+            let end = self.clone().run_session().await;
             *lock(&self.sender) = None;
             match end {
-                SessionEnd::Drained => return self.finish_drain().await,
+                SessionEnd::Drained => {
+                    self.set_disconnected();
+                    return self.finish_drain().await;
+                }
                 SessionEnd::Lost(reason) | SessionEnd::Unauthorized(reason) => {
                     tracing::warn!(%reason, "network session ended");
                     self.api.metrics.reconnects.inc();
@@ -131,12 +131,16 @@ impl Agent {
                         backoff.reset();
                     }
                     let delay = backoff.next_delay();
+                    let drain_deadline = self.drain_deadline();
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = self.progress.notified(), if self.draining.load(Ordering::SeqCst) => {}
+                        // The drain's deadline is not moved by a backoff.
+                        _ = sleep_until_some(drain_deadline) => {}
                     }
                     if self.draining.load(Ordering::SeqCst) && self.drained() {
                         // Nothing to tell the network that it cannot learn from heartbeats.
+                        self.set_disconnected();
                         return self.finish_drain().await;
                     }
                 }
@@ -149,21 +153,49 @@ impl Agent {
         }
     }
 
-    /// Drain grace ran out: hand back what still runs, keep unconfirmed results on disk.
-    async fn abandon_drain(&self) -> Exit {
+    fn set_disconnected(&self) {
+        set_connection(
+            &self.api,
+            ConnectionState::Disconnected,
+            self.clock.now_ms(),
+            None,
+        );
+    }
+
+    /// Stops every running job and hands it back to the network (no penalty: the network
+    /// assigns it again). On a live session the failures go out at once; without one they
+    /// wait for the next session (drain timeout, GPU fault). Returns how many were handed back.
+    pub(super) fn hand_back_running(&self, reason: &str) -> usize {
         let handles: Vec<_> = lock(&self.jobs).drain().collect();
+        let n = handles.len();
         for ((job_id, lease_epoch), h) in handles {
             h.abort();
+            // A result the job stored just before the abort is void: the network fences the
+            // lease it hands on, so it need not wait for this one's confirmation.
+            if let Err(e) = lock(&self.outbox).confirm(&job_id, lease_epoch) {
+                tracing::error!(error = %e, "cannot drop a handed-back job's result");
+            }
             self.send(NodeMessage::JobFail {
                 job_id,
                 lease_epoch,
                 code: FailCode::HandedBack,
-                reason: "drain grace period ended".into(),
+                reason: reason.to_owned(),
                 refusal: None,
             });
             self.api.update(|s| s.jobs.handed_back += 1);
             self.api.metrics.job("handed_back");
         }
+        n
+    }
+
+    /// Drain grace ran out without a session: hand back what still runs, keep unconfirmed
+    /// results on disk.
+    async fn abandon_drain(&self) -> Exit {
+        let n = self.hand_back_running("drain timeout reached");
+        if n > 0 {
+            tracing::warn!(jobs = n, "drain timeout reached: running jobs handed back");
+        }
+        self.set_disconnected();
         if lock(&self.outbox).is_empty() {
             self.finish_drain().await
         } else {
@@ -242,10 +274,7 @@ impl Agent {
         Ok((ws, session))
     }
 
-    async fn run_session(
-        self: Arc<Self>,
-        drain_deadline: Option<tokio::time::Instant>,
-    ) -> SessionEnd {
+    async fn run_session(self: Arc<Self>) -> SessionEnd {
         // Read before connecting, so a key change during the handshake is caught below.
         let mut keys_generation = self.net.keys_generation();
         let mut keys_shrink_at = self.net.keys_now().1;
@@ -268,6 +297,8 @@ impl Agent {
             pending.into_iter().map(NodeMessage::JobResult).collect();
         backlog.extend(fails);
         let mut drain_announced = false;
+        // Whether this session already handed the running jobs back at the drain deadline.
+        let mut handed_back = false;
         let ping_every = Duration::from_millis(self.timing().ping_interval_ms.max(50));
         let mut ping = tokio::time::interval(ping_every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -287,7 +318,8 @@ impl Agent {
             if self.draining.load(Ordering::SeqCst) && !drain_announced {
                 drain_announced = true;
                 let in_flight = self.in_flight.load(Ordering::SeqCst);
-                let expected_ms = drain_deadline
+                let expected_ms = self
+                    .drain_deadline()
                     .map(|d| d.saturating_duration_since(tokio::time::Instant::now()))
                     .unwrap_or(self.settings.drain_grace)
                     .as_millis();
@@ -313,6 +345,12 @@ impl Agent {
                 }
             }
             if drain_announced && self.drained() {
+                // Hand-backs queued for this session go out before `drained`.
+                while let Ok(msg) = rx.try_recv() {
+                    if let Err(e) = send_msg(&mut ws, &mut session, msg).await {
+                        return e;
+                    }
+                }
                 let _ = send_msg(&mut ws, &mut session, NodeMessage::Drained {}).await;
                 let _ = ws
                     .close(Some(CloseFrame {
@@ -322,12 +360,16 @@ impl Agent {
                     .await;
                 return SessionEnd::Drained;
             }
-            let drain_timer = async {
-                match drain_deadline {
-                    Some(d) if drain_announced => tokio::time::sleep_until(d).await,
-                    _ => std::future::pending().await,
-                }
-            };
+            // At the deadline the running jobs go back to the network; then the last results
+            // get a short bound to be confirmed before the drain gives up on them.
+            let drain_timer =
+                sleep_until_some(self.drain_deadline().filter(|_| drain_announced).map(|d| {
+                    if handed_back {
+                        d + super::DRAIN_HAND_BACK_BOUND
+                    } else {
+                        d
+                    }
+                }));
             // Biased, socket first: frames that arrived during a stall are read before the
             // ping timer may call the network dead.
             tokio::select! {
@@ -391,7 +433,14 @@ impl Agent {
                 }
                 _ = drain_rx.changed() => {}
                 _ = self.progress.notified() => {}
-                _ = drain_timer => return SessionEnd::Lost("drain grace period ended".into()),
+                _ = drain_timer => {
+                    if handed_back {
+                        return SessionEnd::Lost("drain timeout reached with unconfirmed results".into());
+                    }
+                    handed_back = true;
+                    let n = self.hand_back_running("drain timeout reached");
+                    tracing::warn!(jobs = n, "drain timeout reached: running jobs handed back");
+                }
             }
         }
     }
@@ -761,6 +810,14 @@ impl Agent {
             reason,
             refusal,
         }
+    }
+}
+
+/// Sleeps until `at`, or forever when there is no `at`.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -9,6 +9,7 @@ use resultity_io::{IoService, IoServiceHandle};
 use resultity_protocol::NetworkKeypair;
 use resultity_protocol::config::NetworkConfig;
 use resultity_protocol::messages::{ModelState, NodePhase};
+use resultity_protocol::status::ConnectionState;
 use resultity_runtime_sim::{Faults, SimConfig, generate};
 use resultity_sidecar::agent::{Agent, Exit};
 use serde_json::{Value, json};
@@ -357,6 +358,218 @@ async fn operator_drain_keeps_reporting_drained_and_deregisters() {
     assert_eq!(st["phase"], "Drained");
     node.agent.drain_and_exit();
     let exit = tokio::time::timeout(Duration::from_secs(5), node.run)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit, Exit::Drained);
+}
+
+/// An operator drain without deregistration, then the pod's preStop hook asking to
+/// deregister: the drained node still leaves the network.
+#[tokio::test]
+async fn a_deregister_request_after_the_drain_still_leaves_the_network() {
+    let net = network(instant_runtime()).await;
+    let node = serving_node(&net, "a").await;
+    let addr = node.agent.api_addr().unwrap();
+    let id = node.agent.node_id().to_string();
+    let drain = |query: &'static str| {
+        http()
+            .post(format!("http://{addr}/drain{query}"))
+            .bearer_auth("token")
+            .send()
+    };
+    assert_eq!(drain("").await.unwrap().status(), 202);
+    let agent = node.agent.clone();
+    wait_for("drained", move || agent.api.status().drained).await;
+    assert!(io_node(&net.io, &id).await.is_some());
+    assert!(node.agent.api.status().registered);
+    assert_eq!(drain("?deregister=true").await.unwrap().status(), 202);
+    common::wait_until(
+        "the node gone from the network",
+        Duration::from_secs(10),
+        || async { io_node(&net.io, &id).await.is_none() },
+    )
+    .await;
+    let agent = node.agent.clone();
+    wait_for("status says not registered", move || {
+        !agent.api.status().registered
+    })
+    .await;
+    node.run.abort();
+}
+
+/// The IO service's view of node `id` (`None` while it does not know the node).
+async fn io_node(io: &IoServiceHandle, id: &str) -> Option<Value> {
+    let v: Value = http()
+        .get(format!("{}/v1/nodes", io.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["node_id"] == id)
+        .cloned()
+}
+
+/// Waits until the IO service would route to node `id`.
+async fn wait_node_eligible(io: &IoServiceHandle, id: &str) {
+    common::wait_until("the node eligible", Duration::from_secs(10), || async {
+        io_node(io, id).await.is_some_and(|n| n["eligible"] == true)
+    })
+    .await;
+}
+
+/// Job longer than the drain timeout (7 s against 1 s), so a drain that waits for it
+/// overruns the timeout plus the 5 s bound.
+const LONG_JOB_MS: u64 = 7_000;
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// What a drain may take beyond its timeout.
+const DRAIN_BOUND: Duration = Duration::from_secs(5);
+
+/// A network whose jobs take [`LONG_JOB_MS`] and whose scheduler waits that long for them.
+async fn long_job_network() -> Net {
+    common::network(payload(), prefill(LONG_JOB_MS), 30_000, 40_000).await
+}
+
+/// On a network whose jobs take [`LONG_JOB_MS`], two routable nodes (drain timeout
+/// [`DRAIN_TIMEOUT`]) and one job: returns the node running it (`a`), the other (`b`) and the
+/// caller's pending answer. (A node started after the job would still be testing its model
+/// when the job ends: its known-answer test takes as long.)
+async fn long_job_on_a(
+    net: &Net,
+) -> (
+    Node,
+    Node,
+    tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+) {
+    let start = |name: &str| {
+        let mut s = settings(net, name);
+        s.drain_grace = DRAIN_TIMEOUT;
+        spawn(s)
+    };
+    let (x, y) = (start("x"), start("y"));
+    for n in [&x, &y] {
+        wait_ready(n).await;
+        wait_node_eligible(&net.io, n.agent.node_id().as_str()).await;
+    }
+    let call = tokio::spawn(submit(&net.io, "long", Duration::from_secs(40)));
+    let (xa, ya) = (x.agent.clone(), y.agent.clone());
+    wait_for("the job running on a node", move || {
+        xa.api.status().jobs.in_flight + ya.api.status().jobs.in_flight == 1
+    })
+    .await;
+    let (a, b) = if x.agent.api.status().jobs.in_flight == 1 {
+        (x, y)
+    } else {
+        (y, x)
+    };
+    (a, b, call)
+}
+
+/// Every job handed back at the drain timeout was answered by node `b`.
+async fn served_by_b(
+    a: &Agent,
+    b: &Agent,
+    call: tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+) {
+    let r = call.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let (a, b) = (a.api.status().jobs, b.api.status().jobs);
+    assert_eq!((a.handed_back, a.completed), (1, 0), "node a: {a:?}");
+    assert_eq!(b.completed, 1, "node b: {b:?}");
+}
+
+#[tokio::test]
+async fn sigterm_drain_hands_a_long_job_back_at_the_timeout_and_exits() {
+    let net = long_job_network().await;
+    let (a, b, call) = long_job_on_a(&net).await;
+    assert_eq!(
+        a.agent.api.status().jobs.in_flight,
+        1,
+        "the job ended before the drain"
+    );
+    let started = tokio::time::Instant::now();
+    a.agent.drain_and_exit();
+    let exit = tokio::time::timeout(Duration::from_secs(30), a.run)
+        .await
+        .unwrap()
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(exit, Exit::Drained);
+    assert!(
+        took < DRAIN_TIMEOUT + DRAIN_BOUND,
+        "SIGTERM drain took {took:?} with a {DRAIN_TIMEOUT:?} drain timeout"
+    );
+    served_by_b(&a.agent, &b.agent, call).await;
+    // It left the network, and says so.
+    let st = a.agent.api.status();
+    assert!(!st.registered);
+    assert_eq!(st.connection.state, ConnectionState::Disconnected);
+    assert!(io_node(&net.io, a.agent.node_id().as_str()).await.is_none());
+}
+
+#[tokio::test]
+async fn operator_drain_hands_a_long_job_back_and_status_tells_the_truth() {
+    let net = long_job_network().await;
+    let (a, b, call) = long_job_on_a(&net).await;
+    assert_eq!(
+        a.agent.api.status().jobs.in_flight,
+        1,
+        "the job ended before the drain"
+    );
+    let addr = a.agent.api_addr().unwrap();
+    let started = tokio::time::Instant::now();
+    let r = http()
+        .post(format!("http://{addr}/drain?deregister=true"))
+        .bearer_auth("token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let agent = a.agent.clone();
+    common::wait_until("drained", Duration::from_secs(30), || {
+        let agent = agent.clone();
+        async move { agent.api.status().drained }
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(
+        took < DRAIN_TIMEOUT + DRAIN_BOUND,
+        "drain took {took:?} with a {DRAIN_TIMEOUT:?} drain timeout"
+    );
+    served_by_b(&a.agent, &b.agent, call).await;
+    // Status and metrics follow the session and the deregistration.
+    let st = status_doc(&a).await;
+    assert_eq!(st["phase"], "Drained", "{st}");
+    assert_eq!(st["registered"], false, "{st}");
+    assert_eq!(st["connection"]["state"], "Disconnected", "{st}");
+    let metrics = http()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "resultity_sidecar_connected 0",
+        "resultity_sidecar_registered 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
+    }
+    assert!(io_node(&net.io, a.agent.node_id().as_str()).await.is_none());
+    // It stays up, drained, and does not rejoin on its own.
+    assert!(!a.run.is_finished());
+    assert!(!a.agent.api.status().registered);
+    a.agent.drain_and_exit();
+    let exit = tokio::time::timeout(Duration::from_secs(5), a.run)
         .await
         .unwrap()
         .unwrap();

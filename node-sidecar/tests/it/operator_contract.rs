@@ -97,7 +97,20 @@ fn check_node_example(yaml: &str, gpu_check: &str) {
         "preStop {pre_stop:?} refused: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("wait: true"));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("wait: true"), "{said}");
+    // It asks the port the sidecar listens on (the pod's `--listen`).
+    let listen_port = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--listen=0.0.0.0:"))
+        .unwrap();
+    assert!(
+        said.contains(&format!(
+            "would ask http://127.0.0.1:{listen_port} to drain"
+        )),
+        "{said}"
+    );
+    assert!(said.contains("deregister: true"), "{said}");
 
     // And a wrong flag is refused (the check can fail).
     let mut bad = args.clone();

@@ -376,6 +376,257 @@ async fn sigterm_drains_in_flight_jobs_and_exits_zero() {
     net.io.shutdown().await;
 }
 
+/// Nodes the IO service would route to, by node id.
+async fn eligible_nodes(base: &str) -> Vec<String> {
+    let Ok(r) = reqwest::get(format!("{base}/v1/nodes")).await else {
+        return vec![];
+    };
+    let v: Value = r.json().await.unwrap_or_default();
+    v["nodes"]
+        .as_array()
+        .map(|n| {
+            n.iter()
+                .filter(|n| n["eligible"] == true)
+                .filter_map(|n| n["node_id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Nodes the IO service knows at all.
+async fn known_nodes(base: &str) -> Vec<String> {
+    let Ok(r) = reqwest::get(format!("{base}/v1/nodes")).await else {
+        return vec![];
+    };
+    let v: Value = r.json().await.unwrap_or_default();
+    v["nodes"]
+        .as_array()
+        .map(|n| {
+            n.iter()
+                .filter_map(|n| n["node_id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Longer than the drain timeout plus its bound, so a drain that waits for the job overruns.
+const LONG_JOB_MS: u64 = 7_000;
+/// Drain timeout of node "a" (seconds), and what the drain may take beyond it.
+const DRAIN_TIMEOUT_S: u64 = 1;
+const DRAIN_BOUND: Duration = Duration::from_secs(5);
+
+/// A sidecar process with a drain timeout of [`DRAIN_TIMEOUT_S`], its state directory, admin
+/// port and node id.
+struct Proc {
+    child: Sidecar,
+    dir: std::path::PathBuf,
+    port: u16,
+    id: String,
+}
+
+/// Starts a sidecar on `dir` and `port` as pod `pod_uid`.
+fn start_node(net: &Loopback, dir: &std::path::Path, port: u16, pod_uid: &str) -> Sidecar {
+    let mut cmd = sidecar_command(&net.base, &net.key, &net.runtime.url(), dir, port);
+    let child = cmd
+        .arg(format!("--drain-timeout-seconds={DRAIN_TIMEOUT_S}"))
+        .env("RESULTITY_POD_UID", pod_uid)
+        .env("RESULTITY_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Sidecar(child)
+}
+
+/// The node id a sidecar on `port` reports, once its local API answers (at most 20 s).
+async fn node_id_on(port: u16) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(id) = status(port)
+            .await
+            .and_then(|s| s["node_id"].as_str().map(str::to_owned))
+        {
+            return id;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sidecar's status never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Jobs a sidecar on `port` runs now.
+async fn in_flight(port: u16) -> u64 {
+    status(port)
+        .await
+        .and_then(|s| s["jobs"]["in_flight"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Two routable sidecars (pods "pod-x" and "pod-y") and one job of [`LONG_JOB_MS`]: returns
+/// the one running it (`a`), the other, and the caller's pending answer. (A node started
+/// after the job would still be testing its model when the job ends: that test takes as
+/// long.)
+async fn long_job_on_a(net: &Loopback) -> (Proc, Proc, tokio::task::JoinHandle<(u16, Value)>) {
+    let mut nodes = Vec::new();
+    for (name, port, pod) in [("x", net.port, "pod-x"), ("y", free_port(), "pod-y")] {
+        let dir = net.node_dir.with_file_name(format!("node-{name}"));
+        let child = start_node(net, &dir, port, pod);
+        let id = node_id_on(port).await;
+        nodes.push(Proc {
+            child,
+            dir,
+            port,
+            id,
+        });
+    }
+    wait_until("both nodes eligible", || async {
+        eligible_nodes(&net.base).await.len() == 2
+    })
+    .await;
+    let call = complete(&net.base, "long");
+    let (px, py) = (nodes[0].port, nodes[1].port);
+    wait_until("the job running on a node", || async move {
+        in_flight(px).await + in_flight(py).await == 1
+    })
+    .await;
+    let y = nodes.pop().unwrap();
+    let x = nodes.pop().unwrap();
+    if in_flight(x.port).await == 1 {
+        (x, y, call)
+    } else {
+        (y, x, call)
+    }
+}
+
+/// Waits for `child` to exit (at most 30 s); returns its status and how long it took from
+/// `since`.
+async fn exit_of(
+    child: &mut Sidecar,
+    since: tokio::time::Instant,
+) -> (std::process::ExitStatus, Duration) {
+    let deadline = since + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            return (status, since.elapsed());
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sidecar did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn sigterm(child: &Sidecar) {
+    let pid = child.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+#[tokio::test]
+async fn sigterm_hands_a_job_longer_than_the_drain_timeout_back_and_exits_zero() {
+    let net = loopback(LONG_JOB_MS).await;
+    let (mut a, _b, call) = long_job_on_a(&net).await;
+    assert_eq!(in_flight(a.port).await, 1, "the job ended before the drain");
+    let started = tokio::time::Instant::now();
+    sigterm(&a.child);
+    let (exit, took) = exit_of(&mut a.child, started).await;
+    assert!(exit.success(), "exit status {exit}");
+    assert!(
+        took < Duration::from_secs(DRAIN_TIMEOUT_S) + DRAIN_BOUND,
+        "SIGTERM drain took {took:?} with a {DRAIN_TIMEOUT_S} s drain timeout"
+    );
+    // The job went back and the other node answered it; the drained node left the network.
+    let (code, body) = call.await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(!known_nodes(&net.base).await.contains(&a.id));
+    net.io.shutdown().await;
+}
+
+/// The pod's preStop hook: `resultity-sidecar drain` on the sidecar's admin port (not the
+/// default 9090) ends within the drain timeout plus its bound with the job handed back; the
+/// same pod's container restarted on the same state stays out of the network, a new pod
+/// joins.
+#[tokio::test]
+async fn prestop_drain_on_the_admin_port_hands_back_and_a_restart_stays_drained() {
+    let net = loopback(LONG_JOB_MS).await;
+    let (mut a, _b, call) = long_job_on_a(&net).await;
+    assert_ne!(a.port, 9090);
+    let mut hook = Command::new(env!("CARGO_BIN_EXE_resultity-sidecar"));
+    hook.args(["drain", "--wait", "--deregister"])
+        .arg(format!("--url=http://127.0.0.1:{}", a.port))
+        .arg(format!(
+            "--admin-token-file={}",
+            a.dir.join("token").display()
+        ))
+        .arg(format!("--timeout-seconds={}", DRAIN_TIMEOUT_S + 5))
+        .env("RESULTITY_LOG", "warn");
+    assert_eq!(in_flight(a.port).await, 1, "the job ended before the drain");
+    let started = tokio::time::Instant::now();
+    // Off the test's runtime thread, which also serves the IO service.
+    let out = tokio::task::spawn_blocking(move || hook.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "preStop failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        took < Duration::from_secs(DRAIN_TIMEOUT_S) + DRAIN_BOUND,
+        "preStop drain took {took:?} with a {DRAIN_TIMEOUT_S} s drain timeout"
+    );
+    let (code, body) = call.await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let st = status(a.port).await.unwrap();
+    assert_eq!(st["phase"], "Drained", "{st}");
+    assert_eq!(st["registered"], false, "{st}");
+    assert_eq!(st["connection"]["state"], "Disconnected", "{st}");
+    assert_eq!(st["jobs"]["handed_back"], 1, "{st}");
+    assert!(!known_nodes(&net.base).await.contains(&a.id));
+    // Then the kubelet's SIGTERM: already drained, it exits at once.
+    let started = tokio::time::Instant::now();
+    sigterm(&a.child);
+    let (exit, _) = exit_of(&mut a.child, started).await;
+    assert!(exit.success(), "exit status {exit}");
+
+    // The same pod's container restarts on the same state: drained, not rejoining. Watched
+    // for 2 s (a fresh start registers within milliseconds here).
+    let pod = if a.port == net.port { "pod-x" } else { "pod-y" };
+    let again = start_node(&net, &a.dir, a.port, pod);
+    assert_eq!(node_id_on(a.port).await, a.id);
+    let st = status(a.port).await.unwrap();
+    assert_eq!(st["phase"], "Drained", "{st}");
+    assert_eq!(st["drained"], true, "{st}");
+    let watch_until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < watch_until {
+        assert!(
+            !known_nodes(&net.base).await.contains(&a.id),
+            "the restarted container rejoined the network"
+        );
+        let st = status(a.port).await.unwrap();
+        assert_eq!(st["registered"], false, "{st}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(again);
+    // A new pod on the same volume starts fresh and joins.
+    let _fresh = start_node(&net, &a.dir, a.port, "pod-new");
+    wait_until("the new pod's node eligible", || async {
+        eligible_nodes(&net.base).await.contains(&a.id)
+    })
+    .await;
+    net.io.shutdown().await;
+}
+
 /// The real sidecar with each log format, chosen by the environment variables, and stderr
 /// piped, until it has registered: every JSON line parses and the registration event carries
 /// its fields; neither format writes an escape byte into a pipe (colour is for terminals).

@@ -179,6 +179,45 @@ fn pod_for_openai_cpu_node() {
     insta::assert_yaml_snapshot!("pod_openai_cpu", pod);
 }
 
+/// The preStop hook drains the sidecar on the admin port the operator told it to listen
+/// on, and waits long enough for the drain timeout's hand-back, inside the grace period.
+#[test]
+fn pod_with_a_non_default_sidecar_port_drains_on_that_port() {
+    let node: ResultityNode = fixture("node-openai-cpu.yaml");
+    let defaults = Defaults {
+        sidecar_port: 9191,
+        ..Defaults::default()
+    };
+    let r = validate_node(&node, Some(&network()), &defaults).unwrap();
+    let pod = build_pod(&node, &r, &node_id(), &defaults).unwrap();
+    let args = sidecar_args(&pod);
+    assert!(
+        args.contains(&"--listen=0.0.0.0:9191".to_owned()),
+        "{args:?}"
+    );
+    let pre_stop = pre_stop(&pod);
+    assert!(
+        pre_stop.contains(&"--url=http://127.0.0.1:9191".to_owned()),
+        "{pre_stop:?}"
+    );
+    let ports = sidecar(&pod).ports.clone().unwrap();
+    assert_eq!(ports[0].container_port, 9191);
+    insta::assert_yaml_snapshot!("pod_openai_cpu_sidecar_port", pod);
+}
+
+fn pre_stop(pod: &Pod) -> Vec<String> {
+    sidecar(pod)
+        .lifecycle
+        .clone()
+        .unwrap()
+        .pre_stop
+        .unwrap()
+        .exec
+        .unwrap()
+        .command
+        .unwrap()
+}
+
 fn sidecar(pod: &Pod) -> &k8s_openapi::api::core::v1::Container {
     pod.spec
         .as_ref()
@@ -209,10 +248,35 @@ fn pod_invariants() {
         let pod = build_pod(&node, &resolved(&node), &node_id(), &Defaults::default()).unwrap();
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(spec.automount_service_account_token, Some(false), "{name}");
+        // The kubelet's grace period covers the preStop hook's wait (drain timeout, the
+        // sidecar's hand-back bound, margin) and then SIGTERM.
+        let grace = spec.termination_grace_period_seconds.unwrap();
+        let hook_wait: i64 = pre_stop(&pod)
+            .iter()
+            .find_map(|a| a.strip_prefix("--timeout-seconds="))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let drain = i64::from(node.spec.drain_timeout_seconds);
         assert!(
-            spec.termination_grace_period_seconds.unwrap()
-                >= i64::from(node.spec.drain_timeout_seconds),
-            "{name}: grace period must cover the drain"
+            hook_wait >= drain + 5,
+            "{name}: the hook gives up before the hand-back"
+        );
+        assert!(
+            grace >= hook_wait + 10,
+            "{name}: grace period must cover the hook and SIGTERM"
+        );
+        assert!(
+            pre_stop(&pod).contains(&"--url=http://127.0.0.1:9090".to_owned()),
+            "{name}"
+        );
+        assert_eq!(
+            sidecar_env(&pod, "RESULTITY_POD_UID")
+                .and_then(|e| e.value_from.as_ref())
+                .and_then(|v| v.field_ref.as_ref())
+                .map(|f| f.field_path.as_str()),
+            Some("metadata.uid"),
+            "{name}"
         );
         let owner = &pod.metadata.owner_references.as_ref().unwrap()[0];
         assert_eq!(owner.kind, "ResultityNode");

@@ -157,6 +157,7 @@ pub fn node_settings(
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_token: "token".into(),
         drain_grace: Duration::from_secs(10),
+        pod_uid: None,
         gpu: GpuSettings::off(),
         enforce_gpu_memory: false,
         outbox_sync: SyncPolicy::Deferred,
