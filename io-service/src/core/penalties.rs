@@ -8,7 +8,6 @@ use resultity_protocol::NodeId;
 use resultity_protocol::messages::FailCode;
 
 use super::Core;
-use super::registry::NodeRecord;
 
 /// What a failure is blamed on; failures of one cause within the incident window are one
 /// incident.
@@ -166,8 +165,8 @@ impl Core {
         }
     }
 
-    pub(super) fn penalty_u32(&self, rec: &NodeRecord, now: u64) -> u32 {
-        rec.penalty
+    pub(super) fn penalty_u32(&self, penalty: &PenaltyState, now: u64) -> u32 {
+        penalty
             .at(now, self.sched.penalty_half_life_ms)
             .round()
             .clamp(0.0, PENALTY_MAX) as u32

@@ -217,7 +217,7 @@ impl Core {
         Verdict {
             eligible,
             score: self.score(rec, now),
-            penalty: self.penalty_u32(rec, now),
+            penalty: self.penalty_u32(&rec.penalty, now),
             reason,
             suspended_until_ms: rec.penalty.suspended_until(now),
         }
