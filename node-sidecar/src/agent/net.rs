@@ -294,6 +294,12 @@ fn unreachable_reason(e: reqwest::Error) -> String {
     resultity_protocol::error_chain(&e.without_url())
 }
 
+// The canned-answer server the integration tests use too (shared as source: they cannot see
+// this crate's test-only items).
+#[cfg(test)]
+#[path = "../../tests/it/common/canned_http.rs"]
+mod canned_http;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,34 +425,7 @@ mod tests {
         }
     }
 
-    /// Serves each of `bodies` once, in order, as a 200 answer.
-    async fn serve(bodies: Vec<String>) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            for body in bodies {
-                let Ok((mut conn, _)) = listener.accept().await else {
-                    return;
-                };
-                let mut req = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = conn.write_all(head.as_bytes()).await;
-                let _ = conn.write_all(body.as_bytes()).await;
-            }
-        });
-        format!("http://{addr}")
-    }
+    use super::canned_http::serve_answers as serve;
 
     #[tokio::test]
     async fn chains_and_bare_snapshots_from_older_networks_are_both_read() {

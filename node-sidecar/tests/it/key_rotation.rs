@@ -238,35 +238,6 @@ fn a_leaked_retiring_key_cannot_extend_its_window_or_reactivate_itself() {
     assert!(net.keys_now().0.find(k2.id().as_str()).is_ok());
 }
 
-/// Serves `bodies` as 200 answers, one per connection, in order.
-async fn serve_answers(bodies: Vec<String>) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        for body in bodies {
-            let Ok((mut conn, _)) = listener.accept().await else {
-                return;
-            };
-            let mut req = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                match conn.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => req.extend_from_slice(&buf[..n]),
-                }
-            }
-            let head = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = conn.write_all(head.as_bytes()).await;
-            let _ = conn.write_all(body.as_bytes()).await;
-        }
-    });
-    format!("http://{addr}")
-}
-
 /// Every config answer the node cannot use names its own reason in `/status`: a snapshot
 /// signed by a stranger, then a chain whose link has another purpose, one whose link is over
 /// 4 MiB, and a chain of 17 links (over the 16 of spec §8.4), each replacing the last reason.
@@ -298,7 +269,7 @@ async fn each_unusable_config_answer_names_its_own_reason() {
     let wrong_purpose = envelope::seal(&k1, Purpose::HttpPing, &snapshot).unwrap();
     let huge = "x".repeat(limits::MAX_CONFIG_BYTES + 1);
     let long = vec![by_stranger.as_str().to_owned(); limits::MAX_CONFIG_CHAIN_LINKS + 1];
-    let base = serve_answers(vec![
+    let base = common::canned_http::serve_answers(vec![
         chain_of(vec![by_stranger.as_str().to_owned()]),
         chain_of(vec![wrong_purpose]),
         chain_of(vec![huge]),

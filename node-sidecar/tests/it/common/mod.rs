@@ -1,6 +1,8 @@
 //! Shared fixtures of the sidecar's integration tests.
 #![allow(dead_code)]
 
+pub mod canned_http;
+
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
