@@ -280,7 +280,7 @@ async fn model_failing_its_test_inference_stays_failed_and_gets_no_jobs() {
 #[tokio::test]
 async fn drain_finishes_in_flight_jobs_and_exits_clean() {
     let net = network(prefill(400)).await;
-    let node = serving_node(&net, "a").await;
+    let mut node = serving_node(&net, "a").await;
     let calls: Vec<_> = (0..4)
         .map(|i| {
             let call = submit(&net.io, &format!("d{i}"), Duration::from_secs(15));
@@ -293,11 +293,7 @@ async fn drain_finishes_in_flight_jobs_and_exits_clean() {
     })
     .await;
     // SIGTERM: drain, finish what runs, exit.
-    node.agent.drain_and_exit();
-    let exit = tokio::time::timeout(Duration::from_secs(15), node.run)
-        .await
-        .unwrap()
-        .unwrap();
+    let exit = node.drain_to_exit(Duration::from_secs(15)).await;
     assert_eq!(exit, Exit::Drained);
     for c in calls {
         assert_eq!(c.await.unwrap(), 200);
@@ -312,7 +308,7 @@ async fn drain_finishes_in_flight_jobs_and_exits_clean() {
 #[tokio::test]
 async fn operator_drain_keeps_reporting_drained_and_deregisters() {
     let net = network(instant_runtime()).await;
-    let node = serving_node(&net, "a").await;
+    let mut node = serving_node(&net, "a").await;
     let addr = node.agent.api_addr().unwrap();
     let c = http();
     assert_eq!(
@@ -356,11 +352,7 @@ async fn operator_drain_keeps_reporting_drained_and_deregisters() {
     let st = status_doc(&node).await;
     assert_eq!(st["drained"], true);
     assert_eq!(st["phase"], "Drained");
-    node.agent.drain_and_exit();
-    let exit = tokio::time::timeout(Duration::from_secs(5), node.run)
-        .await
-        .unwrap()
-        .unwrap();
+    let exit = node.drain_to_exit(Duration::from_secs(5)).await;
     assert_eq!(exit, Exit::Drained);
 }
 
@@ -486,18 +478,14 @@ async fn served_by_b(
 #[tokio::test]
 async fn sigterm_drain_hands_a_long_job_back_at_the_timeout_and_exits() {
     let net = long_job_network().await;
-    let (a, b, call) = long_job_on_a(&net).await;
+    let (mut a, b, call) = long_job_on_a(&net).await;
     assert_eq!(
         a.agent.api.status().jobs.in_flight,
         1,
         "the job ended before the drain"
     );
     let started = tokio::time::Instant::now();
-    a.agent.drain_and_exit();
-    let exit = tokio::time::timeout(Duration::from_secs(30), a.run)
-        .await
-        .unwrap()
-        .unwrap();
+    let exit = a.drain_to_exit(Duration::from_secs(30)).await;
     let took = started.elapsed();
     assert_eq!(exit, Exit::Drained);
     assert!(
@@ -515,7 +503,7 @@ async fn sigterm_drain_hands_a_long_job_back_at_the_timeout_and_exits() {
 #[tokio::test]
 async fn operator_drain_hands_a_long_job_back_and_status_tells_the_truth() {
     let net = long_job_network().await;
-    let (a, b, call) = long_job_on_a(&net).await;
+    let (mut a, b, call) = long_job_on_a(&net).await;
     assert_eq!(
         a.agent.api.status().jobs.in_flight,
         1,
@@ -568,11 +556,7 @@ async fn operator_drain_hands_a_long_job_back_and_status_tells_the_truth() {
     // It stays up, drained, and does not rejoin on its own.
     assert!(!a.run.is_finished());
     assert!(!a.agent.api.status().registered);
-    a.agent.drain_and_exit();
-    let exit = tokio::time::timeout(Duration::from_secs(5), a.run)
-        .await
-        .unwrap()
-        .unwrap();
+    let exit = a.drain_to_exit(Duration::from_secs(5)).await;
     assert_eq!(exit, Exit::Drained);
 }
 

@@ -182,6 +182,17 @@ pub struct Node {
     pub run: JoinHandle<Exit>,
 }
 
+impl Node {
+    /// Asks the node to drain and exit, and waits up to `within` for its run to end.
+    pub async fn drain_to_exit(&mut self, within: Duration) -> Exit {
+        self.agent.drain_and_exit();
+        tokio::time::timeout(within, &mut self.run)
+            .await
+            .unwrap()
+            .unwrap()
+    }
+}
+
 /// Starts a node with `settings` on the current runtime.
 pub fn spawn(settings: Settings) -> Node {
     let agent = Agent::new(settings).unwrap();
